@@ -1,0 +1,613 @@
+//! Configuration: TOML text and environment overrides, checked once into
+//! typed [`Settings`].
+//!
+//! Parsing happens in two steps, as in ripgrep's flags: the raw TOML is read
+//! into `Raw*` structs that reject unknown keys, then validated into the
+//! typed settings the rest of the library takes. Every error names the file
+//! and the key path, and lists the valid values where there is a list.
+//!
+//! The library never reads files or the environment by itself: callers pass
+//! the text and a lookup function ([`Settings::apply_env`]).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::codec::Serializer;
+use crate::connection::{ConnectionSettings, DEFAULT_URL};
+use crate::consume::ConsumerSettings;
+use crate::error::{Error, Result};
+use crate::message::{HeaderValue, Headers};
+use crate::publish::ProducerSettings;
+use crate::topology::ExchangeKind;
+
+/// The name of the connection used when none is given.
+pub const DEFAULT_CONNECTION: &str = "default";
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSettings {
+    #[serde(default)]
+    connections: BTreeMap<String, RawConnection>,
+    #[serde(default)]
+    producers: BTreeMap<String, RawProducer>,
+    #[serde(default)]
+    consumers: BTreeMap<String, RawConsumer>,
+    worker: Option<RawWorker>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConnection {
+    url: Option<String>,
+    urls: Option<Vec<String>>,
+    heartbeat: Option<u16>,
+    prefetch_count: Option<u16>,
+    recovery_timeout: Option<String>,
+    backoff_initial: Option<String>,
+    backoff_max: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawProducer {
+    connection: Option<String>,
+    exchange: Option<String>,
+    exchange_type: Option<ExchangeKind>,
+    routing_key: Option<String>,
+    queue: Option<String>,
+    durable: Option<bool>,
+    auto_delete: Option<bool>,
+    auto_declare: Option<bool>,
+    serializer: Option<Serializer>,
+    reply_to: Option<String>,
+    mandatory: Option<bool>,
+    confirms: Option<bool>,
+    max_in_flight: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    attempts: Option<u32>,
+    delays: Option<Vec<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConsumer {
+    connection: Option<String>,
+    queue: Option<String>,
+    exchange: Option<String>,
+    exchange_type: Option<ExchangeKind>,
+    routing_keys: Option<OneOrMany>,
+    durable: Option<bool>,
+    exclusive: Option<bool>,
+    auto_delete: Option<bool>,
+    auto_declare: Option<bool>,
+    arguments: Option<toml::Table>,
+    prefetch_count: Option<u16>,
+    handler: Option<String>,
+    retry: Option<RawRetry>,
+    reply_exchange: Option<String>,
+    concurrency: Option<usize>,
+    timeout: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawWorker {
+    connection: Option<String>,
+    site: Option<String>,
+    user: Option<String>,
+    concurrency: Option<usize>,
+    prefix: Option<String>,
+    shutdown_timeout: Option<String>,
+}
+
+/// How a consumer's failed messages are retried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetrySettings {
+    /// Attempts in all, the first included.
+    pub attempts: u32,
+    /// Delay before each retry; the last one repeats if there are more
+    /// retries than delays.
+    pub delays: Vec<Duration>,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        RetrySettings {
+            attempts: 3,
+            delays: vec![Duration::from_secs(1), Duration::from_secs(5)],
+        }
+    }
+}
+
+/// A configured consumer: what to read, and how the worker handles it.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// The connection's name.
+    pub connection: String,
+    /// What to declare and consume.
+    pub consumer: ConsumerSettings,
+    /// An HTTP URL to forward deliveries to, if any.
+    pub handler: Option<String>,
+    /// Retry policy for failures.
+    pub retry: RetrySettings,
+    /// The exchange replies are published to (default exchange if empty).
+    pub reply_exchange: String,
+    /// Handlers running at once; `None` takes the worker's.
+    pub concurrency: Option<usize>,
+    /// How long one handler may run.
+    pub timeout: Duration,
+}
+
+/// A configured producer and the connection it uses.
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    /// The connection's name.
+    pub connection: String,
+    /// How it publishes.
+    pub producer: ProducerSettings,
+}
+
+/// The `[worker]` section.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Connection used for replies, retries and dead letters.
+    pub connection: String,
+    /// Substituted for `${site}`.
+    pub site: Option<String>,
+    /// Passed on with each request.
+    pub user: Option<String>,
+    /// Handlers running at once per consumer (1: one at a time, in order).
+    pub concurrency: usize,
+    /// Path prefix of dispatched requests.
+    pub prefix: String,
+    /// How long shutdown waits for handlers in flight.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            connection: DEFAULT_CONNECTION.into(),
+            site: None,
+            user: None,
+            concurrency: 1,
+            prefix: String::new(),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Validated, typed settings.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// Connections by name.
+    pub connections: BTreeMap<String, ConnectionSettings>,
+    /// Producers by name.
+    pub producers: BTreeMap<String, ProducerConfig>,
+    /// Consumers by name.
+    pub consumers: BTreeMap<String, ConsumerConfig>,
+    /// The worker section.
+    pub worker: WorkerSettings,
+}
+
+impl Settings {
+    /// Parses TOML text. `source` names it in errors (usually the path).
+    pub fn from_toml(text: &str, source: &str) -> Result<Settings> {
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| Error::config(format!("{source}: {}", e.to_string().trim())))?;
+        let raw: RawSettings = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            let message = inner.lines().last().unwrap_or_default().trim().to_owned();
+            Error::config(format!("{source}: {path}: {}", if message.is_empty() { inner } else { message }))
+        })?;
+        validate(raw, source)
+    }
+
+    /// Applies environment overrides: `AMQP_URL` replaces the URL of the
+    /// default connection (creating it when absent).
+    pub fn apply_env(&mut self, lookup: impl Fn(&str) -> Option<String>) {
+        if let Some(url) = lookup("AMQP_URL").filter(|u| !u.is_empty()) {
+            self.connections
+                .entry(DEFAULT_CONNECTION.into())
+                .or_insert_with(|| ConnectionSettings::default().name(DEFAULT_CONNECTION))
+                .urls = vec![url];
+        }
+    }
+
+    /// The connection called `name`; `default` always exists.
+    pub fn connection(&self, name: &str) -> Result<ConnectionSettings> {
+        if let Some(c) = self.connections.get(name) {
+            return Ok(c.clone());
+        }
+        if name == DEFAULT_CONNECTION {
+            return Ok(ConnectionSettings::new(DEFAULT_URL).name(DEFAULT_CONNECTION));
+        }
+        Err(Error::config(format!(
+            "no connection named '{name}' (known: {})",
+            self.connections.keys().cloned().collect::<Vec<_>>().join(", ")
+        )))
+    }
+
+    /// These settings with `${site}` replaced by `site` in queue names,
+    /// routing keys and consumer names.
+    pub fn for_site(&self, site: &str) -> Settings {
+        let sub = |s: &str| s.replace("${site}", site);
+        let mut out = self.clone();
+        out.worker.site = Some(site.to_owned());
+        out.consumers = self
+            .consumers
+            .iter()
+            .map(|(name, c)| {
+                let mut c = c.clone();
+                c.consumer.name = sub(&c.consumer.name);
+                c.consumer.queue = sub(&c.consumer.queue);
+                c.consumer.routing_keys = c.consumer.routing_keys.iter().map(|k| sub(k)).collect();
+                (sub(name), c)
+            })
+            .collect();
+        for p in out.producers.values_mut() {
+            p.producer.routing_key = p.producer.routing_key.as_deref().map(sub);
+            p.producer.queue = p.producer.queue.as_deref().map(sub);
+            p.producer.reply_to = p.producer.reply_to.as_deref().map(sub);
+        }
+        out
+    }
+}
+
+/// Parses `500ms`, `1s`, `2m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| Error::config(format!("invalid duration `{text}` (use e.g. 500ms, 5s, 2m)")))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        other => {
+            return Err(Error::config(format!(
+                "invalid duration unit `{other}` in `{text}`, expected one of: ms, s, m, h"
+            )))
+        }
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn duration_at(value: Option<&String>, path: String, default: Duration) -> Result<Duration> {
+    match value {
+        None => Ok(default),
+        Some(v) => parse_duration(v).map_err(|e| Error::config(format!("{path}: {}", e.context()))),
+    }
+}
+
+fn toml_to_header(v: &toml::Value) -> HeaderValue {
+    match v {
+        toml::Value::String(s) => HeaderValue::String(s.clone()),
+        toml::Value::Integer(n) => HeaderValue::Int(*n),
+        toml::Value::Float(f) => HeaderValue::Float(*f),
+        toml::Value::Boolean(b) => HeaderValue::Bool(*b),
+        toml::Value::Datetime(d) => HeaderValue::String(d.to_string()),
+        toml::Value::Array(items) => HeaderValue::Array(items.iter().map(toml_to_header).collect()),
+        toml::Value::Table(t) => HeaderValue::Table(
+            t.iter()
+                .map(|(k, v)| (k.clone(), toml_to_header(v)))
+                .collect(),
+        ),
+    }
+}
+
+fn validate(raw: RawSettings, source: &str) -> Result<Settings> {
+    let err = |path: String, msg: String| Error::config(format!("{source}: {path}: {msg}"));
+    let mut settings = Settings::default();
+    for (name, c) in raw.connections {
+        let path = format!("connections.{name}");
+        let urls = match (c.url, c.urls) {
+            (Some(_), Some(_)) => {
+                return Err(err(path, "set either `url` or `urls`, not both".into()));
+            }
+            (Some(u), None) => vec![u],
+            (None, Some(us)) if !us.is_empty() => us,
+            (None, Some(_)) => return Err(err(format!("{path}.urls"), "is empty".into())),
+            (None, None) => vec![DEFAULT_URL.to_owned()],
+        };
+        for (i, u) in urls.iter().enumerate() {
+            crate::connection::Endpoint::parse(u)
+                .map_err(|e| err(format!("{path}.urls[{i}]"), e.context().to_owned()))?;
+        }
+        let mut cs = ConnectionSettings::new(DEFAULT_URL).name(&name);
+        cs.urls = urls;
+        cs.heartbeat = c.heartbeat.unwrap_or(cs.heartbeat);
+        cs.prefetch_count = c.prefetch_count.unwrap_or(0);
+        cs.recovery_timeout = duration_at(
+            c.recovery_timeout.as_ref(),
+            format!("{path}.recovery_timeout"),
+            cs.recovery_timeout,
+        )?;
+        cs.backoff_initial = duration_at(
+            c.backoff_initial.as_ref(),
+            format!("{path}.backoff_initial"),
+            cs.backoff_initial,
+        )?;
+        cs.backoff_max = duration_at(
+            c.backoff_max.as_ref(),
+            format!("{path}.backoff_max"),
+            cs.backoff_max,
+        )?;
+        settings.connections.insert(name, cs);
+    }
+    let known = |conn: &str, path: String| -> Result<()> {
+        if conn == DEFAULT_CONNECTION || settings.connections.contains_key(conn) {
+            Ok(())
+        } else {
+            Err(err(
+                path,
+                format!(
+                    "unknown connection `{conn}`, expected one of: {}",
+                    std::iter::once(DEFAULT_CONNECTION.to_owned())
+                        .chain(settings.connections.keys().filter(|k| *k != DEFAULT_CONNECTION).cloned())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ))
+        }
+    };
+    let mut producers = BTreeMap::new();
+    for (name, p) in raw.producers {
+        let connection = p.connection.unwrap_or_else(|| DEFAULT_CONNECTION.into());
+        known(&connection, format!("producers.{name}.connection"))?;
+        let defaults = ProducerSettings::default();
+        let producer = ProducerSettings {
+            name: name.clone(),
+            exchange: p.exchange.unwrap_or_default(),
+            exchange_type: p.exchange_type.unwrap_or_default(),
+            durable: p.durable.unwrap_or(true),
+            auto_delete: p.auto_delete,
+            auto_declare: p.auto_declare.unwrap_or(true),
+            routing_key: p.routing_key,
+            queue: p.queue,
+            serializer: p.serializer.unwrap_or_default(),
+            reply_to: p.reply_to,
+            mandatory: p.mandatory.unwrap_or(false),
+            confirms: p.confirms.unwrap_or(true),
+            max_in_flight: p.max_in_flight.unwrap_or(defaults.max_in_flight),
+            message_ids: true,
+        };
+        producers.insert(
+            name,
+            ProducerConfig {
+                connection,
+                producer,
+            },
+        );
+    }
+    let mut consumers = BTreeMap::new();
+    for (name, c) in raw.consumers {
+        let path = format!("consumers.{name}");
+        let connection = c.connection.unwrap_or_else(|| DEFAULT_CONNECTION.into());
+        known(&connection, format!("{path}.connection"))?;
+        let queue = c
+            .queue
+            .ok_or_else(|| err(format!("{path}.queue"), "is required".into()))?;
+        let retry = match c.retry {
+            None => RetrySettings::default(),
+            Some(r) => {
+                let delays = match r.delays {
+                    None => RetrySettings::default().delays,
+                    Some(ds) => ds
+                        .iter()
+                        .enumerate()
+                        .map(|(i, d)| {
+                            parse_duration(d).map_err(|e| {
+                                err(format!("{path}.retry.delays[{i}]"), e.context().to_owned())
+                            })
+                        })
+                        .collect::<Result<Vec<_>>>()?,
+                };
+                let attempts = r.attempts.unwrap_or(3);
+                if attempts == 0 {
+                    return Err(err(format!("{path}.retry.attempts"), "must be at least 1".into()));
+                }
+                if attempts > 1 && delays.is_empty() {
+                    return Err(err(
+                        format!("{path}.retry.delays"),
+                        "needs at least one delay when attempts > 1".into(),
+                    ));
+                }
+                RetrySettings { attempts, delays }
+            }
+        };
+        let arguments: Headers = c
+            .arguments
+            .unwrap_or_default()
+            .iter()
+            .map(|(k, v)| (k.clone(), toml_to_header(v)))
+            .collect();
+        let routing_keys = match c.routing_keys {
+            None => Vec::new(),
+            Some(OneOrMany::One(k)) => vec![k],
+            Some(OneOrMany::Many(ks)) => ks,
+        };
+        let consumer = ConsumerSettings {
+            name: name.clone(),
+            queue,
+            exchange: c.exchange.unwrap_or_default(),
+            exchange_type: c.exchange_type.unwrap_or_default(),
+            routing_keys,
+            durable: c.durable.unwrap_or(true),
+            exclusive: c.exclusive.unwrap_or(false),
+            auto_delete: c.auto_delete,
+            auto_declare: c.auto_declare.unwrap_or(true),
+            arguments,
+            prefetch_count: c.prefetch_count,
+        };
+        if c.concurrency == Some(0) {
+            return Err(err(format!("{path}.concurrency"), "must be at least 1".into()));
+        }
+        consumers.insert(
+            name,
+            ConsumerConfig {
+                connection,
+                consumer,
+                handler: c.handler,
+                retry,
+                reply_exchange: c.reply_exchange.unwrap_or_default(),
+                concurrency: c.concurrency,
+                timeout: duration_at(c.timeout.as_ref(), format!("{path}.timeout"), Duration::from_secs(30))?,
+            },
+        );
+    }
+    if let Some(w) = raw.worker {
+        let connection = w.connection.unwrap_or_else(|| DEFAULT_CONNECTION.into());
+        known(&connection, "worker.connection".into())?;
+        if w.concurrency == Some(0) {
+            return Err(err("worker.concurrency".into(), "must be at least 1".into()));
+        }
+        settings.worker = WorkerSettings {
+            connection,
+            site: w.site,
+            user: w.user,
+            concurrency: w.concurrency.unwrap_or(1),
+            prefix: w.prefix.unwrap_or_default(),
+            shutdown_timeout: duration_at(
+                w.shutdown_timeout.as_ref(),
+                "worker.shutdown_timeout".into(),
+                Duration::from_secs(30),
+            )?,
+        };
+    }
+    settings.producers = producers;
+    settings.consumers = consumers;
+    Ok(settings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+[connections.default]
+url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+heartbeat = 60
+prefetch_count = 0
+
+[producers.render]
+connection = "default"
+exchange = "service.tasks"
+exchange_type = "topic"
+routing_key = "service.my_template"
+durable = true
+serializer = "msgpack"
+reply_to = "my_queue"
+
+[consumers.results]
+connection = "default"
+queue = "my_queue"
+exchange = "service.results"
+exchange_type = "direct"
+routing_keys = ["my_queue"]
+durable = true
+arguments = { "x-queue-type" = "quorum" }
+"#;
+
+    #[test]
+    fn parses_the_documented_format() {
+        let s = Settings::from_toml(EXAMPLE, "rabbitry.toml").unwrap();
+        let p = &s.producers["render"].producer;
+        assert_eq!(p.exchange, "service.tasks");
+        assert_eq!(p.exchange_type, ExchangeKind::Topic);
+        assert_eq!(p.serializer, Serializer::Msgpack);
+        assert_eq!(p.reply_to.as_deref(), Some("my_queue"));
+        let c = &s.consumers["results"].consumer;
+        assert_eq!(c.routing_keys, ["my_queue"]);
+        assert_eq!(c.arguments["x-queue-type"], HeaderValue::String("quorum".into()));
+        assert_eq!(s.connections["default"].heartbeat, 60);
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_path() {
+        let text = "[connections.default]\nurll = \"amqp://x\"\n";
+        let e = Settings::from_toml(text, "app.toml").unwrap_err().to_string();
+        assert!(e.contains("app.toml"), "{e}");
+        assert!(e.contains("connections.default"), "{e}");
+        assert!(e.contains("urll"), "{e}");
+        assert!(e.contains("`url`"), "lists valid keys: {e}");
+    }
+
+    #[test]
+    fn unknown_exchange_type_and_serializer_list_valid_values() {
+        let e = Settings::from_toml("[producers.p]\nexchange_type = \"fan\"\n", "f.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("producers.p.exchange_type"), "{e}");
+        assert!(e.contains("`direct`") && e.contains("`headers`"), "{e}");
+        let e = Settings::from_toml("[producers.p]\nserializer = \"yaml\"\n", "f.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("producers.p.serializer"), "{e}");
+        assert!(e.contains("`msgpack`") && e.contains("`csv`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_connection_and_bad_durations_are_named() {
+        let e = Settings::from_toml("[consumers.c]\nqueue=\"q\"\nconnection=\"other\"\n", "f.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("consumers.c.connection") && e.contains("`other`"), "{e}");
+        let e = Settings::from_toml(
+            "[consumers.c]\nqueue=\"q\"\nretry = { attempts = 3, delays = [\"1x\"] }\n",
+            "f.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("consumers.c.retry.delays[0]"), "{e}");
+    }
+
+    #[test]
+    fn amqp_url_overrides_the_default_connection() {
+        let mut s = Settings::from_toml(EXAMPLE, "f").unwrap();
+        s.apply_env(|k| (k == "AMQP_URL").then(|| "amqp://other:5673".to_owned()));
+        assert_eq!(s.connections["default"].urls, ["amqp://other:5673"]);
+        let mut empty = Settings::default();
+        empty.apply_env(|_| Some("amqp://h".into()));
+        assert_eq!(empty.connection("default").unwrap().urls, ["amqp://h"]);
+    }
+
+    #[test]
+    fn site_substitution() {
+        let s = Settings::from_toml(
+            "[consumers.orders]\nqueue = \"${site}.orders\"\nexchange=\"shop\"\nrouting_keys=[\"${site}.order.*\"]\n",
+            "f",
+        )
+        .unwrap();
+        let a = s.for_site("a");
+        let c = &a.consumers["orders"].consumer;
+        assert_eq!(c.queue, "a.orders");
+        assert_eq!(c.routing_keys, ["a.order.*"]);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("1x").is_err());
+    }
+}

@@ -1,0 +1,129 @@
+//! Channel events: why the broker closed a channel, and publisher confirms.
+//!
+//! The AMQP client reports a broker's `channel.close` (with its reply code
+//! and text) only to a callback; the failed call itself sees a bare
+//! "channel closed". [`ChannelWatch`] keeps the broker's reason so that
+//! errors can name it, and [`Events`] forwards confirms and returns to
+//! whoever publishes on the channel.
+
+use std::sync::{Arc, Mutex};
+
+use amqprs::callbacks::ChannelCallback;
+use amqprs::channel::Channel;
+use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, Nack, Return};
+
+use crate::error::{Error, ErrorKind};
+
+/// Why the broker closed a channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CloseReason {
+    pub(crate) code: u16,
+    pub(crate) text: String,
+}
+
+/// Remembers the broker's reason for closing one channel.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ChannelWatch {
+    reason: Arc<Mutex<Option<CloseReason>>>,
+}
+
+impl ChannelWatch {
+    /// The broker's reason, once it closed the channel.
+    pub(crate) fn reason(&self) -> Option<CloseReason> {
+        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, reason: CloseReason) {
+        *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+    }
+
+    /// Turns a failed channel call into an error that carries the broker's
+    /// reason when there is one, and otherwise says the connection went.
+    pub(crate) fn refusal(
+        &self,
+        kind: ErrorKind,
+        what: String,
+        err: amqprs::error::Error,
+    ) -> Error {
+        match self.reason() {
+            Some(r) => Error::new(kind, format!("{what}: broker said {} ({})", r.text, r.code)),
+            None => Error::new(ErrorKind::Disconnected, what).with_source(err),
+        }
+    }
+}
+
+/// Receives publisher confirms and returns for one channel.
+pub(crate) trait ConfirmSink: Send + Sync + 'static {
+    /// `basic.ack` for `tag` (and every lower tag when `multiple`).
+    fn ack(&self, tag: u64, multiple: bool);
+    /// `basic.nack` for `tag` (and every lower tag when `multiple`).
+    fn nack(&self, tag: u64, multiple: bool);
+    /// `basic.return`: an unroutable mandatory message.
+    fn returned(&self, message_id: Option<String>, code: u16, text: String);
+    /// The broker closed the channel.
+    fn closed(&self, reason: &CloseReason);
+}
+
+/// The callback registered on every channel rabbitry opens.
+pub(crate) struct Events {
+    pub(crate) watch: ChannelWatch,
+    pub(crate) confirms: Option<Arc<dyn ConfirmSink>>,
+}
+
+#[async_trait::async_trait]
+impl ChannelCallback for Events {
+    async fn close(&mut self, _channel: &Channel, close: CloseChannel) -> std::result::Result<(), amqprs::error::Error> {
+        let reason = CloseReason {
+            code: close.reply_code(),
+            text: close.reply_text().clone(),
+        };
+        tracing::warn!(code = reason.code, reason = %reason.text, "broker closed a channel");
+        self.watch.set(reason.clone());
+        if let Some(sink) = &self.confirms {
+            sink.closed(&reason);
+        }
+        Ok(())
+    }
+
+    async fn cancel(&mut self, _channel: &Channel, cancel: Cancel) -> std::result::Result<(), amqprs::error::Error> {
+        tracing::warn!(consumer = %cancel.consumer_tag(), "broker cancelled a consumer");
+        Ok(())
+    }
+
+    async fn flow(&mut self, _channel: &Channel, active: bool) -> std::result::Result<bool, amqprs::error::Error> {
+        Ok(active)
+    }
+
+    async fn publish_ack(&mut self, _channel: &Channel, ack: Ack) {
+        if let Some(sink) = &self.confirms {
+            sink.ack(ack.delivery_tag(), ack.mutiple());
+        }
+    }
+
+    async fn publish_nack(&mut self, _channel: &Channel, nack: Nack) {
+        if let Some(sink) = &self.confirms {
+            sink.nack(nack.delivery_tag(), nack.multiple());
+        }
+    }
+
+    async fn publish_return(
+        &mut self,
+        _channel: &Channel,
+        ret: Return,
+        properties: BasicProperties,
+        _content: Vec<u8>,
+    ) {
+        if let Some(sink) = &self.confirms {
+            sink.returned(
+                properties.message_id().cloned(),
+                ret.reply_code(),
+                format!(
+                    "{} (exchange '{}', routing key '{}')",
+                    ret.reply_text(),
+                    ret.exchange(),
+                    ret.routing_key()
+                ),
+            );
+        }
+    }
+}

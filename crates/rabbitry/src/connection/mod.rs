@@ -1,0 +1,377 @@
+//! Connections that recover.
+//!
+//! A [`Connection`] is a handle to one named, supervised AMQP connection. A
+//! background supervisor owns the socket: when it drops (broker restart,
+//! `close_connection`, a network cut, missed heartbeats) the supervisor
+//! reconnects with capped exponential backoff and jitter across the listed
+//! URLs, declares every remembered [`Topology`] again, and then announces the
+//! new link. Producers and consumers watch that announcement to open their
+//! channels again, set QoS, restart consuming and resend what was not
+//! confirmed. At most one live socket exists per `Connection`.
+
+mod backoff;
+pub(crate) mod channel;
+mod endpoint;
+mod supervisor;
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use amqprs::channel::{Channel, QueueDeclareArguments, QueueDeleteArguments, QueuePurgeArguments};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use endpoint::{redact, Endpoint};
+
+pub(crate) use channel::{ChannelWatch, ConfirmSink, Events};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::topology::{self, Topology};
+
+/// The URL used when none is configured: the local broker as guest.
+pub const DEFAULT_URL: &str = "amqp://guest:guest@localhost:5672/%2f";
+
+/// Settings for one named connection.
+#[derive(Clone)]
+pub struct ConnectionSettings {
+    /// The connection's name, shown in the broker's management tools.
+    pub name: String,
+    /// Broker URLs, tried in order on each (re)connect.
+    pub urls: Vec<String>,
+    /// Heartbeat interval in seconds; 0 turns heartbeats off.
+    pub heartbeat: u16,
+    /// Default prefetch for consumers on this connection (0: unlimited).
+    pub prefetch_count: u16,
+    /// First reconnect delay.
+    pub backoff_initial: Duration,
+    /// Largest reconnect delay.
+    pub backoff_max: Duration,
+    /// How long an operation waits for the connection to come back before
+    /// failing with [`ErrorKind::Disconnected`].
+    pub recovery_timeout: Duration,
+}
+
+impl ConnectionSettings {
+    /// Settings for `url` with the defaults: heartbeat 60 s, backoff 1 s to
+    /// 60 s, a 30 s recovery timeout.
+    pub fn new(url: impl Into<String>) -> Self {
+        ConnectionSettings {
+            name: "default".to_owned(),
+            urls: vec![url.into()],
+            heartbeat: 60,
+            prefetch_count: 0,
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            recovery_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Sets the name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+}
+
+impl Default for ConnectionSettings {
+    fn default() -> Self {
+        ConnectionSettings::new(DEFAULT_URL)
+    }
+}
+
+impl fmt::Debug for ConnectionSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectionSettings")
+            .field("name", &self.name)
+            .field("urls", &self.urls.iter().map(|u| redact(u)).collect::<Vec<_>>())
+            .field("heartbeat", &self.heartbeat)
+            .field("prefetch_count", &self.prefetch_count)
+            .field("backoff_initial", &self.backoff_initial)
+            .field("backoff_max", &self.backoff_max)
+            .field("recovery_timeout", &self.recovery_timeout)
+            .finish()
+    }
+}
+
+/// The current socket, if any, and how many times it has been (re)made.
+#[derive(Clone)]
+pub(crate) struct Link {
+    pub(crate) generation: u64,
+    pub(crate) conn: Option<amqprs::connection::Connection>,
+    closed: bool,
+}
+
+struct Shared {
+    settings: ConnectionSettings,
+    endpoints: Vec<Endpoint>,
+    link: watch::Sender<Link>,
+    topology: Mutex<Topology>,
+    stop: watch::Sender<bool>,
+    supervisor: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// A supervised, recovering connection. Cheap to clone; clones share the
+/// one socket.
+#[derive(Clone)]
+pub struct Connection {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("name", &self.shared.settings.name)
+            .field("generation", &self.generation())
+            .finish()
+    }
+}
+
+impl Connection {
+    /// Connects, trying each URL once, and starts supervising the
+    /// connection. The first connection failing is an error (naming the
+    /// host and saying "connection refused" or "access refused"); after
+    /// that, losses are recovered in the background.
+    pub async fn open(settings: ConnectionSettings) -> Result<Connection> {
+        if settings.urls.is_empty() {
+            return Err(Error::config(format!(
+                "connection '{}' has no URL",
+                settings.name
+            )));
+        }
+        let endpoints = settings
+            .urls
+            .iter()
+            .map(|u| Endpoint::parse(u))
+            .collect::<Result<Vec<_>>>()?;
+        let conn = supervisor::connect_any(&settings, &endpoints).await?;
+        let (link, _) = watch::channel(Link {
+            generation: 1,
+            conn: Some(conn),
+            closed: false,
+        });
+        let (stop, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            settings,
+            endpoints,
+            link,
+            topology: Mutex::new(Topology::default()),
+            stop,
+            supervisor: Mutex::new(None),
+        });
+        let task = tokio::spawn(supervisor::run(Arc::downgrade(&shared)));
+        *lock(&shared.supervisor) = Some(task);
+        tracing::info!(connection = %shared.settings.name, "connected");
+        Ok(Connection { shared })
+    }
+
+    /// The connection's name.
+    pub fn name(&self) -> &str {
+        &self.shared.settings.name
+    }
+
+    /// The settings it was opened with.
+    pub fn settings(&self) -> &ConnectionSettings {
+        &self.shared.settings
+    }
+
+    /// How many sockets have been made so far: 1 after `open`, one more
+    /// after each recovery.
+    pub fn generation(&self) -> u64 {
+        self.shared.link.borrow().generation
+    }
+
+    /// Whether a socket is up right now.
+    pub fn is_connected(&self) -> bool {
+        self.shared
+            .link
+            .borrow()
+            .conn
+            .as_ref()
+            .is_some_and(|c| c.is_open())
+    }
+
+    /// Waits until the connection is up with a generation above `after`,
+    /// for at most `timeout`.
+    pub async fn wait_connected(&self, after: u64, timeout: Duration) -> Result<u64> {
+        let link = self.live_link(after, timeout).await?;
+        Ok(link.generation)
+    }
+
+    /// Declares `topology` now, and again after every recovery. Returns the
+    /// queue names (the broker's choice for queues declared without one).
+    pub async fn declare(&self, topology: &Topology) -> Result<Vec<String>> {
+        let names = self.declare_once(topology).await?;
+        lock(&self.shared.topology).merge(topology);
+        Ok(names)
+    }
+
+    /// Declares `topology` once without remembering it.
+    pub async fn declare_once(&self, topology: &Topology) -> Result<Vec<String>> {
+        let (channel, watch, _) = self.open_channel(None).await?;
+        let names = topology::declare(&channel, &watch, topology).await;
+        close_quietly(channel).await;
+        names
+    }
+
+    /// The number of ready messages and consumers of `queue`, or `None`
+    /// when it does not exist. Never creates the queue.
+    pub async fn queue_status(&self, queue: &str) -> Result<Option<QueueStatus>> {
+        let (channel, watch, _) = self.open_channel(None).await?;
+        let res = channel
+            .queue_declare(QueueDeclareArguments::new(queue).passive(true).finish())
+            .await;
+        match res {
+            Ok(found) => {
+                close_quietly(channel).await;
+                let (_, messages, consumers) = found.unwrap_or_default();
+                Ok(Some(QueueStatus {
+                    messages,
+                    consumers,
+                }))
+            }
+            Err(err) => match watch.reason() {
+                Some(r) if r.code == 404 => Ok(None),
+                _ => Err(watch.refusal(ErrorKind::Channel, format!("queue '{queue}'"), err)),
+            },
+        }
+    }
+
+    /// Removes every ready message from `queue`; returns how many.
+    pub async fn purge(&self, queue: &str) -> Result<u32> {
+        let (channel, watch, _) = self.open_channel(None).await?;
+        let n = channel
+            .queue_purge(QueuePurgeArguments::new(queue))
+            .await
+            .map_err(|e| watch.refusal(ErrorKind::Channel, format!("purge of queue '{queue}'"), e))?;
+        close_quietly(channel).await;
+        Ok(n.unwrap_or(0))
+    }
+
+    /// Deletes `queue` (nothing happens if it does not exist).
+    pub async fn delete_queue(&self, queue: &str) -> Result<()> {
+        let (channel, watch, _) = self.open_channel(None).await?;
+        channel
+            .queue_delete(QueueDeleteArguments::new(queue))
+            .await
+            .map_err(|e| watch.refusal(ErrorKind::Channel, format!("delete of queue '{queue}'"), e))?;
+        close_quietly(channel).await;
+        Ok(())
+    }
+
+    /// Deletes `exchange` (nothing happens if it does not exist).
+    pub async fn delete_exchange(&self, exchange: &str) -> Result<()> {
+        let (channel, watch, _) = self.open_channel(None).await?;
+        channel
+            .exchange_delete(amqprs::channel::ExchangeDeleteArguments::new(exchange))
+            .await
+            .map_err(|e| {
+                watch.refusal(ErrorKind::Channel, format!("delete of exchange '{exchange}'"), e)
+            })?;
+        close_quietly(channel).await;
+        Ok(())
+    }
+
+    /// Closes the connection and stops recovering it.
+    pub async fn close(&self) {
+        self.shared.stop.send_replace(true);
+        let task = lock(&self.shared.supervisor).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+
+    /// Subscribes to link changes.
+    pub(crate) fn links(&self) -> watch::Receiver<Link> {
+        self.shared.link.subscribe()
+    }
+
+    /// Waits for a live socket whose generation is above `after`.
+    pub(crate) async fn live_link(&self, after: u64, timeout: Duration) -> Result<Link> {
+        let mut rx = self.links();
+        let wait = async move {
+            rx.wait_for(|l| l.closed || (l.generation > after && l.conn.is_some()))
+                .await
+                .map(|l| l.clone())
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Ok(link)) if link.closed => Err(self.closed_error()),
+            Ok(Ok(link)) => Ok(link),
+            Ok(Err(_)) => Err(self.closed_error()),
+            Err(_) => Err(Error::new(
+                ErrorKind::Disconnected,
+                format!(
+                    "connection '{}' did not recover within {:?}",
+                    self.name(),
+                    timeout
+                ),
+            )),
+        }
+    }
+
+    fn closed_error(&self) -> Error {
+        Error::new(
+            ErrorKind::Closed,
+            format!("connection '{}' is closed", self.name()),
+        )
+    }
+
+    /// Opens a channel on the current socket (waiting up to the recovery
+    /// timeout for one), with rabbitry's callback registered.
+    pub(crate) async fn open_channel(
+        &self,
+        confirms: Option<Arc<dyn ConfirmSink>>,
+    ) -> Result<(Channel, ChannelWatch, u64)> {
+        let link = self
+            .live_link(0, self.shared.settings.recovery_timeout)
+            .await?;
+        let conn = link
+            .conn
+            .as_ref()
+            .ok_or_else(|| self.closed_error())?;
+        let channel = conn.open_channel(None).await.map_err(|e| {
+            Error::new(
+                ErrorKind::Disconnected,
+                format!("opening a channel on connection '{}'", self.name()),
+            )
+            .with_source(e)
+        })?;
+        let watch = ChannelWatch::default();
+        channel
+            .register_callback(Events {
+                watch: watch.clone(),
+                confirms,
+            })
+            .await
+            .map_err(|e| {
+                Error::new(ErrorKind::Disconnected, "registering a channel callback").with_source(e)
+            })?;
+        Ok((channel, watch, link.generation))
+    }
+}
+
+/// What `queue.declare` (passive) reports about a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueStatus {
+    /// Messages ready for delivery.
+    pub messages: u32,
+    /// Consumers attached.
+    pub consumers: u32,
+}
+
+/// Waits until `stop` is set, or its sender is gone.
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+pub(crate) async fn close_quietly(channel: Channel) {
+    if channel.is_open() {
+        let _ = channel.close().await;
+    }
+}
+
+/// Locks a std mutex, ignoring poisoning: the data behind our mutexes stays
+/// consistent because no code panics while holding them.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

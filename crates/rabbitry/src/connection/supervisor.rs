@@ -1,0 +1,236 @@
+//! The supervisor task: notices a lost socket and makes a new one.
+
+use std::sync::Weak;
+use std::time::Duration;
+
+use amqprs::callbacks::ConnectionCallback;
+use amqprs::connection::{Connection as AmqpConnection, OpenConnectionArguments};
+use amqprs::Close;
+
+use super::backoff::Backoff;
+use super::{close_quietly, stopped, ChannelWatch, ConnectionSettings, Endpoint, Events, Shared};
+use crate::error::{Error, ErrorKind, Result};
+use crate::topology::{self, Topology};
+
+/// How long one TCP connect plus AMQP handshake may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often the supervisor also polls the socket's state, in case the
+/// client's failure notification was sent before anyone listened.
+const POLL: Duration = Duration::from_millis(500);
+
+/// Tries each endpoint once, in order; returns the first that connects, or
+/// the last error.
+pub(super) async fn connect_any(
+    settings: &ConnectionSettings,
+    endpoints: &[Endpoint],
+) -> Result<AmqpConnection> {
+    let mut last = None;
+    for ep in endpoints {
+        match connect(settings, ep).await {
+            Ok(conn) => return Ok(conn),
+            Err(err) => {
+                tracing::warn!(connection = %settings.name, %ep, error = %err, "connect failed");
+                last = Some(err);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::config("no broker URL given")))
+}
+
+async fn connect(settings: &ConnectionSettings, ep: &Endpoint) -> Result<AmqpConnection> {
+    let args = OpenConnectionArguments::new(&ep.host, ep.port, &ep.user, &ep.password)
+        .virtual_host(&ep.vhost)
+        .heartbeat(settings.heartbeat)
+        .connection_name(&settings.name)
+        .finish();
+    let conn = match tokio::time::timeout(CONNECT_TIMEOUT, AmqpConnection::open(&args)).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(err)) => return Err(classify(ep, err)),
+        Err(_) => {
+            return Err(Error::new(
+                ErrorKind::Connect,
+                format!("{}: no answer within {CONNECT_TIMEOUT:?}", ep.address()),
+            ))
+        }
+    };
+    conn.register_callback(Logger {
+        name: settings.name.clone(),
+    })
+    .await
+    .map_err(|e| classify(ep, e))?;
+    Ok(conn)
+}
+
+/// Names the host and says plainly what happened.
+fn classify(ep: &Endpoint, err: amqprs::error::Error) -> Error {
+    let text = err.to_string();
+    let lower = text.to_ascii_lowercase();
+    if lower.contains("access_refused")
+        || lower.contains("access refused")
+        || lower.contains("authentication")
+        || lower.contains("login was refused")
+    {
+        Error::new(
+            ErrorKind::AccessRefused,
+            format!(
+                "{} refused user '{}' on vhost '{}' (access refused)",
+                ep.address(),
+                ep.user,
+                ep.vhost
+            ),
+        )
+        .with_source(err)
+    } else if lower.contains("not_allowed") || lower.contains("vhost") {
+        Error::new(
+            ErrorKind::AccessRefused,
+            format!("{} refused vhost '{}' (access refused)", ep.address(), ep.vhost),
+        )
+        .with_source(err)
+    } else if lower.contains("refused") {
+        Error::new(
+            ErrorKind::Connect,
+            format!("{}: connection refused", ep.address()),
+        )
+        .with_source(err)
+    } else {
+        Error::new(ErrorKind::Connect, format!("{}: cannot connect", ep.address())).with_source(err)
+    }
+}
+
+/// Logs what the broker tells the connection.
+struct Logger {
+    name: String,
+}
+
+#[async_trait::async_trait]
+impl ConnectionCallback for Logger {
+    async fn close(&mut self, _c: &AmqpConnection, close: Close) -> std::result::Result<(), amqprs::error::Error> {
+        tracing::warn!(
+            connection = %self.name,
+            code = close.reply_code(),
+            reason = %close.reply_text(),
+            "broker closed the connection"
+        );
+        Ok(())
+    }
+
+    async fn blocked(&mut self, _c: &AmqpConnection, reason: String) {
+        tracing::warn!(connection = %self.name, %reason, "broker blocked publishing");
+    }
+
+    async fn unblocked(&mut self, _c: &AmqpConnection) {
+        tracing::info!(connection = %self.name, "broker unblocked publishing");
+    }
+
+    async fn secret_updated(&mut self, _c: &AmqpConnection) {}
+}
+
+/// Resolves when `conn` is no longer usable.
+async fn lost(conn: &AmqpConnection) {
+    let listen = conn.listen_network_io_failure();
+    tokio::pin!(listen);
+    let mut tick = tokio::time::interval(POLL);
+    loop {
+        tokio::select! {
+            _ = &mut listen => return,
+            _ = tick.tick() => if !conn.is_open() { return },
+        }
+    }
+}
+
+/// Declares the remembered topology on a fresh socket, before anyone else
+/// uses it.
+async fn redeclare(conn: &AmqpConnection, topology: &Topology) -> Result<()> {
+    if topology.is_empty() {
+        return Ok(());
+    }
+    let channel = conn.open_channel(None).await.map_err(|e| {
+        Error::new(ErrorKind::Disconnected, "opening a channel for recovery").with_source(e)
+    })?;
+    let watch = ChannelWatch::default();
+    channel
+        .register_callback(Events {
+            watch: watch.clone(),
+            confirms: None,
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Disconnected, "registering a callback").with_source(e))?;
+    let res = topology::declare(&channel, &watch, topology).await;
+    close_quietly(channel).await;
+    res.map(|_| ())
+}
+
+pub(super) async fn run(shared: Weak<Shared>) {
+    loop {
+        let Some(s) = shared.upgrade() else { return };
+        let name = s.settings.name.clone();
+        let mut stop = s.stop.subscribe();
+        let (conn, generation) = {
+            let link = s.link.borrow();
+            (link.conn.clone(), link.generation)
+        };
+        drop(s);
+        let Some(conn) = conn else { return };
+
+        let stopping = tokio::select! {
+            _ = lost(&conn) => false,
+            _ = stopped(&mut stop) => true,
+        };
+        if stopping {
+            let _ = conn.close().await;
+            if let Some(s) = shared.upgrade() {
+                s.link.send_modify(|l| {
+                    l.conn = None;
+                    l.closed = true;
+                });
+            }
+            tracing::info!(connection = %name, "closed");
+            return;
+        }
+        drop(conn);
+        let Some(s) = shared.upgrade() else { return };
+        s.link.send_modify(|l| l.conn = None);
+        tracing::warn!(connection = %name, generation, "connection lost; recovering");
+        let mut backoff = Backoff::new(s.settings.backoff_initial, s.settings.backoff_max);
+        drop(s);
+
+        loop {
+            let delay = backoff.next_delay();
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stopped(&mut stop) => {
+                    if let Some(s) = shared.upgrade() {
+                        s.link.send_modify(|l| l.closed = true);
+                    }
+                    return;
+                }
+            }
+            let Some(s) = shared.upgrade() else { return };
+            let remembered = super::lock(&s.topology).clone();
+            let attempt = match connect_any(&s.settings, &s.endpoints).await {
+                Ok(conn) => match redeclare(&conn, &remembered).await {
+                    Ok(()) => Ok(conn),
+                    Err(err) => {
+                        let _ = conn.close().await;
+                        Err(err)
+                    }
+                },
+                Err(err) => Err(err),
+            };
+            match attempt {
+                Ok(conn) => {
+                    s.link.send_modify(|l| {
+                        l.generation += 1;
+                        l.conn = Some(conn);
+                    });
+                    tracing::info!(connection = %name, generation = generation + 1, "recovered");
+                    break;
+                }
+                Err(err) => {
+                    tracing::warn!(connection = %name, error = %err, ?delay, "recovery attempt failed");
+                }
+            }
+        }
+    }
+}

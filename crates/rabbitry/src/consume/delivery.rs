@@ -1,0 +1,145 @@
+//! An incoming message and the decision that settles it.
+
+use amqprs::channel::{BasicAckArguments, BasicNackArguments, Channel};
+use serde::de::DeserializeOwned;
+
+use crate::codec::{decode_value, Decoded, Serializer};
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::Properties;
+
+/// What to do with a delivery once it has been handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done: remove it from the queue.
+    Ack,
+    /// Put it back on the queue at once (a conflict: try again now).
+    Requeue,
+    /// Refuse it: the broker dead-letters it if the queue has a
+    /// dead-letter exchange, and drops it otherwise.
+    Reject,
+}
+
+/// A message received from a queue.
+pub struct Delivery {
+    /// The body as sent.
+    pub body: Vec<u8>,
+    /// The message's properties.
+    pub properties: Properties,
+    /// The exchange it was published to (empty: the default exchange).
+    pub exchange: String,
+    /// The routing key it was published with.
+    pub routing_key: String,
+    /// Whether the broker delivered it before (to this or another consumer).
+    pub redelivered: bool,
+    /// The queue it came from.
+    pub queue: String,
+    tag: u64,
+    channel: Channel,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("queue", &self.queue)
+            .field("exchange", &self.exchange)
+            .field("routing_key", &self.routing_key)
+            .field("redelivered", &self.redelivered)
+            .field("message_id", &self.properties.message_id)
+            .field("body_len", &self.body.len())
+            .finish()
+    }
+}
+
+impl Delivery {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        body: Vec<u8>,
+        properties: Properties,
+        exchange: String,
+        routing_key: String,
+        redelivered: bool,
+        queue: String,
+        tag: u64,
+        channel: Channel,
+    ) -> Self {
+        Delivery {
+            body,
+            properties,
+            exchange,
+            routing_key,
+            redelivered,
+            queue,
+            tag,
+            channel,
+        }
+    }
+
+    /// Whether the channel it came on is still open, so that settling it
+    /// reaches the broker.
+    pub fn is_settleable(&self) -> bool {
+        self.channel.is_open()
+    }
+
+    /// The serializer its content type names, if any.
+    pub fn serializer(&self) -> Option<Serializer> {
+        self.properties
+            .content_type
+            .as_deref()
+            .and_then(Serializer::for_content_type)
+    }
+
+    /// Decodes the body into `T` by its content type. A missing or unknown
+    /// content type is an error here (use [`Delivery::decode_value`] to get
+    /// raw bytes instead).
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T> {
+        let ser = self.serializer().ok_or_else(|| {
+            Error::codec(format!(
+                "cannot decode content type {:?} into a typed value",
+                self.properties.content_type.as_deref().unwrap_or("(none)")
+            ))
+        })?;
+        ser.decode(&self.body)
+    }
+
+    /// Decodes the body by content type into a JSON value, or gives the raw
+    /// bytes for an unknown content type.
+    pub fn decode_value(&self) -> Result<Decoded> {
+        decode_value(self.properties.content_type.as_deref(), &self.body)
+    }
+
+    /// Acknowledges the delivery.
+    pub async fn ack(&self) -> Result<()> {
+        self.settle(Outcome::Ack).await
+    }
+
+    /// Settles the delivery with `outcome`.
+    pub async fn settle(&self, outcome: Outcome) -> Result<()> {
+        let res = match outcome {
+            Outcome::Ack => {
+                self.channel
+                    .basic_ack(BasicAckArguments::new(self.tag, false))
+                    .await
+            }
+            Outcome::Requeue => {
+                self.channel
+                    .basic_nack(BasicNackArguments::new(self.tag, false, true))
+                    .await
+            }
+            Outcome::Reject => {
+                self.channel
+                    .basic_nack(BasicNackArguments::new(self.tag, false, false))
+                    .await
+            }
+        };
+        res.map_err(|e| {
+            Error::new(
+                ErrorKind::Disconnected,
+                format!(
+                    "{outcome:?} of a delivery from queue '{}': its channel is gone, the broker will redeliver it",
+                    self.queue
+                ),
+            )
+            .with_source(e)
+        })
+    }
+}

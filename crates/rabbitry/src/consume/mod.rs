@@ -1,0 +1,364 @@
+//! Consumers: queues read as a stream of [`Delivery`] values, each settled
+//! with an explicit [`Outcome`].
+//!
+//! A [`Consumer`] declares its queue, exchange and bindings, sets the
+//! prefetch, and consumes with manual acks. A background task restarts all
+//! of that on every recovered socket; deliveries that were buffered from a
+//! lost channel are dropped (the broker redelivers them), so a handler only
+//! sees deliveries it can still settle.
+
+mod delivery;
+
+use std::time::Duration;
+
+use amqprs::channel::{BasicCancelArguments, BasicConsumeArguments, BasicQosArguments, Channel};
+use amqprs::channel::ConsumerMessage;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+pub use delivery::{Delivery, Outcome};
+
+use crate::amqp::from_basic;
+use crate::connection::{close_quietly, stopped, Connection};
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::Headers;
+use crate::topology::{self, is_reserved, Exchange, ExchangeKind, Queue, Topology};
+
+/// What a consumer reads and how.
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    /// The consumer's name (also its consumer tag prefix).
+    pub name: String,
+    /// The queue; empty lets the broker name it.
+    pub queue: String,
+    /// The exchange to bind to; empty means none (the default exchange).
+    pub exchange: String,
+    /// The exchange's type.
+    pub exchange_type: ExchangeKind,
+    /// Binding keys: one or many.
+    pub routing_keys: Vec<String>,
+    /// Durable queue and exchange.
+    pub durable: bool,
+    /// Exclusive to this connection.
+    pub exclusive: bool,
+    /// Auto-delete; `None` means `!durable`.
+    pub auto_delete: Option<bool>,
+    /// Declare the exchange, queue and bindings.
+    pub auto_declare: bool,
+    /// Queue arguments, passed through unchanged.
+    pub arguments: Headers,
+    /// Unacknowledged deliveries at once; `None` takes the connection's.
+    pub prefetch_count: Option<u16>,
+}
+
+impl Default for ConsumerSettings {
+    fn default() -> Self {
+        ConsumerSettings {
+            name: "default".into(),
+            queue: String::new(),
+            exchange: String::new(),
+            exchange_type: ExchangeKind::Direct,
+            routing_keys: Vec::new(),
+            durable: true,
+            exclusive: false,
+            auto_delete: None,
+            auto_declare: true,
+            arguments: Headers::new(),
+            prefetch_count: None,
+        }
+    }
+}
+
+impl ConsumerSettings {
+    /// Settings for consuming `queue`.
+    pub fn new(queue: impl Into<String>) -> Self {
+        ConsumerSettings {
+            queue: queue.into(),
+            ..ConsumerSettings::default()
+        }
+    }
+
+    /// Binds the queue to `exchange` of `kind` with `keys`.
+    pub fn bind(mut self, exchange: impl Into<String>, kind: ExchangeKind, keys: &[&str]) -> Self {
+        self.exchange = exchange.into();
+        self.exchange_type = kind;
+        self.routing_keys = keys.iter().map(|k| (*k).to_owned()).collect();
+        self
+    }
+
+    /// What this consumer declares: its exchange (unless reserved), its
+    /// queue and one binding per key. Without keys, the queue is bound by
+    /// its own name (or `*` on fanout exchanges... which ignore keys).
+    pub fn topology(&self) -> Topology {
+        let mut t = Topology::default();
+        if !self.auto_declare {
+            return t;
+        }
+        let auto_delete = self.auto_delete.unwrap_or(!self.durable);
+        if !is_reserved(&self.exchange) {
+            t.exchange(Exchange {
+                name: self.exchange.clone(),
+                kind: self.exchange_type,
+                durable: self.durable,
+                auto_delete,
+                arguments: Headers::new(),
+            });
+        }
+        t.queue(Queue {
+            name: self.queue.clone(),
+            durable: self.durable && !self.exclusive,
+            exclusive: self.exclusive,
+            auto_delete,
+            arguments: self.arguments.clone(),
+        });
+        if !self.exchange.is_empty() {
+            if self.routing_keys.is_empty() {
+                t.bind(&self.queue, &self.exchange, &self.queue);
+            }
+            for key in &self.routing_keys {
+                t.bind(&self.queue, &self.exchange, key);
+            }
+        }
+        t
+    }
+}
+
+/// A running consumer. Deliveries arrive through [`Consumer::next`].
+pub struct Consumer {
+    rx: mpsc::Receiver<Delivery>,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+    queue: String,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer").field("queue", &self.queue).finish()
+    }
+}
+
+impl Consumer {
+    /// Declares, sets QoS and starts consuming. A refused declaration is
+    /// returned here, not retried.
+    pub async fn start(conn: &Connection, settings: ConsumerSettings) -> Result<Consumer> {
+        let prefetch = settings
+            .prefetch_count
+            .unwrap_or(conn.settings().prefetch_count);
+        let capacity = if prefetch == 0 { 256 } else { prefetch as usize };
+        let (tx, rx) = mpsc::channel(capacity);
+        let (stop, stop_rx) = watch::channel(false);
+        let (started_tx, started_rx) = oneshot::channel();
+        let task = tokio::spawn(run(
+            conn.clone(),
+            settings,
+            prefetch,
+            tx,
+            stop_rx,
+            Some(started_tx),
+        ));
+        match started_rx.await {
+            Ok(Ok(queue)) => Ok(Consumer {
+                rx,
+                stop,
+                task: Some(task),
+                queue,
+            }),
+            Ok(Err(err)) => Err(err),
+            Err(_) => Err(Error::new(ErrorKind::Closed, "consumer task ended")),
+        }
+    }
+
+    /// The queue's name (the broker's choice when declared without one; it
+    /// changes after recovery for such queues).
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The next delivery, or `None` once the consumer has stopped.
+    pub async fn next(&mut self) -> Option<Delivery> {
+        loop {
+            let d = self.rx.recv().await?;
+            if d.is_settleable() {
+                return Some(d);
+            }
+            // From a channel that is gone: the broker redelivers it.
+        }
+    }
+
+    /// Runs `handler` on each delivery, one at a time, and settles each
+    /// with the outcome it returns. Ends when the consumer stops.
+    pub async fn run<F, Fut>(&mut self, mut handler: F)
+    where
+        F: FnMut(&Delivery) -> Fut,
+        Fut: std::future::Future<Output = Outcome>,
+    {
+        while let Some(d) = self.next().await {
+            let outcome = handler(&d).await;
+            if let Err(err) = d.settle(outcome).await {
+                tracing::warn!(error = %err, "settling a delivery failed; the broker will redeliver it");
+            }
+        }
+    }
+
+    /// Stops consuming: the broker stops sending, deliveries not yet taken
+    /// with [`next`](Consumer::next) go back to the queue when the channel
+    /// closes. Deliveries already taken can still be settled.
+    pub async fn cancel(&mut self) {
+        self.stop.send_replace(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        self.rx.close();
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+type Started = oneshot::Sender<Result<String>>;
+
+/// The consumer's life: (re)open, declare, consume, forward; repeat after
+/// each loss until stopped.
+async fn run(
+    conn: Connection,
+    settings: ConsumerSettings,
+    prefetch: u16,
+    tx: mpsc::Sender<Delivery>,
+    mut stop: watch::Receiver<bool>,
+    mut started: Option<Started>,
+) {
+    let topology = settings.topology();
+    let mut failures = 0u32;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let session = tokio::select! {
+            s = open_session(&conn, &settings, &topology, prefetch) => s,
+            _ = stopped(&mut stop) => return,
+        };
+        let (channel, queue, mut incoming, tag, generation) = match session {
+            Ok(s) => s,
+            Err(err) => {
+                if let Some(started) = started.take() {
+                    let _ = started.send(Err(err));
+                    return;
+                }
+                if err.kind() == ErrorKind::Closed {
+                    return;
+                }
+                failures += 1;
+                let delay = Duration::from_millis(250 * u64::from(failures.min(20)));
+                tracing::warn!(queue = %settings.queue, error = %err, ?delay, "restarting consumer failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => continue,
+                    _ = stopped(&mut stop) => return,
+                }
+            }
+        };
+        failures = 0;
+        if let Some(started) = started.take() {
+            let _ = started.send(Ok(queue.clone()));
+        } else {
+            tracing::info!(queue = %queue, generation, "consumer resumed");
+        }
+        let stopped = loop {
+            tokio::select! {
+                m = incoming.recv() => match m {
+                    Some(m) => {
+                        if let Some(d) = to_delivery(m, &channel, &queue) {
+                            if tx.send(d).await.is_err() { break true; }
+                        }
+                    }
+                    None => break false,
+                },
+                _ = stopped(&mut stop) => break true,
+            }
+        };
+        if stopped {
+            let _ = channel.basic_cancel(BasicCancelArguments::new(&tag)).await;
+            // Deliveries still in our buffer were never handed out; they
+            // stay unacked and return to the queue when the channel closes,
+            // which happens when the last delivery holding it is dropped.
+            return;
+        }
+        close_quietly(channel).await;
+        // The channel ended: wait for a new socket, or (if the socket is
+        // fine and only the channel went) retry after a pause.
+        let mut links = conn.links();
+        let changed = async move { links.wait_for(|l| l.generation != generation).await.is_ok() };
+        let _ = tokio::time::timeout(Duration::from_secs(1), changed).await;
+    }
+}
+
+type Session = (
+    Channel,
+    String,
+    mpsc::UnboundedReceiver<ConsumerMessage>,
+    String,
+    u64,
+);
+
+async fn open_session(
+    conn: &Connection,
+    settings: &ConsumerSettings,
+    topology: &Topology,
+    prefetch: u16,
+) -> Result<Session> {
+    let (channel, watch, generation) = conn.open_channel(None).await?;
+    channel
+        .basic_qos(BasicQosArguments::new(0, prefetch, false))
+        .await
+        .map_err(|e| watch.refusal(ErrorKind::Channel, "basic.qos".into(), e))?;
+    let names = topology::declare(&channel, &watch, topology).await?;
+    let queue = names
+        .first()
+        .cloned()
+        .unwrap_or_else(|| settings.queue.clone());
+    let tag = format!("{}.{}", settings.name, uuid::Uuid::new_v4().simple());
+    let args = BasicConsumeArguments::new(&queue, &tag)
+        .manual_ack(true)
+        .finish();
+    let (tag, incoming) = channel
+        .basic_consume_rx(args)
+        .await
+        .map_err(|e| watch.refusal(ErrorKind::Channel, format!("consuming queue '{queue}'"), e))?;
+    Ok((channel, queue, incoming, tag, generation))
+}
+
+fn to_delivery(m: ConsumerMessage, channel: &Channel, queue: &str) -> Option<Delivery> {
+    let deliver = m.deliver?;
+    let properties = m.basic_properties.as_ref().map(from_basic).unwrap_or_default();
+    Some(Delivery::new(
+        m.content.unwrap_or_default(),
+        properties,
+        deliver.exchange().clone(),
+        deliver.routing_key().clone(),
+        deliver.redelivered(),
+        queue.to_owned(),
+        deliver.delivery_tag(),
+        channel.clone(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topology_binds_each_key_and_respects_reserved_exchanges() {
+        let s = ConsumerSettings::new("q").bind("ex", ExchangeKind::Topic, &["a.*", "b.#"]);
+        let t = s.topology();
+        assert_eq!(t.exchanges.len(), 1);
+        assert_eq!(t.bindings.len(), 2);
+        let s = ConsumerSettings::new("q").bind("amq.topic", ExchangeKind::Topic, &["x"]);
+        let t = s.topology();
+        assert!(t.exchanges.is_empty());
+        assert_eq!(t.bindings.len(), 1);
+        let t = ConsumerSettings::new("q").topology();
+        assert!(t.bindings.is_empty() && t.queues.len() == 1);
+    }
+}

@@ -1,0 +1,164 @@
+//! The library's one error type.
+//!
+//! [`Error`] carries a [`ErrorKind`] that says what went wrong in terms a
+//! caller can act on, a human-readable context naming the things involved
+//! (host, queue, exchange, config key), and the source error when there is
+//! one. [`Error::is_retryable`] answers the question every caller of a
+//! messaging library eventually asks.
+
+use std::fmt;
+
+/// A convenient alias for results returned by this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What kind of failure an [`Error`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The broker could not be reached (connection refused, DNS, network cut).
+    Connect,
+    /// The broker refused the credentials or the virtual host.
+    AccessRefused,
+    /// The connection was lost and did not come back within the allowed time.
+    Disconnected,
+    /// The broker refused a declaration (for example `PRECONDITION_FAILED`:
+    /// an existing queue or exchange has other arguments).
+    Declare,
+    /// The broker closed a channel because of an operation (not a declaration).
+    Channel,
+    /// A mandatory message could not be routed to any queue.
+    Unroutable,
+    /// The broker negatively acknowledged a published message.
+    Nacked,
+    /// Encoding or decoding a message body failed.
+    Codec,
+    /// A configuration file or setting is invalid.
+    Config,
+    /// An operation did not finish within its deadline.
+    Timeout,
+    /// The component was shut down.
+    Closed,
+    /// A database operation failed.
+    Database,
+    /// A call argument was invalid.
+    Invalid,
+}
+
+impl ErrorKind {
+    fn describe(self) -> &'static str {
+        match self {
+            ErrorKind::Connect => "connection failed",
+            ErrorKind::AccessRefused => "access refused",
+            ErrorKind::Disconnected => "disconnected",
+            ErrorKind::Declare => "declaration refused",
+            ErrorKind::Channel => "channel closed by broker",
+            ErrorKind::Unroutable => "unroutable message",
+            ErrorKind::Nacked => "message nacked by broker",
+            ErrorKind::Codec => "codec error",
+            ErrorKind::Config => "configuration error",
+            ErrorKind::Timeout => "timed out",
+            ErrorKind::Closed => "closed",
+            ErrorKind::Database => "database error",
+            ErrorKind::Invalid => "invalid argument",
+        }
+    }
+}
+
+/// An error from rabbitry: a kind, a context naming what was involved, and
+/// the underlying cause when there is one.
+pub struct Error {
+    kind: ErrorKind,
+    context: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl Error {
+    /// Creates an error of `kind` with a message naming what was involved.
+    pub fn new(kind: ErrorKind, context: impl Into<String>) -> Self {
+        Error {
+            kind,
+            context: context.into(),
+            source: None,
+        }
+    }
+
+    /// Attaches the underlying cause.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    /// The kind of failure.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The message naming what was involved, without the kind's description.
+    pub fn context(&self) -> &str {
+        &self.context
+    }
+
+    /// Whether trying the same operation again later can succeed without a
+    /// change of code or configuration.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self.kind,
+            ErrorKind::Connect
+                | ErrorKind::Disconnected
+                | ErrorKind::Timeout
+                | ErrorKind::Nacked
+                | ErrorKind::Channel
+        )
+    }
+
+    pub(crate) fn config(context: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Config, context)
+    }
+
+    pub(crate) fn codec(context: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Codec, context)
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Error");
+        d.field("kind", &self.kind).field("context", &self.context);
+        if let Some(source) = &self.source {
+            d.field("source", source);
+        }
+        d.finish()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind.describe(), self.context)?;
+        if let Some(source) = &self.source {
+            write!(f, ": {source}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_names_kind_context_and_source() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = Error::new(ErrorKind::Connect, "127.0.0.1:1").with_source(io);
+        assert_eq!(e.to_string(), "connection failed: 127.0.0.1:1: refused");
+        assert!(e.is_retryable());
+        assert!(!Error::config("x").is_retryable());
+    }
+}

@@ -1,0 +1,61 @@
+//! # rabbitry
+//!
+//! A messaging gateway for RabbitMQ: connections that recover, confirmed
+//! producers, consumers with explicit outcomes, serializers, and settings
+//! from TOML. It brings to Rust what collective.zamqp brought to Plone
+//! sites: hand long work to a worker, replace synchronous calls with
+//! request/reply, funnel writes through a one-at-a-time consumer, and
+//! integrate with services in any language.
+//!
+//! ```no_run
+//! use rabbitry::{Connection, ConnectionSettings, Consumer, ConsumerSettings, ExchangeKind,
+//!                Outcome, Producer, ProducerSettings};
+//!
+//! # async fn demo() -> rabbitry::Result<()> {
+//! let conn = Connection::open(ConnectionSettings::default()).await?;
+//! let producer = Producer::new(
+//!     &conn,
+//!     ProducerSettings::new("service.tasks", ExchangeKind::Topic).routing_key("service.my_template"),
+//! )
+//! .await?;
+//! producer.send(&serde_json::json!({"title": "Hello World!"})).await?; // confirmed
+//!
+//! let mut consumer = Consumer::start(
+//!     &conn,
+//!     ConsumerSettings::new("tasks").bind("service.tasks", ExchangeKind::Topic, &["service.*"]),
+//! )
+//! .await?;
+//! consumer.run(|delivery| async move { Outcome::Ack }).await;
+//! # Ok(()) }
+//! ```
+//!
+//! ## Layout
+//!
+//! - [`connection`]: named connections and their recovery.
+//! - [`topology`]: exchanges, queues and bindings.
+//! - [`publish`]: producers with confirms, returns and resend.
+//! - [`consume`]: consumers, deliveries and outcomes.
+//! - [`codec`]: serializers by name and content type.
+//! - [`message`]: properties and outgoing messages.
+//! - [`config`]: TOML settings, validated.
+//! - [`error`]: the one error type.
+
+pub mod codec;
+pub mod config;
+pub mod connection;
+pub mod consume;
+pub mod error;
+pub mod message;
+pub mod publish;
+pub mod topology;
+
+mod amqp;
+
+pub use codec::{Decoded, Serializer};
+pub use config::Settings;
+pub use connection::{Connection, ConnectionSettings, QueueStatus};
+pub use consume::{Consumer, ConsumerSettings, Delivery, Outcome};
+pub use error::{Error, ErrorKind, Result};
+pub use message::{HeaderValue, Headers, Message, Properties};
+pub use publish::{Producer, ProducerSettings};
+pub use topology::{Exchange, ExchangeKind, Queue, Topology};

@@ -1,0 +1,239 @@
+//! Producers: named publishing endpoints with collective.zamqp's defaults.
+//!
+//! A [`Producer`] knows its exchange, routing key, serializer and
+//! durability. It declares its exchange (unless told not to, or the name is
+//! the broker's), fills in what a message leaves out, and publishes with
+//! confirms: [`Producer::publish`] returns once the broker has the message.
+
+mod confirms;
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::amqp::to_basic;
+use crate::codec::Serializer;
+use crate::connection::Connection;
+use crate::error::{Error, Result};
+use crate::message::{Message, PERSISTENT, TRANSIENT};
+use crate::topology::{is_reserved, Exchange, ExchangeKind, Topology};
+
+pub(crate) use confirms::{Outgoing, Publisher};
+
+/// How a producer publishes. Defaults follow collective.zamqp: the default
+/// exchange, type `direct`, durable, declared automatically, msgpack.
+#[derive(Debug, Clone)]
+pub struct ProducerSettings {
+    /// The producer's name.
+    pub name: String,
+    /// The exchange; empty is the default exchange.
+    pub exchange: String,
+    /// The exchange's type.
+    pub exchange_type: ExchangeKind,
+    /// Durable exchange and persistent messages (`delivery_mode` 2).
+    pub durable: bool,
+    /// Auto-delete exchange; `None` means `!durable`.
+    pub auto_delete: Option<bool>,
+    /// Declare the exchange when the producer starts and after recovery.
+    pub auto_declare: bool,
+    /// The routing key when the call gives none.
+    pub routing_key: Option<String>,
+    /// A queue name, used as the routing key when no other is given.
+    pub queue: Option<String>,
+    /// How [`Producer::send`] encodes values.
+    pub serializer: Serializer,
+    /// `reply_to` for messages that do not set one.
+    pub reply_to: Option<String>,
+    /// Make every message mandatory (unroutable is an error).
+    pub mandatory: bool,
+    /// Wait for publisher confirms (the default). Without them, `publish`
+    /// returns once the message is handed to the socket.
+    pub confirms: bool,
+    /// At most this many messages wait for a confirm at once.
+    pub max_in_flight: usize,
+    /// Give each message a UUID `message_id` when it has none.
+    pub message_ids: bool,
+}
+
+impl Default for ProducerSettings {
+    fn default() -> Self {
+        ProducerSettings {
+            name: "default".into(),
+            exchange: String::new(),
+            exchange_type: ExchangeKind::Direct,
+            durable: true,
+            auto_delete: None,
+            auto_declare: true,
+            routing_key: None,
+            queue: None,
+            serializer: Serializer::Msgpack,
+            reply_to: None,
+            mandatory: false,
+            confirms: true,
+            max_in_flight: 1024,
+            message_ids: true,
+        }
+    }
+}
+
+impl ProducerSettings {
+    /// Settings for publishing to `exchange` of `kind`.
+    pub fn new(exchange: impl Into<String>, kind: ExchangeKind) -> Self {
+        ProducerSettings {
+            exchange: exchange.into(),
+            exchange_type: kind,
+            ..ProducerSettings::default()
+        }
+    }
+
+    /// Sets the default routing key.
+    pub fn routing_key(mut self, key: impl Into<String>) -> Self {
+        self.routing_key = Some(key.into());
+        self
+    }
+
+    /// The exchange this producer declares, if any.
+    pub fn topology(&self) -> Topology {
+        let mut t = Topology::default();
+        if self.auto_declare && !is_reserved(&self.exchange) {
+            t.exchange(Exchange {
+                name: self.exchange.clone(),
+                kind: self.exchange_type,
+                durable: self.durable,
+                auto_delete: self.auto_delete.unwrap_or(!self.durable),
+                arguments: Default::default(),
+            });
+        }
+        t
+    }
+
+    /// The routing key for a call: the call's, the producer's, the queue
+    /// name, or `*` for fanout, in that order.
+    pub fn resolve_routing_key(&self, call: Option<&str>) -> Result<String> {
+        call.or(self.routing_key.as_deref())
+            .or(self.queue.as_deref())
+            .map(str::to_owned)
+            .or_else(|| (self.exchange_type == ExchangeKind::Fanout).then(|| "*".to_owned()))
+            .ok_or_else(|| {
+                Error::config(format!(
+                    "producer '{}': no routing key (set `routing_key` or `queue`, or pass one)",
+                    self.name
+                ))
+            })
+    }
+}
+
+/// A named publisher. Cheap to clone.
+#[derive(Clone)]
+pub struct Producer {
+    settings: Arc<ProducerSettings>,
+    publisher: Arc<Publisher>,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer")
+            .field("name", &self.settings.name)
+            .field("exchange", &self.settings.exchange)
+            .finish()
+    }
+}
+
+impl Producer {
+    /// Declares what the producer needs (remembered for recovery) and opens
+    /// its channel.
+    pub async fn new(conn: &Connection, settings: ProducerSettings) -> Result<Producer> {
+        let topology = settings.topology();
+        if !topology.is_empty() {
+            conn.declare(&topology).await?;
+        }
+        let publisher =
+            Publisher::open(conn, settings.confirms, settings.max_in_flight).await?;
+        Ok(Producer {
+            settings: Arc::new(settings),
+            publisher,
+        })
+    }
+
+    /// The producer's settings.
+    pub fn settings(&self) -> &ProducerSettings {
+        &self.settings
+    }
+
+    /// Encodes `value` with the producer's serializer and publishes it.
+    pub async fn send<T: Serialize + ?Sized>(&self, value: &T) -> Result<()> {
+        self.publish(Message::encode(self.settings.serializer, value)?)
+            .await
+    }
+
+    /// Publishes a message, filling in what it leaves out from the
+    /// settings. Returns once the broker confirmed it (with confirms on).
+    ///
+    /// Errors: [`ErrorKind::Unroutable`](crate::ErrorKind::Unroutable) for
+    /// a mandatory message no queue took, `Disconnected` when the
+    /// connection did not come back within its recovery timeout.
+    pub async fn publish(&self, message: Message) -> Result<()> {
+        let outgoing = self.prepare(message)?;
+        self.publisher.publish(outgoing).await
+    }
+
+    pub(crate) fn prepare(&self, message: Message) -> Result<Outgoing> {
+        let s = &self.settings;
+        let Message {
+            body,
+            mut properties,
+            routing_key,
+            exchange,
+            mandatory,
+        } = message;
+        let routing_key = s.resolve_routing_key(routing_key.as_deref())?;
+        let exchange = exchange.unwrap_or_else(|| s.exchange.clone());
+        if properties.delivery_mode.is_none() {
+            properties.delivery_mode = Some(if s.durable { PERSISTENT } else { TRANSIENT });
+        }
+        if properties.reply_to.is_none() {
+            properties.reply_to.clone_from(&s.reply_to);
+        }
+        let mandatory = mandatory || s.mandatory;
+        if properties.message_id.is_none() && (s.message_ids || mandatory) {
+            properties.message_id = Some(uuid::Uuid::new_v4().to_string());
+        }
+        Ok(Outgoing {
+            exchange,
+            routing_key,
+            mandatory,
+            message_id: properties.message_id.clone(),
+            properties: to_basic(&properties),
+            body,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_key_order() {
+        let mut s = ProducerSettings::new("x", ExchangeKind::Direct);
+        assert!(s.resolve_routing_key(None).is_err());
+        s.queue = Some("q".into());
+        assert_eq!(s.resolve_routing_key(None).unwrap(), "q");
+        s.routing_key = Some("rk".into());
+        assert_eq!(s.resolve_routing_key(None).unwrap(), "rk");
+        assert_eq!(s.resolve_routing_key(Some("call")).unwrap(), "call");
+        let f = ProducerSettings::new("f", ExchangeKind::Fanout);
+        assert_eq!(f.resolve_routing_key(None).unwrap(), "*");
+    }
+
+    #[test]
+    fn reserved_exchanges_are_not_declared_and_auto_delete_follows_durable() {
+        assert!(ProducerSettings::new("amq.topic", ExchangeKind::Topic)
+            .topology()
+            .is_empty());
+        let mut s = ProducerSettings::new("x", ExchangeKind::Topic);
+        s.durable = false;
+        let t = s.topology();
+        assert!(t.exchanges[0].auto_delete && !t.exchanges[0].durable);
+    }
+}

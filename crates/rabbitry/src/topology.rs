@@ -1,0 +1,323 @@
+//! Topology: exchanges, queues and bindings, declared from settings.
+//!
+//! A [`Topology`] is a plain description. A [`Connection`](crate::Connection)
+//! remembers every topology declared through it and declares it again after
+//! each recovery, so exclusive and auto-delete queues come back with the
+//! connection. Names starting with `amq.` belong to the broker and are never
+//! declared.
+
+use std::fmt;
+use std::str::FromStr;
+
+use amqprs::channel::{
+    Channel, ExchangeDeclareArguments, QueueBindArguments, QueueDeclareArguments,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::amqp::to_table;
+use crate::connection::ChannelWatch;
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::Headers;
+
+/// The type of an exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ExchangeKind {
+    /// Routes by exact routing key.
+    #[default]
+    Direct,
+    /// Routes by routing-key pattern (`*` one word, `#` any).
+    Topic,
+    /// Routes to every bound queue.
+    Fanout,
+    /// Routes by header values.
+    Headers,
+}
+
+impl ExchangeKind {
+    /// Every exchange type.
+    pub const ALL: [ExchangeKind; 4] = [
+        ExchangeKind::Direct,
+        ExchangeKind::Topic,
+        ExchangeKind::Fanout,
+        ExchangeKind::Headers,
+    ];
+
+    /// The AMQP name of the type.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExchangeKind::Direct => "direct",
+            ExchangeKind::Topic => "topic",
+            ExchangeKind::Fanout => "fanout",
+            ExchangeKind::Headers => "headers",
+        }
+    }
+}
+
+impl fmt::Display for ExchangeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ExchangeKind {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        ExchangeKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                Error::config(format!(
+                    "unknown exchange type `{s}`, expected one of: {}",
+                    ExchangeKind::ALL.map(ExchangeKind::as_str).join(", ")
+                ))
+            })
+    }
+}
+
+/// Whether a name belongs to the broker (`amq.*`, or the default exchange).
+pub fn is_reserved(name: &str) -> bool {
+    name.is_empty() || name.starts_with("amq.")
+}
+
+/// An exchange to declare.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exchange {
+    /// Its name. Empty is the default exchange, which is never declared.
+    pub name: String,
+    /// Its type.
+    pub kind: ExchangeKind,
+    /// Survives a broker restart.
+    pub durable: bool,
+    /// Deleted when its last binding goes.
+    pub auto_delete: bool,
+    /// Extra arguments, passed through.
+    pub arguments: Headers,
+}
+
+impl Exchange {
+    /// A durable exchange of `kind`.
+    pub fn new(name: impl Into<String>, kind: ExchangeKind) -> Self {
+        Exchange {
+            name: name.into(),
+            kind,
+            durable: true,
+            auto_delete: false,
+            arguments: Headers::new(),
+        }
+    }
+}
+
+/// A queue to declare.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Queue {
+    /// Its name. Empty lets the broker choose one.
+    pub name: String,
+    /// Survives a broker restart.
+    pub durable: bool,
+    /// Used by this connection only, and deleted with it.
+    pub exclusive: bool,
+    /// Deleted when its last consumer goes.
+    pub auto_delete: bool,
+    /// Arguments passed through unchanged: `x-message-ttl`,
+    /// `x-dead-letter-exchange`, `x-queue-type`, `x-single-active-consumer`...
+    pub arguments: Headers,
+}
+
+impl Queue {
+    /// A durable queue.
+    pub fn durable(name: impl Into<String>) -> Self {
+        Queue {
+            name: name.into(),
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            arguments: Headers::new(),
+        }
+    }
+
+    /// A transient queue that belongs to this connection alone.
+    pub fn exclusive(name: impl Into<String>) -> Self {
+        Queue {
+            name: name.into(),
+            durable: false,
+            exclusive: true,
+            auto_delete: true,
+            arguments: Headers::new(),
+        }
+    }
+}
+
+/// A binding of a queue to an exchange by one routing (binding) key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    /// The queue.
+    pub queue: String,
+    /// The exchange.
+    pub exchange: String,
+    /// The binding key.
+    pub routing_key: String,
+}
+
+/// A set of exchanges, queues and bindings, declared together in order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Topology {
+    /// Exchanges, declared first.
+    pub exchanges: Vec<Exchange>,
+    /// Queues, declared next.
+    pub queues: Vec<Queue>,
+    /// Bindings, declared last.
+    pub bindings: Vec<Binding>,
+}
+
+impl Topology {
+    /// Adds an exchange unless it is reserved or already present.
+    pub fn exchange(&mut self, exchange: Exchange) -> &mut Self {
+        if !is_reserved(&exchange.name) && !self.exchanges.iter().any(|e| e.name == exchange.name)
+        {
+            self.exchanges.push(exchange);
+        }
+        self
+    }
+
+    /// Adds a queue unless already present (by name; server-named queues are
+    /// always added).
+    pub fn queue(&mut self, queue: Queue) -> &mut Self {
+        if queue.name.is_empty() || !self.queues.iter().any(|q| q.name == queue.name) {
+            self.queues.push(queue);
+        }
+        self
+    }
+
+    /// Adds a binding unless already present. Bindings to the default
+    /// exchange are implicit and skipped.
+    pub fn bind(
+        &mut self,
+        queue: impl Into<String>,
+        exchange: impl Into<String>,
+        routing_key: impl Into<String>,
+    ) -> &mut Self {
+        let b = Binding {
+            queue: queue.into(),
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+        };
+        if !b.exchange.is_empty() && !self.bindings.contains(&b) {
+            self.bindings.push(b);
+        }
+        self
+    }
+
+    /// Adds everything in `other`.
+    pub fn merge(&mut self, other: &Topology) -> &mut Self {
+        for e in &other.exchanges {
+            self.exchange(e.clone());
+        }
+        for q in &other.queues {
+            self.queue(q.clone());
+        }
+        for b in &other.bindings {
+            self.bind(&b.queue, &b.exchange, &b.routing_key);
+        }
+        self
+    }
+
+    /// Whether there is nothing to declare.
+    pub fn is_empty(&self) -> bool {
+        self.exchanges.is_empty() && self.queues.is_empty() && self.bindings.is_empty()
+    }
+}
+
+pub(crate) fn exchange_args(e: &Exchange, passive: bool) -> ExchangeDeclareArguments {
+    let mut args = ExchangeDeclareArguments::new(&e.name, e.kind.as_str());
+    args.durable = e.durable;
+    args.auto_delete = e.auto_delete;
+    args.passive = passive;
+    args.arguments = to_table(&e.arguments);
+    args
+}
+
+pub(crate) fn queue_args(q: &Queue, passive: bool) -> QueueDeclareArguments {
+    QueueDeclareArguments::new(&q.name)
+        .durable(q.durable)
+        .exclusive(q.exclusive)
+        .auto_delete(q.auto_delete)
+        .passive(passive)
+        .arguments(to_table(&q.arguments))
+        .finish()
+}
+
+/// Declares `topology` on `channel`. Returns the names the queues got (the
+/// broker picks names for queues declared with an empty one).
+///
+/// A refusal names the object and carries the broker's reason, such as
+/// `PRECONDITION_FAILED - inequivalent arg 'durable' for queue 'q'`.
+pub(crate) async fn declare(
+    channel: &Channel,
+    watch: &ChannelWatch,
+    topology: &Topology,
+) -> Result<Vec<String>> {
+    for e in &topology.exchanges {
+        channel
+            .exchange_declare(exchange_args(e, false))
+            .await
+            .map_err(|err| watch.refusal(ErrorKind::Declare, format!("exchange '{}'", e.name), err))?;
+    }
+    let mut names = Vec::with_capacity(topology.queues.len());
+    for q in &topology.queues {
+        let declared = channel
+            .queue_declare(queue_args(q, false))
+            .await
+            .map_err(|err| watch.refusal(ErrorKind::Declare, format!("queue '{}'", q.name), err))?;
+        names.push(declared.map(|(name, _, _)| name).unwrap_or_else(|| q.name.clone()));
+    }
+    for b in &topology.bindings {
+        // A binding to a server-named queue uses the name it just got.
+        let queue = if b.queue.is_empty() {
+            names.first().cloned().unwrap_or_default()
+        } else {
+            b.queue.clone()
+        };
+        channel
+            .queue_bind(QueueBindArguments::new(&queue, &b.exchange, &b.routing_key))
+            .await
+            .map_err(|err| {
+                watch.refusal(
+                    ErrorKind::Declare,
+                    format!(
+                        "binding of queue '{}' to exchange '{}' with key '{}'",
+                        queue, b.exchange, b.routing_key
+                    ),
+                    err,
+                )
+            })?;
+    }
+    Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserved_names_are_never_added() {
+        let mut t = Topology::default();
+        t.exchange(Exchange::new("amq.topic", ExchangeKind::Topic))
+            .exchange(Exchange::new("", ExchangeKind::Direct))
+            .exchange(Exchange::new("shop", ExchangeKind::Topic))
+            .exchange(Exchange::new("shop", ExchangeKind::Topic))
+            .bind("q", "", "q")
+            .bind("q", "shop", "a")
+            .bind("q", "shop", "a");
+        assert_eq!(t.exchanges.len(), 1);
+        assert_eq!(t.bindings.len(), 1);
+    }
+
+    #[test]
+    fn exchange_kind_parse_lists_valid_values() {
+        assert_eq!("topic".parse::<ExchangeKind>().unwrap(), ExchangeKind::Topic);
+        let err = "fan".parse::<ExchangeKind>().unwrap_err().to_string();
+        assert!(err.contains("direct, topic, fanout, headers"), "{err}");
+    }
+}
