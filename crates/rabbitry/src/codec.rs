@@ -235,17 +235,16 @@ fn json_type_name(v: &serde_json::Value) -> &'static str {
 }
 
 fn encode_csv<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
-    let rows = match serde_json::to_value(value)
-        .map_err(|e| Error::codec("csv encode").with_source(e))?
-    {
-        serde_json::Value::Array(rows) => rows,
-        other => {
-            return Err(Error::codec(format!(
-                "csv encode: expected a list of maps, got {}",
-                json_type_name(&other)
-            )))
-        }
-    };
+    let rows =
+        match serde_json::to_value(value).map_err(|e| Error::codec("csv encode").with_source(e))? {
+            serde_json::Value::Array(rows) => rows,
+            other => {
+                return Err(Error::codec(format!(
+                    "csv encode: expected a list of maps, got {}",
+                    json_type_name(&other)
+                )))
+            }
+        };
     let mut columns: Vec<String> = Vec::new();
     for row in &rows {
         let serde_json::Value::Object(map) = row else {
@@ -365,7 +364,10 @@ mod tests {
         let rows = json!([{"name": "a, \"quoted\"", "n": "1"}, {"name": "line\nbreak", "n": "2"}]);
         let body = Serializer::Csv.encode(&rows).unwrap();
         let text = String::from_utf8(body.clone()).unwrap();
-        assert!(text.starts_with("n,name\n") || text.starts_with("name,n\n"), "{text}");
+        assert!(
+            text.starts_with("n,name\n") || text.starts_with("name,n\n"),
+            "{text}"
+        );
         assert!(text.contains("\"a, \"\"quoted\"\"\""), "{text}");
         assert_eq!(Serializer::Csv.decode_json(&body).unwrap(), rows);
     }

@@ -212,7 +212,10 @@ impl Settings {
             let path = e.path().to_string();
             let inner = e.into_inner().to_string();
             let message = inner.lines().last().unwrap_or_default().trim().to_owned();
-            Error::config(format!("{source}: {path}: {}", if message.is_empty() { inner } else { message }))
+            Error::config(format!(
+                "{source}: {path}: {}",
+                if message.is_empty() { inner } else { message }
+            ))
         })?;
         validate(raw, source)
     }
@@ -238,7 +241,11 @@ impl Settings {
         }
         Err(Error::config(format!(
             "no connection named '{name}' (known: {})",
-            self.connections.keys().cloned().collect::<Vec<_>>().join(", ")
+            self.connections
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
         )))
     }
 
@@ -271,11 +278,15 @@ impl Settings {
 /// Parses `500ms`, `1s`, `2m`, `1h`, or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration> {
     let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| Error::config(format!("invalid duration `{text}` (use e.g. 500ms, 5s, 2m)")))?;
+    let n: f64 = num.parse().map_err(|_| {
+        Error::config(format!(
+            "invalid duration `{text}` (use e.g. 500ms, 5s, 2m)"
+        ))
+    })?;
     let secs = match unit.trim() {
         "ms" => n / 1000.0,
         "" | "s" => n,
@@ -361,7 +372,13 @@ fn validate(raw: RawSettings, source: &str) -> Result<Settings> {
                 format!(
                     "unknown connection `{conn}`, expected one of: {}",
                     std::iter::once(DEFAULT_CONNECTION.to_owned())
-                        .chain(settings.connections.keys().filter(|k| *k != DEFAULT_CONNECTION).cloned())
+                        .chain(
+                            settings
+                                .connections
+                                .keys()
+                                .filter(|k| *k != DEFAULT_CONNECTION)
+                                .cloned()
+                        )
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
@@ -422,7 +439,10 @@ fn validate(raw: RawSettings, source: &str) -> Result<Settings> {
                 };
                 let attempts = r.attempts.unwrap_or(3);
                 if attempts == 0 {
-                    return Err(err(format!("{path}.retry.attempts"), "must be at least 1".into()));
+                    return Err(err(
+                        format!("{path}.retry.attempts"),
+                        "must be at least 1".into(),
+                    ));
                 }
                 if attempts > 1 && delays.is_empty() {
                     return Err(err(
@@ -458,7 +478,10 @@ fn validate(raw: RawSettings, source: &str) -> Result<Settings> {
             prefetch_count: c.prefetch_count,
         };
         if c.concurrency == Some(0) {
-            return Err(err(format!("{path}.concurrency"), "must be at least 1".into()));
+            return Err(err(
+                format!("{path}.concurrency"),
+                "must be at least 1".into(),
+            ));
         }
         consumers.insert(
             name,
@@ -469,7 +492,11 @@ fn validate(raw: RawSettings, source: &str) -> Result<Settings> {
                 retry,
                 reply_exchange: c.reply_exchange.unwrap_or_default(),
                 concurrency: c.concurrency,
-                timeout: duration_at(c.timeout.as_ref(), format!("{path}.timeout"), Duration::from_secs(30))?,
+                timeout: duration_at(
+                    c.timeout.as_ref(),
+                    format!("{path}.timeout"),
+                    Duration::from_secs(30),
+                )?,
             },
         );
     }
@@ -477,7 +504,10 @@ fn validate(raw: RawSettings, source: &str) -> Result<Settings> {
         let connection = w.connection.unwrap_or_else(|| DEFAULT_CONNECTION.into());
         known(&connection, "worker.connection".into())?;
         if w.concurrency == Some(0) {
-            return Err(err("worker.concurrency".into(), "must be at least 1".into()));
+            return Err(err(
+                "worker.concurrency".into(),
+                "must be at least 1".into(),
+            ));
         }
         settings.worker = WorkerSettings {
             connection,
@@ -536,14 +566,19 @@ arguments = { "x-queue-type" = "quorum" }
         assert_eq!(p.reply_to.as_deref(), Some("my_queue"));
         let c = &s.consumers["results"].consumer;
         assert_eq!(c.routing_keys, ["my_queue"]);
-        assert_eq!(c.arguments["x-queue-type"], HeaderValue::String("quorum".into()));
+        assert_eq!(
+            c.arguments["x-queue-type"],
+            HeaderValue::String("quorum".into())
+        );
         assert_eq!(s.connections["default"].heartbeat, 60);
     }
 
     #[test]
     fn unknown_key_names_file_and_path() {
         let text = "[connections.default]\nurll = \"amqp://x\"\n";
-        let e = Settings::from_toml(text, "app.toml").unwrap_err().to_string();
+        let e = Settings::from_toml(text, "app.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("app.toml"), "{e}");
         assert!(e.contains("connections.default"), "{e}");
         assert!(e.contains("urll"), "{e}");
@@ -566,10 +601,16 @@ arguments = { "x-queue-type" = "quorum" }
 
     #[test]
     fn unknown_connection_and_bad_durations_are_named() {
-        let e = Settings::from_toml("[consumers.c]\nqueue=\"q\"\nconnection=\"other\"\n", "f.toml")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("consumers.c.connection") && e.contains("`other`"), "{e}");
+        let e = Settings::from_toml(
+            "[consumers.c]\nqueue=\"q\"\nconnection=\"other\"\n",
+            "f.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("consumers.c.connection") && e.contains("`other`"),
+            "{e}"
+        );
         let e = Settings::from_toml(
             "[consumers.c]\nqueue=\"q\"\nretry = { attempts = 3, delays = [\"1x\"] }\n",
             "f.toml",

@@ -174,8 +174,7 @@ pub struct Topology {
 impl Topology {
     /// Adds an exchange unless it is reserved or already present.
     pub fn exchange(&mut self, exchange: Exchange) -> &mut Self {
-        if !is_reserved(&exchange.name) && !self.exchanges.iter().any(|e| e.name == exchange.name)
-        {
+        if !is_reserved(&exchange.name) && !self.exchanges.iter().any(|e| e.name == exchange.name) {
             self.exchanges.push(exchange);
         }
         self
@@ -262,7 +261,9 @@ pub(crate) async fn declare(
         channel
             .exchange_declare(exchange_args(e, false))
             .await
-            .map_err(|err| watch.refusal(ErrorKind::Declare, format!("exchange '{}'", e.name), err))?;
+            .map_err(|err| {
+                watch.refusal(ErrorKind::Declare, format!("exchange '{}'", e.name), err)
+            })?;
     }
     let mut names = Vec::with_capacity(topology.queues.len());
     for q in &topology.queues {
@@ -270,7 +271,11 @@ pub(crate) async fn declare(
             .queue_declare(queue_args(q, false))
             .await
             .map_err(|err| watch.refusal(ErrorKind::Declare, format!("queue '{}'", q.name), err))?;
-        names.push(declared.map(|(name, _, _)| name).unwrap_or_else(|| q.name.clone()));
+        names.push(
+            declared
+                .map(|(name, _, _)| name)
+                .unwrap_or_else(|| q.name.clone()),
+        );
     }
     for b in &topology.bindings {
         // A binding to a server-named queue uses the name it just got.
@@ -316,7 +321,10 @@ mod tests {
 
     #[test]
     fn exchange_kind_parse_lists_valid_values() {
-        assert_eq!("topic".parse::<ExchangeKind>().unwrap(), ExchangeKind::Topic);
+        assert_eq!(
+            "topic".parse::<ExchangeKind>().unwrap(),
+            ExchangeKind::Topic
+        );
         let err = "fan".parse::<ExchangeKind>().unwrap_err().to_string();
         assert!(err.contains("direct, topic, fanout, headers"), "{err}");
     }

@@ -30,7 +30,10 @@ pub(crate) struct ChannelWatch {
 impl ChannelWatch {
     /// The broker's reason, once it closed the channel.
     pub(crate) fn reason(&self) -> Option<CloseReason> {
-        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn set(&self, reason: CloseReason) {
@@ -72,7 +75,11 @@ pub(crate) struct Events {
 
 #[async_trait::async_trait]
 impl ChannelCallback for Events {
-    async fn close(&mut self, _channel: &Channel, close: CloseChannel) -> std::result::Result<(), amqprs::error::Error> {
+    async fn close(
+        &mut self,
+        _channel: &Channel,
+        close: CloseChannel,
+    ) -> std::result::Result<(), amqprs::error::Error> {
         let reason = CloseReason {
             code: close.reply_code(),
             text: close.reply_text().clone(),
@@ -85,12 +92,20 @@ impl ChannelCallback for Events {
         Ok(())
     }
 
-    async fn cancel(&mut self, _channel: &Channel, cancel: Cancel) -> std::result::Result<(), amqprs::error::Error> {
+    async fn cancel(
+        &mut self,
+        _channel: &Channel,
+        cancel: Cancel,
+    ) -> std::result::Result<(), amqprs::error::Error> {
         tracing::warn!(consumer = %cancel.consumer_tag(), "broker cancelled a consumer");
         Ok(())
     }
 
-    async fn flow(&mut self, _channel: &Channel, active: bool) -> std::result::Result<bool, amqprs::error::Error> {
+    async fn flow(
+        &mut self,
+        _channel: &Channel,
+        active: bool,
+    ) -> std::result::Result<bool, amqprs::error::Error> {
         Ok(active)
     }
 

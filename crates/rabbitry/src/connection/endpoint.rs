@@ -53,9 +53,9 @@ impl Endpoint {
         };
         let (host, port) = match hostport.rsplit_once(':') {
             Some((h, p)) if !h.ends_with(']') || hostport.starts_with('[') => {
-                let port = p.parse::<u16>().map_err(|_| {
-                    Error::config(format!("`{}`: invalid port `{p}`", redact(url)))
-                })?;
+                let port = p
+                    .parse::<u16>()
+                    .map_err(|_| Error::config(format!("`{}`: invalid port `{p}`", redact(url))))?;
                 (h, port)
             }
             _ => (hostport, 5672),
@@ -90,7 +90,11 @@ impl fmt::Debug for Endpoint {
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let vhost = self.vhost.replace('/', "%2f");
-        write!(f, "amqp://{}:***@{}:{}/{}", self.user, self.host, self.port, vhost)
+        write!(
+            f,
+            "amqp://{}:***@{}:{}/{}",
+            self.user, self.host, self.port, vhost
+        )
     }
 }
 
@@ -142,10 +146,16 @@ mod tests {
     #[test]
     fn parses_full_and_short_urls() {
         let e = Endpoint::parse("amqp://guest:guest@127.0.0.1:5672/%2f").unwrap();
-        assert_eq!((e.host.as_str(), e.port, e.vhost.as_str()), ("127.0.0.1", 5672, "/"));
+        assert_eq!(
+            (e.host.as_str(), e.port, e.vhost.as_str()),
+            ("127.0.0.1", 5672, "/")
+        );
         let e = Endpoint::parse("amqp://u:p%40ss@rabbit/prod").unwrap();
         assert_eq!((e.user.as_str(), e.password.as_str()), ("u", "p@ss"));
-        assert_eq!((e.host.as_str(), e.port, e.vhost.as_str()), ("rabbit", 5672, "prod"));
+        assert_eq!(
+            (e.host.as_str(), e.port, e.vhost.as_str()),
+            ("rabbit", 5672, "prod")
+        );
         let e = Endpoint::parse("amqp://localhost").unwrap();
         assert_eq!((e.user.as_str(), e.vhost.as_str()), ("guest", "/"));
         assert!(Endpoint::parse("http://x").is_err());

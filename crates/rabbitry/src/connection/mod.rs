@@ -84,7 +84,10 @@ impl fmt::Debug for ConnectionSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConnectionSettings")
             .field("name", &self.name)
-            .field("urls", &self.urls.iter().map(|u| redact(u)).collect::<Vec<_>>())
+            .field(
+                "urls",
+                &self.urls.iter().map(|u| redact(u)).collect::<Vec<_>>(),
+            )
             .field("heartbeat", &self.heartbeat)
             .field("prefetch_count", &self.prefetch_count)
             .field("backoff_initial", &self.backoff_initial)
@@ -243,7 +246,9 @@ impl Connection {
         let n = channel
             .queue_purge(QueuePurgeArguments::new(queue))
             .await
-            .map_err(|e| watch.refusal(ErrorKind::Channel, format!("purge of queue '{queue}'"), e))?;
+            .map_err(|e| {
+                watch.refusal(ErrorKind::Channel, format!("purge of queue '{queue}'"), e)
+            })?;
         close_quietly(channel).await;
         Ok(n.unwrap_or(0))
     }
@@ -254,7 +259,9 @@ impl Connection {
         channel
             .queue_delete(QueueDeleteArguments::new(queue))
             .await
-            .map_err(|e| watch.refusal(ErrorKind::Channel, format!("delete of queue '{queue}'"), e))?;
+            .map_err(|e| {
+                watch.refusal(ErrorKind::Channel, format!("delete of queue '{queue}'"), e)
+            })?;
         close_quietly(channel).await;
         Ok(())
     }
@@ -266,7 +273,11 @@ impl Connection {
             .exchange_delete(amqprs::channel::ExchangeDeleteArguments::new(exchange))
             .await
             .map_err(|e| {
-                watch.refusal(ErrorKind::Channel, format!("delete of exchange '{exchange}'"), e)
+                watch.refusal(
+                    ErrorKind::Channel,
+                    format!("delete of exchange '{exchange}'"),
+                    e,
+                )
             })?;
         close_quietly(channel).await;
         Ok(())
@@ -325,10 +336,7 @@ impl Connection {
         let link = self
             .live_link(0, self.shared.settings.recovery_timeout)
             .await?;
-        let conn = link
-            .conn
-            .as_ref()
-            .ok_or_else(|| self.closed_error())?;
+        let conn = link.conn.as_ref().ok_or_else(|| self.closed_error())?;
         let channel = conn.open_channel(None).await.map_err(|e| {
             Error::new(
                 ErrorKind::Disconnected,

@@ -84,7 +84,28 @@ fn classify(ep: &Endpoint, err: amqprs::error::Error) -> Error {
     } else if lower.contains("not_allowed") || lower.contains("vhost") {
         Error::new(
             ErrorKind::AccessRefused,
-            format!("{} refused vhost '{}' (access refused)", ep.address(), ep.vhost),
+            format!(
+                "{} refused vhost '{}' (access refused)",
+                ep.address(),
+                ep.vhost
+            ),
+        )
+        .with_source(err)
+    } else if lower.contains("reset by peer")
+        || lower.contains("peer shutdown")
+        || lower.contains("unexpected eof")
+        || lower.contains("broken pipe")
+    {
+        // RabbitMQ answers a failed login by dropping the socket, since
+        // this client does not ask for `authentication_failure_close`.
+        Error::new(
+            ErrorKind::AccessRefused,
+            format!(
+                "{} closed the connection during login (access refused: check user '{}', the password and vhost '{}')",
+                ep.address(),
+                ep.user,
+                ep.vhost
+            ),
         )
         .with_source(err)
     } else if lower.contains("refused") {
@@ -94,7 +115,11 @@ fn classify(ep: &Endpoint, err: amqprs::error::Error) -> Error {
         )
         .with_source(err)
     } else {
-        Error::new(ErrorKind::Connect, format!("{}: cannot connect", ep.address())).with_source(err)
+        Error::new(
+            ErrorKind::Connect,
+            format!("{}: cannot connect", ep.address()),
+        )
+        .with_source(err)
     }
 }
 
@@ -105,7 +130,11 @@ struct Logger {
 
 #[async_trait::async_trait]
 impl ConnectionCallback for Logger {
-    async fn close(&mut self, _c: &AmqpConnection, close: Close) -> std::result::Result<(), amqprs::error::Error> {
+    async fn close(
+        &mut self,
+        _c: &AmqpConnection,
+        close: Close,
+    ) -> std::result::Result<(), amqprs::error::Error> {
         tracing::warn!(
             connection = %self.name,
             code = close.reply_code(),
@@ -155,7 +184,9 @@ async fn redeclare(conn: &AmqpConnection, topology: &Topology) -> Result<()> {
             confirms: None,
         })
         .await
-        .map_err(|e| Error::new(ErrorKind::Disconnected, "registering a callback").with_source(e))?;
+        .map_err(|e| {
+            Error::new(ErrorKind::Disconnected, "registering a callback").with_source(e)
+        })?;
     let res = topology::declare(&channel, &watch, topology).await;
     close_quietly(channel).await;
     res.map(|_| ())

@@ -11,8 +11,8 @@ mod delivery;
 
 use std::time::Duration;
 
-use amqprs::channel::{BasicCancelArguments, BasicConsumeArguments, BasicQosArguments, Channel};
 use amqprs::channel::ConsumerMessage;
+use amqprs::channel::{BasicCancelArguments, BasicConsumeArguments, BasicQosArguments, Channel};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -133,7 +133,9 @@ pub struct Consumer {
 
 impl std::fmt::Debug for Consumer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Consumer").field("queue", &self.queue).finish()
+        f.debug_struct("Consumer")
+            .field("queue", &self.queue)
+            .finish()
     }
 }
 
@@ -144,7 +146,11 @@ impl Consumer {
         let prefetch = settings
             .prefetch_count
             .unwrap_or(conn.settings().prefetch_count);
-        let capacity = if prefetch == 0 { 256 } else { prefetch as usize };
+        let capacity = if prefetch == 0 {
+            256
+        } else {
+            prefetch as usize
+        };
         let (tx, rx) = mpsc::channel(capacity);
         let (stop, stop_rx) = watch::channel(false);
         let (started_tx, started_rx) = oneshot::channel();
@@ -331,7 +337,11 @@ async fn open_session(
 
 fn to_delivery(m: ConsumerMessage, channel: &Channel, queue: &str) -> Option<Delivery> {
     let deliver = m.deliver?;
-    let properties = m.basic_properties.as_ref().map(from_basic).unwrap_or_default();
+    let properties = m
+        .basic_properties
+        .as_ref()
+        .map(from_basic)
+        .unwrap_or_default();
     Some(Delivery::new(
         m.content.unwrap_or_default(),
         properties,

@@ -78,7 +78,9 @@ impl Tracker {
             }
             if multiple {
                 let rest = p.entries.split_off(&(tag + 1));
-                std::mem::replace(&mut p.entries, rest).into_values().collect()
+                std::mem::replace(&mut p.entries, rest)
+                    .into_values()
+                    .collect()
             } else {
                 p.entries.remove(&tag).into_iter().collect()
             }
@@ -100,10 +102,9 @@ impl Tracker {
     fn fail_where(&self, keep: impl Fn(&Outgoing) -> bool, why: impl Fn(&Outgoing) -> Error) {
         let failed: Vec<Entry> = {
             let mut p = lock(&self.pending);
-            let (failed, kept): (BTreeMap<_, _>, BTreeMap<_, _>) =
-                std::mem::take(&mut p.entries)
-                    .into_iter()
-                    .partition(|(_, e)| !keep(&e.message));
+            let (failed, kept): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(&mut p.entries)
+                .into_iter()
+                .partition(|(_, e)| !keep(&e.message));
             p.entries = kept;
             failed.into_values().collect()
         };
@@ -187,7 +188,7 @@ pub(crate) struct Publisher {
     permits: Semaphore,
     state: tokio::sync::Mutex<SendState>,
     tracker: Arc<Tracker>,
-    /// The generation of the socket the current channel is on (0: none).
+    /// Counts channel installs, so that waiting publishers see a new one.
     installed: watch::Sender<u64>,
     recovery: Mutex<Option<JoinHandle<()>>>,
 }
@@ -265,7 +266,7 @@ impl Publisher {
         st.next_tag = resend.len() as u64 + 1;
         st.channel = Some(channel);
         drop(st);
-        self.installed.send_replace(generation);
+        self.installed.send_modify(|n| *n += 1);
         Ok(generation)
     }
 
@@ -317,7 +318,10 @@ impl Publisher {
         confirmed.await.unwrap_or_else(|_| {
             Err(Error::new(
                 ErrorKind::Closed,
-                format!("publisher closed before {} was confirmed", message.describe()),
+                format!(
+                    "publisher closed before {} was confirmed",
+                    message.describe()
+                ),
             ))
         })
     }

@@ -147,8 +147,7 @@ impl Producer {
         if !topology.is_empty() {
             conn.declare(&topology).await?;
         }
-        let publisher =
-            Publisher::open(conn, settings.confirms, settings.max_in_flight).await?;
+        let publisher = Publisher::open(conn, settings.confirms, settings.max_in_flight).await?;
         Ok(Producer {
             settings: Arc::new(settings),
             publisher,

@@ -1,0 +1,150 @@
+//! Producers: confirms, defaults, mandatory.
+
+use std::time::Duration;
+
+use rabbitry::{
+    Consumer, ConsumerSettings, ErrorKind, ExchangeKind, Message, Outcome, Producer,
+    ProducerSettings, Serializer,
+};
+
+use crate::support::{connect, unique};
+
+#[tokio::test]
+async fn confirmed_publish_arrives_with_producer_defaults() {
+    let conn = connect().await;
+    let exchange = unique("ex");
+    let queue = unique("q");
+    let mut consumer = Consumer::start(
+        &conn,
+        ConsumerSettings::new(&queue).bind(&exchange, ExchangeKind::Topic, &["service.*"]),
+    )
+    .await
+    .unwrap();
+    let mut settings =
+        ProducerSettings::new(&exchange, ExchangeKind::Topic).routing_key("service.my_template");
+    settings.reply_to = Some("my_queue".into());
+    let producer = Producer::new(&conn, settings).await.unwrap();
+    producer
+        .publish(
+            Message::encode(
+                Serializer::Msgpack,
+                &serde_json::json!({"title": "Hello World!"}),
+            )
+            .unwrap()
+            .correlation_id("c-1"),
+        )
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), consumer.next())
+        .await
+        .expect("a delivery within 5 s")
+        .unwrap();
+    assert_eq!(d.routing_key, "service.my_template");
+    assert_eq!(d.exchange, exchange);
+    assert_eq!(
+        d.properties.content_type.as_deref(),
+        Some("application/x-msgpack")
+    );
+    assert_eq!(
+        d.properties.delivery_mode,
+        Some(2),
+        "durable producers publish persistent messages"
+    );
+    assert_eq!(d.properties.reply_to.as_deref(), Some("my_queue"));
+    assert_eq!(d.properties.correlation_id.as_deref(), Some("c-1"));
+    assert!(
+        d.properties.message_id.is_some(),
+        "a message id is assigned"
+    );
+    let body: serde_json::Value = d.decode().unwrap();
+    assert_eq!(body, serde_json::json!({"title": "Hello World!"}));
+    d.settle(Outcome::Ack).await.unwrap();
+    conn.delete_queue(&queue).await.unwrap();
+    conn.delete_exchange(&exchange).await.unwrap();
+}
+
+#[tokio::test]
+async fn mandatory_unroutable_message_is_an_error() {
+    let conn = connect().await;
+    let exchange = unique("ex");
+    let producer = Producer::new(
+        &conn,
+        ProducerSettings::new(&exchange, ExchangeKind::Direct).routing_key("nowhere"),
+    )
+    .await
+    .unwrap();
+    let err = producer
+        .publish(Message::new("x").mandatory(true))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unroutable, "{err}");
+    assert!(err.to_string().contains(&exchange), "{err}");
+    // Without mandatory the broker drops it and confirms: no error.
+    producer.publish(Message::new("x")).await.unwrap();
+    // The producer keeps working after a return.
+    let err = producer
+        .publish(Message::new("y").mandatory(true))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unroutable);
+    conn.delete_exchange(&exchange).await.unwrap();
+}
+
+#[tokio::test]
+async fn transient_producer_and_queue_name_as_routing_key() {
+    let conn = connect().await;
+    let queue = unique("q");
+    let mut consumer = Consumer::start(&conn, ConsumerSettings::new(&queue))
+        .await
+        .unwrap();
+    let mut settings = ProducerSettings::default();
+    settings.durable = false;
+    settings.queue = Some(queue.clone());
+    let producer = Producer::new(&conn, settings).await.unwrap();
+    producer.send("plain").await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), consumer.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.routing_key, queue);
+    assert_eq!(d.properties.delivery_mode, Some(1));
+    d.ack().await.unwrap();
+    conn.delete_queue(&queue).await.unwrap();
+}
+
+#[tokio::test]
+async fn publish_to_a_missing_exchange_fails_and_the_producer_recovers() {
+    let conn = connect().await;
+    let queue = unique("q");
+    let mut consumer = Consumer::start(&conn, ConsumerSettings::new(&queue))
+        .await
+        .unwrap();
+    let producer = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
+        .await
+        .unwrap();
+    let missing = unique("missing");
+    let err = producer
+        .publish(Message::new("x").exchange(&missing))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Channel, "{err}");
+    assert!(
+        err.to_string().contains(&missing) && err.to_string().contains("NOT_FOUND"),
+        "{err}"
+    );
+    // The next publish goes out on a new channel.
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        producer.publish(Message::new("after")),
+    )
+    .await
+    .expect("publish after a channel error")
+    .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), consumer.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.body, b"after");
+    d.ack().await.unwrap();
+    conn.delete_queue(&queue).await.unwrap();
+}

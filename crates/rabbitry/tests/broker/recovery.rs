@@ -1,0 +1,246 @@
+//! Recovery from real connection failures: a TCP proxy cut, and the
+//! broker closing the connection (`rabbitmqctl close_connection`). The
+//! tests contain no recovery code: the gateway does it all.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rabbitry::{
+    Connection, Consumer, ConsumerSettings, ErrorKind, Message, Producer, ProducerSettings,
+};
+
+use crate::support::{close_connection, connect, eventually, settings, unique, Proxy};
+
+/// Reads `queue` until every id in `expected` was seen; returns how many
+/// deliveries that took.
+async fn drain_ids(conn: &Connection, queue: &str, expected: &HashSet<String>) -> usize {
+    let mut consumer = Consumer::start(conn, ConsumerSettings::new(queue))
+        .await
+        .unwrap();
+    let mut seen = HashSet::new();
+    let mut total = 0;
+    while seen.len() < expected.len() {
+        let d = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {} ids arrived", seen.len(), expected.len()))
+            .unwrap();
+        total += 1;
+        seen.insert(d.properties.message_id.clone().unwrap());
+        d.ack().await.unwrap();
+    }
+    assert_eq!(&seen, expected);
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_confirmed_publishes_survive_two_connection_kills() {
+    const N: usize = 10_000;
+    let proxy = Proxy::start().await;
+    let name = unique("publisher");
+    let conn = Connection::open(settings(&proxy.url(), &name))
+        .await
+        .unwrap();
+    let direct = connect().await;
+    let queue = unique("q");
+    let mut topo = rabbitry::Topology::default();
+    topo.queue(rabbitry::Queue::durable(&queue));
+    direct.declare(&topo).await.unwrap();
+
+    let producer = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
+        .await
+        .unwrap();
+    let confirmed = Arc::new(AtomicUsize::new(0));
+    // Messages from 6,000 on wait for the first kill's recovery, and from
+    // 8,000 on for the second kill to have happened, so both kills land
+    // while publishing is under way (rabbitmqctl takes a second to run).
+    let (phase, _) = tokio::sync::watch::channel(0u8);
+    let mut tasks = Vec::with_capacity(N);
+    for i in 0..N {
+        let producer = producer.clone();
+        let confirmed = confirmed.clone();
+        let mut phase = phase.subscribe();
+        let needed = if i >= 8_000 {
+            2
+        } else if i >= 6_000 {
+            1
+        } else {
+            0
+        };
+        tasks.push(tokio::spawn(async move {
+            let _ = phase.wait_for(|p| *p >= needed).await;
+            let msg = Message::new(vec![b'x'; 256]).message_id(format!("m-{i}"));
+            let res = producer.publish(msg).await;
+            confirmed.fetch_add(1, Ordering::Relaxed);
+            res
+        }));
+    }
+
+    eventually(Duration::from_secs(60), "3,000 confirms", || async {
+        confirmed.load(Ordering::Relaxed) >= 3_000
+    })
+    .await;
+    assert!(proxy.cut() >= 1, "the proxy cut the publisher's connection");
+    eventually(
+        Duration::from_secs(30),
+        "recovery after the cut",
+        || async { conn.generation() >= 2 && conn.is_connected() },
+    )
+    .await;
+    phase.send_replace(1);
+    eventually(Duration::from_secs(60), "6,000 confirms", || async {
+        confirmed.load(Ordering::Relaxed) >= 6_000
+    })
+    .await;
+    let closed = tokio::task::spawn_blocking({
+        let name = name.clone();
+        move || close_connection(&name)
+    })
+    .await
+    .unwrap();
+    assert_eq!(closed, 1, "rabbitmqctl closed the publisher's connection");
+    eventually(
+        Duration::from_secs(10),
+        "the second loss to be noticed",
+        || async { conn.generation() >= 3 || !conn.is_connected() },
+    )
+    .await;
+    phase.send_replace(2);
+
+    for t in tasks {
+        t.await.unwrap().expect("every publish is confirmed");
+    }
+    assert!(conn.generation() >= 3, "two recoveries happened");
+
+    let expected: HashSet<String> = (0..N).map(|i| format!("m-{i}")).collect();
+    let total = drain_ids(&direct, &queue, &expected).await;
+    eprintln!(
+        "10,000 ids all present; {total} deliveries ({} resent duplicates)",
+        total - N
+    );
+    direct.delete_queue(&queue).await.unwrap();
+    conn.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_resumes_after_its_connection_is_cut_mid_stream() {
+    const N: usize = 2_000;
+    let proxy = Proxy::start().await;
+    let conn = Connection::open(settings(&proxy.url(), &unique("consumer")))
+        .await
+        .unwrap();
+    let direct = connect().await;
+    let queue = unique("q");
+    let mut cs = ConsumerSettings::new(&queue);
+    cs.prefetch_count = Some(50);
+    let mut consumer = Consumer::start(&conn, cs).await.unwrap();
+    let producer = Producer::new(&direct, ProducerSettings::default().routing_key(&queue))
+        .await
+        .unwrap();
+    for i in 0..N {
+        producer
+            .publish(Message::new("x").message_id(format!("m-{i}")))
+            .await
+            .unwrap();
+    }
+    let mut seen = HashSet::new();
+    let mut cut = false;
+    while seen.len() < N {
+        let d = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("stalled at {} of {N}", seen.len()))
+            .expect("the consumer keeps running");
+        seen.insert(d.properties.message_id.clone().unwrap());
+        if seen.len() == N / 4 && !cut {
+            assert!(proxy.cut() >= 1);
+            cut = true;
+            // This ack goes to a dead channel: the message comes again.
+            let _ = d.ack().await;
+            continue;
+        }
+        let _ = d.ack().await;
+    }
+    assert!(
+        conn.generation() >= 2,
+        "the consumer's connection was recovered"
+    );
+    direct.delete_queue(&queue).await.unwrap();
+    conn.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exclusive_auto_delete_queue_comes_back_after_recovery() {
+    let proxy = Proxy::start().await;
+    let conn = Connection::open(settings(&proxy.url(), &unique("exclusive")))
+        .await
+        .unwrap();
+    let direct = connect().await;
+    let queue = unique("excl");
+    let mut cs = ConsumerSettings::new(&queue);
+    cs.exclusive = true;
+    cs.durable = false;
+    cs.auto_delete = Some(true);
+    let mut consumer = Consumer::start(&conn, cs).await.unwrap();
+    let mut ps = ProducerSettings::default().routing_key(&queue);
+    ps.mandatory = true;
+    let producer = Producer::new(&direct, ps).await.unwrap();
+    producer.publish(Message::new("before")).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), consumer.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.body, b"before");
+    d.ack().await.unwrap();
+
+    assert!(proxy.cut() >= 1);
+    eventually(Duration::from_secs(30), "recovery", || async {
+        conn.generation() >= 2
+    })
+    .await;
+    // The broker deleted the exclusive queue with the old connection: a
+    // mandatory publish is unroutable until the gateway declares it again.
+    eventually(
+        Duration::from_secs(30),
+        "the exclusive queue to exist again",
+        || async {
+            match producer.publish(Message::new("after")).await {
+                Ok(()) => true,
+                Err(e) if e.kind() == ErrorKind::Unroutable => false,
+                Err(e) => panic!("unexpected error: {e}"),
+            }
+        },
+    )
+    .await;
+    let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.body, b"after", "consuming resumed on the recreated queue");
+    d.ack().await.unwrap();
+    conn.close().await;
+}
+
+#[tokio::test]
+async fn publish_while_disconnected_waits_a_bounded_time_then_fails() {
+    let proxy = Proxy::start().await;
+    let mut s = settings(&proxy.url(), &unique("bounded"));
+    s.recovery_timeout = Duration::from_secs(1);
+    let conn = Connection::open(s).await.unwrap();
+    let producer = Producer::new(&conn, ProducerSettings::default().routing_key(unique("q")))
+        .await
+        .unwrap();
+    drop(proxy); // stops accepting and cuts: the broker is unreachable now
+    eventually(
+        Duration::from_secs(10),
+        "the loss to be noticed",
+        || async { !conn.is_connected() },
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let err = producer.publish(Message::new("x")).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Disconnected, "{err}");
+    assert!(err.to_string().contains("did not recover"), "{err}");
+    eprintln!("failed after {:?}", started.elapsed());
+    conn.close().await;
+}
