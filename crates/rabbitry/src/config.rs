@@ -20,7 +20,7 @@ use crate::consume::ConsumerSettings;
 use crate::error::{Error, Result};
 use crate::message::{HeaderValue, Headers};
 use crate::publish::ProducerSettings;
-use crate::topology::ExchangeKind;
+use crate::topology::{ExchangeKind, Topology};
 
 /// The name of the connection used when none is given.
 pub const DEFAULT_CONNECTION: &str = "default";
@@ -247,6 +247,35 @@ impl Settings {
                 .collect::<Vec<_>>()
                 .join(", ")
         )))
+    }
+
+    /// Everything the producers and consumers on connection `name` declare.
+    pub fn topology_for(&self, name: &str) -> Topology {
+        let mut t = Topology::default();
+        for p in self.producers.values().filter(|p| p.connection == name) {
+            t.merge(&p.producer.topology());
+        }
+        for c in self.consumers.values().filter(|c| c.connection == name) {
+            t.merge(&c.consumer.topology());
+        }
+        t
+    }
+
+    /// The names of connections used by producers or consumers, plus those
+    /// configured.
+    pub fn connection_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.connections.keys().cloned().collect();
+        for n in self
+            .producers
+            .values()
+            .map(|p| &p.connection)
+            .chain(self.consumers.values().map(|c| &c.connection))
+        {
+            if !names.contains(n) {
+                names.push(n.clone());
+            }
+        }
+        names
     }
 
     /// These settings with `${site}` replaced by `site` in queue names,

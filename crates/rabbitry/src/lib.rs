@@ -39,7 +39,9 @@
 //! - [`message`]: properties and outgoing messages.
 //! - [`config`]: TOML settings, validated.
 //! - [`error`]: the one error type.
+//! - [`bench`]: the gateway against the raw client, same run.
 
+pub mod bench;
 pub mod codec;
 pub mod config;
 pub mod connection;
@@ -53,7 +55,7 @@ mod amqp;
 
 pub use codec::{Decoded, Serializer};
 pub use config::Settings;
-pub use connection::{Connection, ConnectionSettings, QueueStatus};
+pub use connection::{Connection, ConnectionSettings, Drift, QueueStatus};
 pub use consume::{Consumer, ConsumerSettings, Delivery, Outcome};
 pub use error::{Error, ErrorKind, Result};
 pub use message::{HeaderValue, Headers, Message, Properties};

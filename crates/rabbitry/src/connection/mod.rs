@@ -217,6 +217,88 @@ impl Connection {
         names
     }
 
+    /// Compares `topology` with the broker without changing anything.
+    /// Returns one [`Drift`] per difference: a missing exchange or queue,
+    /// or one whose type, durability or arguments differ (as the broker
+    /// words it). Bindings cannot be read over AMQP and are not compared.
+    pub async fn check(&self, topology: &Topology) -> Result<Vec<Drift>> {
+        let mut drifts = Vec::new();
+        for e in &topology.exchanges {
+            let what = format!("exchange '{}'", e.name);
+            if let Some(d) = self
+                .probe(&what, |ch| async move {
+                    ch.exchange_declare(topology::exchange_args(e, true)).await
+                })
+                .await?
+            {
+                drifts.push(d);
+                continue;
+            }
+            if let Some(d) = self
+                .probe(&what, |ch| async move {
+                    ch.exchange_declare(topology::exchange_args(e, false)).await
+                })
+                .await?
+            {
+                drifts.push(d);
+            }
+        }
+        for q in topology.queues.iter().filter(|q| !q.name.is_empty()) {
+            let what = format!("queue '{}'", q.name);
+            let passive = self
+                .probe(&what, |ch| async move {
+                    ch.queue_declare(topology::queue_args(q, true))
+                        .await
+                        .map(|_| ())
+                })
+                .await?;
+            if let Some(d) = passive {
+                drifts.push(d);
+                continue;
+            }
+            // The queue exists: declaring it again with our arguments is a
+            // no-op when they match and a PRECONDITION_FAILED when not.
+            if let Some(d) = self
+                .probe(&what, |ch| async move {
+                    ch.queue_declare(topology::queue_args(q, false))
+                        .await
+                        .map(|_| ())
+                })
+                .await?
+            {
+                drifts.push(d);
+            }
+        }
+        Ok(drifts)
+    }
+
+    /// Runs one operation on a fresh channel; a broker refusal becomes a
+    /// [`Drift`], a lost connection an error.
+    async fn probe<'a, F, Fut>(&self, what: &str, op: F) -> Result<Option<Drift>>
+    where
+        F: FnOnce(Channel) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<(), amqprs::error::Error>> + 'a,
+    {
+        let (channel, watch, _) = self.open_channel(None).await?;
+        match op(channel.clone()).await {
+            Ok(()) => {
+                close_quietly(channel).await;
+                Ok(None)
+            }
+            Err(err) => match watch.reason() {
+                Some(r) => Ok(Some(Drift {
+                    object: what.to_owned(),
+                    problem: if r.code == 404 {
+                        "missing".to_owned()
+                    } else {
+                        r.text
+                    },
+                })),
+                None => Err(watch.refusal(ErrorKind::Channel, what.to_owned(), err)),
+            },
+        }
+    }
+
     /// The number of ready messages and consumers of `queue`, or `None`
     /// when it does not exist. Never creates the queue.
     pub async fn queue_status(&self, queue: &str) -> Result<Option<QueueStatus>> {
@@ -355,6 +437,21 @@ impl Connection {
                 Error::new(ErrorKind::Disconnected, "registering a channel callback").with_source(e)
             })?;
         Ok((channel, watch, link.generation))
+    }
+}
+
+/// A difference between the declared topology and the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drift {
+    /// What differs, e.g. `queue 'orders'`.
+    pub object: String,
+    /// How: `missing`, or the broker's words for the differing argument.
+    pub problem: String,
+}
+
+impl fmt::Display for Drift {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.object, self.problem)
     }
 }
 

@@ -3,7 +3,7 @@
 use amqprs::channel::{BasicAckArguments, BasicNackArguments, Channel};
 use serde::de::DeserializeOwned;
 
-use crate::codec::{decode_value, Decoded, Serializer};
+use crate::codec::{base64_value, decode_value, Decoded, Serializer};
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::Properties;
 
@@ -105,6 +105,30 @@ impl Delivery {
     /// bytes for an unknown content type.
     pub fn decode_value(&self) -> Result<Decoded> {
         decode_value(self.properties.content_type.as_deref(), &self.body)
+    }
+
+    /// The delivery as one JSON object: exchange, routing key, redelivered,
+    /// properties and the body decoded by content type (msgpack and json as
+    /// values, text as a string, anything else as `{"base64": ...}`). A body
+    /// that fails to decode is given raw, with `decode_error` saying why.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut out = serde_json::json!({
+            "queue": self.queue,
+            "exchange": self.exchange,
+            "routing_key": self.routing_key,
+            "redelivered": self.redelivered,
+            "properties": self.properties,
+        });
+        let (body, error) = match self.decode_value() {
+            Ok(Decoded::Value(v)) => (v, None),
+            Ok(Decoded::Raw(raw)) => (base64_value(&raw), None),
+            Err(e) => (base64_value(&self.body), Some(e.to_string())),
+        };
+        out["body"] = body;
+        if let Some(e) = error {
+            out["decode_error"] = e.into();
+        }
+        out
     }
 
     /// Acknowledges the delivery.

@@ -1,20 +1,24 @@
 //! The publishing channel: publisher confirms, returns, resend on recovery.
 //!
-//! A [`Publisher`] owns one channel in confirm mode. Every message sent
-//! waits in a pending table, keyed by delivery tag, until the broker acks
-//! it. When the socket is lost, a recovery task opens a channel on the new
-//! socket and sends every pending message again, in its original order,
-//! before any new message goes out. The number of messages waiting for a
-//! confirm is capped by a semaphore: that is the backpressure.
+//! A [`Publisher`] is a handle to one task that owns one channel in confirm
+//! mode (the actor shape of mini-redis's client): callers send requests
+//! through a bounded queue and wait on a oneshot. The task numbers each
+//! message with its delivery tag and keeps it in a pending table until the
+//! broker acks it. When the socket is lost, the task opens a channel on the
+//! new socket and sends every pending message again, in its original order,
+//! before any new message goes out; messages that arrive meanwhile wait, up
+//! to the connection's recovery timeout. The number of messages waiting for
+//! a confirm is capped by a semaphore: that is the backpressure.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use amqprs::channel::{BasicPublishArguments, Channel, ConfirmSelectArguments};
 use amqprs::BasicProperties;
-use tokio::sync::{oneshot, watch, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::connection::channel::CloseReason;
 use crate::connection::{lock, ConfirmSink, Connection};
@@ -38,6 +42,27 @@ impl Outgoing {
         channel
             .basic_publish(self.properties.clone(), self.body.clone(), args)
             .await
+    }
+
+    /// Sends without keeping a copy (no confirms: nothing to resend).
+    async fn send_owned(self, channel: &Channel) -> std::result::Result<(), amqprs::error::Error> {
+        let mut args = BasicPublishArguments::new(&self.exchange, &self.routing_key);
+        args.mandatory = self.mandatory;
+        channel
+            .basic_publish(self.properties, self.body, args)
+            .await
+    }
+
+    /// A copy, for the rare case where the message is still shared.
+    fn duplicate(&self) -> Outgoing {
+        Outgoing {
+            exchange: self.exchange.clone(),
+            routing_key: self.routing_key.clone(),
+            mandatory: self.mandatory,
+            message_id: self.message_id.clone(),
+            properties: self.properties.clone(),
+            body: self.body.clone(),
+        }
     }
 
     fn describe(&self) -> String {
@@ -176,53 +201,222 @@ impl ConfirmSink for EpochSink {
     }
 }
 
-struct SendState {
-    channel: Option<Channel>,
-    next_tag: u64,
+/// A request to the publishing task.
+struct Publish {
+    message: Outgoing,
+    done: oneshot::Sender<Result<()>>,
+    deadline: Instant,
 }
 
-/// One confirm-mode channel that survives reconnects.
+/// One confirm-mode channel that survives reconnects, owned by one task
+/// (the actor); callers talk to it through a bounded queue.
 pub(crate) struct Publisher {
     conn: Connection,
-    confirms: bool,
     permits: Semaphore,
-    state: tokio::sync::Mutex<SendState>,
-    tracker: Arc<Tracker>,
-    /// Counts channel installs, so that waiting publishers see a new one.
-    installed: watch::Sender<u64>,
-    recovery: Mutex<Option<JoinHandle<()>>>,
+    tx: mpsc::Sender<Publish>,
+    task: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Publisher {
-    /// Opens the channel now (so configuration errors show at once) and
-    /// starts the recovery task.
+    /// Opens the channel now (so that errors show at once) and starts the
+    /// publishing task.
     pub(crate) async fn open(
         conn: &Connection,
         confirms: bool,
         max_in_flight: usize,
     ) -> Result<Arc<Publisher>> {
-        let publisher = Arc::new(Publisher {
+        let mut actor = Actor {
             conn: conn.clone(),
             confirms,
-            permits: Semaphore::new(max_in_flight.max(1)),
-            state: tokio::sync::Mutex::new(SendState {
-                channel: None,
-                next_tag: 1,
-            }),
             tracker: Arc::default(),
-            installed: watch::channel(0).0,
-            recovery: Mutex::new(None),
-        });
-        let generation = publisher.install().await?;
-        let task = tokio::spawn(recover(Arc::downgrade(&publisher), generation));
-        *lock(&publisher.recovery) = Some(task);
-        Ok(publisher)
+            channel: None,
+            generation: 0,
+            next_tag: 1,
+            waiting: VecDeque::new(),
+            lost_at: None,
+        };
+        actor.install().await?;
+        let (tx, rx) = mpsc::channel(max_in_flight.clamp(1, 4096));
+        let task = tokio::spawn(actor.run(rx));
+        Ok(Arc::new(Publisher {
+            conn: conn.clone(),
+            permits: Semaphore::new(max_in_flight.max(1)),
+            tx,
+            task: Mutex::new(Some(task)),
+        }))
+    }
+
+    /// Sends one message and, with confirms, waits for the broker's ack.
+    /// Without confirms, returns once the message is handed to the socket.
+    pub(crate) async fn publish(&self, message: Outgoing) -> Result<()> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| Error::new(ErrorKind::Closed, "publisher closed"))?;
+        let (done, result) = oneshot::channel();
+        let closed = || {
+            Error::new(
+                ErrorKind::Closed,
+                format!("publisher on connection '{}' closed", self.conn.name()),
+            )
+        };
+        self.tx
+            .send(Publish {
+                message,
+                done,
+                deadline: Instant::now() + self.conn.settings().recovery_timeout,
+            })
+            .await
+            .map_err(|_| closed())?;
+        result.await.unwrap_or_else(|_| Err(closed()))
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        if let Some(task) = lock(&self.task).take() {
+            task.abort();
+        }
+    }
+}
+
+/// The publishing task's state.
+struct Actor {
+    conn: Connection,
+    confirms: bool,
+    tracker: Arc<Tracker>,
+    channel: Option<Channel>,
+    /// The socket generation the channel is on.
+    generation: u64,
+    next_tag: u64,
+    /// Messages that arrived while there was no channel, in order.
+    waiting: VecDeque<(Arc<Outgoing>, oneshot::Sender<Result<()>>, Instant)>,
+    /// When the channel was lost, while it is.
+    lost_at: Option<Instant>,
+}
+
+/// How long the task waits for a socket before serving its queue again.
+const RECOVERY_POLL: Duration = Duration::from_millis(250);
+
+impl Actor {
+    fn channel_live(&self) -> bool {
+        self.channel.as_ref().is_some_and(|c| c.is_open())
+            && self.conn.generation() == self.generation
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Publish>) {
+        let mut links = self.conn.links();
+        let mut tick = tokio::time::interval(RECOVERY_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let tracker = self.tracker.clone();
+        loop {
+            if !self.channel_live() {
+                self.recover().await;
+            }
+            let live = self.channel_live();
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(p) => self.handle(p).await,
+                    None => return,
+                },
+                _ = tracker.channel_closed.notified() => {
+                    // Do not spin on a channel the broker keeps closing.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                r = links.changed() => if r.is_err() { return },
+                _ = tick.tick(), if !live => {}
+            }
+        }
+    }
+
+    async fn handle(&mut self, p: Publish) {
+        let message = Arc::new(p.message);
+        if !self.channel_live() {
+            self.waiting.push_back((message, p.done, p.deadline));
+            return;
+        }
+        let Some(channel) = self.channel.clone() else {
+            return;
+        };
+        if !self.confirms {
+            let what = message.describe();
+            let owned = Arc::try_unwrap(message).unwrap_or_else(|m| m.duplicate());
+            let res = owned.send_owned(&channel).await.map_err(|e| {
+                Error::new(ErrorKind::Disconnected, format!("{what} not sent")).with_source(e)
+            });
+            let _ = p.done.send(res);
+            return;
+        }
+        self.send_tracked(&channel, message, p.done).await;
+    }
+
+    async fn send_tracked(
+        &mut self,
+        channel: &Channel,
+        message: Arc<Outgoing>,
+        done: oneshot::Sender<Result<()>>,
+    ) {
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        lock(&self.tracker.pending).entries.insert(
+            tag,
+            Entry {
+                message: message.clone(),
+                done,
+                returned: None,
+            },
+        );
+        // A failed send leaves the entry pending: recovery resends it.
+        let _ = message.send(channel).await;
+    }
+
+    /// With no usable channel: note when it was lost, fail what waited too
+    /// long, and try to open a new one on a live socket.
+    async fn recover(&mut self) {
+        let now = Instant::now();
+        let lost_at = *self.lost_at.get_or_insert(now);
+        let timeout = self.conn.settings().recovery_timeout;
+        let name = self.conn.name().to_owned();
+        let gone = |m: &Outgoing, what: &str| {
+            Error::new(
+                ErrorKind::Disconnected,
+                format!(
+                    "{} {what}: connection '{name}' did not recover within {timeout:?}",
+                    m.describe()
+                ),
+            )
+        };
+        while self.waiting.front().is_some_and(|(_, _, d)| *d <= now) {
+            if let Some((m, done, _)) = self.waiting.pop_front() {
+                let _ = done.send(Err(gone(&m, "not sent")));
+            }
+        }
+        if now.duration_since(lost_at) >= timeout {
+            self.tracker
+                .fail_where(|_| false, |m| gone(m, "not confirmed"));
+        }
+        match tokio::time::timeout(RECOVERY_POLL, self.conn.live_link(0, RECOVERY_POLL)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if e.kind() == ErrorKind::Closed => {
+                self.tracker
+                    .fail_where(|_| false, |m| Error::new(ErrorKind::Closed, m.describe()));
+                for (m, done, _) in self.waiting.drain(..) {
+                    let _ = done.send(Err(Error::new(ErrorKind::Closed, m.describe())));
+                }
+                return;
+            }
+            _ => return,
+        }
+        if let Err(err) = self.install().await {
+            tracing::warn!(connection = %name, error = %err, "reopening the publishing channel failed");
+        }
     }
 
     /// Opens a channel on the current socket, resends every pending
-    /// message on it in order, and makes it the channel for new messages.
-    async fn install(&self) -> Result<u64> {
-        let mut st = self.state.lock().await;
+    /// message on it in order, then the waiting ones, and makes it the
+    /// channel for new messages.
+    async fn install(&mut self) -> Result<()> {
         let epoch = lock(&self.tracker.pending).epoch + 1;
         let sink: Option<Arc<dyn ConfirmSink>> = self.confirms.then(|| {
             Arc::new(EpochSink {
@@ -256,6 +450,7 @@ impl Publisher {
                 "resending unconfirmed messages"
             );
         }
+        self.next_tag = resend.len() as u64 + 1;
         for m in &resend {
             if let Err(e) = m.send(&channel).await {
                 // Lost again already: the next recovery resends them.
@@ -263,157 +458,24 @@ impl Publisher {
                 break;
             }
         }
-        st.next_tag = resend.len() as u64 + 1;
-        st.channel = Some(channel);
-        drop(st);
-        self.installed.send_modify(|n| *n += 1);
-        Ok(generation)
-    }
-
-    /// Sends one message and, with confirms, waits for the broker's ack.
-    pub(crate) async fn publish(&self, message: Outgoing) -> Result<()> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| Error::new(ErrorKind::Closed, "publisher closed"))?;
-        let deadline = tokio::time::Instant::now() + self.conn.settings().recovery_timeout;
-        let message = Arc::new(message);
-        let confirmed = loop {
-            let mut st = self.state.lock().await;
-            let channel = match &st.channel {
-                Some(c) if c.is_open() => c.clone(),
-                _ => {
-                    drop(st);
-                    self.wait_for_channel(deadline, &message).await?;
-                    continue;
-                }
-            };
-            if !self.confirms {
-                let sent = message.send(&channel).await;
-                drop(st);
-                match sent {
-                    Ok(()) => return Ok(()),
-                    Err(_) => {
-                        self.wait_for_channel(deadline, &message).await?;
-                        continue;
-                    }
-                }
-            }
-            let tag = st.next_tag;
-            st.next_tag += 1;
-            let (done, confirmed) = oneshot::channel();
-            lock(&self.tracker.pending).entries.insert(
-                tag,
-                Entry {
-                    message: message.clone(),
-                    done,
-                    returned: None,
-                },
-            );
-            // A failed send leaves the entry pending: recovery resends it.
-            let _ = message.send(&channel).await;
-            break confirmed;
-        };
-        confirmed.await.unwrap_or_else(|_| {
-            Err(Error::new(
-                ErrorKind::Closed,
-                format!(
-                    "publisher closed before {} was confirmed",
-                    message.describe()
-                ),
-            ))
-        })
-    }
-
-    async fn wait_for_channel(
-        &self,
-        deadline: tokio::time::Instant,
-        message: &Outgoing,
-    ) -> Result<()> {
-        let mut rx = self.installed.subscribe();
-        let current = *rx.borrow_and_update();
-        let wait = async move { rx.wait_for(|g| *g != current).await.is_ok() };
-        match tokio::time::timeout_at(deadline, wait).await {
-            Ok(_) => Ok(()),
-            Err(_) => Err(Error::new(
-                ErrorKind::Disconnected,
-                format!(
-                    "{} not sent: connection '{}' did not recover in time",
-                    message.describe(),
-                    self.conn.name()
-                ),
-            )),
-        }
-    }
-}
-
-impl Drop for Publisher {
-    fn drop(&mut self) {
-        if let Some(task) = lock(&self.recovery).take() {
-            task.abort();
-        }
-    }
-}
-
-/// Re-installs the channel after every loss, and fails what is pending if
-/// the connection stays down longer than its recovery timeout.
-async fn recover(publisher: std::sync::Weak<Publisher>, mut generation: u64) {
-    loop {
-        let Some(p) = publisher.upgrade() else { return };
-        let conn = p.conn.clone();
-        let tracker = p.tracker.clone();
-        let recovery_timeout = conn.settings().recovery_timeout;
-        drop(p);
-
-        // Wait for the socket to change, or the broker to close our channel.
-        let mut links = conn.links();
-        tokio::select! {
-            ok = async { links.wait_for(|l| l.generation != generation || l.conn.is_none()).await.is_ok() } => {
-                if !ok { return; }
-            }
-            _ = tracker.channel_closed.notified() => {
-                // Do not spin on a channel the broker keeps closing.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+        self.channel = Some(channel.clone());
+        self.generation = generation;
+        self.lost_at = None;
+        let waiting: Vec<_> = self.waiting.drain(..).collect();
+        for (m, done, _) in waiting {
+            if self.confirms {
+                self.send_tracked(&channel, m, done).await;
+            } else {
+                let res = m.send(&channel).await.map_err(|e| {
+                    Error::new(
+                        ErrorKind::Disconnected,
+                        format!("{} not sent", m.describe()),
+                    )
+                    .with_source(e)
+                });
+                let _ = done.send(res);
             }
         }
-        drop(links);
-
-        let mut failed_pending = false;
-        loop {
-            match conn.live_link(0, recovery_timeout).await {
-                Ok(_) => {}
-                Err(err) if err.kind() == ErrorKind::Closed => {
-                    tracker.fail_where(|_| false, |m| not_confirmed(m, &err));
-                    return;
-                }
-                Err(err) => {
-                    if !failed_pending {
-                        tracker.fail_where(|_| false, |m| not_confirmed(m, &err));
-                        failed_pending = true;
-                    }
-                    continue;
-                }
-            }
-            let Some(p) = publisher.upgrade() else { return };
-            match p.install().await {
-                Ok(g) => {
-                    generation = g;
-                    break;
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, "reopening the publishing channel failed");
-                    drop(p);
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-            }
-        }
+        Ok(())
     }
-}
-
-fn not_confirmed(m: &Outgoing, err: &Error) -> Error {
-    Error::new(
-        err.kind(),
-        format!("{} not confirmed: {}", m.describe(), err.context()),
-    )
 }

@@ -1,0 +1,224 @@
+//! `rabbitry publish`: one or many confirmed messages.
+
+use std::io::{IsTerminal, Read};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use rabbitry::{ExchangeKind, HeaderValue, Message, Producer, ProducerSettings, Serializer};
+use tokio::task::JoinSet;
+
+use super::Global;
+
+/// Publish messages.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Exchange ('' or none: the default exchange).
+    #[arg(long)]
+    exchange: Option<String>,
+    /// Routing key.
+    #[arg(long = "routing-key")]
+    routing_key: Option<String>,
+    /// Declare the exchange with this type first (direct, topic, fanout, headers).
+    #[arg(long = "exchange-type")]
+    exchange_type: Option<ExchangeKind>,
+    /// How to encode BODY: msgpack, json, text, csv, bytes. BODY is JSON for msgpack and json.
+    #[arg(long)]
+    serializer: Option<Serializer>,
+    /// Send BODY as it is, with this content type.
+    #[arg(long = "content-type")]
+    content_type: Option<String>,
+    #[arg(long = "correlation-id")]
+    correlation_id: Option<String>,
+    #[arg(long = "reply-to")]
+    reply_to: Option<String>,
+    #[arg(long = "message-id")]
+    message_id: Option<String>,
+    /// A header, name=value (repeatable).
+    #[arg(long = "header", value_name = "K=V")]
+    headers: Vec<String>,
+    /// Transient (delivery_mode 1) instead of persistent.
+    #[arg(long)]
+    transient: bool,
+    /// Fail when no queue takes the message.
+    #[arg(long)]
+    mandatory: bool,
+    /// Publish BODY this many times.
+    #[arg(long, default_value_t = 1)]
+    count: usize,
+    /// Publish through this configured producer (with -c).
+    #[arg(long)]
+    producer: Option<String>,
+    /// The body: text, @file, or - for stdin.
+    body: String,
+}
+
+fn read_body(arg: &str) -> Result<Vec<u8>> {
+    if arg == "-" {
+        let mut buf = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut buf)
+            .context("reading stdin")?;
+        Ok(buf)
+    } else if let Some(path) = arg.strip_prefix('@') {
+        std::fs::read(path).with_context(|| format!("reading {path}"))
+    } else {
+        Ok(arg.as_bytes().to_vec())
+    }
+}
+
+/// Encodes the raw BODY: JSON text for msgpack, json and csv; as is for
+/// text and bytes, or when an explicit content type is given.
+fn encode(raw: Vec<u8>, serializer: Serializer, content_type: Option<&str>) -> Result<Message> {
+    if let Some(ct) = content_type {
+        return Ok(Message::new(raw).content_type(ct));
+    }
+    let msg = match serializer {
+        Serializer::Msgpack | Serializer::Json | Serializer::Csv => {
+            let value: serde_json::Value = serde_json::from_slice(&raw).with_context(|| {
+                format!("BODY is not valid JSON (needed for --serializer {serializer})")
+            })?;
+            Message::encode(serializer, &value)?
+        }
+        Serializer::Text => {
+            std::str::from_utf8(&raw).context("BODY is not UTF-8 text")?;
+            Message::new(raw).content_type(serializer.content_type())
+        }
+        Serializer::Bytes => Message::new(raw).content_type(serializer.content_type()),
+    };
+    Ok(msg)
+}
+
+fn parse_header(h: &str) -> Result<(String, HeaderValue)> {
+    let Some((k, v)) = h.split_once('=') else {
+        bail!("--header `{h}`: expected name=value");
+    };
+    Ok((k.to_owned(), HeaderValue::from(v)))
+}
+
+pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
+    let settings = global.settings()?;
+    let (connection, mut ps) = match &args.producer {
+        Some(name) => {
+            let p = settings.producers.get(name).with_context(|| {
+                format!(
+                    "no producer named '{name}' (known: {})",
+                    settings
+                        .producers
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?;
+            (p.connection.clone(), p.producer.clone())
+        }
+        None => {
+            let mut ps = ProducerSettings::new(
+                args.exchange.clone().unwrap_or_default(),
+                args.exchange_type.unwrap_or_default(),
+            );
+            // Only declare the exchange when asked to, by giving its type.
+            ps.auto_declare = args.exchange_type.is_some();
+            ps.durable = !args.transient;
+            ps.name = "cli".into();
+            (rabbitry::config::DEFAULT_CONNECTION.to_owned(), ps)
+        }
+    };
+    if let Some(k) = &args.routing_key {
+        ps.routing_key = Some(k.clone());
+    }
+    if let Some(q) = &args.reply_to {
+        ps.reply_to = Some(q.clone());
+    }
+    if let Some(e) = &args.exchange {
+        if args.producer.is_some() {
+            ps.exchange = e.clone();
+        }
+    }
+    ps.max_in_flight = 1000;
+    let serializer = args.serializer.unwrap_or(ps.serializer);
+    let raw = read_body(&args.body)?;
+    let mut template = encode(raw, serializer, args.content_type.as_deref())?;
+    template.properties.correlation_id = args.correlation_id.clone();
+    template.properties.message_id = args.message_id.clone();
+    template = template
+        .persistent(!args.transient)
+        .mandatory(args.mandatory);
+    for h in &args.headers {
+        let (k, v) = parse_header(h)?;
+        template.properties.headers.insert(k, v);
+    }
+
+    let conn = global.connect(&settings, &connection).await?;
+    let producer = Producer::new(&conn, ps).await?;
+    let bar = (args.count >= 100 && std::io::stderr().is_terminal()).then(|| {
+        let bar = ProgressBar::new(args.count as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let mut set = JoinSet::new();
+    let mut done = 0usize;
+    let mut failed = None;
+    for i in 0..args.count {
+        let mut msg = template.clone();
+        if args.count > 1 {
+            if let Some(id) = &args.message_id {
+                msg.properties.message_id = Some(format!("{id}-{i}"));
+            }
+        }
+        if set.len() >= 1000 {
+            if let Some(r) = set.join_next().await {
+                record(r, &mut done, &mut failed, bar.as_ref());
+            }
+        }
+        let p = producer.clone();
+        set.spawn(async move { p.publish(msg).await });
+        if failed.is_some() {
+            break;
+        }
+    }
+    while let Some(r) = set.join_next().await {
+        record(r, &mut done, &mut failed, bar.as_ref());
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    conn.close().await;
+    match failed {
+        Some(err) => {
+            eprintln!("error: {err}");
+            eprintln!("published {done} of {} (confirmed)", args.count);
+            Ok(ExitCode::FAILURE)
+        }
+        None => {
+            eprintln!("published {done} (confirmed)");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn record(
+    r: std::result::Result<rabbitry::Result<()>, tokio::task::JoinError>,
+    done: &mut usize,
+    failed: &mut Option<String>,
+    bar: Option<&ProgressBar>,
+) {
+    match r {
+        Ok(Ok(())) => {
+            *done += 1;
+            if let Some(bar) = bar {
+                bar.inc(1);
+            }
+        }
+        Ok(Err(e)) => {
+            failed.get_or_insert_with(|| e.to_string());
+        }
+        Err(e) => {
+            failed.get_or_insert_with(|| e.to_string());
+        }
+    }
+}

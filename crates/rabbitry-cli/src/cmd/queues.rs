@@ -1,0 +1,49 @@
+//! `rabbitry queues`: ready messages and consumers per queue.
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+
+use super::Global;
+
+/// Show ready messages and consumers for queues (never creates one).
+#[derive(clap::Args)]
+pub struct Args {
+    /// Queue names; with -c and none given, every configured consumer's queue.
+    queues: Vec<String>,
+}
+
+pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
+    let settings = global.settings()?;
+    let mut queues = args.queues;
+    if queues.is_empty() {
+        queues = settings
+            .consumers
+            .values()
+            .map(|c| c.consumer.queue.clone())
+            .filter(|q| !q.is_empty())
+            .collect();
+    }
+    if queues.is_empty() {
+        bail!("name queues, or give -c FILE with consumers");
+    }
+    let conn = global.connect_default(&settings).await?;
+    let width = queues.iter().map(String::len).max().unwrap_or(5).max(5);
+    println!("{:<width$}  {:>9}  {:>9}", "queue", "ready", "consumers");
+    let mut missing = 0;
+    for q in &queues {
+        match conn.queue_status(q).await? {
+            Some(s) => println!("{q:<width$}  {:>9}  {:>9}", s.messages, s.consumers),
+            None => {
+                missing += 1;
+                println!("{q:<width$}  {:>9}  {:>9}", "missing", "-");
+            }
+        }
+    }
+    conn.close().await;
+    Ok(if missing > 0 {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,350 @@
+//! The `rabbitry` command against the real broker, checked from the
+//! outside: another AMQP client (raw amqprs, not the gateway) publishes
+//! what `rabbitry consume` reads and reads what `rabbitry publish` sends.
+
+use std::collections::BTreeMap;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use amqprs::channel::{
+    BasicConsumeArguments, BasicPublishArguments, QueueDeclareArguments, QueueDeleteArguments,
+};
+use amqprs::connection::{Connection, OpenConnectionArguments};
+use amqprs::BasicProperties;
+
+fn rabbitry(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rabbitry"))
+        .args(args)
+        .env_remove("AMQP_URL")
+        .env("RABBITRY_LOG", "error")
+        .output()
+        .expect("run rabbitry")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "test.cli.{prefix}.{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+async fn raw() -> Connection {
+    Connection::open(&OpenConnectionArguments::new(
+        "127.0.0.1",
+        5672,
+        "guest",
+        "guest",
+    ))
+    .await
+    .expect("raw connection")
+}
+
+async fn declare(conn: &Connection, queue: &str) {
+    let ch = conn.open_channel(None).await.unwrap();
+    ch.queue_declare(QueueDeclareArguments::new(queue).durable(true).finish())
+        .await
+        .unwrap();
+    ch.close().await.unwrap();
+}
+
+async fn delete(conn: &Connection, queue: &str) {
+    let ch = conn.open_channel(None).await.unwrap();
+    ch.queue_delete(QueueDeleteArguments::new(queue))
+        .await
+        .unwrap();
+    ch.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_msgpack_is_read_by_another_client_as_a_map() {
+    let conn = raw().await;
+    let queue = unique("pub");
+    declare(&conn, &queue).await;
+    let out = rabbitry(&[
+        "publish",
+        "--routing-key",
+        &queue,
+        "--serializer",
+        "msgpack",
+        "--correlation-id",
+        "corr-42",
+        "--reply-to",
+        "my_queue",
+        "--header",
+        "tenant=a",
+        r#"{"title":"Hello World!"}"#,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let ch = conn.open_channel(None).await.unwrap();
+    let (_, mut rx) = ch
+        .basic_consume_rx(
+            BasicConsumeArguments::new(&queue, "")
+                .auto_ack(true)
+                .finish(),
+        )
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("a message within 5 s")
+        .unwrap();
+    let props = m.basic_properties.unwrap();
+    assert_eq!(
+        props.content_type().map(String::as_str),
+        Some("application/x-msgpack")
+    );
+    assert_eq!(props.correlation_id().map(String::as_str), Some("corr-42"));
+    assert_eq!(props.reply_to().map(String::as_str), Some("my_queue"));
+    assert_eq!(
+        props.delivery_mode(),
+        Some(2),
+        "persistent unless --transient"
+    );
+    let body: BTreeMap<String, String> = rmp_serde::from_slice(&m.content.unwrap()).unwrap();
+    assert_eq!(
+        body,
+        BTreeMap::from([("title".to_owned(), "Hello World!".to_owned())])
+    );
+    delete(&conn, &queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consume_decodes_msgpack_and_json_from_another_client_and_shows_bad_bodies() {
+    let conn = raw().await;
+    let queue = unique("con");
+    declare(&conn, &queue).await;
+    let ch = conn.open_channel(None).await.unwrap();
+    let send = |ct: &str, body: Vec<u8>| {
+        let mut p = BasicProperties::default();
+        p.with_content_type(ct).with_correlation_id("c1");
+        let props = p.finish();
+        let ch = ch.clone();
+        let queue = queue.clone();
+        async move {
+            ch.basic_publish(props, body, BasicPublishArguments::new("", &queue))
+                .await
+                .unwrap()
+        }
+    };
+    let mut map = BTreeMap::new();
+    map.insert("title", "Hello World!");
+    send(
+        "application/x-msgpack",
+        rmp_serde::to_vec_named(&map).unwrap(),
+    )
+    .await;
+    send("application/json", br#"{"n":[1,2,3]}"#.to_vec()).await;
+    send("application/json", b"{not json".to_vec()).await;
+    send("application/pdf", b"%PDF-1.4".to_vec()).await;
+    // A synchronous call on the same channel returns after the broker
+    // has processed the publishes before it.
+    let depth = ch
+        .queue_declare(QueueDeclareArguments::new(&queue).passive(true).finish())
+        .await
+        .unwrap()
+        .map(|(_, n, _)| n);
+    assert_eq!(depth, Some(4));
+
+    let out = rabbitry(&["consume", &queue, "--count", "4", "--timeout", "10"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(lines.len(), 4);
+    assert_eq!(
+        lines[0]["body"],
+        serde_json::json!({"title": "Hello World!"})
+    );
+    assert_eq!(
+        lines[0]["properties"]["content_type"],
+        "application/x-msgpack"
+    );
+    assert_eq!(lines[0]["properties"]["correlation_id"], "c1");
+    assert_eq!(lines[0]["routing_key"], queue.as_str());
+    assert_eq!(lines[0]["redelivered"], false);
+    assert_eq!(lines[1]["body"], serde_json::json!({"n": [1, 2, 3]}));
+    assert_eq!(lines[2]["body"]["base64"], "e25vdCBqc29u");
+    assert!(
+        lines[2]["decode_error"].as_str().unwrap().contains("json"),
+        "{}",
+        lines[2]
+    );
+    assert_eq!(lines[3]["body"]["base64"], "JVBERi0xLjQ=");
+
+    // Acked after printing: the queue is empty; the timeout exits 0.
+    let out = rabbitry(&["consume", &queue, "--timeout", "0.5"]);
+    assert!(out.status.success());
+    assert!(text(&out.stdout).is_empty());
+    assert!(
+        text(&out.stderr).contains("0 message"),
+        "{}",
+        text(&out.stderr)
+    );
+    delete(&conn, &queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consume_requeue_leaves_messages_on_the_queue() {
+    let conn = raw().await;
+    let queue = unique("req");
+    declare(&conn, &queue).await;
+    let out = rabbitry(&[
+        "publish",
+        "--routing-key",
+        &queue,
+        "--serializer",
+        "text",
+        "--count",
+        "3",
+        "hi",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = rabbitry(&["consume", &queue, "--count", "3", "--requeue"]);
+    assert_eq!(text(&out.stdout).lines().count(), 3);
+    let out = rabbitry(&["queues", &queue]);
+    assert!(text(&out.stdout).contains(" 3 "), "{}", text(&out.stdout));
+    delete(&conn, &queue).await;
+}
+
+#[test]
+fn wrong_credentials_and_host_give_clear_errors_without_panic() {
+    let out = rabbitry(&[
+        "--url",
+        "amqp://guest:nope@127.0.0.1:5672/%2f",
+        "queues",
+        "x",
+    ]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("127.0.0.1:5672") && err.contains("access refused"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let out = rabbitry(&["--url", "amqp://guest:guest@127.0.0.1:1/%2f", "queues", "x"]);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("127.0.0.1:1") && err.contains("connection refused"),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_errors_name_file_key_and_valid_values() {
+    let dir = std::env::temp_dir().join(unique("cfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(
+        &file,
+        "[consumers.orders]\nqueue = \"q\"\nexchange_type = \"topik\"\n",
+    )
+    .unwrap();
+    let out = rabbitry(&["-c", file.to_str().unwrap(), "declare"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("bad.toml") && err.contains("consumers.orders.exchange_type"),
+        "{err}"
+    );
+    assert!(err.contains("`topic`") && err.contains("`fanout`"), "{err}");
+    std::fs::write(
+        &file,
+        "[consumers.orders]\nqueue = \"q\"\nroutingkeys = [\"a\"]\n",
+    )
+    .unwrap();
+    let err = text(&rabbitry(&["-c", file.to_str().unwrap(), "declare"]).stderr);
+    assert!(
+        err.contains("consumers.orders")
+            && err.contains("routingkeys")
+            && err.contains("`routing_keys`"),
+        "{err}"
+    );
+    let out = rabbitry(&["publish", "--serializer", "yaml", "x"]);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("yaml") && err.contains("msgpack, json, text, csv, bytes"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declare_check_reports_drift_and_queues_never_creates() {
+    let conn = raw().await;
+    let queue = unique("drift");
+    let dir = std::env::temp_dir().join(unique("cfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("topology.toml");
+    let exchange = unique("ex");
+    std::fs::write(
+        &file,
+        format!(
+            "[consumers.c]\nqueue = \"{queue}\"\nexchange = \"{exchange}\"\nexchange_type = \"topic\"\nrouting_keys = [\"a.*\", \"b.#\"]\narguments = {{ \"x-max-length\" = 10 }}\n"
+        ),
+    )
+    .unwrap();
+    let cfg = file.to_str().unwrap();
+
+    // Nothing declared yet: both are missing, exit 1.
+    let out = rabbitry(&["-c", cfg, "declare", "--check"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let report = text(&out.stdout);
+    assert!(
+        report.contains(&format!("queue '{queue}': missing")),
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!("exchange '{exchange}': missing")),
+        "{report}"
+    );
+    // `queues` reports missing and does not create it.
+    let out = rabbitry(&["queues", &queue]);
+    assert!(text(&out.stdout).contains("missing"));
+    let out = rabbitry(&["-c", cfg, "declare", "--check"]);
+    assert!(text(&out.stdout).contains(&format!("queue '{queue}': missing")));
+
+    let out = rabbitry(&["-c", cfg, "declare"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = rabbitry(&["-c", cfg, "declare", "--check"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(text(&out.stdout).contains("no drift"));
+
+    // Change an argument in the file: the check names it.
+    std::fs::write(
+        &file,
+        format!("[consumers.c]\nqueue = \"{queue}\"\nexchange = \"{exchange}\"\nexchange_type = \"topic\"\narguments = {{ \"x-max-length\" = 20 }}\n"),
+    )
+    .unwrap();
+    let out = rabbitry(&["-c", cfg, "declare", "--check"]);
+    assert_eq!(out.status.code(), Some(1));
+    let report = text(&out.stdout);
+    assert!(
+        report.contains(&queue) && report.contains("x-max-length"),
+        "{report}"
+    );
+    // A refused declaration names the queue and the argument, exits non-zero.
+    let out = rabbitry(&["-c", cfg, "declare"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&queue) && err.contains("PRECONDITION_FAILED") && err.contains("x-max-length"),
+        "{err}"
+    );
+
+    delete(&conn, &queue).await;
+    let ch = conn.open_channel(None).await.unwrap();
+    ch.exchange_delete(amqprs::channel::ExchangeDeleteArguments::new(&exchange))
+        .await
+        .unwrap();
+}

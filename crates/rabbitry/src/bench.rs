@@ -1,0 +1,397 @@
+//! The benchmark behind `rabbitry bench`: the raw AMQP client and the
+//! gateway, on the same scenarios, in the same process and run.
+//!
+//! Each scenario runs raw, gateway, raw, gateway, and keeps each side's best
+//! rate, so one noisy moment does not decide the ratio. Bodies are 256
+//! bytes. The raw side uses `amqprs` directly with the least code that does
+//! the same work; the gateway side uses [`Producer`] and [`Consumer`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use amqprs::callbacks::ChannelCallback;
+use amqprs::channel::{
+    BasicAckArguments, BasicConsumeArguments, BasicPublishArguments, BasicQosArguments, Channel,
+    ConfirmSelectArguments, QueueDeclareArguments, QueueDeleteArguments,
+};
+use amqprs::connection::{Connection as RawConnection, OpenConnectionArguments};
+use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, Nack, Return};
+use serde::Serialize;
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::connection::{Connection, ConnectionSettings, Endpoint};
+use crate::consume::{Consumer, ConsumerSettings};
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::Message;
+use crate::publish::{Producer, ProducerSettings};
+
+const BODY: usize = 256;
+
+/// One scenario's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioResult {
+    /// Scenario name.
+    pub name: String,
+    /// Messages per second with the raw client.
+    pub raw_msgs_per_s: f64,
+    /// Messages per second through the gateway.
+    pub gateway_msgs_per_s: f64,
+    /// gateway / raw.
+    pub ratio: f64,
+}
+
+/// The whole run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Every scenario, in order.
+    pub scenarios: Vec<ScenarioResult>,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Broker URL.
+    pub url: String,
+    /// Messages per scenario run.
+    pub messages: usize,
+    /// Rounds per side (best is kept).
+    pub rounds: usize,
+}
+
+/// A named measurement, for progress output.
+pub type Progress<'a> = &'a (dyn Fn(&str) + Sync);
+
+/// Runs every scenario and returns the rates and ratios.
+pub async fn run(opts: &BenchOptions, progress: Progress<'_>) -> Result<Report> {
+    let ep = Endpoint::parse(&opts.url)?;
+    let raw = open_raw(&ep).await?;
+    let mut settings = ConnectionSettings::new(&opts.url).name("rabbitry-bench");
+    settings.heartbeat = 60;
+    let gw = Connection::open(settings).await?;
+    let queue = format!(
+        "rabbitry.bench.{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let setup = raw.open_channel(None).await.map_err(raw_err)?;
+    setup
+        .queue_declare(QueueDeclareArguments::new(&queue).durable(true).finish())
+        .await
+        .map_err(raw_err)?;
+
+    let n = opts.messages;
+    let mut scenarios = Vec::new();
+    type Run<'r> = Box<
+        dyn Fn(bool) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Duration>> + 'r>>
+            + 'r,
+    >;
+    let cases: Vec<(&str, Run<'_>)> = vec![
+        (
+            "publish_transient_no_confirms",
+            Box::new(|gateway| Box::pin(publish_case(&raw, &gw, &queue, n, gateway, false))),
+        ),
+        (
+            "publish_persistent_confirms_1000_in_flight",
+            Box::new(|gateway| Box::pin(publish_case(&raw, &gw, &queue, n, gateway, true))),
+        ),
+        (
+            "end_to_end_manual_ack_prefetch_500",
+            Box::new(|gateway| Box::pin(end_to_end_case(&raw, &gw, &queue, n, gateway))),
+        ),
+    ];
+    for (name, case) in &cases {
+        let mut best = [0f64; 2];
+        for round in 0..opts.rounds.max(1) {
+            for (side, gateway) in [(0, false), (1, true)] {
+                progress(&format!(
+                    "{name}: {} round {}",
+                    if gateway { "gateway" } else { "raw" },
+                    round + 1
+                ));
+                let took = case(gateway).await?;
+                let rate = n as f64 / took.as_secs_f64();
+                best[side] = best[side].max(rate);
+                purge(&raw, &queue).await?;
+            }
+        }
+        scenarios.push(ScenarioResult {
+            name: (*name).to_owned(),
+            raw_msgs_per_s: best[0].round(),
+            gateway_msgs_per_s: best[1].round(),
+            ratio: (best[1] / best[0] * 100.0).round() / 100.0,
+        });
+    }
+    drop(cases);
+    let _ = setup.queue_delete(QueueDeleteArguments::new(&queue)).await;
+    let _ = raw.close().await;
+    gw.close().await;
+    Ok(Report { scenarios })
+}
+
+fn raw_err(e: amqprs::error::Error) -> Error {
+    Error::new(ErrorKind::Channel, "raw client").with_source(e)
+}
+
+async fn open_raw(ep: &Endpoint) -> Result<RawConnection> {
+    let args = OpenConnectionArguments::new(&ep.host, ep.port, &ep.user, &ep.password)
+        .virtual_host(&ep.vhost)
+        .connection_name("rabbitry-bench-raw")
+        .finish();
+    RawConnection::open(&args).await.map_err(|e| {
+        Error::new(ErrorKind::Connect, format!("{}: raw client", ep.address())).with_source(e)
+    })
+}
+
+async fn purge(raw: &RawConnection, queue: &str) -> Result<()> {
+    let ch = raw.open_channel(None).await.map_err(raw_err)?;
+    ch.queue_purge(amqprs::channel::QueuePurgeArguments::new(queue))
+        .await
+        .map_err(raw_err)?;
+    let _ = ch.close().await;
+    Ok(())
+}
+
+/// Without confirms, publishing "ends" when the broker has every message:
+/// polls the queue's depth on a separate channel.
+async fn wait_for_depth(raw: &RawConnection, queue: &str, n: usize) -> Result<()> {
+    let ch = raw.open_channel(None).await.map_err(raw_err)?;
+    loop {
+        let depth = ch
+            .queue_declare(QueueDeclareArguments::new(queue).passive(true).finish())
+            .await
+            .map_err(raw_err)?
+            .map_or(0, |(_, m, _)| m as usize);
+        if depth >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let _ = ch.close().await;
+    Ok(())
+}
+
+/// Counts confirms for the raw publisher and frees a permit for each.
+struct RawConfirms {
+    acked: Arc<AtomicU64>,
+    permits: Arc<Semaphore>,
+    done: Arc<Notify>,
+    target: u64,
+}
+
+#[async_trait::async_trait]
+impl ChannelCallback for RawConfirms {
+    async fn close(
+        &mut self,
+        _: &Channel,
+        _: CloseChannel,
+    ) -> std::result::Result<(), amqprs::error::Error> {
+        Ok(())
+    }
+    async fn cancel(
+        &mut self,
+        _: &Channel,
+        _: Cancel,
+    ) -> std::result::Result<(), amqprs::error::Error> {
+        Ok(())
+    }
+    async fn flow(
+        &mut self,
+        _: &Channel,
+        active: bool,
+    ) -> std::result::Result<bool, amqprs::error::Error> {
+        Ok(active)
+    }
+    async fn publish_ack(&mut self, _: &Channel, ack: Ack) {
+        let prev = self.acked.load(Ordering::Relaxed);
+        let now = if ack.mutiple() {
+            ack.delivery_tag()
+        } else {
+            prev + 1
+        };
+        self.acked.store(now, Ordering::Relaxed);
+        self.permits.add_permits((now - prev) as usize);
+        if now >= self.target {
+            self.done.notify_one();
+        }
+    }
+    async fn publish_nack(&mut self, _: &Channel, _: Nack) {}
+    async fn publish_return(&mut self, _: &Channel, _: Return, _: BasicProperties, _: Vec<u8>) {}
+}
+
+async fn publish_case(
+    raw: &RawConnection,
+    gw: &Connection,
+    queue: &str,
+    n: usize,
+    gateway: bool,
+    confirms: bool,
+) -> Result<Duration> {
+    if gateway {
+        let mut settings = ProducerSettings::default().routing_key(queue);
+        settings.durable = confirms;
+        settings.confirms = confirms;
+        settings.max_in_flight = 1000;
+        settings.message_ids = false;
+        let producer = Producer::new(gw, settings).await?;
+        let start = Instant::now();
+        if confirms {
+            let mut set = JoinSet::new();
+            for _ in 0..n {
+                if set.len() >= 1000 {
+                    set.join_next()
+                        .await
+                        .transpose()
+                        .ok()
+                        .flatten()
+                        .transpose()?;
+                }
+                let p = producer.clone();
+                set.spawn(async move { p.publish(Message::new(vec![b'x'; BODY])).await });
+            }
+            while let Some(r) = set.join_next().await {
+                r.map_err(|e| Error::new(ErrorKind::Closed, "bench task").with_source(e))??;
+            }
+        } else {
+            for _ in 0..n {
+                producer.publish(Message::new(vec![b'x'; BODY])).await?;
+            }
+            wait_for_depth(raw, queue, n).await?;
+        }
+        return Ok(start.elapsed());
+    }
+    let ch = raw.open_channel(None).await.map_err(raw_err)?;
+    let permits = Arc::new(Semaphore::new(1000));
+    let done = Arc::new(Notify::new());
+    if confirms {
+        ch.register_callback(RawConfirms {
+            acked: Arc::default(),
+            permits: permits.clone(),
+            done: done.clone(),
+            target: n as u64,
+        })
+        .await
+        .map_err(raw_err)?;
+        ch.confirm_select(ConfirmSelectArguments::default())
+            .await
+            .map_err(raw_err)?;
+    }
+    let mut props = BasicProperties::default();
+    props.with_delivery_mode(if confirms { 2 } else { 1 });
+    let props = props.finish();
+    let start = Instant::now();
+    for _ in 0..n {
+        if confirms {
+            permits
+                .acquire()
+                .await
+                .map_err(|e| Error::new(ErrorKind::Closed, "bench").with_source(e))?
+                .forget();
+        }
+        ch.basic_publish(
+            props.clone(),
+            vec![b'x'; BODY],
+            BasicPublishArguments::new("", queue),
+        )
+        .await
+        .map_err(raw_err)?;
+    }
+    if confirms {
+        done.notified().await;
+    } else {
+        wait_for_depth(raw, queue, n).await?;
+    }
+    let took = start.elapsed();
+    let _ = ch.close().await;
+    Ok(took)
+}
+
+async fn end_to_end_case(
+    raw: &RawConnection,
+    gw: &Connection,
+    queue: &str,
+    n: usize,
+    gateway: bool,
+) -> Result<Duration> {
+    if gateway {
+        let mut cs = ConsumerSettings::new(queue);
+        cs.auto_declare = false;
+        cs.prefetch_count = Some(500);
+        let mut consumer = Consumer::start(gw, cs).await?;
+        let mut ps = ProducerSettings::default().routing_key(queue);
+        ps.durable = false;
+        ps.confirms = false;
+        ps.message_ids = false;
+        let producer = Producer::new(gw, ps).await?;
+        let start = Instant::now();
+        let publisher = tokio::spawn(async move {
+            for _ in 0..n {
+                producer.publish(Message::new(vec![b'x'; BODY])).await?;
+            }
+            Ok::<_, Error>(())
+        });
+        for _ in 0..n {
+            let d = consumer
+                .next()
+                .await
+                .ok_or_else(|| Error::new(ErrorKind::Closed, "bench consumer stopped"))?;
+            d.ack().await?;
+        }
+        let took = start.elapsed();
+        publisher
+            .await
+            .map_err(|e| Error::new(ErrorKind::Closed, "bench task").with_source(e))??;
+        consumer.cancel().await;
+        return Ok(took);
+    }
+    let cch = raw.open_channel(None).await.map_err(raw_err)?;
+    cch.basic_qos(BasicQosArguments::new(0, 500, false))
+        .await
+        .map_err(raw_err)?;
+    let (tag, mut rx) = cch
+        .basic_consume_rx(
+            BasicConsumeArguments::new(queue, "")
+                .manual_ack(true)
+                .finish(),
+        )
+        .await
+        .map_err(raw_err)?;
+    let pch = raw.open_channel(None).await.map_err(raw_err)?;
+    let queue_owned = queue.to_owned();
+    let start = Instant::now();
+    let publisher = tokio::spawn(async move {
+        let mut props = BasicProperties::default();
+        props.with_delivery_mode(1);
+        let props = props.finish();
+        for _ in 0..n {
+            pch.basic_publish(
+                props.clone(),
+                vec![b'x'; BODY],
+                BasicPublishArguments::new("", &queue_owned),
+            )
+            .await
+            .map_err(raw_err)?;
+        }
+        Ok::<_, Error>(pch)
+    });
+    for _ in 0..n {
+        let m = rx
+            .recv()
+            .await
+            .ok_or_else(|| Error::new(ErrorKind::Closed, "raw consumer stopped"))?;
+        let tag = m.deliver.map(|d| d.delivery_tag()).unwrap_or_default();
+        cch.basic_ack(BasicAckArguments::new(tag, false))
+            .await
+            .map_err(raw_err)?;
+    }
+    let took = start.elapsed();
+    let pch = publisher
+        .await
+        .map_err(|e| Error::new(ErrorKind::Closed, "bench task").with_source(e))??;
+    let _ = cch
+        .basic_cancel(amqprs::channel::BasicCancelArguments::new(&tag))
+        .await;
+    let _ = cch.close().await;
+    let _ = pch.close().await;
+    Ok(took)
+}
