@@ -34,6 +34,10 @@ enum Command {
     Queues(cmd::queues::Args),
     /// Compare the gateway with the raw client, same run.
     Bench(cmd::bench::Args),
+    /// Run the consumers of a config file, dispatching to their handlers.
+    Worker(cmd::worker::Args),
+    /// List, replay or purge dead letters.
+    Dead(cmd::dead::Args),
     /// Run the seed's request/reply flow end to end.
     Demo(cmd::demo::Args),
 }
@@ -62,6 +66,8 @@ fn main() -> ExitCode {
             Command::Declare(args) => cmd::declare::run(&global, args).await,
             Command::Queues(args) => cmd::queues::run(&global, args).await,
             Command::Bench(args) => cmd::bench::run(&global, args).await,
+            Command::Worker(args) => cmd::worker::run(&global, args).await,
+            Command::Dead(args) => cmd::dead::run(&global, args).await,
             Command::Demo(args) => cmd::demo::run(&global, args).await,
         }
     });

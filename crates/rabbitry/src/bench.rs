@@ -60,6 +60,138 @@ pub struct BenchOptions {
     pub rounds: usize,
 }
 
+/// Worker scenarios: the end-to-end rate through the worker with a native
+/// handler and with `service` (an axum `Router` in `rabbitry bench`),
+/// against raw consume with manual acks, same prefetch (500), same run.
+pub async fn run_worker<Svc, RB>(
+    opts: &BenchOptions,
+    progress: Progress<'_>,
+    service: Svc,
+) -> Result<Vec<ScenarioResult>>
+where
+    Svc: tower::Service<
+            http::Request<crate::worker::http::RequestBody>,
+            Response = http::Response<RB>,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    Svc::Future: Send + 'static,
+    Svc::Error: std::fmt::Display,
+    RB: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    RB::Error: std::fmt::Display,
+{
+    let ep = Endpoint::parse(&opts.url)?;
+    let raw = open_raw(&ep).await?;
+    let gw = Connection::open(ConnectionSettings::new(&opts.url).name("rabbitry-bench")).await?;
+    let queue = format!(
+        "rabbitry.bench.worker.{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let mut topology = crate::topology::Topology::default();
+    topology.queue(crate::topology::Queue::durable(&queue));
+    gw.declare_once(&topology).await?;
+    let n = opts.messages;
+    let mut out = Vec::new();
+    for (name, native) in [
+        ("worker_native_handler", true),
+        ("worker_axum_router", false),
+    ] {
+        let mut best = [0f64; 2];
+        for round in 0..opts.rounds.max(1) {
+            progress(&format!("{name}: raw round {}", round + 1));
+            let took = end_to_end_case(&raw, &gw, &queue, n, false).await?;
+            best[0] = best[0].max(n as f64 / took.as_secs_f64());
+            purge(&raw, &queue).await?;
+            progress(&format!("{name}: gateway round {}", round + 1));
+            let took = worker_case(&opts.url, &gw, &queue, n, native, service.clone()).await?;
+            best[1] = best[1].max(n as f64 / took.as_secs_f64());
+            purge(&raw, &queue).await?;
+        }
+        out.push(ScenarioResult {
+            name: name.to_owned(),
+            raw_msgs_per_s: best[0].round(),
+            gateway_msgs_per_s: best[1].round(),
+            ratio: (best[1] / best[0] * 100.0).round() / 100.0,
+        });
+    }
+    for q in [queue.clone(), format!("{queue}.dead")] {
+        let _ = gw.delete_queue(&q).await;
+    }
+    let _ = raw.close().await;
+    gw.close().await;
+    Ok(out)
+}
+
+async fn worker_case<Svc, RB>(
+    url: &str,
+    gw: &Connection,
+    queue: &str,
+    n: usize,
+    native: bool,
+    service: Svc,
+) -> Result<Duration>
+where
+    Svc: tower::Service<
+            http::Request<crate::worker::http::RequestBody>,
+            Response = http::Response<RB>,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    Svc::Future: Send + 'static,
+    Svc::Error: std::fmt::Display,
+    RB: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    RB::Error: std::fmt::Display,
+{
+    use crate::worker::{Body, State, Worker};
+    let text = format!(
+        "[connections.default]\nurl = \"{url}\"\n[consumers.bench]\nqueue = \"{queue}\"\nprefetch_count = 500\nretry = {{ attempts = 1 }}\n"
+    );
+    let settings = crate::config::Settings::from_toml(&text, "bench")?;
+    let handled = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(Notify::new());
+    let worker = Worker::new(settings, (handled.clone(), done.clone(), n as u64));
+    let worker = if native {
+        worker.handle(
+            "bench",
+            |Body(_b): Body,
+             State((handled, done, n)): State<(Arc<AtomicU64>, Arc<Notify>, u64)>| async move {
+                if handled.fetch_add(1, Ordering::Relaxed) + 1 == n {
+                    done.notify_one();
+                }
+            },
+        )
+    } else {
+        let counted = tower::ServiceBuilder::new()
+            .map_response({
+                let (handled, done) = (handled.clone(), done.clone());
+                move |r| {
+                    if handled.fetch_add(1, Ordering::Relaxed) + 1 == n as u64 {
+                        done.notify_one();
+                    }
+                    r
+                }
+            })
+            .service(service);
+        worker.service("bench", counted)
+    };
+    let running = worker.start().await?;
+    let mut ps = ProducerSettings::default().routing_key(queue);
+    ps.durable = false;
+    ps.confirms = false;
+    ps.message_ids = false;
+    let producer = Producer::new(gw, ps).await?;
+    let start = Instant::now();
+    for _ in 0..n {
+        producer.publish(Message::new(vec![b'x'; BODY])).await?;
+    }
+    done.notified().await;
+    let took = start.elapsed();
+    running.shutdown().await;
+    Ok(took)
+}
+
 /// A named measurement, for progress output.
 pub type Progress<'a> = &'a (dyn Fn(&str) + Sync);
 

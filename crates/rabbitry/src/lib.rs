@@ -39,6 +39,8 @@
 //! - [`message`]: properties and outgoing messages.
 //! - [`config`]: TOML settings, validated.
 //! - [`error`]: the one error type.
+//! - [`worker`]: the consuming server: handlers, retries, dead letters.
+//! - [`transaction`]: the unit of work, publishes at commit.
 //! - [`bench`]: the gateway against the raw client, same run.
 
 pub mod bench;
@@ -50,6 +52,8 @@ pub mod error;
 pub mod message;
 pub mod publish;
 pub mod topology;
+pub mod transaction;
+pub mod worker;
 
 mod amqp;
 
@@ -61,3 +65,5 @@ pub use error::{Error, ErrorKind, Result};
 pub use message::{HeaderValue, Headers, Message, Properties};
 pub use publish::{Producer, ProducerSettings};
 pub use topology::{Exchange, ExchangeKind, Queue, Topology};
+pub use transaction::UnitOfWork;
+pub use worker::Worker;

@@ -41,7 +41,11 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
             eprintln!("{step}");
         }
     };
-    let report = bench::run(&opts, &progress).await?;
+    let mut report = bench::run(&opts, &progress).await?;
+    let router = axum::Router::new().fallback(|| async { axum::http::StatusCode::OK });
+    report
+        .scenarios
+        .extend(bench::run_worker(&opts, &progress, router).await?);
     if tty {
         eprint!("\r\x1b[2K");
     }

@@ -3,10 +3,12 @@
 
 pub mod bench;
 pub mod consume;
+pub mod dead;
 pub mod declare;
 pub mod demo;
 pub mod publish;
 pub mod queues;
+pub mod worker;
 
 use std::path::PathBuf;
 

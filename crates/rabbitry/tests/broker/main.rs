@@ -6,3 +6,4 @@ mod errors;
 mod publish;
 mod recovery;
 mod support;
+mod worker;

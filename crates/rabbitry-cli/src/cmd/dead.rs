@@ -1,0 +1,65 @@
+//! `rabbitry dead`: list, replay or purge a queue's dead letters.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Subcommand;
+use rabbitry::worker::dead;
+
+use super::Global;
+
+/// Dead letters of a queue (QUEUE or QUEUE.dead).
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    action: Action,
+}
+
+#[derive(Subcommand)]
+enum Action {
+    /// Print each dead letter with its error headers, as JSON lines.
+    List {
+        queue: String,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+    },
+    /// Publish dead letters back to their original exchange and routing key, attempts reset.
+    Replay {
+        queue: String,
+        #[arg(long, default_value_t = usize::MAX)]
+        count: usize,
+    },
+    /// Delete every dead letter.
+    Purge { queue: String },
+}
+
+pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
+    let settings = global.settings()?;
+    let conn = global.connect_default(&settings).await?;
+    match args.action {
+        Action::List { queue, count } => {
+            let letters = dead::list(&conn, &queue, count).await?;
+            for l in &letters {
+                println!("{}", serde_json::to_string(l)?);
+            }
+            eprintln!(
+                "{} dead letter(s) in {}",
+                letters.len(),
+                dead::dead_queue_of(&queue)
+            );
+        }
+        Action::Replay { queue, count } => {
+            let n = dead::replay(&conn, &queue, count).await?;
+            eprintln!(
+                "replayed {n} message(s) from {}",
+                dead::dead_queue_of(&queue)
+            );
+        }
+        Action::Purge { queue } => {
+            let n = dead::purge(&conn, &queue).await?;
+            eprintln!("purged {n} message(s) from {}", dead::dead_queue_of(&queue));
+        }
+    }
+    conn.close().await;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,284 @@
+//! `rabbitry worker` and `rabbitry dead` as processes, against the real
+//! broker and a real HTTP application.
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use axum::Router;
+use rabbitry::{
+    Connection, ConnectionSettings, Consumer, ConsumerSettings, Message, Producer, ProducerSettings,
+};
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "test.cliw.{prefix}.{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+async fn serve(app: Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+async fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn write_config(queue: &str, handler: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(unique("cfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("worker.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[worker]\nshutdown_timeout = \"10s\"\n\n[consumers.jobs]\nqueue = \"{queue}\"\nhandler = \"{handler}\"\nretry = {{ attempts = 2, delays = [\"100ms\"] }}\n"
+        ),
+    )
+    .unwrap();
+    file
+}
+
+async fn connect() -> Connection {
+    Connection::open(ConnectionSettings::new(
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+    ))
+    .await
+    .unwrap()
+}
+
+fn worker(config: &std::path::Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_rabbitry"))
+        .args(["worker", "-c", config.to_str().unwrap()])
+        .env_remove("AMQP_URL")
+        .env("RABBITRY_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start rabbitry worker")
+}
+
+async fn wait_exit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker did not exit within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_slow_handler_finish_and_leaves_the_rest_on_the_queue() {
+    let conn = connect().await;
+    let queue = unique("slow");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let finished = Arc::new(AtomicUsize::new(0));
+    let app = {
+        let (calls, finished) = (calls.clone(), finished.clone());
+        Router::new().fallback(move || {
+            let (calls, finished) = (calls.clone(), finished.clone());
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                finished.fetch_add(1, Ordering::SeqCst);
+                StatusCode::OK
+            }
+        })
+    };
+    let config = write_config(&queue, &serve(app).await);
+    let mut child = worker(&config);
+    // The worker declares the queue; wait for it, then publish five.
+    let mut declared = false;
+    for _ in 0..250 {
+        if conn
+            .queue_status(&queue)
+            .await
+            .unwrap()
+            .is_some_and(|s| s.consumers == 1)
+        {
+            declared = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(declared, "the worker started consuming");
+    let producer = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
+        .await
+        .unwrap();
+    for i in 0..5 {
+        producer
+            .publish(Message::new(format!("{i}")).message_id(format!("m-{i}")))
+            .await
+            .unwrap();
+    }
+    wait_for(Duration::from_secs(10), "the first request", || {
+        calls.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = wait_exit(&mut child, Duration::from_secs(15)).await;
+    assert!(exit.success(), "clean exit, got {exit:?}");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "only the message in flight was handled"
+    );
+    assert_eq!(
+        finished.load(Ordering::SeqCst),
+        1,
+        "and it was allowed to finish"
+    );
+
+    // The rest are on the queue, never delivered before; the first was acked.
+    let status = conn.queue_status(&queue).await.unwrap().unwrap();
+    assert_eq!(status.messages, 4, "four messages left on the queue");
+    let mut consumer = Consumer::start(&conn, ConsumerSettings::new(&queue))
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let d = tokio::time::timeout(Duration::from_secs(5), consumer.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            !d.redelivered,
+            "{:?} was delivered before",
+            d.properties.message_id
+        );
+        ids.push(d.properties.message_id.clone().unwrap());
+        d.ack().await.unwrap();
+    }
+    assert_eq!(ids, ["m-1", "m-2", "m-3", "m-4"]);
+    for q in [
+        queue.clone(),
+        format!("{queue}.dead"),
+        format!("{queue}.retry.100ms"),
+    ] {
+        conn.delete_queue(&q).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_list_and_replay_from_the_command_line() {
+    let conn = connect().await;
+    let queue = unique("dead");
+    let fixed = Arc::new(AtomicBool::new(false));
+    let handled = Arc::new(AtomicUsize::new(0));
+    let app = {
+        let (fixed, handled) = (fixed.clone(), handled.clone());
+        Router::new().fallback(move || {
+            let (fixed, handled) = (fixed.clone(), handled.clone());
+            async move {
+                if fixed.load(Ordering::SeqCst) {
+                    handled.fetch_add(1, Ordering::SeqCst);
+                    (StatusCode::OK, "done")
+                } else {
+                    (StatusCode::UNPROCESSABLE_ENTITY, "price must be positive")
+                }
+            }
+        })
+    };
+    let config = write_config(&queue, &serve(app).await);
+    let mut child = worker(&config);
+    let mut ready = false;
+    for _ in 0..250 {
+        if conn
+            .queue_status(&queue)
+            .await
+            .unwrap()
+            .is_some_and(|s| s.consumers == 1)
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ready);
+    let producer = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
+        .await
+        .unwrap();
+    producer.publish(Message::new("order")).await.unwrap();
+    let dead = format!("{queue}.dead");
+    for _ in 0..250 {
+        if conn
+            .queue_status(&dead)
+            .await
+            .unwrap()
+            .is_some_and(|s| s.messages == 1)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rabbitry = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_rabbitry"))
+            .args(args)
+            .env_remove("AMQP_URL")
+            .output()
+            .unwrap()
+    };
+    let out = rabbitry(&["dead", "list", &queue]);
+    assert!(out.status.success());
+    let listing = String::from_utf8_lossy(&out.stdout).to_string();
+    let letter: serde_json::Value =
+        serde_json::from_str(listing.lines().next().expect("one dead letter")).unwrap();
+    assert!(
+        letter["error"]
+            .as_str()
+            .unwrap()
+            .contains("price must be positive"),
+        "{letter}"
+    );
+    assert_eq!(letter["attempts"], 1);
+    assert_eq!(letter["original_routing_key"], queue.as_str());
+
+    fixed.store(true, Ordering::SeqCst);
+    let out = rabbitry(&["dead", "replay", &queue]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("replayed 1"));
+    wait_for(
+        Duration::from_secs(10),
+        "the replayed message handled",
+        || handled.load(Ordering::SeqCst) == 1,
+    )
+    .await;
+
+    let out = rabbitry(&["dead", "purge", &queue]);
+    assert!(out.status.success());
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(wait_exit(&mut child, Duration::from_secs(15))
+        .await
+        .success());
+    for q in [queue.clone(), dead, format!("{queue}.retry.100ms")] {
+        conn.delete_queue(&q).await.unwrap();
+    }
+}

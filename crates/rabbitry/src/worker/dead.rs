@@ -1,0 +1,122 @@
+//! Dead letters: list them with their error headers, replay them to where
+//! they came from with the attempts reset, or purge them.
+//!
+//! These read `<queue>.dead` with `basic.get`, one message at a time, on a
+//! channel of their own; listing never removes anything (the messages go
+//! back when the channel closes).
+
+use amqprs::channel::{BasicAckArguments, BasicGetArguments};
+use serde::Serialize;
+
+use super::retry;
+use crate::amqp::from_basic;
+use crate::connection::{close_quietly, Connection};
+use crate::error::{ErrorKind, Result};
+use crate::message::{HeaderValue, Properties};
+use crate::publish::{Producer, ProducerSettings};
+
+/// One dead-lettered message.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    /// Why it failed (`x-rabbitry-error`).
+    pub error: Option<String>,
+    /// How many attempts were made (`x-rabbitry-attempts`).
+    pub attempts: Option<i64>,
+    /// Where it was first published (`x-rabbitry-original-exchange`).
+    pub original_exchange: Option<String>,
+    /// With which key (`x-rabbitry-original-routing-key`).
+    pub original_routing_key: Option<String>,
+    /// When it was dead-lettered (`x-rabbitry-failed-at`).
+    pub failed_at: Option<String>,
+    /// All its properties.
+    pub properties: Properties,
+    /// The body's size in bytes.
+    pub body_len: usize,
+}
+
+/// The dead-letter queue for `queue` (`queue` itself if it already ends
+/// in `.dead`).
+pub fn dead_queue_of(queue: &str) -> String {
+    if queue.ends_with(".dead") {
+        queue.to_owned()
+    } else {
+        retry::dead_queue(queue)
+    }
+}
+
+fn header_str(p: &Properties, k: &str) -> Option<String> {
+    p.headers
+        .get(k)
+        .and_then(HeaderValue::as_str)
+        .map(str::to_owned)
+}
+
+/// Lists up to `limit` dead letters of `queue` without removing them.
+pub async fn list(conn: &Connection, queue: &str, limit: usize) -> Result<Vec<DeadLetter>> {
+    let dead = dead_queue_of(queue);
+    let (channel, watch, _) = conn.open_channel(None).await?;
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let got = channel
+            .basic_get(BasicGetArguments::new(&dead))
+            .await
+            .map_err(|e| watch.refusal(ErrorKind::Channel, format!("queue '{dead}'"), e))?;
+        let Some((_, props, body)) = got else { break };
+        let p = from_basic(&props);
+        out.push(DeadLetter {
+            error: header_str(&p, retry::ERROR),
+            attempts: p.headers.get(retry::ATTEMPTS).and_then(HeaderValue::as_i64),
+            original_exchange: header_str(&p, retry::ORIGINAL_EXCHANGE),
+            original_routing_key: header_str(&p, retry::ORIGINAL_ROUTING_KEY),
+            failed_at: header_str(&p, retry::FAILED_AT),
+            properties: p,
+            body_len: body.len(),
+        });
+    }
+    // Unacked: closing the channel returns every message to the queue.
+    close_quietly(channel).await;
+    Ok(out)
+}
+
+/// Publishes up to `limit` dead letters of `queue` back to their original
+/// exchange and routing key (confirmed), with attempts reset, acking each
+/// only after its confirm. Returns how many were replayed.
+pub async fn replay(conn: &Connection, queue: &str, limit: usize) -> Result<usize> {
+    let dead = dead_queue_of(queue);
+    let producer = Producer::new(
+        conn,
+        ProducerSettings {
+            name: "dead-replay".into(),
+            auto_declare: false,
+            message_ids: false,
+            ..ProducerSettings::default()
+        },
+    )
+    .await?;
+    let (channel, watch, _) = conn.open_channel(None).await?;
+    let mut n = 0;
+    while n < limit {
+        let got = channel
+            .basic_get(BasicGetArguments::new(&dead))
+            .await
+            .map_err(|e| watch.refusal(ErrorKind::Channel, format!("queue '{dead}'"), e))?;
+        let Some((ok, props, body)) = got else { break };
+        let Some(message) = retry::for_replay(body, from_basic(&props)) else {
+            tracing::warn!(queue = %dead, "a dead letter without its original route was left in place");
+            continue;
+        };
+        producer.publish(message).await?;
+        channel
+            .basic_ack(BasicAckArguments::new(ok.delivery_tag(), false))
+            .await
+            .map_err(|e| watch.refusal(ErrorKind::Channel, format!("ack on '{dead}'"), e))?;
+        n += 1;
+    }
+    close_quietly(channel).await;
+    Ok(n)
+}
+
+/// Deletes every dead letter of `queue`; returns how many.
+pub async fn purge(conn: &Connection, queue: &str) -> Result<u32> {
+    conn.purge(&dead_queue_of(queue)).await
+}

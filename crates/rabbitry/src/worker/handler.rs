@@ -1,0 +1,305 @@
+//! Native handlers: async functions with extractors, in the axum manner.
+//!
+//! A handler is any `async fn` whose arguments implement [`FromContext`]
+//! ([`Msg<T>`] for the decoded body, [`State<S>`] for shared state,
+//! [`Meta`] for the delivery's properties and routing, [`UnitOfWork`] for
+//! publishes that happen at commit) and whose result implements
+//! [`IntoReply`]. Its error says which outcome a failure is:
+//! [`HandlerError::conflict`] requeues at once, [`HandlerError::invalid`]
+//! dead-letters at once, anything else is retried.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::codec::Serializer;
+use crate::consume::Delivery;
+use crate::error::{Error, ErrorKind};
+use crate::message::Properties;
+use crate::transaction::UnitOfWork;
+
+/// A boxed future, as handlers return.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// What a failed handler wants done with the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Requeue at once: a conflict that trying again now can resolve.
+    Conflict,
+    /// Dead-letter at once: trying again cannot help (bad input).
+    Invalid,
+    /// Retry later through the delay queues.
+    Retry,
+}
+
+/// A handler's failure: its kind and a message saying what went wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerError {
+    /// What to do with the message.
+    pub kind: FailureKind,
+    /// What went wrong; it goes into `x-rabbitry-error` and the logs.
+    pub message: String,
+}
+
+impl HandlerError {
+    /// A conflict: the message is requeued at once.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        HandlerError {
+            kind: FailureKind::Conflict,
+            message: message.into(),
+        }
+    }
+
+    /// Bad input: the message is dead-lettered at once.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        HandlerError {
+            kind: FailureKind::Invalid,
+            message: message.into(),
+        }
+    }
+
+    /// A transient failure: the message is retried after a delay.
+    pub fn retry(message: impl Into<String>) -> Self {
+        HandlerError {
+            kind: FailureKind::Retry,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for HandlerError {}
+
+impl From<Error> for HandlerError {
+    fn from(e: Error) -> Self {
+        match e.kind() {
+            ErrorKind::Codec | ErrorKind::Invalid => HandlerError::invalid(e.to_string()),
+            _ => HandlerError::retry(e.to_string()),
+        }
+    }
+}
+
+/// A handler's successful result: nothing, or a body to send as the reply
+/// when the delivery has `reply_to`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Reply {
+    /// The reply body; empty means no reply.
+    pub body: Vec<u8>,
+    /// Its content type.
+    pub content_type: Option<String>,
+}
+
+impl Reply {
+    /// A reply with this body and content type.
+    pub fn new(body: impl Into<Vec<u8>>, content_type: impl Into<String>) -> Self {
+        Reply {
+            body: body.into(),
+            content_type: Some(content_type.into()),
+        }
+    }
+
+    /// `value` encoded with `serializer`.
+    pub fn encode<T: Serialize + ?Sized>(
+        serializer: Serializer,
+        value: &T,
+    ) -> Result<Self, HandlerError> {
+        Ok(Reply::new(
+            serializer.encode(value)?,
+            serializer.content_type(),
+        ))
+    }
+}
+
+/// Turns a handler's return value into a reply or a failure.
+pub trait IntoReply {
+    /// The conversion.
+    fn into_reply(self) -> Result<Reply, HandlerError>;
+}
+
+impl IntoReply for () {
+    fn into_reply(self) -> Result<Reply, HandlerError> {
+        Ok(Reply::default())
+    }
+}
+
+impl IntoReply for Reply {
+    fn into_reply(self) -> Result<Reply, HandlerError> {
+        Ok(self)
+    }
+}
+
+impl<T: IntoReply, E: Into<HandlerError>> IntoReply for Result<T, E> {
+    fn into_reply(self) -> Result<Reply, HandlerError> {
+        self.map_err(Into::into).and_then(IntoReply::into_reply)
+    }
+}
+
+/// A JSON reply.
+#[derive(Debug, Clone)]
+pub struct Json<T>(pub T);
+
+impl<T: Serialize> IntoReply for Json<T> {
+    fn into_reply(self) -> Result<Reply, HandlerError> {
+        Reply::encode(Serializer::Json, &self.0)
+    }
+}
+
+/// A msgpack reply.
+#[derive(Debug, Clone)]
+pub struct Msgpack<T>(pub T);
+
+impl<T: Serialize> IntoReply for Msgpack<T> {
+    fn into_reply(self) -> Result<Reply, HandlerError> {
+        Reply::encode(Serializer::Msgpack, &self.0)
+    }
+}
+
+/// Everything a handler can extract from.
+#[derive(Clone)]
+pub struct Context {
+    pub(crate) delivery: Arc<Delivery>,
+    pub(crate) meta: Meta,
+    pub(crate) unit: UnitOfWork,
+}
+
+/// Where a delivery came from and how: its routing, properties, attempt,
+/// and the worker's site and user.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    /// The exchange it was first published to (kept across retries).
+    pub exchange: String,
+    /// The routing key it was first published with (kept across retries).
+    pub routing_key: String,
+    /// The queue it was consumed from.
+    pub queue: String,
+    /// The connection's name.
+    pub connection: String,
+    /// Delivered before.
+    pub redelivered: bool,
+    /// 1 for the first attempt, 2 for the first retry...
+    pub attempt: u32,
+    /// The worker's site.
+    pub site: Option<String>,
+    /// The worker's user.
+    pub user: Option<String>,
+    /// The message's properties.
+    pub properties: Properties,
+}
+
+/// Builds a handler argument from the delivery and the shared state.
+pub trait FromContext<S>: Sized {
+    /// The extraction; an error fails the delivery with that error.
+    fn from_context(ctx: &Context, state: &S) -> Result<Self, HandlerError>;
+}
+
+/// The body, decoded by its content type into `T`. A body that does not
+/// decode dead-letters the message with the decode error as the reason.
+#[derive(Debug, Clone)]
+pub struct Msg<T>(pub T);
+
+impl<S, T: DeserializeOwned> FromContext<S> for Msg<T> {
+    fn from_context(ctx: &Context, _: &S) -> Result<Self, HandlerError> {
+        ctx.delivery.decode::<T>().map(Msg).map_err(|e| {
+            HandlerError::invalid(format!(
+                "body does not decode into {}: {e}",
+                std::any::type_name::<T>()
+            ))
+        })
+    }
+}
+
+/// Shared state given to [`Worker::new`](crate::worker::Worker::new).
+#[derive(Debug, Clone)]
+pub struct State<S>(pub S);
+
+impl<S: Clone> FromContext<S> for State<S> {
+    fn from_context(_: &Context, state: &S) -> Result<Self, HandlerError> {
+        Ok(State(state.clone()))
+    }
+}
+
+impl<S> FromContext<S> for Meta {
+    fn from_context(ctx: &Context, _: &S) -> Result<Self, HandlerError> {
+        Ok(ctx.meta.clone())
+    }
+}
+
+impl<S> FromContext<S> for Properties {
+    fn from_context(ctx: &Context, _: &S) -> Result<Self, HandlerError> {
+        Ok(ctx.meta.properties.clone())
+    }
+}
+
+impl<S> FromContext<S> for UnitOfWork {
+    fn from_context(ctx: &Context, _: &S) -> Result<Self, HandlerError> {
+        Ok(ctx.unit.clone())
+    }
+}
+
+/// The raw body.
+#[derive(Debug, Clone)]
+pub struct Body(pub Vec<u8>);
+
+impl<S> FromContext<S> for Body {
+    fn from_context(ctx: &Context, _: &S) -> Result<Self, HandlerError> {
+        Ok(Body(ctx.delivery.body.clone()))
+    }
+}
+
+/// An async function usable as a handler, with arguments `T`.
+pub trait Handler<T, S>: Clone + Send + Sync + 'static {
+    /// Runs the handler.
+    fn call(&self, ctx: Context, state: S) -> BoxFuture<Result<Reply, HandlerError>>;
+}
+
+macro_rules! impl_handler {
+    ($($t:ident),*) => {
+        impl<F, Fut, R, S, $($t,)*> Handler<($($t,)*), S> for F
+        where
+            F: Fn($($t),*) -> Fut + Clone + Send + Sync + 'static,
+            Fut: Future<Output = R> + Send + 'static,
+            R: IntoReply,
+            S: Send + Sync + 'static,
+            $($t: FromContext<S> + Send + 'static,)*
+        {
+            #[allow(non_snake_case, unused_variables)]
+            fn call(&self, ctx: Context, state: S) -> BoxFuture<Result<Reply, HandlerError>> {
+                $(
+                    let $t = match $t::from_context(&ctx, &state) {
+                        Ok(v) => v,
+                        Err(e) => return Box::pin(async move { Err(e) }),
+                    };
+                )*
+                let fut = (self)($($t),*);
+                Box::pin(async move { fut.await.into_reply() })
+            }
+        }
+    };
+}
+
+impl_handler!();
+impl_handler!(T1);
+impl_handler!(T1, T2);
+impl_handler!(T1, T2, T3);
+impl_handler!(T1, T2, T3, T4);
+impl_handler!(T1, T2, T3, T4, T5);
+
+/// A handler with its argument types erased.
+pub(crate) type BoxHandler<S> =
+    Arc<dyn Fn(Context, S) -> BoxFuture<Result<Reply, HandlerError>> + Send + Sync>;
+
+pub(crate) fn boxed<H, T, S>(handler: H) -> BoxHandler<S>
+where
+    H: Handler<T, S>,
+    T: 'static,
+{
+    Arc::new(move |ctx, state| handler.call(ctx, state))
+}

@@ -1,0 +1,257 @@
+//! Deliveries as HTTP requests, responses as outcomes: the collective.zamqp
+//! idea, for a tower `Service` (an axum `Router`) in the same process or an
+//! HTTP application in any language.
+//!
+//! A delivery becomes
+//! `POST {prefix}/{connection}/{exchange or "(default)"}/{routing_key}[/{correlation_id}]`
+//! with the body and content type passed through, the AMQP properties as
+//! `amqp-*` headers, each AMQP header as `amqp-header-<name>`, and an AMQP
+//! header `authorization` as the HTTP `Authorization` header. The status
+//! decides the outcome: 2xx ack (the body is the reply), 409 requeue, other
+//! 4xx dead-letter, 5xx retry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tower::{Service, ServiceExt};
+
+use super::handler::{BoxFuture, Context, HandlerError, Reply};
+
+/// A request's body type.
+pub type RequestBody = Full<Bytes>;
+
+/// A service with its types erased: request in, status/headers/body out, or
+/// a transport error (unreachable, reset).
+pub(crate) type BoxService =
+    Arc<dyn Fn(Request<RequestBody>) -> BoxFuture<Result<Response<Bytes>, String>> + Send + Sync>;
+
+/// Percent-encodes one path segment.
+fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~()*".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The path a delivery is dispatched to, under `base` (a prefix or URL).
+pub fn request_path(base: &str, ctx_meta: &super::handler::Meta) -> String {
+    let exchange = if ctx_meta.exchange.is_empty() {
+        "(default)"
+    } else {
+        &ctx_meta.exchange
+    };
+    let mut path = format!(
+        "{}/{}/{}/{}",
+        base.trim_end_matches('/'),
+        segment(&ctx_meta.connection),
+        segment(exchange),
+        segment(&ctx_meta.routing_key)
+    );
+    if let Some(c) = &ctx_meta.properties.correlation_id {
+        path.push('/');
+        path.push_str(&segment(c));
+    }
+    path
+}
+
+fn put(req: &mut Request<RequestBody>, name: &str, value: &str) {
+    if let (Ok(n), Ok(v)) = (
+        HeaderName::from_bytes(name.as_bytes()),
+        HeaderValue::from_str(value),
+    ) {
+        req.headers_mut().append(n, v);
+    }
+}
+
+/// Builds the request for a delivery.
+pub(crate) fn to_request(uri: String, ctx: &Context) -> Result<Request<RequestBody>, HandlerError> {
+    let meta = &ctx.meta;
+    let mut req = Request::builder()
+        .method(Method::POST)
+        .uri(&uri)
+        .body(Full::new(Bytes::from(ctx.delivery.body.clone())))
+        .map_err(|e| HandlerError::invalid(format!("cannot build a request for {uri}: {e}")))?;
+    let p = &meta.properties;
+    if let Some(ct) = &p.content_type {
+        put(&mut req, "content-type", ct);
+    }
+    let optional = [
+        ("amqp-correlation-id", p.correlation_id.as_deref()),
+        ("amqp-reply-to", p.reply_to.as_deref()),
+        ("amqp-message-id", p.message_id.as_deref()),
+        ("amqp-site", meta.site.as_deref()),
+        ("amqp-user", meta.user.as_deref()),
+    ];
+    for (name, value) in optional {
+        if let Some(v) = value {
+            put(&mut req, name, v);
+        }
+    }
+    put(&mut req, "amqp-exchange", &meta.exchange);
+    put(&mut req, "amqp-routing-key", &meta.routing_key);
+    put(
+        &mut req,
+        "amqp-redelivered",
+        if meta.redelivered { "true" } else { "false" },
+    );
+    put(&mut req, "amqp-attempt", &meta.attempt.to_string());
+    for (name, value) in &p.headers {
+        let text = value.to_text();
+        if name.eq_ignore_ascii_case("authorization") {
+            put(&mut req, "authorization", &text);
+        }
+        put(
+            &mut req,
+            &format!("amqp-header-{}", name.to_ascii_lowercase()),
+            &text,
+        );
+    }
+    Ok(req)
+}
+
+/// Maps a response to the handler's result.
+pub(crate) fn from_response(resp: Response<Bytes>) -> Result<Reply, HandlerError> {
+    let status = resp.status();
+    let content_type = resp
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = resp.into_body();
+    let detail = || {
+        let text = String::from_utf8_lossy(&body[..body.len().min(500)])
+            .trim()
+            .to_owned();
+        if text.is_empty() {
+            format!("HTTP {status}")
+        } else {
+            format!("HTTP {status}: {text}")
+        }
+    };
+    if status.is_success() {
+        Ok(Reply {
+            body: body.to_vec(),
+            content_type,
+        })
+    } else if status == StatusCode::CONFLICT {
+        Err(HandlerError::conflict(detail()))
+    } else if status.is_client_error() {
+        Err(HandlerError::invalid(detail()))
+    } else {
+        Err(HandlerError::retry(detail()))
+    }
+}
+
+/// Erases a tower service (an axum `Router`, say).
+pub(crate) fn boxed_service<Svc, RB>(service: Svc) -> BoxService
+where
+    Svc: Service<Request<RequestBody>, Response = Response<RB>> + Clone + Send + Sync + 'static,
+    Svc::Future: Send + 'static,
+    Svc::Error: std::fmt::Display,
+    RB: http_body::Body<Data = Bytes> + Send + 'static,
+    RB::Error: std::fmt::Display,
+{
+    Arc::new(move |req| {
+        let svc = service.clone();
+        Box::pin(async move {
+            let resp = svc.oneshot(req).await.map_err(|e| e.to_string())?;
+            let (parts, body) = resp.into_parts();
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| format!("reading the response body: {e}"))?
+                .to_bytes();
+            Ok(Response::from_parts(parts, bytes))
+        })
+    })
+}
+
+/// A client for forwarding to an HTTP application.
+pub(crate) fn url_client(timeout: Duration) -> BoxService {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build_http::<RequestBody>();
+    Arc::new(move |req| {
+        let client = client.clone();
+        Box::pin(async move {
+            let uri = req.uri().to_string();
+            let resp = tokio::time::timeout(timeout, client.request(req))
+                .await
+                .map_err(|_| format!("{uri}: no response within {timeout:?}"))?
+                .map_err(|e| format!("{uri}: unreachable: {e}"))?;
+            let (parts, body) = resp.into_parts();
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| format!("{uri}: reading the response: {e}"))?
+                .to_bytes();
+            Ok(Response::from_parts(parts, bytes))
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Properties;
+    use crate::worker::handler::Meta;
+
+    fn meta() -> Meta {
+        Meta {
+            exchange: "shop".into(),
+            routing_key: "order.created".into(),
+            queue: "a.orders".into(),
+            connection: "default".into(),
+            redelivered: false,
+            attempt: 1,
+            site: Some("a".into()),
+            user: Some("admin".into()),
+            properties: Properties {
+                correlation_id: Some("c 1".into()),
+                ..Properties::default()
+            },
+        }
+    }
+
+    #[test]
+    fn path_follows_the_contract() {
+        let mut m = meta();
+        assert_eq!(
+            request_path("http://h:1/amqp/", &m),
+            "http://h:1/amqp/default/shop/order.created/c%201"
+        );
+        m.exchange.clear();
+        m.properties.correlation_id = None;
+        assert_eq!(request_path("", &m), "/default/(default)/order.created");
+    }
+
+    #[test]
+    fn statuses_map_to_outcomes() {
+        let resp = |s: u16| {
+            Response::builder()
+                .status(s)
+                .body(Bytes::from_static(b"why"))
+                .unwrap()
+        };
+        assert!(from_response(resp(200)).is_ok());
+        assert_eq!(
+            from_response(resp(409)).unwrap_err().kind,
+            super::super::handler::FailureKind::Conflict
+        );
+        assert_eq!(
+            from_response(resp(400)).unwrap_err().kind,
+            super::super::handler::FailureKind::Invalid
+        );
+        let e = from_response(resp(503)).unwrap_err();
+        assert_eq!(e.kind, super::super::handler::FailureKind::Retry);
+        assert_eq!(e.message, "HTTP 503 Service Unavailable: why");
+    }
+}

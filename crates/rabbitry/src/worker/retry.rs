@@ -1,0 +1,275 @@
+//! Retries through delay queues, and the dead-letter queue.
+//!
+//! A failed message is published to `<queue>.retry.<delay>`, a queue whose
+//! messages expire after the delay (`x-message-ttl`) and are then
+//! dead-lettered by the broker straight back to `<queue>` through the
+//! default exchange. No delivery is held unacked while it waits and no
+//! plugin is needed. After the last attempt the message goes to
+//! `<queue>.dead` with headers saying why.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::config::RetrySettings;
+use crate::message::{HeaderValue, Message, Properties};
+use crate::topology::{Queue, Topology};
+
+/// The attempt number of a retried message (1 is the first attempt).
+pub const ATTEMPT: &str = "x-rabbitry-attempt";
+/// Why the message failed, on dead letters.
+pub const ERROR: &str = "x-rabbitry-error";
+/// How many attempts were made, on dead letters.
+pub const ATTEMPTS: &str = "x-rabbitry-attempts";
+/// The exchange the message was first published to.
+pub const ORIGINAL_EXCHANGE: &str = "x-rabbitry-original-exchange";
+/// The routing key the message was first published with.
+pub const ORIGINAL_ROUTING_KEY: &str = "x-rabbitry-original-routing-key";
+/// When the message was dead-lettered (RFC 3339, UTC).
+pub const FAILED_AT: &str = "x-rabbitry-failed-at";
+/// The caller's deadline, epoch milliseconds: a request past it is not handled.
+pub const DEADLINE: &str = "x-rabbitry-deadline";
+
+/// `1s`, `500ms`, `2m`: the delay as it appears in a queue name.
+pub fn delay_label(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms.is_multiple_of(60_000) && ms > 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// The delay queue for `queue` and `delay`.
+pub fn retry_queue(queue: &str, delay: Duration) -> String {
+    format!("{queue}.retry.{}", delay_label(delay))
+}
+
+/// The dead-letter queue for `queue`.
+pub fn dead_queue(queue: &str) -> String {
+    format!("{queue}.dead")
+}
+
+/// The delay before retry number `retry` (1-based): the configured list,
+/// whose last entry repeats.
+pub fn delay_for(policy: &RetrySettings, retry: u32) -> Duration {
+    let i = (retry as usize).saturating_sub(1);
+    policy
+        .delays
+        .get(i)
+        .or(policy.delays.last())
+        .copied()
+        .unwrap_or(Duration::from_secs(1))
+}
+
+/// The dead-letter and delay queues a consumer of `queue` needs.
+pub fn topology(queue: &str, policy: &RetrySettings) -> Topology {
+    let mut t = Topology::default();
+    t.queue(Queue::durable(dead_queue(queue)));
+    for retry in 1..policy.attempts {
+        let delay = delay_for(policy, retry);
+        let mut q = Queue::durable(retry_queue(queue, delay));
+        q.arguments.insert(
+            "x-message-ttl".into(),
+            HeaderValue::Int(delay.as_millis() as i64),
+        );
+        q.arguments
+            .insert("x-dead-letter-exchange".into(), HeaderValue::from(""));
+        q.arguments
+            .insert("x-dead-letter-routing-key".into(), HeaderValue::from(queue));
+        t.queue(q);
+    }
+    t
+}
+
+/// The attempt number carried by a message (1 when absent).
+pub fn attempt_of(p: &Properties) -> u32 {
+    p.headers
+        .get(ATTEMPT)
+        .and_then(HeaderValue::as_i64)
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|n| *n >= 1)
+        .unwrap_or(1)
+}
+
+/// The exchange and routing key the message was first published with:
+/// from the headers of a retried message, or as delivered.
+pub fn original_route(p: &Properties, exchange: &str, routing_key: &str) -> (String, String) {
+    let get = |k: &str| {
+        p.headers
+            .get(k)
+            .and_then(HeaderValue::as_str)
+            .map(str::to_owned)
+    };
+    (
+        get(ORIGINAL_EXCHANGE).unwrap_or_else(|| exchange.to_owned()),
+        get(ORIGINAL_ROUTING_KEY).unwrap_or_else(|| routing_key.to_owned()),
+    )
+}
+
+/// The copy of a failed message for the delay queue of its next attempt.
+pub fn for_retry(
+    body: Vec<u8>,
+    mut p: Properties,
+    original: (&str, &str),
+    next_attempt: u32,
+    queue: &str,
+    delay: Duration,
+) -> Message {
+    p.headers
+        .insert(ATTEMPT.into(), HeaderValue::Int(next_attempt.into()));
+    p.headers
+        .insert(ORIGINAL_EXCHANGE.into(), original.0.into());
+    p.headers
+        .insert(ORIGINAL_ROUTING_KEY.into(), original.1.into());
+    // A per-message TTL would fight the queue's; the queue decides.
+    p.expiration = None;
+    Message {
+        body,
+        properties: p,
+        routing_key: Some(retry_queue(queue, delay)),
+        exchange: Some(String::new()),
+        mandatory: true,
+    }
+}
+
+/// The copy of a failed message for the dead-letter queue.
+pub fn for_dead_letter(
+    body: Vec<u8>,
+    mut p: Properties,
+    original: (&str, &str),
+    attempts: u32,
+    error: &str,
+    queue: &str,
+) -> Message {
+    p.headers.insert(ERROR.into(), error.into());
+    p.headers
+        .insert(ATTEMPTS.into(), HeaderValue::Int(attempts.into()));
+    p.headers
+        .insert(ORIGINAL_EXCHANGE.into(), original.0.into());
+    p.headers
+        .insert(ORIGINAL_ROUTING_KEY.into(), original.1.into());
+    p.headers
+        .insert(FAILED_AT.into(), rfc3339(SystemTime::now()).into());
+    p.headers.remove(ATTEMPT);
+    p.expiration = None;
+    Message {
+        body,
+        properties: p,
+        routing_key: Some(dead_queue(queue)),
+        exchange: Some(String::new()),
+        mandatory: true,
+    }
+}
+
+/// A dead letter made ready to go back where it came from: the rabbitry
+/// headers removed, so attempts start again at 1.
+pub fn for_replay(body: Vec<u8>, mut p: Properties) -> Option<Message> {
+    let get = |k: &str| {
+        p.headers
+            .get(k)
+            .and_then(HeaderValue::as_str)
+            .map(str::to_owned)
+    };
+    let exchange = get(ORIGINAL_EXCHANGE)?;
+    let routing_key = get(ORIGINAL_ROUTING_KEY)?;
+    for k in [
+        ATTEMPT,
+        ERROR,
+        ATTEMPTS,
+        ORIGINAL_EXCHANGE,
+        ORIGINAL_ROUTING_KEY,
+        FAILED_AT,
+    ] {
+        p.headers.remove(k);
+    }
+    Some(Message {
+        body,
+        properties: p,
+        routing_key: Some(routing_key),
+        exchange: Some(exchange),
+        mandatory: true,
+    })
+}
+
+/// Milliseconds since the epoch, now.
+pub fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// Formats a time as RFC 3339 in UTC, to the millisecond.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_delays() {
+        assert_eq!(retry_queue("q", Duration::from_secs(5)), "q.retry.5s");
+        assert_eq!(
+            retry_queue("q", Duration::from_millis(250)),
+            "q.retry.250ms"
+        );
+        assert_eq!(retry_queue("q", Duration::from_secs(120)), "q.retry.2m");
+        let p = RetrySettings {
+            attempts: 4,
+            delays: vec![Duration::from_secs(1), Duration::from_secs(5)],
+        };
+        assert_eq!(delay_for(&p, 1), Duration::from_secs(1));
+        assert_eq!(delay_for(&p, 3), Duration::from_secs(5));
+        let t = topology("q", &p);
+        let names: Vec<_> = t.queues.iter().map(|q| q.name.as_str()).collect();
+        assert_eq!(names, ["q.dead", "q.retry.1s", "q.retry.5s"]);
+    }
+
+    #[test]
+    fn replay_resets_attempts_and_restores_the_route() {
+        let m = for_dead_letter(
+            b"x".to_vec(),
+            Properties::default(),
+            ("shop", "order.new"),
+            3,
+            "boom",
+            "q",
+        );
+        assert_eq!(m.routing_key.as_deref(), Some("q.dead"));
+        assert_eq!(m.properties.headers[ERROR], HeaderValue::from("boom"));
+        let r = for_replay(m.body, m.properties).unwrap();
+        assert_eq!(r.exchange.as_deref(), Some("shop"));
+        assert_eq!(r.routing_key.as_deref(), Some("order.new"));
+        assert!(r.properties.headers.is_empty());
+        assert_eq!(attempt_of(&r.properties), 1);
+    }
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_799_302_123);
+        assert_eq!(rfc3339(t), "2026-11-27T17:08:22.123Z");
+    }
+}

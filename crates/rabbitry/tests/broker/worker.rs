@@ -1,0 +1,604 @@
+//! The worker against the real broker and a real HTTP server: outcomes by
+//! status, retries through delay queues, dead letters, replies,
+//! concurrency, sites and bad input.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::IntoResponse;
+use axum::Router;
+use rabbitry::worker::{HandlerError, Meta, Msg, Reply, State};
+use rabbitry::{
+    Connection, Consumer, ConsumerSettings, ExchangeKind, HeaderValue, Message, Producer,
+    ProducerSettings, Serializer, Settings, Worker,
+};
+use serde::Deserialize;
+
+use crate::support::{connect, eventually, unique};
+
+/// What the handlers saw: per routing key, the attempts in order.
+#[derive(Clone, Default)]
+struct Seen {
+    calls: Arc<Mutex<HashMap<String, Vec<String>>>>,
+}
+
+impl Seen {
+    fn record(&self, key: &str, attempt: &str) -> usize {
+        let mut calls = self.calls.lock().unwrap();
+        let v = calls.entry(key.to_owned()).or_default();
+        v.push(attempt.to_owned());
+        v.len()
+    }
+    fn count(&self, key: &str) -> usize {
+        self.calls.lock().unwrap().get(key).map_or(0, Vec::len)
+    }
+    fn attempts(&self, key: &str) -> Vec<String> {
+        self.calls
+            .lock()
+            .unwrap()
+            .get(key)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// The four behaviours, by routing key: `ok` 200, `bad` 400, `flaky` 500
+/// twice then 200, `reply` 200 with a body.
+fn behaviour(seen: &Seen, key: &str, attempt: &str) -> (StatusCode, &'static str) {
+    let n = seen.record(key, attempt);
+    match key {
+        "ok" => (StatusCode::OK, ""),
+        "bad" => (StatusCode::BAD_REQUEST, "missing field title"),
+        "flaky" if n <= 2 => (StatusCode::INTERNAL_SERVER_ERROR, "database is down"),
+        "flaky" => (StatusCode::OK, ""),
+        "reply" => (StatusCode::OK, "pong"),
+        _ => (StatusCode::NOT_FOUND, "unknown"),
+    }
+}
+
+fn app(seen: Seen) -> Router {
+    Router::new().fallback(move |headers: HeaderMap, uri: Uri, _body: Bytes| {
+        let seen = seen.clone();
+        async move {
+            let h = |k: &str| {
+                headers
+                    .get(k)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            let key = h("amqp-routing-key");
+            // The path follows the contract: /{connection}/{exchange}/{routing_key}[/{correlation_id}]
+            assert!(uri.path().starts_with("/default/"), "path {}", uri.path());
+            assert!(
+                uri.path().contains(&format!("/{key}")),
+                "path {}",
+                uri.path()
+            );
+            let (status, body) = behaviour(&seen, &key, &h("amqp-attempt"));
+            (status, [("content-type", "text/plain")], body).into_response()
+        }
+    })
+}
+
+async fn serve(app: Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+fn settings(queue: &str, exchange: &str, extra: &str) -> Settings {
+    Settings::from_toml(
+        &format!(
+            r##"
+[worker]
+shutdown_timeout = "5s"
+
+[consumers.orders]
+queue = "{queue}"
+exchange = "{exchange}"
+exchange_type = "topic"
+routing_keys = ["#"]
+retry = {{ attempts = 3, delays = ["100ms", "200ms"] }}
+{extra}
+"##
+        ),
+        "test.toml",
+    )
+    .unwrap()
+}
+
+async fn cleanup(conn: &Connection, queue: &str, exchange: &str) {
+    for q in [
+        queue.to_owned(),
+        format!("{queue}.dead"),
+        format!("{queue}.retry.100ms"),
+        format!("{queue}.retry.200ms"),
+    ] {
+        conn.delete_queue(&q).await.unwrap();
+    }
+    conn.delete_exchange(exchange).await.unwrap();
+}
+
+enum Kind {
+    Url,
+    Router,
+    Native,
+}
+
+#[derive(Deserialize)]
+struct Order {
+    #[allow(dead_code)]
+    title: String,
+}
+
+async fn four_cases(kind: Kind) {
+    let conn = connect().await;
+    let queue = unique("orders");
+    let exchange = unique("shop");
+    let seen = Seen::default();
+    let extra = match kind {
+        Kind::Url => format!("handler = \"{}\"", serve(app(seen.clone())).await),
+        _ => String::new(),
+    };
+    let worker = Worker::new(settings(&queue, &exchange, &extra), seen.clone());
+    let worker = match kind {
+        Kind::Url => worker,
+        Kind::Router => worker.service("orders", app(seen.clone())),
+        Kind::Native => worker.handle(
+            "orders",
+            |Msg(_order): Msg<Order>, meta: Meta, State(seen): State<Seen>| async move {
+                let (status, body) = behaviour(&seen, &meta.routing_key, &meta.attempt.to_string());
+                match status.as_u16() {
+                    200 if body.is_empty() => Ok(Reply::default()),
+                    200 => Ok(Reply::new(body, "text/plain")),
+                    400 => Err(HandlerError::invalid(body)),
+                    _ => Err(HandlerError::retry(body)),
+                }
+            },
+        ),
+    };
+    let running = worker.start().await.unwrap();
+
+    let replies = unique("replies");
+    let mut reply_consumer = Consumer::start(&conn, ConsumerSettings::new(&replies))
+        .await
+        .unwrap();
+    let producer = Producer::new(&conn, ProducerSettings::new(&exchange, ExchangeKind::Topic))
+        .await
+        .unwrap();
+    for key in ["ok", "bad", "flaky", "reply"] {
+        let mut m = Message::encode(Serializer::Msgpack, &serde_json::json!({"title": key}))
+            .unwrap()
+            .routing_key(key);
+        if key == "reply" {
+            m = m.reply_to(&replies).correlation_id("corr-7");
+        }
+        producer.publish(m).await.unwrap();
+    }
+
+    let reply = tokio::time::timeout(Duration::from_secs(10), reply_consumer.next())
+        .await
+        .expect("a reply within 10 s")
+        .unwrap();
+    assert_eq!(reply.body, b"pong");
+    assert_eq!(reply.properties.correlation_id.as_deref(), Some("corr-7"));
+    assert_eq!(reply.properties.content_type.as_deref(), Some("text/plain"));
+    reply.ack().await.unwrap();
+
+    eventually(
+        Duration::from_secs(10),
+        "flaky to be tried 3 times",
+        || async { seen.count("flaky") == 3 },
+    )
+    .await;
+    assert_eq!(
+        seen.attempts("flaky"),
+        ["1", "2", "3"],
+        "the attempt number goes with each try"
+    );
+    let dead = format!("{queue}.dead");
+    eventually(
+        Duration::from_secs(10),
+        "the 400 in the dead-letter queue",
+        || async { conn.queue_status(&dead).await.unwrap().unwrap().messages == 1 },
+    )
+    .await;
+    eventually(Duration::from_secs(10), "the queue to drain", || async {
+        conn.queue_status(&queue).await.unwrap().unwrap().messages == 0
+    })
+    .await;
+    running.shutdown().await;
+    assert_eq!(seen.count("ok"), 1, "a 200 is handled once");
+    assert_eq!(seen.count("bad"), 1, "a 400 is requested exactly once");
+    assert_eq!(seen.count("flaky"), 3, "acked after the third try");
+    assert_eq!(seen.count("reply"), 1);
+
+    let letters = rabbitry::worker::dead::list(&conn, &queue, 10)
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1, "only the 400 is dead");
+    let l = &letters[0];
+    assert!(
+        l.error.as_deref().unwrap().contains("missing field title"),
+        "{l:?}"
+    );
+    assert_eq!(l.original_routing_key.as_deref(), Some("bad"));
+    assert_eq!(l.original_exchange.as_deref(), Some(exchange.as_str()));
+    assert_eq!(l.attempts, Some(1));
+    assert!(l.failed_at.as_deref().unwrap().ends_with('Z'));
+    cleanup(&conn, &queue, &exchange).await;
+    conn.delete_queue(&replies).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_handler_outcomes_by_status() {
+    four_cases(Kind::Url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn axum_router_outcomes_by_status() {
+    four_cases(Kind::Router).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_handler_outcomes() {
+    four_cases(Kind::Native).await;
+}
+
+/// Start and end of each handled message, by index.
+#[derive(Clone, Default)]
+struct Timeline {
+    spans: Arc<Mutex<Vec<(u32, Instant, Instant)>>>,
+    active: Arc<AtomicUsize>,
+    max_active: Arc<AtomicUsize>,
+}
+
+async fn run_timeline(concurrency: usize) -> Timeline {
+    let conn = connect().await;
+    let queue = unique("serial");
+    let exchange = unique("ex");
+    let mut s = settings(&queue, &exchange, "");
+    s.worker.concurrency = concurrency;
+    let timeline = Timeline::default();
+    let running = Worker::new(s, timeline.clone())
+        .handle(
+            "orders",
+            |Msg(i): Msg<u32>, State(t): State<Timeline>| async move {
+                let start = Instant::now();
+                let now = t.active.fetch_add(1, Ordering::SeqCst) + 1;
+                t.max_active.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(40)).await;
+                t.active.fetch_sub(1, Ordering::SeqCst);
+                t.spans.lock().unwrap().push((i, start, Instant::now()));
+            },
+        )
+        .start()
+        .await
+        .unwrap();
+    let producer = Producer::new(
+        &conn,
+        ProducerSettings::new(&exchange, ExchangeKind::Topic).routing_key("n"),
+    )
+    .await
+    .unwrap();
+    for i in 0..20u32 {
+        producer.send(&i).await.unwrap();
+    }
+    eventually(Duration::from_secs(20), "20 messages handled", || async {
+        timeline.spans.lock().unwrap().len() == 20
+    })
+    .await;
+    running.shutdown().await;
+    cleanup(&conn, &queue, &exchange).await;
+    timeline
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_one_never_overlaps_and_keeps_order() {
+    let t = run_timeline(1).await;
+    let spans = t.spans.lock().unwrap().clone();
+    let order: Vec<u32> = spans.iter().map(|s| s.0).collect();
+    assert_eq!(
+        order,
+        (0..20).collect::<Vec<_>>(),
+        "handled in publish order"
+    );
+    for w in spans.windows(2) {
+        assert!(
+            w[0].2 <= w[1].1,
+            "message {} started before {} ended",
+            w[1].0,
+            w[0].0
+        );
+    }
+    assert_eq!(t.max_active.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_four_overlaps_but_never_more_than_four() {
+    let t = run_timeline(4).await;
+    let max = t.max_active.load(Ordering::SeqCst);
+    assert!(max > 1, "handlers overlapped");
+    assert!(max <= 4, "at most 4 at once, saw {max}");
+}
+
+#[derive(Deserialize)]
+struct Typed {
+    #[allow(dead_code)]
+    id: u32,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_body_and_panics_are_dead_lettered_while_others_are_served() {
+    let conn = connect().await;
+    let queue = unique("bad");
+    let exchange = unique("ex");
+    let handled = Arc::new(AtomicUsize::new(0));
+    let running = Worker::new(settings(&queue, &exchange, ""), handled.clone())
+        .handle(
+            "orders",
+            |Msg(_t): Msg<Typed>, meta: Meta, State(n): State<Arc<AtomicUsize>>| async move {
+                if meta.routing_key == "panic" {
+                    panic!("the handler blew up");
+                }
+                n.fetch_add(1, Ordering::SeqCst);
+            },
+        )
+        .start()
+        .await
+        .unwrap();
+    let producer = Producer::new(&conn, ProducerSettings::new(&exchange, ExchangeKind::Topic))
+        .await
+        .unwrap();
+    let send = |key: &'static str, body: serde_json::Value| {
+        let producer = producer.clone();
+        async move {
+            producer
+                .publish(
+                    Message::encode(Serializer::Msgpack, &body)
+                        .unwrap()
+                        .routing_key(key),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    send("undecodable", serde_json::json!({"title": "no id"})).await;
+    send("panic", serde_json::json!({"id": 1})).await;
+    send("ok", serde_json::json!({"id": 2})).await;
+    send("ok", serde_json::json!({"id": 3})).await;
+
+    let dead = format!("{queue}.dead");
+    eventually(Duration::from_secs(10), "two dead letters", || async {
+        conn.queue_status(&dead).await.unwrap().unwrap().messages == 2
+    })
+    .await;
+    assert_eq!(
+        handled.load(Ordering::SeqCst),
+        2,
+        "the good messages were served"
+    );
+    running.shutdown().await;
+    let letters = rabbitry::worker::dead::list(&conn, &queue, 10)
+        .await
+        .unwrap();
+    let by_key: HashMap<_, _> = letters
+        .iter()
+        .map(|l| (l.original_routing_key.clone().unwrap(), l.clone()))
+        .collect();
+    let undecodable = &by_key["undecodable"];
+    let reason = undecodable.error.as_deref().unwrap();
+    assert!(
+        reason.contains("does not decode") && reason.contains("missing field `id`"),
+        "{reason}"
+    );
+    assert_eq!(undecodable.attempts, Some(1), "bad input is not retried");
+    let panicked = &by_key["panic"];
+    assert!(
+        panicked
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("the handler blew up"),
+        "{panicked:?}"
+    );
+    assert_eq!(
+        panicked.attempts,
+        Some(3),
+        "a panic is retried, then dead-lettered"
+    );
+    cleanup(&conn, &queue, &exchange).await;
+}
+
+/// (site, routing key) per handled message.
+type SiteLog = Arc<Mutex<Vec<(String, String)>>>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn site_substitution_gives_each_site_its_own_queue() {
+    let conn = connect().await;
+    let exchange = unique("shop");
+    let base = unique("site");
+    let text = format!(
+        "[consumers.orders]\nqueue = \"{base}.${{site}}.orders\"\nexchange = \"{exchange}\"\nexchange_type = \"topic\"\nrouting_keys = [\"${{site}}.order.*\"]\n"
+    );
+    let settings = Settings::from_toml(&text, "sites.toml").unwrap();
+    let seen: SiteLog = Arc::default();
+    let mut workers = Vec::new();
+    for site in ["a", "b"] {
+        let running = Worker::new(settings.for_site(site), seen.clone())
+            .handle(
+                "orders",
+                |meta: Meta, State(seen): State<SiteLog>| async move {
+                    seen.lock()
+                        .unwrap()
+                        .push((meta.site.unwrap_or_default(), meta.routing_key));
+                },
+            )
+            .start()
+            .await
+            .unwrap();
+        workers.push(running);
+    }
+    let producer = Producer::new(&conn, ProducerSettings::new(&exchange, ExchangeKind::Topic))
+        .await
+        .unwrap();
+    for key in ["a.order.1", "b.order.1", "b.order.2"] {
+        producer
+            .publish(Message::new("x").routing_key(key))
+            .await
+            .unwrap();
+    }
+    eventually(Duration::from_secs(10), "3 messages handled", || async {
+        seen.lock().unwrap().len() == 3
+    })
+    .await;
+    for w in workers {
+        w.shutdown().await;
+    }
+    let mut got = seen.lock().unwrap().clone();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("a".to_owned(), "a.order.1".to_owned()),
+            ("b".to_owned(), "b.order.1".to_owned()),
+            ("b".to_owned(), "b.order.2".to_owned())
+        ]
+    );
+    for site in ["a", "b"] {
+        let q = format!("{base}.{site}.orders");
+        cleanup(&conn, &q, &exchange).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_dead_letter_is_handled_successfully() {
+    let conn = connect().await;
+    let queue = unique("replay");
+    let exchange = unique("ex");
+    let fixed = Arc::new(AtomicUsize::new(0));
+    let running = Worker::new(settings(&queue, &exchange, ""), fixed.clone())
+        .handle(
+            "orders",
+            |State(fixed): State<Arc<AtomicUsize>>, meta: Meta| async move {
+                if fixed.load(Ordering::SeqCst) == 0 {
+                    return Err(HandlerError::invalid("not ready yet"));
+                }
+                assert_eq!(meta.attempt, 1, "replay resets the attempts");
+                fixed.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            },
+        )
+        .start()
+        .await
+        .unwrap();
+    let producer = Producer::new(&conn, ProducerSettings::new(&exchange, ExchangeKind::Topic))
+        .await
+        .unwrap();
+    producer
+        .publish(Message::new("x").routing_key("order.1"))
+        .await
+        .unwrap();
+    let dead = format!("{queue}.dead");
+    eventually(Duration::from_secs(10), "the dead letter", || async {
+        conn.queue_status(&dead).await.unwrap().unwrap().messages == 1
+    })
+    .await;
+    fixed.store(1, Ordering::SeqCst);
+    let n = rabbitry::worker::dead::replay(&conn, &queue, 10)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    eventually(
+        Duration::from_secs(10),
+        "the replayed message handled",
+        || async { fixed.load(Ordering::SeqCst) == 2 },
+    )
+    .await;
+    assert_eq!(conn.queue_status(&dead).await.unwrap().unwrap().messages, 0);
+    running.shutdown().await;
+    cleanup(&conn, &queue, &exchange).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_request_is_acked_without_handling_and_error_handler_takes_failures() {
+    let conn = connect().await;
+    let queue = unique("deadline");
+    let exchange = unique("ex");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let errors2 = errors.clone();
+    let running = Worker::new(settings(&queue, &exchange, ""), calls.clone())
+        .handle(
+            "orders",
+            |State(calls): State<Arc<AtomicUsize>>, meta: Meta| async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                if meta.routing_key == "fail" {
+                    return Err(HandlerError::retry("boom"));
+                }
+                Ok(())
+            },
+        )
+        .on_error(&exchange, move |_d, e| {
+            let errors = errors2.clone();
+            async move { errors.lock().unwrap().push(e.message) }
+        })
+        .start()
+        .await
+        .unwrap();
+    let producer = Producer::new(&conn, ProducerSettings::new(&exchange, ExchangeKind::Topic))
+        .await
+        .unwrap();
+    let past = rabbitry::worker::retry::now_millis() - 1_000;
+    producer
+        .publish(
+            Message::new("x")
+                .routing_key("late")
+                .header(rabbitry::worker::retry::DEADLINE, HeaderValue::Int(past)),
+        )
+        .await
+        .unwrap();
+    producer
+        .publish(Message::new("x").routing_key("fail"))
+        .await
+        .unwrap();
+    producer
+        .publish(Message::new("x").routing_key("ok"))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "two handled", || async {
+        calls.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    eventually(Duration::from_secs(10), "the queue to drain", || async {
+        conn.queue_status(&queue).await.unwrap().unwrap().messages == 0
+    })
+    .await;
+    running.shutdown().await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "the expired request was not handled"
+    );
+    assert_eq!(
+        *errors.lock().unwrap(),
+        ["boom"],
+        "the error handler got the failure"
+    );
+    let dead = conn
+        .queue_status(&format!("{queue}.dead"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        dead.messages, 0,
+        "with an error handler the message is acked, not dead-lettered"
+    );
+    cleanup(&conn, &queue, &exchange).await;
+}
