@@ -38,6 +38,8 @@ enum Command {
     Worker(cmd::worker::Args),
     /// List, replay or purge dead letters.
     Dead(cmd::dead::Args),
+    /// The durable outbox: migrate, status.
+    Outbox(cmd::outbox::Args),
     /// Run the seed's request/reply flow end to end.
     Demo(cmd::demo::Args),
 }
@@ -68,14 +70,31 @@ fn main() -> ExitCode {
             Command::Bench(args) => cmd::bench::run(&global, args).await,
             Command::Worker(args) => cmd::worker::run(&global, args).await,
             Command::Dead(args) => cmd::dead::run(&global, args).await,
+            Command::Outbox(args) => cmd::outbox::run(&global, args).await,
             Command::Demo(args) => cmd::demo::run(&global, args).await,
         }
     });
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", report(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each cause shown once: rabbitry's errors
+/// already include their source in their message.
+fn report(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }

@@ -35,6 +35,14 @@ struct RawSettings {
     #[serde(default)]
     consumers: BTreeMap<String, RawConsumer>,
     worker: Option<RawWorker>,
+    outbox: Option<RawOutbox>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawOutbox {
+    database: String,
+    connection: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -190,6 +198,15 @@ impl Default for WorkerSettings {
     }
 }
 
+/// The `[outbox]` section: the database whose outbox the worker relays.
+#[derive(Debug, Clone)]
+pub struct OutboxSettings {
+    /// `sqlite://path` or `postgres://...`.
+    pub database: String,
+    /// The connection the relay publishes on.
+    pub connection: String,
+}
+
 /// Validated, typed settings.
 #[derive(Debug, Clone, Default)]
 pub struct Settings {
@@ -201,6 +218,8 @@ pub struct Settings {
     pub consumers: BTreeMap<String, ConsumerConfig>,
     /// The worker section.
     pub worker: WorkerSettings,
+    /// The outbox section, if any.
+    pub outbox: Option<OutboxSettings>,
 }
 
 impl Settings {
@@ -550,6 +569,20 @@ fn validate(raw: RawSettings, source: &str) -> Result<Settings> {
                 Duration::from_secs(30),
             )?,
         };
+    }
+    if let Some(o) = raw.outbox {
+        let connection = o.connection.unwrap_or_else(|| DEFAULT_CONNECTION.into());
+        known(&connection, "outbox.connection".into())?;
+        if !(o.database.starts_with("sqlite:") || o.database.starts_with("postgres")) {
+            return Err(err(
+                "outbox.database".into(),
+                "expected sqlite://PATH or postgres://...".into(),
+            ));
+        }
+        settings.outbox = Some(OutboxSettings {
+            database: o.database,
+            connection,
+        });
     }
     settings.producers = producers;
     settings.consumers = consumers;

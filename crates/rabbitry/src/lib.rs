@@ -41,6 +41,9 @@
 //! - [`error`]: the one error type.
 //! - [`worker`]: the consuming server: handlers, retries, dead letters.
 //! - [`transaction`]: the unit of work, publishes at commit.
+//! - [`web`]: a tower layer: publish on 2xx only.
+//! - [`rpc`]: request/reply client, durable replies.
+//! - [`outbox`]: the durable outbox and the idempotent inbox (SQLite, PostgreSQL).
 //! - [`bench`]: the gateway against the raw client, same run.
 
 pub mod bench;
@@ -50,9 +53,12 @@ pub mod connection;
 pub mod consume;
 pub mod error;
 pub mod message;
+pub mod outbox;
 pub mod publish;
+pub mod rpc;
 pub mod topology;
 pub mod transaction;
+pub mod web;
 pub mod worker;
 
 mod amqp;

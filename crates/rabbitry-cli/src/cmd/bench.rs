@@ -4,14 +4,14 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use rabbitry::bench::{self, BenchOptions};
+use rabbitry::bench::{self, BenchOptions, Report};
 
 use super::Global;
 
 /// Benchmark the gateway against raw amqprs on the same scenarios.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Print {"scenarios":[...]} as JSON.
+    /// Print {"scenarios":[...],"latencies":[...]} as JSON.
     #[arg(long)]
     json: bool,
     /// Messages per scenario run.
@@ -20,6 +20,13 @@ pub struct Args {
     /// Rounds per side; the best of each is kept.
     #[arg(long, default_value_t = 2)]
     rounds: usize,
+    /// Groups to run: core, worker, outbox, rpc (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "core,worker,outbox,rpc")]
+    only: Vec<String>,
+    /// Databases for the outbox group (default: a temporary SQLite file and
+    /// postgres://postgres@127.0.0.1:5432/test).
+    #[arg(long = "database")]
+    databases: Vec<String>,
 }
 
 pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
@@ -41,11 +48,48 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
             eprintln!("{step}");
         }
     };
-    let mut report = bench::run(&opts, &progress).await?;
-    let router = axum::Router::new().fallback(|| async { axum::http::StatusCode::OK });
-    report
-        .scenarios
-        .extend(bench::run_worker(&opts, &progress, router).await?);
+    let wants = |g: &str| args.only.iter().any(|o| o == g);
+    let mut report = Report::default();
+    if wants("core") {
+        report = bench::run(&opts, &progress).await?;
+    }
+    if wants("worker") {
+        let router = axum::Router::new().fallback(|| async { axum::http::StatusCode::OK });
+        report
+            .scenarios
+            .extend(bench::run_worker(&opts, &progress, router).await?);
+    }
+    if wants("outbox") {
+        let mut databases = args.databases.clone();
+        if databases.is_empty() {
+            let dir = std::env::temp_dir().join(format!("rabbitry-bench-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            databases.push(format!("sqlite://{}/outbox.db", dir.display()));
+            databases.push("postgres://postgres@127.0.0.1:5432/test".into());
+        }
+        for db in &databases {
+            let label = if db.starts_with("sqlite") {
+                "sqlite"
+            } else {
+                "postgres"
+            };
+            match bench::run_outbox(&opts, &progress, db, label).await {
+                Ok((t, l)) => {
+                    report.scenarios.push(t);
+                    report.latencies.push(l);
+                }
+                Err(e) => eprintln!(
+                    "\noutbox bench on {} skipped: {e}",
+                    rabbitry::connection::redact(db)
+                ),
+            }
+        }
+    }
+    if wants("rpc") {
+        let (scenarios, latencies) = bench::run_rpc(&opts, &progress).await?;
+        report.scenarios.extend(scenarios);
+        report.latencies.extend(latencies);
+    }
     if tty {
         eprint!("\r\x1b[2K");
     }
@@ -61,6 +105,25 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
                 "{:<44} {:>12} {:>12} {:>7.2}",
                 s.name, s.raw_msgs_per_s, s.gateway_msgs_per_s, s.ratio
             );
+        }
+        if !report.latencies.is_empty() {
+            println!();
+            println!(
+                "{:<44} {:>12} {:>12}",
+                "latency (ms)", "raw p50/p99", "gateway"
+            );
+            for l in &report.latencies {
+                let raw = match (l.raw_p50_ms, l.raw_p99_ms) {
+                    (Some(a), Some(b)) => format!("{a:.3}/{b:.3}"),
+                    _ => "-".into(),
+                };
+                println!(
+                    "{:<44} {:>12} {:>12}",
+                    l.name,
+                    raw,
+                    format!("{:.3}/{:.3}", l.gateway_p50_ms, l.gateway_p99_ms)
+                );
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

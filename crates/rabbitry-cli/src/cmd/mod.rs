@@ -6,6 +6,7 @@ pub mod consume;
 pub mod dead;
 pub mod declare;
 pub mod demo;
+pub mod outbox;
 pub mod publish;
 pub mod queues;
 pub mod worker;

@@ -27,7 +27,15 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     if settings.consumers.is_empty() {
         bail!("the configuration defines no [consumers.*]");
     }
-    let running = Worker::new(settings, ()).start().await?;
+    let outbox = match &settings.outbox {
+        Some(o) => Some(rabbitry::outbox::Outbox::connect(&o.database).await?),
+        None => None,
+    };
+    let mut worker = Worker::new(settings, ());
+    if let Some(outbox) = outbox {
+        worker = worker.with_outbox(outbox);
+    }
+    let running = worker.start().await?;
     eprintln!("worker: consuming; Ctrl-C or SIGTERM stops it cleanly");
     shutdown_signal().await;
     eprintln!("worker: stopping (finishing the handlers in flight)...");

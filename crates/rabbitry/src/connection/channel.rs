@@ -55,6 +55,14 @@ impl ChannelWatch {
     }
 }
 
+/// A message the broker returned as unroutable.
+#[derive(Debug, Clone)]
+pub(crate) struct Returned {
+    pub(crate) message_id: Option<String>,
+    pub(crate) correlation_id: Option<String>,
+    pub(crate) text: String,
+}
+
 /// Receives publisher confirms and returns for one channel.
 pub(crate) trait ConfirmSink: Send + Sync + 'static {
     /// `basic.ack` for `tag` (and every lower tag when `multiple`).
@@ -62,7 +70,7 @@ pub(crate) trait ConfirmSink: Send + Sync + 'static {
     /// `basic.nack` for `tag` (and every lower tag when `multiple`).
     fn nack(&self, tag: u64, multiple: bool);
     /// `basic.return`: an unroutable mandatory message.
-    fn returned(&self, message_id: Option<String>, code: u16, text: String);
+    fn returned(&self, returned: Returned);
     /// The broker closed the channel.
     fn closed(&self, reason: &CloseReason);
 }
@@ -129,16 +137,17 @@ impl ChannelCallback for Events {
         _content: Vec<u8>,
     ) {
         if let Some(sink) = &self.confirms {
-            sink.returned(
-                properties.message_id().cloned(),
-                ret.reply_code(),
-                format!(
-                    "{} (exchange '{}', routing key '{}')",
+            sink.returned(Returned {
+                message_id: properties.message_id().cloned(),
+                correlation_id: properties.correlation_id().cloned(),
+                text: format!(
+                    "{} {} (exchange '{}', routing key '{}')",
+                    ret.reply_code(),
                     ret.reply_text(),
                     ret.exchange(),
                     ret.routing_key()
                 ),
-            );
+            });
         }
     }
 }

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::connection::channel::CloseReason;
+use crate::connection::channel::{CloseReason, Returned};
 use crate::connection::{lock, ConfirmSink, Connection};
 use crate::error::{Error, ErrorKind, Result};
 
@@ -155,7 +155,10 @@ impl ConfirmSink for EpochSink {
         self.tracker.settle(self.epoch, tag, multiple, false);
     }
 
-    fn returned(&self, message_id: Option<String>, _code: u16, text: String) {
+    fn returned(&self, returned: Returned) {
+        let Returned {
+            message_id, text, ..
+        } = returned;
         let Some(id) = message_id else {
             tracing::warn!(reason = %text, "a returned message has no message id; cannot match it");
             return;
@@ -212,7 +215,7 @@ struct Publish {
 /// (the actor); callers talk to it through a bounded queue.
 pub(crate) struct Publisher {
     conn: Connection,
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
     tx: mpsc::Sender<Publish>,
     task: Mutex<Option<JoinHandle<()>>>,
 }
@@ -240,7 +243,7 @@ impl Publisher {
         let task = tokio::spawn(actor.run(rx));
         Ok(Arc::new(Publisher {
             conn: conn.clone(),
-            permits: Semaphore::new(max_in_flight.max(1)),
+            permits: Arc::new(Semaphore::new(max_in_flight.max(1))),
             tx,
             task: Mutex::new(Some(task)),
         }))
@@ -249,18 +252,19 @@ impl Publisher {
     /// Sends one message and, with confirms, waits for the broker's ack.
     /// Without confirms, returns once the message is handed to the socket.
     pub(crate) async fn publish(&self, message: Outgoing) -> Result<()> {
-        let _permit = self
+        self.submit(message).await?.wait().await
+    }
+
+    /// Queues one message for sending, in call order, and returns the wait
+    /// for its confirm. Many can be submitted before any is awaited.
+    pub(crate) async fn submit(&self, message: Outgoing) -> Result<Confirmation> {
+        let permit = self
             .permits
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
-            .map_err(|_| Error::new(ErrorKind::Closed, "publisher closed"))?;
+            .map_err(|_| self.closed())?;
         let (done, result) = oneshot::channel();
-        let closed = || {
-            Error::new(
-                ErrorKind::Closed,
-                format!("publisher on connection '{}' closed", self.conn.name()),
-            )
-        };
         self.tx
             .send(Publish {
                 message,
@@ -268,8 +272,41 @@ impl Publisher {
                 deadline: Instant::now() + self.conn.settings().recovery_timeout,
             })
             .await
-            .map_err(|_| closed())?;
-        result.await.unwrap_or_else(|_| Err(closed()))
+            .map_err(|_| self.closed())?;
+        Ok(Confirmation {
+            result,
+            _permit: permit,
+            closed: self.closed(),
+        })
+    }
+
+    fn closed(&self) -> Error {
+        Error::new(
+            ErrorKind::Closed,
+            format!("publisher on connection '{}' closed", self.conn.name()),
+        )
+    }
+}
+
+/// The broker's answer to one submitted message, to be awaited.
+pub struct Confirmation {
+    result: oneshot::Receiver<Result<()>>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    closed: Error,
+}
+
+impl std::fmt::Debug for Confirmation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Confirmation")
+    }
+}
+
+impl Confirmation {
+    /// Waits for the confirm (or for the message to be handed over, without
+    /// confirms).
+    pub async fn wait(self) -> Result<()> {
+        let Confirmation { result, closed, .. } = self;
+        result.await.unwrap_or(Err(closed))
     }
 }
 

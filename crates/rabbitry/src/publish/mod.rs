@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::message::{Message, PERSISTENT, TRANSIENT};
 use crate::topology::{is_reserved, Exchange, ExchangeKind, Topology};
 
+pub use confirms::Confirmation;
 pub(crate) use confirms::{Outgoing, Publisher};
 
 /// How a producer publishes. Defaults follow collective.zamqp: the default
@@ -174,6 +175,15 @@ impl Producer {
     pub async fn publish(&self, message: Message) -> Result<()> {
         let outgoing = self.prepare(message)?;
         self.publisher.publish(outgoing).await
+    }
+
+    /// Queues `message` for sending and returns the wait for its confirm.
+    /// Messages submitted one after another go out in that order, while
+    /// their confirms are awaited together: this is how a relay keeps order
+    /// without waiting a round trip per message.
+    pub async fn submit(&self, message: Message) -> Result<Confirmation> {
+        let outgoing = self.prepare(message)?;
+        self.publisher.submit(outgoing).await
     }
 
     pub(crate) fn prepare(&self, message: Message) -> Result<Outgoing> {

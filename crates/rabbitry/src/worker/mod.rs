@@ -66,6 +66,7 @@ impl<S> Clone for Route<S> {
 /// [`start`](Worker::start) or [`run`](Worker::run) it.
 pub struct Worker<S = ()> {
     settings: Settings,
+    outbox: Option<crate::outbox::Outbox>,
     state: S,
     routes: HashMap<String, Route<S>>,
     error_handlers: HashMap<String, ErrorHandler>,
@@ -78,6 +79,7 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
     pub fn new(settings: Settings, state: S) -> Self {
         Worker {
             settings,
+            outbox: None,
             state,
             routes: HashMap::new(),
             error_handlers: HashMap::new(),
@@ -135,6 +137,13 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
         self
     }
 
+    /// Relays `outbox` while the worker runs (on the `[outbox]` section's
+    /// connection), and flushes it at shutdown.
+    pub fn with_outbox(mut self, outbox: crate::outbox::Outbox) -> Self {
+        self.outbox = Some(outbox);
+        self
+    }
+
     /// Runs until `shutdown` resolves, then shuts down gracefully.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let running = self.start().await?;
@@ -148,6 +157,7 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
     pub async fn start(self) -> Result<RunningWorker> {
         let Worker {
             settings,
+            outbox,
             state,
             mut routes,
             error_handlers,
@@ -228,6 +238,32 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
                 stop_rx.clone(),
             )));
         }
+        let relay = match outbox {
+            Some(outbox) => {
+                let name = settings
+                    .outbox
+                    .as_ref()
+                    .map_or(crate::config::DEFAULT_CONNECTION.to_owned(), |o| {
+                        o.connection.clone()
+                    });
+                let conn = match connections.get(&name) {
+                    Some(c) => c.clone(),
+                    None => {
+                        let mut cs = settings.connection(&name)?;
+                        cs.name = format!("rabbitry-worker.{name}");
+                        let c = Connection::open(cs).await?;
+                        connections.insert(name.clone(), c.clone());
+                        c
+                    }
+                };
+                Some(
+                    outbox
+                        .spawn_relay(&conn, crate::outbox::RelayOptions::default())
+                        .await?,
+                )
+            }
+            None => None,
+        };
         if let Some(unused) = routes.keys().next() {
             return Err(Error::config(format!(
                 "a handler was registered for consumer '{unused}', which the settings do not define"
@@ -236,6 +272,7 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
         Ok(RunningWorker {
             stop,
             tasks,
+            relay,
             connections: connections.into_values().collect(),
             shutdown_timeout: settings.worker.shutdown_timeout,
         })
@@ -246,6 +283,7 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
 pub struct RunningWorker {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    relay: Option<crate::outbox::Relay>,
     connections: Vec<Connection>,
     shutdown_timeout: Duration,
 }
@@ -264,6 +302,13 @@ impl RunningWorker {
                     "handlers still running at the shutdown deadline; their messages will be redelivered"
                 );
                 task.abort();
+            }
+        }
+        if let Some(relay) = self.relay {
+            // The relay finishes its current round (rows are deleted only
+            // after their confirm, so nothing is lost either way).
+            if let Err(e) = relay.stop().await {
+                tracing::warn!(error = %e, "the outbox relay ended with an error");
             }
         }
         for c in self.connections {
@@ -413,7 +458,7 @@ async fn handle_delivery<S: Clone + Send + Sync + 'static>(
     let result = run_handler(rt, state, ctx).await;
     span.record("outcome", outcome_label(&result));
     match result {
-        Ok(reply) => succeed(rt, &delivery, &unit, reply).await,
+        Ok(reply) => succeed(rt, &delivery, attempt, &unit, reply).await,
         Err(err) => {
             unit.abort();
             fail(rt, &delivery, attempt, err).await;
@@ -464,12 +509,19 @@ async fn run_handler<S: Clone + Send + Sync + 'static>(
     }
 }
 
-/// Success: the unit of work's publishes (confirmed), the reply, then the ack.
-async fn succeed<S>(rt: &ConsumerRuntime<S>, d: &Delivery, unit: &UnitOfWork, reply: Reply) {
+/// Success: the unit of work's publishes (confirmed), the reply, then the
+/// ack. If a publish fails, nothing is acked: the delivery takes the retry
+/// path, so it is neither lost nor spun in a tight loop.
+async fn succeed<S>(
+    rt: &ConsumerRuntime<S>,
+    d: &Arc<Delivery>,
+    attempt: u32,
+    unit: &UnitOfWork,
+    reply: Reply,
+) {
     if let Err(e) = unit.commit(None).await {
-        tracing::error!(error = %e, "publishing the handler's messages failed; requeueing");
-        settle_or_log(d, Outcome::Requeue).await;
-        return;
+        let err = HandlerError::retry(format!("publishing the handler's messages failed: {e}"));
+        return fail(rt, d, attempt, err).await;
     }
     if let (Some(reply_to), false) = (&d.properties.reply_to, reply.body.is_empty()) {
         let mut m = Message::new(reply.body)
@@ -478,9 +530,9 @@ async fn succeed<S>(rt: &ConsumerRuntime<S>, d: &Delivery, unit: &UnitOfWork, re
         m.properties.content_type = reply.content_type;
         m.properties.correlation_id = d.properties.correlation_id.clone();
         if let Err(e) = rt.replies.publish(m).await {
-            tracing::error!(error = %e, reply_to = %reply_to, "publishing the reply failed; requeueing");
-            settle_or_log(d, Outcome::Requeue).await;
-            return;
+            let err =
+                HandlerError::retry(format!("publishing the reply to '{reply_to}' failed: {e}"));
+            return fail(rt, d, attempt, err).await;
         }
     }
     settle_or_log(d, Outcome::Ack).await;

@@ -6,4 +6,5 @@ mod errors;
 mod publish;
 mod recovery;
 mod support;
+mod transactions;
 mod worker;

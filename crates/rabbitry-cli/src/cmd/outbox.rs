@@ -1,0 +1,71 @@
+//! `rabbitry outbox`: create the tables, or show the backlog and failures.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Subcommand;
+use rabbitry::outbox::{Database, Outbox};
+
+use super::Global;
+
+/// The durable outbox.
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    action: Action,
+}
+
+#[derive(Subcommand)]
+enum Action {
+    /// Create the outbox, inbox and request tables if they do not exist.
+    Migrate {
+        /// sqlite://PATH or postgres://...
+        #[arg(long)]
+        database: String,
+    },
+    /// Print the backlog, the oldest pending age and the failed rows.
+    Status {
+        /// sqlite://PATH or postgres://...
+        #[arg(long)]
+        database: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn run(_global: &Global, args: Args) -> Result<ExitCode> {
+    match args.action {
+        Action::Migrate { database } => {
+            Database::connect(&database).await?.migrate().await?;
+            println!(
+                "outbox tables ready in {}",
+                rabbitry::connection::redact(&database)
+            );
+        }
+        Action::Status { database, json } => {
+            let status = Outbox::connect(&database).await?.status().await?;
+            if json {
+                println!("{}", serde_json::to_string(&status)?);
+            } else {
+                println!("pending: {}", status.pending);
+                match status.oldest_pending_ms {
+                    Some(ms) => println!("oldest pending: {:.1}s", ms as f64 / 1000.0),
+                    None => println!("oldest pending: -"),
+                }
+                println!("failed: {}", status.failed.len());
+                for f in &status.failed {
+                    println!(
+                        "  #{} {} -> exchange '{}' key '{}': {}",
+                        f.id,
+                        f.message_id,
+                        f.exchange,
+                        f.routing_key,
+                        f.error.as_deref().unwrap_or("?")
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

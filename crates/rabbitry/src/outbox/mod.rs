@@ -1,0 +1,488 @@
+//! The durable outbox and the idempotent inbox, on SQLite and PostgreSQL.
+//!
+//! **Outbox.** [`publish`] writes a message as a row of `rabbitry_outbox`
+//! inside the caller's own sqlx transaction, so the message exists if and
+//! only if the transaction commits. A [`Relay`] publishes pending rows with
+//! confirms, in commit (id) order, and deletes a row only after its
+//! confirm; an unroutable or refused message is marked `failed` with the
+//! error (shown by `rabbitry outbox status`) instead of being retried in a
+//! tight loop. Several relays are safe: `FOR UPDATE SKIP LOCKED` on
+//! PostgreSQL, a lease on SQLite. The relay wakes at once: in-process when
+//! the commit goes through [`Outbox::commit`], by `LISTEN/NOTIFY` on
+//! PostgreSQL, and by polling otherwise.
+//!
+//! **Inbox.** [`inbox_claim`] records a delivery's message id in the same
+//! transaction as the handler's writes; a redelivered duplicate finds its
+//! id there and is acked without running the handler again. With the
+//! outbox's stable message ids this gives exactly-once effects on top of
+//! at-least-once delivery.
+
+mod relay;
+mod store;
+
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::{PgConnection, PgPool, Row, SqliteConnection, SqlitePool};
+use tokio::sync::Notify;
+
+pub use relay::{Relay, RelayOptions};
+
+use crate::connection::redact;
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::Message;
+use crate::worker::retry::now_millis;
+
+/// The channel relays listen on for new rows (PostgreSQL).
+pub const NOTIFY_CHANNEL: &str = "rabbitry_outbox";
+
+const SQLITE_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS rabbitry_outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT NOT NULL UNIQUE,
+    exchange TEXT NOT NULL,
+    routing_key TEXT NOT NULL,
+    properties TEXT NOT NULL,
+    body BLOB NOT NULL,
+    mandatory INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    lease_owner TEXT,
+    lease_until INTEGER
+);
+CREATE INDEX IF NOT EXISTS rabbitry_outbox_pending ON rabbitry_outbox (status, id);
+CREATE TABLE IF NOT EXISTS rabbitry_inbox (
+    consumer TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    processed_at INTEGER NOT NULL,
+    PRIMARY KEY (consumer, message_id)
+);
+CREATE TABLE IF NOT EXISTS rabbitry_requests (
+    correlation_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    request TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    reply_content_type TEXT,
+    reply BLOB,
+    replied_at INTEGER
+);
+";
+
+const PG_SCHEMA: &str = "
+SELECT pg_advisory_xact_lock(7263551);
+CREATE TABLE IF NOT EXISTS rabbitry_outbox (
+    id BIGSERIAL PRIMARY KEY,
+    message_id TEXT NOT NULL UNIQUE,
+    exchange TEXT NOT NULL,
+    routing_key TEXT NOT NULL,
+    properties TEXT NOT NULL,
+    body BYTEA NOT NULL,
+    mandatory BOOLEAN NOT NULL DEFAULT FALSE,
+    created_at BIGINT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    lease_owner TEXT,
+    lease_until BIGINT
+);
+CREATE INDEX IF NOT EXISTS rabbitry_outbox_pending ON rabbitry_outbox (status, id);
+CREATE TABLE IF NOT EXISTS rabbitry_inbox (
+    consumer TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    processed_at BIGINT NOT NULL,
+    PRIMARY KEY (consumer, message_id)
+);
+CREATE TABLE IF NOT EXISTS rabbitry_requests (
+    correlation_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    request TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    reply_content_type TEXT,
+    reply BYTEA,
+    replied_at BIGINT
+);
+";
+
+/// A database pool: SQLite (the embedded default) or PostgreSQL.
+#[derive(Clone, Debug)]
+pub enum Database {
+    /// `sqlite://path`
+    Sqlite(SqlitePool),
+    /// `postgres://...`
+    Postgres(PgPool),
+}
+
+impl Database {
+    /// Connects to `url` (`sqlite://path`, created if missing, in WAL mode;
+    /// or `postgres://user@host/db`). An unreachable database is an error
+    /// that names it.
+    pub async fn connect(url: &str) -> Result<Database> {
+        let named = |e: sqlx::Error| db_error(url, "cannot connect", e);
+        if url.starts_with("sqlite:") {
+            let opts = SqliteConnectOptions::from_str(url)
+                .map_err(named)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .busy_timeout(Duration::from_secs(10));
+            let pool = SqlitePoolOptions::new()
+                .max_connections(8)
+                .connect_with(opts)
+                .await
+                .map_err(named)?;
+            Ok(Database::Sqlite(pool))
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let opts = PgConnectOptions::from_str(url).map_err(named)?;
+            // One direct connection first: its error says what is wrong
+            // (refused, unknown database, authentication) where the pool
+            // would only time out.
+            let probe = <PgConnection as sqlx::Connection>::connect_with(&opts)
+                .await
+                .map_err(named)?;
+            let _ = sqlx::Connection::close(probe).await;
+            let pool = PgPoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(opts)
+                .await
+                .map_err(named)?;
+            Ok(Database::Postgres(pool))
+        } else {
+            Err(Error::config(format!(
+                "database URL `{}`: expected sqlite://PATH or postgres://...",
+                redact(url)
+            )))
+        }
+    }
+
+    /// Creates the outbox, inbox and request tables if they do not exist.
+    pub async fn migrate(&self) -> Result<()> {
+        match self {
+            Database::Sqlite(pool) => {
+                sqlx::raw_sql(SQLITE_SCHEMA)
+                    .execute(pool)
+                    .await
+                    .map_err(|e| db_error("sqlite", "creating the outbox tables", e))?;
+            }
+            Database::Postgres(pool) => {
+                let mut tx = pool
+                    .begin()
+                    .await
+                    .map_err(|e| db_error("postgres", "creating the outbox tables", e))?;
+                sqlx::raw_sql(PG_SCHEMA)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| db_error("postgres", "creating the outbox tables", e))?;
+                tx.commit()
+                    .await
+                    .map_err(|e| db_error("postgres", "creating the outbox tables", e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An error naming the database and what was being done.
+pub fn db_error(what: &str, doing: &str, e: sqlx::Error) -> Error {
+    Error::new(
+        ErrorKind::Database,
+        format!("database {}: {doing}", redact(what)),
+    )
+    .with_source(e)
+}
+
+/// A message ready to be written as an outbox row.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    /// Stable across every resend.
+    pub message_id: String,
+    /// Where it goes.
+    pub exchange: String,
+    /// With which routing key.
+    pub routing_key: String,
+    /// Properties, stored losslessly.
+    pub properties: String,
+    /// The body.
+    pub body: Vec<u8>,
+    /// Unroutable is a failure.
+    pub mandatory: bool,
+}
+
+impl OutboxRow {
+    /// The row for `message`. It must name its routing key; a missing
+    /// exchange means the default exchange; a missing message id gets a
+    /// UUID, which then never changes.
+    pub fn from_message(mut message: Message) -> Result<OutboxRow> {
+        let routing_key = message.routing_key.take().ok_or_else(|| {
+            Error::new(ErrorKind::Invalid, "an outbox message needs a routing key")
+        })?;
+        let message_id = message
+            .properties
+            .message_id
+            .get_or_insert_with(|| uuid::Uuid::new_v4().to_string())
+            .clone();
+        if message.properties.delivery_mode.is_none() {
+            message.properties.delivery_mode = Some(crate::message::PERSISTENT);
+        }
+        Ok(OutboxRow {
+            message_id,
+            exchange: message.exchange.unwrap_or_default(),
+            routing_key,
+            properties: store::encode(&message.properties),
+            body: message.body,
+            mandatory: message.mandatory,
+        })
+    }
+}
+
+/// A connection that can write outbox and inbox rows: a
+/// `&mut SqliteConnection` or `&mut PgConnection`, which is what
+/// `&mut *tx` gives for an sqlx transaction.
+pub trait OutboxExecutor: Send {
+    /// Inserts an outbox row.
+    fn insert_outbox(&mut self, row: &OutboxRow) -> impl Future<Output = Result<()>> + Send;
+    /// Inserts an inbox row; `false` when it was already there.
+    fn insert_inbox(
+        &mut self,
+        consumer: &str,
+        message_id: &str,
+    ) -> impl Future<Output = Result<bool>> + Send;
+}
+
+impl OutboxExecutor for SqliteConnection {
+    async fn insert_outbox(&mut self, row: &OutboxRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, mandatory, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )
+        .bind(&row.message_id)
+        .bind(&row.exchange)
+        .bind(&row.routing_key)
+        .bind(&row.properties)
+        .bind(&row.body)
+        .bind(row.mandatory)
+        .bind(now_millis())
+        .execute(&mut *self)
+        .await
+        .map_err(|e| db_error("sqlite", "writing an outbox row", e))?;
+        Ok(())
+    }
+
+    async fn insert_inbox(&mut self, consumer: &str, message_id: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO rabbitry_inbox (consumer, message_id, processed_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (consumer, message_id) DO NOTHING",
+        )
+        .bind(consumer)
+        .bind(message_id)
+        .bind(now_millis())
+        .execute(&mut *self)
+        .await
+        .map_err(|e| db_error("sqlite", "writing an inbox row", e))?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+impl OutboxExecutor for PgConnection {
+    async fn insert_outbox(&mut self, row: &OutboxRow) -> Result<()> {
+        // One round trip: the row, and a notification that listening
+        // relays receive when (and only if) the transaction commits.
+        sqlx::query(
+            "WITH ins AS (INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, mandatory, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id) \
+             SELECT pg_notify('rabbitry_outbox', '') FROM ins",
+        )
+        .bind(&row.message_id)
+        .bind(&row.exchange)
+        .bind(&row.routing_key)
+        .bind(&row.properties)
+        .bind(&row.body)
+        .bind(row.mandatory)
+        .bind(now_millis())
+        .execute(&mut *self)
+        .await
+        .map_err(|e| db_error("postgres", "writing an outbox row", e))?;
+        Ok(())
+    }
+
+    async fn insert_inbox(&mut self, consumer: &str, message_id: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO rabbitry_inbox (consumer, message_id, processed_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (consumer, message_id) DO NOTHING",
+        )
+        .bind(consumer)
+        .bind(message_id)
+        .bind(now_millis())
+        .execute(&mut *self)
+        .await
+        .map_err(|e| db_error("postgres", "writing an inbox row", e))?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+/// Writes `message` to the outbox inside the caller's transaction
+/// (`&mut *tx`). Returns its message id. It is published after the
+/// transaction commits, by a relay.
+pub async fn publish<E: OutboxExecutor + ?Sized>(conn: &mut E, message: Message) -> Result<String> {
+    let row = OutboxRow::from_message(message)?;
+    conn.insert_outbox(&row).await?;
+    Ok(row.message_id)
+}
+
+/// Records that `consumer` processed `message_id`, inside the caller's
+/// transaction. `true`: first time, do the work. `false`: a duplicate,
+/// skip it (and ack).
+pub async fn inbox_claim<E: OutboxExecutor + ?Sized>(
+    conn: &mut E,
+    consumer: &str,
+    message_id: &str,
+) -> Result<bool> {
+    conn.insert_inbox(consumer, message_id).await
+}
+
+/// An outbox: its database, and the in-process wake-up for relays.
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    db: Database,
+    url: String,
+    wake: Arc<Notify>,
+}
+
+/// A failed outbox row.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FailedRow {
+    /// Row id (commit order).
+    pub id: i64,
+    /// The message id.
+    pub message_id: String,
+    /// Its exchange.
+    pub exchange: String,
+    /// Its routing key.
+    pub routing_key: String,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// What `rabbitry outbox status` prints.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OutboxStatus {
+    /// Rows waiting to be published.
+    pub pending: i64,
+    /// Age of the oldest pending row, in milliseconds.
+    pub oldest_pending_ms: Option<i64>,
+    /// Rows that failed, with their errors.
+    pub failed: Vec<FailedRow>,
+}
+
+impl Outbox {
+    /// Connects to the database at `url` and creates the tables if needed.
+    pub async fn connect(url: &str) -> Result<Outbox> {
+        let db = Database::connect(url).await?;
+        db.migrate().await?;
+        Ok(Outbox::with_database(db, url))
+    }
+
+    /// An outbox on an existing pool (tables must exist: see
+    /// [`Database::migrate`]).
+    pub fn with_database(db: Database, url: &str) -> Outbox {
+        Outbox {
+            db,
+            url: redact(url),
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// The database.
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    /// Commits `tx` and wakes this process's relays at once.
+    pub async fn commit<'c, DB: sqlx::Database>(
+        &self,
+        tx: sqlx::Transaction<'c, DB>,
+    ) -> Result<()> {
+        tx.commit()
+            .await
+            .map_err(|e| db_error(&self.url, "commit", e))?;
+        self.wake();
+        Ok(())
+    }
+
+    /// Wakes this process's relays (after a commit made elsewhere).
+    pub fn wake(&self) {
+        self.wake.notify_waiters();
+        self.wake.notify_one();
+    }
+
+    /// The backlog, the oldest pending age and the failed rows.
+    pub async fn status(&self) -> Result<OutboxStatus> {
+        let err = |e| db_error(&self.url, "reading the outbox", e);
+        let (pending, oldest, failed) = match &self.db {
+            Database::Sqlite(pool) => {
+                let r = sqlx::query("SELECT COUNT(*), MIN(created_at) FROM rabbitry_outbox WHERE status = 'pending'")
+                    .fetch_one(pool)
+                    .await
+                    .map_err(err)?;
+                let failed = sqlx::query(
+                    "SELECT id, message_id, exchange, routing_key, last_error FROM rabbitry_outbox WHERE status = 'failed' ORDER BY id",
+                )
+                .fetch_all(pool)
+                .await
+                .map_err(err)?;
+                (
+                    r.try_get::<i64, _>(0).map_err(err)?,
+                    r.try_get::<Option<i64>, _>(1).map_err(err)?,
+                    failed.iter().map(failed_row_sqlite).collect::<Vec<_>>(),
+                )
+            }
+            Database::Postgres(pool) => {
+                let r = sqlx::query("SELECT COUNT(*), MIN(created_at) FROM rabbitry_outbox WHERE status = 'pending'")
+                    .fetch_one(pool)
+                    .await
+                    .map_err(err)?;
+                let failed = sqlx::query(
+                    "SELECT id, message_id, exchange, routing_key, last_error FROM rabbitry_outbox WHERE status = 'failed' ORDER BY id",
+                )
+                .fetch_all(pool)
+                .await
+                .map_err(err)?;
+                (
+                    r.try_get::<i64, _>(0).map_err(err)?,
+                    r.try_get::<Option<i64>, _>(1).map_err(err)?,
+                    failed.iter().map(failed_row_pg).collect::<Vec<_>>(),
+                )
+            }
+        };
+        Ok(OutboxStatus {
+            pending,
+            oldest_pending_ms: oldest.map(|t| now_millis() - t),
+            failed,
+        })
+    }
+}
+
+fn failed_row_sqlite(r: &sqlx::sqlite::SqliteRow) -> FailedRow {
+    FailedRow {
+        id: r.try_get(0).unwrap_or_default(),
+        message_id: r.try_get(1).unwrap_or_default(),
+        exchange: r.try_get(2).unwrap_or_default(),
+        routing_key: r.try_get(3).unwrap_or_default(),
+        error: r.try_get(4).unwrap_or_default(),
+    }
+}
+
+fn failed_row_pg(r: &sqlx::postgres::PgRow) -> FailedRow {
+    FailedRow {
+        id: r.try_get(0).unwrap_or_default(),
+        message_id: r.try_get(1).unwrap_or_default(),
+        exchange: r.try_get(2).unwrap_or_default(),
+        routing_key: r.try_get(3).unwrap_or_default(),
+        error: r.try_get(4).unwrap_or_default(),
+    }
+}

@@ -1,0 +1,409 @@
+//! Asynchronous RPC over the broker: a client that many calls share, and
+//! durable replies handled by the worker.
+//!
+//! An [`RpcClient`] owns one channel. It consumes replies from RabbitMQ's
+//! direct reply-to pseudo-queue (`amq.rabbitmq.reply-to`, the default) or
+//! from a named exclusive queue, and publishes requests on the same
+//! channel, each with a fresh correlation id, `reply_to`, and a deadline
+//! header (`x-rabbitry-deadline`, epoch milliseconds) that the worker
+//! honours. Replies are matched to calls by correlation id. A call that
+//! times out is forgotten (a late reply is logged and dropped); a call whose
+//! request is unroutable (mandatory) fails at once; a lost connection fails
+//! every call in flight at once, and the client serves new calls again
+//! after recovery.
+//!
+//! The server side is the [`Worker`](crate::worker::Worker): a handler's
+//! result is the reply. For replies that must survive the requester's
+//! restart, see [`durable`].
+
+pub mod durable;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use amqprs::channel::{BasicConsumeArguments, BasicPublishArguments, Channel, ConsumerMessage};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::amqp::{from_basic, to_basic};
+use crate::codec::{decode_value, Decoded, Serializer};
+use crate::connection::channel::{CloseReason, Returned};
+use crate::connection::{lock, stopped, ConfirmSink, Connection};
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::{HeaderValue, Message, Properties};
+use crate::topology::{Queue, Topology};
+use crate::worker::retry::{now_millis, DEADLINE};
+
+/// RabbitMQ's direct reply-to pseudo-queue.
+pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// Where replies come back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplyQueue {
+    /// RabbitMQ's direct reply-to: no queue to declare, fastest.
+    DirectReplyTo,
+    /// An exclusive, auto-delete queue with this name (empty: the broker
+    /// names it), declared again after recovery.
+    Named(String),
+}
+
+/// How an [`RpcClient`] calls.
+#[derive(Debug, Clone)]
+pub struct RpcSettings {
+    /// The exchange requests go to (default exchange when empty).
+    pub exchange: String,
+    /// Where replies come back.
+    pub reply_queue: ReplyQueue,
+    /// The timeout of calls that do not give one.
+    pub timeout: Duration,
+    /// Make requests mandatory, so an unroutable request fails at once.
+    pub mandatory: bool,
+}
+
+impl Default for RpcSettings {
+    fn default() -> Self {
+        RpcSettings {
+            exchange: String::new(),
+            reply_queue: ReplyQueue::DirectReplyTo,
+            timeout: Duration::from_secs(5),
+            mandatory: true,
+        }
+    }
+}
+
+/// A reply.
+#[derive(Debug, Clone)]
+pub struct Response {
+    /// The body.
+    pub body: Vec<u8>,
+    /// Its properties (content type, correlation id...).
+    pub properties: Properties,
+}
+
+impl Response {
+    /// Decodes the body into `T` by its content type.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T> {
+        let ct = self.properties.content_type.as_deref().unwrap_or("");
+        Serializer::for_content_type(ct)
+            .ok_or_else(|| {
+                Error::codec(format!(
+                    "cannot decode a reply of content type {ct:?} into a typed value"
+                ))
+            })?
+            .decode(&self.body)
+    }
+
+    /// Decodes the body by content type, or gives the raw bytes.
+    pub fn decode_value(&self) -> Result<Decoded> {
+        decode_value(self.properties.content_type.as_deref(), &self.body)
+    }
+}
+
+type Waiter = oneshot::Sender<Result<Response>>;
+
+#[derive(Default)]
+struct Calls {
+    waiting: HashMap<String, Waiter>,
+}
+
+/// Matches returns (unroutable requests) to calls.
+struct ReturnSink {
+    calls: Arc<Mutex<Calls>>,
+}
+
+impl ConfirmSink for ReturnSink {
+    fn ack(&self, _: u64, _: bool) {}
+    fn nack(&self, _: u64, _: bool) {}
+    fn returned(&self, r: Returned) {
+        let Some(id) = r.correlation_id else { return };
+        if let Some(w) = lock(&self.calls).waiting.remove(&id) {
+            let _ = w.send(Err(Error::new(
+                ErrorKind::Unroutable,
+                format!("request {id} was not routed to any queue: {}", r.text),
+            )));
+        }
+    }
+    fn closed(&self, reason: &CloseReason) {
+        fail_all(
+            &self.calls,
+            ErrorKind::Channel,
+            &format!(
+                "the broker closed the RPC channel: {} ({})",
+                reason.text, reason.code
+            ),
+        );
+    }
+}
+
+fn fail_all(calls: &Mutex<Calls>, kind: ErrorKind, why: &str) {
+    let waiting: Vec<_> = lock(calls).waiting.drain().collect();
+    for (id, w) in waiting {
+        let _ = w.send(Err(Error::new(kind, format!("call {id}: {why}"))));
+    }
+}
+
+/// The channel the client currently uses, and the reply address on it.
+#[derive(Clone)]
+struct Route {
+    channel: Channel,
+    reply_to: String,
+}
+
+/// An RPC client; cheap to clone, and many calls may be in flight at once.
+#[derive(Clone)]
+pub struct RpcClient {
+    settings: Arc<RpcSettings>,
+    conn: Connection,
+    calls: Arc<Mutex<Calls>>,
+    route: watch::Receiver<Option<Route>>,
+    _task: Arc<TaskGuard>,
+}
+
+struct TaskGuard(JoinHandle<()>, watch::Sender<bool>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.1.send_replace(true);
+        self.0.abort();
+    }
+}
+
+impl std::fmt::Debug for RpcClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcClient")
+            .field("exchange", &self.settings.exchange)
+            .field("in_flight", &lock(&self.calls).waiting.len())
+            .finish()
+    }
+}
+
+impl RpcClient {
+    /// Opens the client's channel and starts consuming replies.
+    pub async fn new(conn: &Connection, settings: RpcSettings) -> Result<RpcClient> {
+        let calls: Arc<Mutex<Calls>> = Arc::default();
+        let (route_tx, route_rx) = watch::channel(None);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let first = open_route(conn, &settings, &calls).await?;
+        let (route, incoming) = first;
+        route_tx.send_replace(Some(route));
+        let task = tokio::spawn(run(
+            conn.clone(),
+            settings.clone(),
+            calls.clone(),
+            route_tx,
+            incoming,
+            stop_rx,
+        ));
+        Ok(RpcClient {
+            settings: Arc::new(settings),
+            conn: conn.clone(),
+            calls,
+            route: route_rx,
+            _task: Arc::new(TaskGuard(task, stop_tx)),
+        })
+    }
+
+    /// Calls with `value` encoded by `serializer` to `routing_key`, and
+    /// decodes the reply into `R`.
+    pub async fn call_value<T: Serialize + ?Sized, R: DeserializeOwned>(
+        &self,
+        routing_key: &str,
+        serializer: Serializer,
+        value: &T,
+    ) -> Result<R> {
+        let m = Message::encode(serializer, value)?.routing_key(routing_key);
+        self.call(m, None).await?.decode()
+    }
+
+    /// Sends `request` and waits for its reply, for `timeout` (or the
+    /// client's). The message's exchange defaults to the client's; its
+    /// correlation id, `reply_to` and deadline header are set here.
+    pub async fn call(&self, mut request: Message, timeout: Option<Duration>) -> Result<Response> {
+        let timeout = timeout.unwrap_or(self.settings.timeout);
+        let route = self.current_route(timeout).await?;
+        let correlation_id = uuid::Uuid::new_v4().to_string();
+        let p = &mut request.properties;
+        p.correlation_id = Some(correlation_id.clone());
+        p.reply_to = Some(route.reply_to.clone());
+        p.headers.insert(
+            DEADLINE.into(),
+            HeaderValue::Int(now_millis() + timeout.as_millis() as i64),
+        );
+        if p.delivery_mode.is_none() {
+            p.delivery_mode = Some(crate::message::TRANSIENT);
+        }
+        let exchange = request
+            .exchange
+            .take()
+            .unwrap_or_else(|| self.settings.exchange.clone());
+        let routing_key = request
+            .routing_key
+            .take()
+            .ok_or_else(|| Error::new(ErrorKind::Invalid, "an RPC request needs a routing key"))?;
+        let (tx, rx) = oneshot::channel();
+        lock(&self.calls).waiting.insert(correlation_id.clone(), tx);
+        let mut args = BasicPublishArguments::new(&exchange, &routing_key);
+        args.mandatory = self.settings.mandatory || request.mandatory;
+        if let Err(e) = route
+            .channel
+            .basic_publish(to_basic(&request.properties), request.body, args)
+            .await
+        {
+            lock(&self.calls).waiting.remove(&correlation_id);
+            return Err(
+                Error::new(ErrorKind::Disconnected, "sending the RPC request").with_source(e),
+            );
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Error::new(ErrorKind::Closed, "RPC client closed")),
+            Err(_) => {
+                lock(&self.calls).waiting.remove(&correlation_id);
+                Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "timed out after {timeout:?} waiting for a reply from exchange '{exchange}', routing key '{routing_key}'"
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// Calls in flight.
+    pub fn in_flight(&self) -> usize {
+        lock(&self.calls).waiting.len()
+    }
+
+    async fn current_route(&self, timeout: Duration) -> Result<Route> {
+        let mut rx = self.route.clone();
+        let wait = async move {
+            rx.wait_for(|r| r.as_ref().is_some_and(|r| r.channel.is_open()))
+                .await
+                .ok()
+                .and_then(|r| r.clone())
+        };
+        match tokio::time::timeout(timeout.min(self.conn.settings().recovery_timeout), wait).await {
+            Ok(Some(r)) => Ok(r),
+            _ => Err(Error::new(
+                ErrorKind::Disconnected,
+                format!(
+                    "RPC client on connection '{}' has no channel (connection down)",
+                    self.conn.name()
+                ),
+            )),
+        }
+    }
+}
+
+type Incoming = mpsc::UnboundedReceiver<ConsumerMessage>;
+
+async fn open_route(
+    conn: &Connection,
+    settings: &RpcSettings,
+    calls: &Arc<Mutex<Calls>>,
+) -> Result<(Route, Incoming)> {
+    let sink: Arc<dyn ConfirmSink> = Arc::new(ReturnSink {
+        calls: calls.clone(),
+    });
+    let (channel, watch, _) = conn.open_channel(Some(sink)).await?;
+    let queue = match &settings.reply_queue {
+        ReplyQueue::DirectReplyTo => DIRECT_REPLY_TO.to_owned(),
+        ReplyQueue::Named(name) => {
+            let mut t = Topology::default();
+            t.queue(Queue::exclusive(name));
+            let names = crate::topology::declare(&channel, &watch, &t).await?;
+            names.into_iter().next().unwrap_or_else(|| name.clone())
+        }
+    };
+    let args = BasicConsumeArguments::new(&queue, "")
+        .auto_ack(true)
+        .finish();
+    let (_, incoming) = channel.basic_consume_rx(args).await.map_err(|e| {
+        watch.refusal(
+            ErrorKind::Channel,
+            format!("consuming replies from '{queue}'"),
+            e,
+        )
+    })?;
+    Ok((
+        Route {
+            channel,
+            reply_to: queue,
+        },
+        incoming,
+    ))
+}
+
+/// Dispatches replies; on loss, fails the calls in flight and reopens.
+async fn run(
+    conn: Connection,
+    settings: RpcSettings,
+    calls: Arc<Mutex<Calls>>,
+    route: watch::Sender<Option<Route>>,
+    mut incoming: Incoming,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        loop {
+            let m = tokio::select! {
+                m = incoming.recv() => m,
+                _ = stopped(&mut stop) => return,
+            };
+            let Some(m) = m else { break };
+            let properties = m
+                .basic_properties
+                .as_ref()
+                .map(from_basic)
+                .unwrap_or_default();
+            let Some(id) = properties.correlation_id.clone() else {
+                tracing::warn!("a reply without a correlation id was dropped");
+                continue;
+            };
+            let waiter = lock(&calls).waiting.remove(&id);
+            match waiter {
+                Some(w) => {
+                    let _ = w.send(Ok(Response {
+                        body: m.content.unwrap_or_default(),
+                        properties,
+                    }));
+                }
+                None => tracing::warn!(correlation_id = %id, "late or unknown reply dropped"),
+            }
+        }
+        route.send_replace(None);
+        fail_all(
+            &calls,
+            ErrorKind::Disconnected,
+            &format!(
+                "connection '{}' lost while waiting for the reply",
+                conn.name()
+            ),
+        );
+        // Reopen on the next live socket.
+        let mut delay = Duration::from_millis(100);
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            match open_route(&conn, &settings, &calls).await {
+                Ok((r, i)) => {
+                    route.send_replace(Some(r));
+                    incoming = i;
+                    break;
+                }
+                Err(e) if e.kind() == ErrorKind::Closed => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reopening the RPC channel failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stopped(&mut stop) => return,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
