@@ -34,6 +34,8 @@ enum Command {
     Queues(cmd::queues::Args),
     /// Compare the gateway with the raw client, same run.
     Bench(cmd::bench::Args),
+    /// Send a request and wait for its reply.
+    Rpc(cmd::rpc::Args),
     /// Run the consumers of a config file, dispatching to their handlers.
     Worker(cmd::worker::Args),
     /// List, replay or purge dead letters.
@@ -68,6 +70,7 @@ fn main() -> ExitCode {
             Command::Declare(args) => cmd::declare::run(&global, args).await,
             Command::Queues(args) => cmd::queues::run(&global, args).await,
             Command::Bench(args) => cmd::bench::run(&global, args).await,
+            Command::Rpc(args) => cmd::rpc::run(&global, args).await,
             Command::Worker(args) => cmd::worker::run(&global, args).await,
             Command::Dead(args) => cmd::dead::run(&global, args).await,
             Command::Outbox(args) => cmd::outbox::run(&global, args).await,

@@ -348,3 +348,78 @@ async fn declare_check_reports_drift_and_queues_never_creates() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpc_against_another_client_and_a_clean_timeout() {
+    let conn = raw().await;
+    let queue = unique("rpc");
+    declare(&conn, &queue).await;
+    // A responder written with another client: the seed's service, replying
+    // with a PDF to reply_to with the request's correlation id.
+    let ch = conn.open_channel(None).await.unwrap();
+    let (_, mut rx) = ch
+        .basic_consume_rx(
+            BasicConsumeArguments::new(&queue, "")
+                .auto_ack(true)
+                .finish(),
+        )
+        .await
+        .unwrap();
+    let responder_ch = ch.clone();
+    let responder = tokio::spawn(async move {
+        let m = rx.recv().await.unwrap();
+        let props = m.basic_properties.unwrap();
+        let request: BTreeMap<String, String> = rmp_serde::from_slice(&m.content.unwrap()).unwrap();
+        let mut p = BasicProperties::default();
+        p.with_content_type("application/pdf")
+            .with_correlation_id(props.correlation_id().unwrap());
+        let pdf = format!("%PDF-1.4\n% {}\n%%EOF\n", request["title"]);
+        responder_ch
+            .basic_publish(
+                p.finish(),
+                pdf.into_bytes(),
+                BasicPublishArguments::new("", props.reply_to().unwrap()),
+            )
+            .await
+            .unwrap();
+    });
+    let out_file = std::env::temp_dir().join(format!("{}.pdf", unique("reply")));
+    let out = rabbitry(&[
+        "rpc",
+        "--routing-key",
+        &queue,
+        "--serializer",
+        "msgpack",
+        "--timeout",
+        "5s",
+        "--output",
+        out_file.to_str().unwrap(),
+        r#"{"title":"Hello World!"}"#,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("content-type: application/pdf"),
+        "{}",
+        text(&out.stdout)
+    );
+    let pdf = std::fs::read(&out_file).unwrap();
+    assert!(pdf.starts_with(b"%PDF-") && String::from_utf8_lossy(&pdf).contains("Hello World!"));
+    responder.await.unwrap();
+
+    // Nothing answers now: a clean, non-zero exit that says so.
+    let started = std::time::Instant::now();
+    let out = rabbitry(&[
+        "rpc",
+        "--routing-key",
+        &queue,
+        "--timeout",
+        "500ms",
+        r#"{"title":"x"}"#,
+    ]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("timed out after 500ms"), "{err}");
+    assert!(!err.contains("panicked"));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    delete(&conn, &queue).await;
+}

@@ -9,6 +9,7 @@ pub mod demo;
 pub mod outbox;
 pub mod publish;
 pub mod queues;
+pub mod rpc;
 pub mod worker;
 
 use std::path::PathBuf;

@@ -53,7 +53,7 @@ pub struct Args {
     body: String,
 }
 
-fn read_body(arg: &str) -> Result<Vec<u8>> {
+pub(crate) fn read_body(arg: &str) -> Result<Vec<u8>> {
     if arg == "-" {
         let mut buf = Vec::new();
         std::io::stdin()
@@ -69,7 +69,11 @@ fn read_body(arg: &str) -> Result<Vec<u8>> {
 
 /// Encodes the raw BODY: JSON text for msgpack, json and csv; as is for
 /// text and bytes, or when an explicit content type is given.
-fn encode(raw: Vec<u8>, serializer: Serializer, content_type: Option<&str>) -> Result<Message> {
+pub(crate) fn encode(
+    raw: Vec<u8>,
+    serializer: Serializer,
+    content_type: Option<&str>,
+) -> Result<Message> {
     if let Some(ct) = content_type {
         return Ok(Message::new(raw).content_type(ct));
     }

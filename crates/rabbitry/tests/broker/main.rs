@@ -5,6 +5,7 @@ mod consume;
 mod errors;
 mod publish;
 mod recovery;
+mod rpc;
 mod support;
 mod transactions;
 mod worker;
