@@ -110,6 +110,9 @@ where
 {
     let ep = Endpoint::parse(&opts.url)?;
     let raw = open_raw(&ep).await?;
+    // Both sides publish with this raw connection and consume on another
+    // one, so only the consuming side differs.
+    let raw_publisher = open_raw(&ep).await?;
     let gw = Connection::open(ConnectionSettings::new(&opts.url).name("rabbitry-bench")).await?;
     let queue = format!(
         "rabbitry.bench.worker.{}",
@@ -127,11 +130,19 @@ where
         let mut best = [0f64; 2];
         for round in 0..opts.rounds.max(1) {
             progress(&format!("{name}: raw round {}", round + 1));
-            let took = end_to_end_case(&raw, &gw, &queue, n, false).await?;
+            let took = end_to_end_case(&raw, &raw_publisher, &gw, &queue, n, false).await?;
             best[0] = best[0].max(n as f64 / took.as_secs_f64());
             purge(&raw, &queue).await?;
             progress(&format!("{name}: gateway round {}", round + 1));
-            let took = worker_case(&opts.url, &gw, &queue, n, native, service.clone()).await?;
+            let took = worker_case(
+                &opts.url,
+                &raw_publisher,
+                &queue,
+                n,
+                native,
+                service.clone(),
+            )
+            .await?;
             best[1] = best[1].max(n as f64 / took.as_secs_f64());
             purge(&raw, &queue).await?;
         }
@@ -145,6 +156,7 @@ where
     for q in [queue.clone(), format!("{queue}.dead")] {
         let _ = gw.delete_queue(&q).await;
     }
+    let _ = raw_publisher.close().await;
     let _ = raw.close().await;
     gw.close().await;
     Ok(out)
@@ -152,7 +164,7 @@ where
 
 async fn worker_case<Svc, RB>(
     url: &str,
-    gw: &Connection,
+    raw: &RawConnection,
     queue: &str,
     n: usize,
     native: bool,
@@ -204,16 +216,23 @@ where
         worker.service("bench", counted)
     };
     let running = worker.start().await?;
-    let mut ps = ProducerSettings::default().routing_key(queue);
-    ps.durable = false;
-    ps.confirms = false;
-    ps.message_ids = false;
-    let producer = Producer::new(gw, ps).await?;
+    // The same raw publisher as the raw side: only consuming differs.
+    let pch = raw.open_channel(None).await.map_err(raw_err)?;
+    let mut props = BasicProperties::default();
+    props.with_delivery_mode(1);
+    let props = props.finish();
     let start = Instant::now();
     for _ in 0..n {
-        producer.publish(Message::new(vec![b'x'; BODY])).await?;
+        pch.basic_publish(
+            props.clone(),
+            vec![b'x'; BODY],
+            BasicPublishArguments::new("", queue),
+        )
+        .await
+        .map_err(raw_err)?;
     }
     done.notified().await;
+    let _ = pch.close().await;
     let took = start.elapsed();
     running.shutdown().await;
     Ok(took)
@@ -611,7 +630,7 @@ pub async fn run(opts: &BenchOptions, progress: Progress<'_>) -> Result<Report> 
         ),
         (
             "end_to_end_manual_ack_prefetch_500",
-            Box::new(|gateway| Box::pin(end_to_end_case(&raw, &gw, &queue, n, gateway))),
+            Box::new(|gateway| Box::pin(end_to_end_case(&raw, &raw, &gw, &queue, n, gateway))),
         ),
     ];
     for (name, case) in &cases {
@@ -825,6 +844,7 @@ async fn publish_case(
 
 async fn end_to_end_case(
     raw: &RawConnection,
+    raw_publisher: &RawConnection,
     gw: &Connection,
     queue: &str,
     n: usize,
@@ -873,7 +893,7 @@ async fn end_to_end_case(
         )
         .await
         .map_err(raw_err)?;
-    let pch = raw.open_channel(None).await.map_err(raw_err)?;
+    let pch = raw_publisher.open_channel(None).await.map_err(raw_err)?;
     let queue_owned = queue.to_owned();
     let start = Instant::now();
     let publisher = tokio::spawn(async move {
