@@ -42,8 +42,11 @@ enum Command {
     Dead(cmd::dead::Args),
     /// The durable outbox: migrate, status.
     Outbox(cmd::outbox::Args),
-    /// Run the seed's request/reply flow end to end.
+    /// Run the seed's whole system: two sites, workers, a PDF service.
     Demo(cmd::demo::Args),
+    /// One part of the demo (started by `rabbitry demo`).
+    #[command(hide = true)]
+    DemoPart(cmd::demo::PartArgs),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
             Command::Dead(args) => cmd::dead::run(&global, args).await,
             Command::Outbox(args) => cmd::outbox::run(&global, args).await,
             Command::Demo(args) => cmd::demo::run(&global, args).await,
+            Command::DemoPart(args) => cmd::demo::run_part(&global, args).await,
         }
     });
     match result {

@@ -1,112 +1,102 @@
-//! `rabbitry demo`: the seed's request/reply flow, end to end, on the
-//! local broker. A service consumes `service.tasks`, the site publishes
-//! the seed's request and receives the reply on its queue.
+//! `rabbitry demo`: the seed's whole system, every part its own process;
+//! and `rabbitry demo-part`, how the demo starts each part.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
-use rabbitry::{
-    Consumer, ConsumerSettings, ExchangeKind, Message, Producer, ProducerSettings, Serializer,
-};
+use rabbitry::worker::shutdown_signal;
+use rabbitry_demo::{Common, Part};
 
 use super::Global;
 
-/// Run the seed's request/reply flow against the broker.
+/// Run two sites, their web processes and workers, and a PDF service.
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// The front door's address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Use this PostgreSQL database (one schema per site) instead of SQLite.
+    #[arg(long)]
+    database: Option<String>,
+    /// Where the sites' SQLite databases live.
+    #[arg(long = "data-dir", default_value = ".data/demo")]
+    data_dir: PathBuf,
+    /// Prefix of the demo's queue names and routing keys.
+    #[arg(long, default_value = "demo", hide = true)]
+    instance: String,
+}
 
-pub async fn run(global: &Global, _args: Args) -> Result<ExitCode> {
+/// One part of the demo (started by `rabbitry demo`).
+#[derive(clap::Args)]
+pub struct PartArgs {
+    /// web, worker or service.
+    part: String,
+    #[arg(long)]
+    site: Option<String>,
+    #[arg(long)]
+    database: Option<String>,
+    #[arg(long = "data-dir")]
+    data_dir: PathBuf,
+    #[arg(long)]
+    instance: String,
+}
+
+fn amqp_url(global: &Global) -> Result<String> {
     let settings = global.settings()?;
-    let conn = global.connect_default(&settings).await?;
-    let reply_queue = "rabbitry.demo.my_queue";
+    Ok(settings
+        .connection(rabbitry::config::DEFAULT_CONNECTION)?
+        .urls[0]
+        .clone())
+}
 
-    let mut service = Consumer::start(
-        &conn,
-        ConsumerSettings::new("rabbitry.demo.service").bind(
-            "service.tasks",
-            ExchangeKind::Topic,
-            &["service.my_template"],
-        ),
+pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
+    let common = Common {
+        amqp_url: amqp_url(global)?,
+        database: args.database,
+        data_dir: std::path::absolute(&args.data_dir).unwrap_or(args.data_dir),
+        instance: args.instance,
+    };
+    let exe = std::env::current_exe().context("finding the rabbitry executable")?;
+    rabbitry_demo::run_demo(
+        exe,
+        common,
+        args.listen,
+        |addr| {
+            println!("rabbitry demo is up (Ctrl-C stops every process):");
+            for site in rabbitry_demo::SITES {
+                println!("  site {site}: http://{addr}/sites/{site}/");
+            }
+            println!("  try:   curl -s -X POST http://{addr}/sites/a/documents -H 'content-type: application/json' -d '{{\"title\":\"Hello World!\"}}'");
+            println!("  watch: rabbitry queues demo.site-a.results demo.site-a.jobs demo.site-b.feed demo.service.pdf");
+        },
+        shutdown_signal(),
     )
     .await?;
-    let mut site = Consumer::start(
-        &conn,
-        ConsumerSettings::new(reply_queue).bind(
-            "service.results",
-            ExchangeKind::Direct,
-            &[reply_queue],
-        ),
-    )
-    .await?;
-    let requests = Producer::new(
-        &conn,
-        ProducerSettings::new("service.tasks", ExchangeKind::Topic),
-    )
-    .await?;
-    let replies = Producer::new(
-        &conn,
-        ProducerSettings::new("service.results", ExchangeKind::Direct),
-    )
-    .await?;
+    Ok(ExitCode::SUCCESS)
+}
 
-    let correlation_id = uuid::Uuid::new_v4().to_string();
-    requests
-        .publish(
-            Message::encode(
-                Serializer::Msgpack,
-                &serde_json::json!({"title": "Hello World!"}),
-            )?
-            .routing_key("service.my_template")
-            .correlation_id(&correlation_id)
-            .reply_to(reply_queue),
-        )
-        .await?;
-    println!("site    -> service.tasks/service.my_template  correlation_id={correlation_id}");
-
-    let request = tokio::time::timeout(Duration::from_secs(10), service.next())
-        .await
-        .context("the service got no request within 10 s")?
-        .context("service consumer stopped")?;
-    let body: serde_json::Value = request.decode()?;
-    println!(
-        "service <- {} {body}",
-        request.properties.content_type.as_deref().unwrap_or("?")
-    );
-    let pdf = format!(
-        "%PDF-1.4\n% {}\n%%EOF\n",
-        body["title"].as_str().unwrap_or_default()
-    );
-    replies
-        .publish(
-            Message::new(pdf.into_bytes())
-                .content_type("application/pdf")
-                .routing_key(request.properties.reply_to.clone().unwrap_or_default())
-                .correlation_id(
-                    request
-                        .properties
-                        .correlation_id
-                        .clone()
-                        .unwrap_or_default(),
-                ),
-        )
-        .await?;
-    request.ack().await?;
-    println!("service -> service.results/{reply_queue}  application/pdf");
-
-    let reply = tokio::time::timeout(Duration::from_secs(10), site.next())
-        .await
-        .context("the site got no reply within 10 s")?
-        .context("site consumer stopped")?;
-    println!(
-        "site    <- {} ({} bytes) correlation_id={}",
-        reply.properties.content_type.as_deref().unwrap_or("?"),
-        reply.body.len(),
-        reply.properties.correlation_id.as_deref().unwrap_or("?")
-    );
-    reply.ack().await?;
-    service.cancel().await;
-    site.cancel().await;
-    conn.close().await;
+pub async fn run_part(global: &Global, args: PartArgs) -> Result<ExitCode> {
+    let site = || {
+        args.site
+            .clone()
+            .context("--site is required for this part")
+    };
+    let part = match args.part.as_str() {
+        "web" => Part::Web { site: site()? },
+        "worker" => Part::Worker { site: site()? },
+        "service" => Part::Service,
+        other => {
+            anyhow::bail!("unknown demo part `{other}`, expected one of: web, worker, service")
+        }
+    };
+    let common = Common {
+        amqp_url: amqp_url(global)?,
+        database: args.database,
+        data_dir: args.data_dir,
+        instance: args.instance,
+    };
+    rabbitry_demo::run_part(part, common, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }

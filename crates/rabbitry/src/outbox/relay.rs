@@ -38,7 +38,7 @@ impl Default for RelayOptions {
         RelayOptions {
             batch: 500,
             poll: Duration::from_millis(500),
-            lease: Duration::from_secs(60),
+            lease: Duration::from_secs(10),
             owner: format!("relay-{}", uuid::Uuid::new_v4().simple()),
             crash_after_publish: false,
         }

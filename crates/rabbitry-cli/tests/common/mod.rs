@@ -1,0 +1,183 @@
+//! Helpers for the tests that run the whole demo: start it, talk HTTP to
+//! its front door, stop it, and clean its queues.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+/// A running `rabbitry demo`.
+pub struct Demo {
+    pub child: Child,
+    pub base: String,
+    pub instance: String,
+}
+
+impl Demo {
+    /// Starts the demo on a free port with its own instance prefix and data dir.
+    pub fn start() -> Demo {
+        let instance = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let data_dir = std::env::temp_dir().join(format!("rabbitry-demo-{instance}"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_rabbitry"))
+            .args(["demo", "--listen", "127.0.0.1:0", "--instance", &instance])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .env_remove("AMQP_URL")
+            .env("RABBITRY_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start rabbitry demo");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let mut base = None;
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Some(rest) = line.trim().strip_prefix("site a: ") {
+                base = Some(rest.trim_end_matches("/sites/a/").to_owned());
+                break;
+            }
+        }
+        // Keep draining stdout so the demo never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        Demo {
+            child,
+            base: base.expect("the demo printed its URLs"),
+            instance,
+        }
+    }
+
+    /// Stops the demo with SIGTERM and waits for it.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        for _ in 0..600 {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.child.kill().unwrap();
+        panic!("the demo did not stop within 60 s");
+    }
+
+    /// The PIDs of one part's processes (`worker --site a`...).
+    pub fn part_pids(&self, pattern: &str) -> Vec<u32> {
+        let out = Command::new("pgrep")
+            .args([
+                "-f",
+                &format!("demo-part {pattern}.*--instance {}", self.instance),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+}
+
+/// Deletes every queue of a demo instance (after it stopped).
+pub async fn cleanup(instance: &str) {
+    let conn = rabbitry::Connection::open(rabbitry::ConnectionSettings::default())
+        .await
+        .unwrap();
+    for q in rabbitry_demo::names::Names::new(instance).all_queues(&rabbitry_demo::SITES) {
+        let _ = conn.delete_queue(&q).await;
+    }
+    conn.close().await;
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// One HTTP request; returns the status and the body.
+pub async fn http(method: &str, url: &str, json: Option<serde_json::Value>) -> (u16, Vec<u8>) {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let body = json.map(|j| j.to_string()).unwrap_or_default();
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
+        .await
+        .expect("an answer within 30 s")
+        .expect("the front door answers");
+    let status = resp.status().as_u16();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    (status, bytes)
+}
+
+/// GET a JSON document.
+pub async fn get_json(url: &str) -> serde_json::Value {
+    let (status, body) = http("GET", url, None).await;
+    assert_eq!(status, 200, "GET {url}: {}", String::from_utf8_lossy(&body));
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// Creates a document; returns its id.
+pub async fn create(base: &str, site: &str, title: &str) -> String {
+    let (status, body) = http(
+        "POST",
+        &format!("{base}/sites/{site}/documents"),
+        Some(serde_json::json!({"title": title})),
+    )
+    .await;
+    assert_eq!(status, 202, "{}", String::from_utf8_lossy(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(v["correlation_id"].as_str().is_some_and(|c| c.len() == 36));
+    v["id"].as_str().unwrap().to_owned()
+}
+
+/// Waits until every listed document of `site` is rendered; returns them.
+pub async fn wait_rendered(
+    base: &str,
+    site: &str,
+    ids: &[String],
+    limit: Duration,
+) -> Vec<serde_json::Value> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let docs = get_json(&format!("{base}/sites/{site}/documents")).await;
+        let docs: Vec<serde_json::Value> = docs
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| ids.contains(&d["id"].as_str().unwrap().to_owned()))
+            .cloned()
+            .collect();
+        let rendered = docs.iter().filter(|d| d["status"] == "rendered").count();
+        if rendered == ids.len() {
+            return docs;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {rendered} of {} documents of site {site} rendered within {limit:?}",
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

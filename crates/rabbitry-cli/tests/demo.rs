@@ -1,0 +1,247 @@
+//! The whole demo, end to end: two sites, their web processes and workers,
+//! the PDF service, pub/sub between the sites, a foreign client, and a
+//! worker killed while messages are pending. The tests share the broker's
+//! fixed exchanges, so they run one at a time.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use amqprs::channel::{
+    BasicConsumeArguments, BasicPublishArguments, QueueBindArguments, QueueDeclareArguments,
+};
+use amqprs::connection::{Connection, OpenConnectionArguments};
+use amqprs::BasicProperties;
+use common::{create, get_json, http, wait_rendered, Demo};
+
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn pdf_text(bytes: &[u8]) -> String {
+    let doc = lopdf::Document::load_mem(bytes).expect("a PDF parser reads it");
+    doc.extract_text(&[1]).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_documents_are_rendered_fetched_and_announced_to_the_other_site() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let demo = Demo::start();
+    let base = demo.base.clone();
+    let mut ids: BTreeMap<&str, Vec<(String, String)>> = BTreeMap::new();
+    let mut tasks = Vec::new();
+    for site in ["a", "b"] {
+        for i in 0..20 {
+            let base = base.clone();
+            let title = format!("Report {i} from site {site}");
+            tasks.push(tokio::spawn(async move {
+                let id = create(&base, site, &title).await;
+                (site, id, title)
+            }));
+        }
+    }
+    for t in tasks {
+        let (site, id, title) = t.await.unwrap();
+        ids.entry(site).or_default().push((id, title));
+    }
+    for (site, docs) in &ids {
+        let just_ids: Vec<String> = docs.iter().map(|(id, _)| id.clone()).collect();
+        let rendered = wait_rendered(&base, site, &just_ids, Duration::from_secs(90)).await;
+        for d in &rendered {
+            assert_eq!(d["renders"], 1, "stored once: {d}");
+        }
+        for (id, title) in docs {
+            let doc = get_json(&format!("{base}/sites/{site}/documents/{id}")).await;
+            assert_eq!(doc["status"], "rendered");
+            assert_eq!(doc["title"], title.as_str());
+            let pdf_url = doc["pdf_url"].as_str().unwrap();
+            let (status, pdf) = http("GET", &format!("{base}{pdf_url}"), None).await;
+            assert_eq!(status, 200);
+            assert!(pdf.starts_with(b"%PDF-"), "starts with %PDF-");
+            assert!(pdf.trim_ascii_end().ends_with(b"%%EOF"), "ends with %%EOF");
+            assert!(
+                pdf_text(&pdf).contains(title.as_str()),
+                "the PDF shows {title}"
+            );
+        }
+    }
+    // Each site's feed holds the other site's 20 events.
+    for (site, other) in [("a", "b"), ("b", "a")] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let feed = get_json(&format!("{base}/sites/{site}/feed")).await;
+            let from_other: Vec<&serde_json::Value> = feed
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["from_site"] == other)
+                .collect();
+            if from_other.len() == 20 {
+                let titles: Vec<&str> = from_other
+                    .iter()
+                    .map(|e| e["title"].as_str().unwrap())
+                    .collect();
+                for (_, title) in &ids[other] {
+                    assert!(
+                        titles.contains(&title.as_str()),
+                        "{title} missing from site {site}'s feed"
+                    );
+                }
+                assert!(
+                    feed.as_array()
+                        .unwrap()
+                        .iter()
+                        .all(|e| e["from_site"] == other),
+                    "only the other site's events"
+                );
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "site {site}'s feed has {} of site {other}'s 20 events",
+                from_other.len()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // The slow job ran too.
+    let docs = get_json(&format!("{base}/sites/a/documents")).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut docs = docs;
+    while docs
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|d| d["words"].is_null())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "word counts missing"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        docs = get_json(&format!("{base}/sites/a/documents")).await;
+    }
+    assert!(
+        docs.as_array().unwrap().iter().all(|d| d["words"] == 5),
+        "\"Report N from site a\" has 5 words"
+    );
+    // The page is there, and bad input gets a clear error.
+    let (status, page) = http("GET", &format!("{base}/sites/a/"), None).await;
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&page).contains("<form"));
+    let (status, body) = http(
+        "POST",
+        &format!("{base}/sites/a/documents"),
+        Some(serde_json::json!({"title": ""})),
+    )
+    .await;
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("title"));
+    let instance = demo.instance.clone();
+    assert!(demo.stop().success(), "the demo stops cleanly");
+    common::cleanup(&instance).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_client_with_the_seeds_exact_properties_gets_a_pdf() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let demo = Demo::start();
+    let conn = Connection::open(&OpenConnectionArguments::new(
+        "127.0.0.1",
+        5672,
+        "guest",
+        "guest",
+    ))
+    .await
+    .unwrap();
+    let ch = conn.open_channel(None).await.unwrap();
+    // The site's side of the seed: my_queue bound to service.results.
+    let my_queue = format!("test.seed.my_queue.{}", demo.instance);
+    ch.queue_declare(
+        QueueDeclareArguments::new(&my_queue)
+            .auto_delete(true)
+            .finish(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(QueueBindArguments::new(
+        &my_queue,
+        "service.results",
+        &my_queue,
+    ))
+    .await
+    .unwrap();
+    let (_, mut replies) = ch
+        .basic_consume_rx(
+            BasicConsumeArguments::new(&my_queue, "")
+                .auto_ack(true)
+                .finish(),
+        )
+        .await
+        .unwrap();
+    let correlation_id = uuid::Uuid::new_v4().to_string();
+    let mut p = BasicProperties::default();
+    p.with_content_type("application/x-msgpack")
+        .with_correlation_id(&correlation_id)
+        .with_reply_to(&my_queue);
+    let body = rmp_serde::to_vec_named(&BTreeMap::from([("title", "Hello World!")])).unwrap();
+    ch.basic_publish(
+        p.finish(),
+        body,
+        BasicPublishArguments::new("service.tasks", "service.my_template"),
+    )
+    .await
+    .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(30), replies.recv())
+        .await
+        .expect("a reply")
+        .unwrap();
+    let props = m.basic_properties.unwrap();
+    assert_eq!(
+        props.content_type().map(String::as_str),
+        Some("application/pdf")
+    );
+    assert_eq!(props.correlation_id(), Some(&correlation_id));
+    let deliver = m.deliver.unwrap();
+    assert_eq!(deliver.exchange(), "service.results");
+    assert_eq!(deliver.routing_key(), &my_queue);
+    let pdf = m.content.unwrap();
+    assert!(pdf.starts_with(b"%PDF-") && pdf_text(&pdf).contains("Hello World!"));
+    let instance = demo.instance.clone();
+    assert!(demo.stop().success());
+    common::cleanup(&instance).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_sites_worker_loses_nothing_and_renders_each_document_once() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let demo = Demo::start();
+    let base = demo.base.clone();
+    let workers = demo.part_pids("worker --site a");
+    assert_eq!(workers.len(), 1, "one worker for site a: {workers:?}");
+    let mut ids = Vec::new();
+    for i in 0..15 {
+        ids.push(create(&base, "a", &format!("Survivor {i}")).await);
+    }
+    // Kill it hard while replies and jobs are pending.
+    assert!(Command::new("kill")
+        .args(["-KILL", &workers[0].to_string()])
+        .status()
+        .unwrap()
+        .success());
+    for i in 15..20 {
+        ids.push(create(&base, "a", &format!("Survivor {i}")).await);
+    }
+    // The demo starts a new worker; everything gets rendered, once.
+    let docs = wait_rendered(&base, "a", &ids, Duration::from_secs(90)).await;
+    assert_eq!(docs.len(), 20);
+    for d in &docs {
+        assert_eq!(d["renders"], 1, "rendered exactly once: {d}");
+    }
+    let now = demo.part_pids("worker --site a");
+    assert_eq!(now.len(), 1);
+    assert_ne!(now[0], workers[0], "a new worker process took over");
+    let instance = demo.instance.clone();
+    assert!(demo.stop().success());
+    common::cleanup(&instance).await;
+}
