@@ -37,6 +37,17 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::message::Message;
 use crate::worker::retry::now_millis;
 
+/// Runs `$body` with `$pool` bound to whichever pool `$db` holds: for
+/// queries whose text is the same on both databases.
+macro_rules! on_pool {
+    ($db:expr, |$pool:ident| $body:expr) => {
+        match $db {
+            Database::Sqlite($pool) => $body,
+            Database::Postgres($pool) => $body,
+        }
+    };
+}
+
 /// The channel relays listen on for new rows (PostgreSQL).
 pub const NOTIFY_CHANNEL: &str = "rabbitry_outbox";
 
@@ -423,42 +434,26 @@ impl Outbox {
     /// The backlog, the oldest pending age and the failed rows.
     pub async fn status(&self) -> Result<OutboxStatus> {
         let err = |e| db_error(&self.url, "reading the outbox", e);
-        let (pending, oldest, failed) = match &self.db {
-            Database::Sqlite(pool) => {
-                let r = sqlx::query("SELECT COUNT(*), MIN(created_at) FROM rabbitry_outbox WHERE status = 'pending'")
-                    .fetch_one(pool)
-                    .await
-                    .map_err(err)?;
-                let failed = sqlx::query(
-                    "SELECT id, message_id, exchange, routing_key, last_error FROM rabbitry_outbox WHERE status = 'failed' ORDER BY id",
-                )
-                .fetch_all(pool)
-                .await
-                .map_err(err)?;
-                (
-                    r.try_get::<i64, _>(0).map_err(err)?,
-                    r.try_get::<Option<i64>, _>(1).map_err(err)?,
-                    failed.iter().map(failed_row_sqlite).collect::<Vec<_>>(),
-                )
-            }
-            Database::Postgres(pool) => {
-                let r = sqlx::query("SELECT COUNT(*), MIN(created_at) FROM rabbitry_outbox WHERE status = 'pending'")
-                    .fetch_one(pool)
-                    .await
-                    .map_err(err)?;
-                let failed = sqlx::query(
-                    "SELECT id, message_id, exchange, routing_key, last_error FROM rabbitry_outbox WHERE status = 'failed' ORDER BY id",
-                )
-                .fetch_all(pool)
-                .await
-                .map_err(err)?;
-                (
-                    r.try_get::<i64, _>(0).map_err(err)?,
-                    r.try_get::<Option<i64>, _>(1).map_err(err)?,
-                    failed.iter().map(failed_row_pg).collect::<Vec<_>>(),
-                )
-            }
-        };
+        let (pending, oldest, failed) = on_pool!(&self.db, |pool| {
+            let r = sqlx::query(
+                "SELECT COUNT(*), MIN(created_at) FROM rabbitry_outbox WHERE status = 'pending'",
+            )
+            .fetch_one(pool)
+            .await
+            .map_err(err)?;
+            let failed = sqlx::query(
+                "SELECT id, message_id, exchange, routing_key, last_error FROM rabbitry_outbox \
+                 WHERE status = 'failed' ORDER BY id",
+            )
+            .fetch_all(pool)
+            .await
+            .map_err(err)?;
+            (
+                r.try_get::<i64, _>(0).map_err(err)?,
+                r.try_get::<Option<i64>, _>(1).map_err(err)?,
+                failed.iter().map(failed_row).collect::<Vec<_>>(),
+            )
+        });
         Ok(OutboxStatus {
             pending,
             oldest_pending_ms: oldest.map(|t| now_millis() - t),
@@ -467,17 +462,13 @@ impl Outbox {
     }
 }
 
-fn failed_row_sqlite(r: &sqlx::sqlite::SqliteRow) -> FailedRow {
-    FailedRow {
-        id: r.try_get(0).unwrap_or_default(),
-        message_id: r.try_get(1).unwrap_or_default(),
-        exchange: r.try_get(2).unwrap_or_default(),
-        routing_key: r.try_get(3).unwrap_or_default(),
-        error: r.try_get(4).unwrap_or_default(),
-    }
-}
-
-fn failed_row_pg(r: &sqlx::postgres::PgRow) -> FailedRow {
+fn failed_row<R: Row>(r: &R) -> FailedRow
+where
+    usize: sqlx::ColumnIndex<R>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Option<String>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
     FailedRow {
         id: r.try_get(0).unwrap_or_default(),
         message_id: r.try_get(1).unwrap_or_default(),
