@@ -423,3 +423,73 @@ async fn rpc_against_another_client_and_a_clean_timeout() {
     assert!(started.elapsed() < Duration::from_secs(5));
     delete(&conn, &queue).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_migrate_and_status_show_backlog_and_failed_rows() {
+    let dir = std::env::temp_dir().join(unique("outbox"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("sqlite://{}/app.db", dir.display());
+    let out = rabbitry(&["outbox", "migrate", "--database", &url]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let outbox = rabbitry::outbox::Outbox::connect(&url).await.unwrap();
+    let rabbitry::outbox::Database::Sqlite(pool) = outbox.database() else {
+        unreachable!()
+    };
+    let mut tx = pool.begin().await.unwrap();
+    let nowhere = unique("nowhere");
+    rabbitry::outbox::publish(
+        &mut *tx,
+        rabbitry::Message::new("x")
+            .routing_key(&nowhere)
+            .mandatory(true),
+    )
+    .await
+    .unwrap();
+    rabbitry::outbox::publish(&mut *tx, rabbitry::Message::new("y").routing_key(&nowhere))
+        .await
+        .unwrap();
+    outbox.commit(tx).await.unwrap();
+    let out = rabbitry(&["outbox", "status", "--database", &url]);
+    let report = text(&out.stdout);
+    assert!(report.contains("pending: 2"), "{report}");
+    assert!(report.contains("failed: 0"), "{report}");
+
+    let conn = rabbitry::Connection::open(rabbitry::ConnectionSettings::default())
+        .await
+        .unwrap();
+    let relay = outbox
+        .spawn_relay(&conn, rabbitry::outbox::RelayOptions::default())
+        .await
+        .unwrap();
+    for _ in 0..250 {
+        if outbox.status().await.unwrap().pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    relay.stop().await.unwrap();
+    let out = rabbitry(&["outbox", "status", "--database", &url]);
+    let report = text(&out.stdout);
+    assert!(
+        report.contains("pending: 0") && report.contains("failed: 1"),
+        "{report}"
+    );
+    assert!(
+        report.contains(&nowhere) && report.contains("NO_ROUTE"),
+        "{report}"
+    );
+
+    let out = rabbitry(&[
+        "outbox",
+        "status",
+        "--database",
+        "postgres://postgres@127.0.0.1:1/x",
+    ]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("127.0.0.1:1") && err.contains("Connection refused"),
+        "{err}"
+    );
+}

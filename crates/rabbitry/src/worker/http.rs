@@ -18,7 +18,7 @@ use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tower::{Service, ServiceExt};
 
-use super::handler::{BoxFuture, Context, HandlerError, Reply};
+use super::handler::{BoxFuture, HandlerError, Reply};
 
 /// A request's body type.
 pub type RequestBody = Full<Bytes>;
@@ -72,12 +72,15 @@ fn put(req: &mut Request<RequestBody>, name: &str, value: &str) {
 }
 
 /// Builds the request for a delivery.
-pub(crate) fn to_request(uri: String, ctx: &Context) -> Result<Request<RequestBody>, HandlerError> {
-    let meta = &ctx.meta;
+pub(crate) fn to_request(
+    uri: String,
+    meta: &super::handler::Meta,
+    body: &[u8],
+) -> Result<Request<RequestBody>, HandlerError> {
     let mut req = Request::builder()
         .method(Method::POST)
         .uri(&uri)
-        .body(Full::new(Bytes::from(ctx.delivery.body.clone())))
+        .body(Full::new(Bytes::copy_from_slice(body)))
         .map_err(|e| HandlerError::invalid(format!("cannot build a request for {uri}: {e}")))?;
     let p = &meta.properties;
     if let Some(ct) = &p.content_type {
@@ -231,6 +234,37 @@ mod tests {
         m.exchange.clear();
         m.properties.correlation_id = None;
         assert_eq!(request_path("", &m), "/default/(default)/order.created");
+    }
+
+    #[test]
+    fn properties_and_headers_become_http_headers() {
+        let mut m = meta();
+        m.properties.content_type = Some("application/json".into());
+        m.properties.reply_to = Some("replies".into());
+        m.properties.message_id = Some("m-1".into());
+        m.properties
+            .headers
+            .insert("authorization".into(), "Bearer t0k".into());
+        m.properties
+            .headers
+            .insert("Tenant".into(), crate::message::HeaderValue::Int(7));
+        m.attempt = 2;
+        m.redelivered = true;
+        let req = to_request("http://h/x".into(), &m, b"{}").unwrap();
+        let h = |k: &str| req.headers().get(k).map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(req.method(), Method::POST);
+        assert_eq!(h("content-type").as_deref(), Some("application/json"));
+        assert_eq!(h("authorization").as_deref(), Some("Bearer t0k"));
+        assert_eq!(h("amqp-header-tenant").as_deref(), Some("7"));
+        assert_eq!(h("amqp-correlation-id").as_deref(), Some("c 1"));
+        assert_eq!(h("amqp-reply-to").as_deref(), Some("replies"));
+        assert_eq!(h("amqp-message-id").as_deref(), Some("m-1"));
+        assert_eq!(h("amqp-exchange").as_deref(), Some("shop"));
+        assert_eq!(h("amqp-routing-key").as_deref(), Some("order.created"));
+        assert_eq!(h("amqp-redelivered").as_deref(), Some("true"));
+        assert_eq!(h("amqp-attempt").as_deref(), Some("2"));
+        assert_eq!(h("amqp-site").as_deref(), Some("a"));
+        assert_eq!(h("amqp-user").as_deref(), Some("admin"));
     }
 
     #[test]

@@ -477,7 +477,7 @@ async fn run_handler<S: Clone + Send + Sync + 'static>(
         Route::Native(h) => h(ctx, state.clone()),
         Route::Http { service, base } => {
             let uri = http::request_path(base, &ctx.meta);
-            let req = match http::to_request(uri, &ctx) {
+            let req = match http::to_request(uri, &ctx.meta, &ctx.delivery.body) {
                 Ok(r) => r,
                 Err(e) => return Err(e),
             };
