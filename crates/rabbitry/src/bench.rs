@@ -96,17 +96,8 @@ pub async fn run_worker<Svc, RB>(
     service: Svc,
 ) -> Result<Vec<ScenarioResult>>
 where
-    Svc: tower::Service<
-            http::Request<crate::worker::http::RequestBody>,
-            Response = http::Response<RB>,
-        > + Clone
-        + Send
-        + Sync
-        + 'static,
-    Svc::Future: Send + 'static,
-    Svc::Error: std::fmt::Display,
-    RB: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    RB::Error: std::fmt::Display,
+    Svc: crate::worker::http::RequestService<RB>,
+    RB: crate::worker::http::ResponseBody,
 {
     let ep = Endpoint::parse(&opts.url)?;
     let raw = open_raw(&ep).await?;
@@ -171,17 +162,8 @@ async fn worker_case<Svc, RB>(
     service: Svc,
 ) -> Result<Duration>
 where
-    Svc: tower::Service<
-            http::Request<crate::worker::http::RequestBody>,
-            Response = http::Response<RB>,
-        > + Clone
-        + Send
-        + Sync
-        + 'static,
-    Svc::Future: Send + 'static,
-    Svc::Error: std::fmt::Display,
-    RB: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    RB::Error: std::fmt::Display,
+    Svc: crate::worker::http::RequestService<RB>,
+    RB: crate::worker::http::ResponseBody,
 {
     use crate::worker::{Body, State, Worker};
     let text = format!(

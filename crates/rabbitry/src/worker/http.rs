@@ -23,6 +23,43 @@ use super::handler::{BoxFuture, HandlerError, Reply};
 /// A request's body type.
 pub type RequestBody = Full<Bytes>;
 
+/// A tower service that can handle deliveries as requests (an axum
+/// `Router`, say): the bounds [`Worker::service`](super::Worker::service)
+/// needs, named once.
+pub trait RequestService<RB>:
+    Service<
+        Request<RequestBody>,
+        Response = Response<RB>,
+        Future: Send + 'static,
+        Error: std::fmt::Display,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<T, RB> RequestService<RB> for T
+where
+    T: Service<Request<RequestBody>, Response = Response<RB>> + Clone + Send + Sync + 'static,
+    T::Future: Send + 'static,
+    T::Error: std::fmt::Display,
+{
+}
+
+/// A response body the worker can read to the end.
+pub trait ResponseBody:
+    http_body::Body<Data = Bytes, Error: std::fmt::Display> + Send + 'static
+{
+}
+
+impl<B> ResponseBody for B
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: std::fmt::Display,
+{
+}
+
 /// A service with its types erased: request in, status/headers/body out, or
 /// a transport error (unreachable, reset).
 pub(crate) type BoxService =
@@ -154,14 +191,7 @@ pub(crate) fn from_response(resp: Response<Bytes>) -> Result<Reply, HandlerError
 }
 
 /// Erases a tower service (an axum `Router`, say).
-pub(crate) fn boxed_service<Svc, RB>(service: Svc) -> BoxService
-where
-    Svc: Service<Request<RequestBody>, Response = Response<RB>> + Clone + Send + Sync + 'static,
-    Svc::Future: Send + 'static,
-    Svc::Error: std::fmt::Display,
-    RB: http_body::Body<Data = Bytes> + Send + 'static,
-    RB::Error: std::fmt::Display,
-{
+pub(crate) fn boxed_service<Svc: RequestService<RB>, RB: ResponseBody>(service: Svc) -> BoxService {
     Arc::new(move |req| {
         let svc = service.clone();
         Box::pin(async move {

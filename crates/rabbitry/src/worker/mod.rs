@@ -101,15 +101,8 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
     /// service (an axum `Router`), under the worker's path prefix.
     pub fn service<Svc, RB>(mut self, consumer: &str, service: Svc) -> Self
     where
-        Svc: tower::Service<::http::Request<http::RequestBody>, Response = ::http::Response<RB>>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        Svc::Future: Send + 'static,
-        Svc::Error: std::fmt::Display,
-        RB: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-        RB::Error: std::fmt::Display,
+        Svc: http::RequestService<RB>,
+        RB: http::ResponseBody,
     {
         let base = self.settings.worker.prefix.clone();
         self.routes.insert(
