@@ -233,12 +233,25 @@ async fn killing_a_sites_worker_loses_nothing_and_renders_each_document_once() {
         ids.push(create(&base, "a", &format!("Survivor {i}")).await);
     }
     // The demo starts a new worker; everything gets rendered, once.
-    let docs = wait_rendered(&base, "a", &ids, Duration::from_secs(90)).await;
+    let docs = match tokio::time::timeout(
+        Duration::from_secs(95),
+        tokio::spawn(async move { wait_rendered(&base, "a", &ids, Duration::from_secs(90)).await }),
+    )
+    .await
+    {
+        Ok(Ok(docs)) => docs,
+        _ => {
+            common::diagnose(&demo).await;
+            panic!("not every document was rendered after the worker was killed");
+        }
+    };
     assert_eq!(docs.len(), 20);
     for d in &docs {
         assert_eq!(d["renders"], 1, "rendered exactly once: {d}");
     }
     let now = demo.part_pids("worker --site a");
+    let base = demo.base.clone();
+    let _ = base;
     assert_eq!(now.len(), 1);
     assert_ne!(now[0], workers[0], "a new worker process took over");
     let instance = demo.instance.clone();

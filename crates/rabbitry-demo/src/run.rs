@@ -193,6 +193,9 @@ pub async fn run_demo(
     for site in SITES {
         db::open(&common.site_url(site), site).await?;
     }
+    // Declare every exchange, queue and binding before any part runs, so
+    // that nothing published early is unroutable.
+    declare_topology(&common).await?;
     let backends: Backends = Arc::new(RwLock::new(
         SITES
             .iter()
@@ -264,6 +267,28 @@ pub async fn run_demo(
     }
     let _ = server.await;
     eprintln!("demo: stopped");
+    Ok(())
+}
+
+/// Declares what the parts consume, from the same settings they use.
+async fn declare_topology(common: &Common) -> Result<()> {
+    let names = common.names();
+    let conn = connect(common, "demo.setup").await?;
+    let mut all = vec![worker::service_settings(&names, &common.amqp_url)?];
+    for site in SITES {
+        let others: Vec<&str> = SITES.iter().copied().filter(|s| *s != site).collect();
+        all.push(worker::site_settings(
+            &names,
+            site,
+            &others,
+            &common.amqp_url,
+        )?);
+    }
+    for settings in &all {
+        conn.declare_once(&settings.topology_for(rabbitry::config::DEFAULT_CONNECTION))
+            .await?;
+    }
+    conn.close().await;
     Ok(())
 }
 

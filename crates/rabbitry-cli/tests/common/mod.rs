@@ -16,6 +16,7 @@ pub struct Demo {
     pub child: Child,
     pub base: String,
     pub instance: String,
+    pub data_dir: std::path::PathBuf,
 }
 
 impl Demo {
@@ -49,6 +50,7 @@ impl Demo {
             child,
             base: base.expect("the demo printed its URLs"),
             instance,
+            data_dir,
         }
     }
 
@@ -81,6 +83,63 @@ impl Demo {
             .lines()
             .filter_map(|l| l.trim().parse().ok())
             .collect()
+    }
+}
+
+/// Prints what a stuck demo holds: each site's outbox, the instance's
+/// queues, and the dead letters of the results queues.
+pub async fn diagnose(demo: &Demo) {
+    let conn = rabbitry::Connection::open(rabbitry::ConnectionSettings::default())
+        .await
+        .unwrap();
+    let names = rabbitry_demo::names::Names::new(&demo.instance);
+    for q in names.all_queues(&rabbitry_demo::SITES) {
+        if let Ok(Some(s)) = conn.queue_status(&q).await {
+            eprintln!("queue {q}: {} ready, {} consumers", s.messages, s.consumers);
+        }
+    }
+    let docs = get_json(&format!("{}/sites/a/documents", demo.base)).await;
+    for d in docs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["status"] != "rendered")
+    {
+        eprintln!("pending document: {d}");
+        let url = format!("sqlite://{}/site-a.db", demo.data_dir.display());
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+        let cid = d["correlation_id"].as_str().unwrap();
+        let req: Option<(String, Option<i64>)> = sqlx::query_as(
+            "SELECT kind, replied_at FROM rabbitry_requests WHERE correlation_id = ?1",
+        )
+        .bind(cid)
+        .fetch_optional(&pool)
+        .await
+        .unwrap();
+        let inbox: Vec<(String, String)> =
+            sqlx::query_as("SELECT consumer, message_id FROM rabbitry_inbox WHERE message_id = ?1")
+                .bind(cid)
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        let outbox: Vec<(i64, String, Option<String>)> =
+            sqlx::query_as("SELECT id, status, lease_owner FROM rabbitry_outbox")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        eprintln!("  request: {req:?}; inbox: {inbox:?}; outbox rows: {outbox:?}");
+    }
+    for site in rabbitry_demo::SITES {
+        let url = format!("sqlite://{}/site-{site}.db", demo.data_dir.display());
+        if let Ok(o) = rabbitry::outbox::Outbox::connect(&url).await {
+            eprintln!("site {site} outbox: {:?}", o.status().await);
+        }
+        for d in rabbitry::worker::dead::list(&conn, &names.results_queue(site), 20)
+            .await
+            .unwrap_or_default()
+        {
+            eprintln!("site {site} dead result: {:?}", d.error);
+        }
     }
 }
 

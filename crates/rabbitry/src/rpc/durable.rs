@@ -147,8 +147,10 @@ where
 
 /// Sends `message` as a durable request, in the caller's transaction: it
 /// gets a new correlation id (returned), its context is stored under it,
-/// and the message goes through the outbox. `message` needs a routing key
-/// and a `reply_to` naming a durable queue that a worker consumes.
+/// and the message goes through the outbox, mandatory: a request that no
+/// queue takes is marked failed in the outbox, not dropped. `message`
+/// needs a routing key and a `reply_to` naming a durable queue that a
+/// worker consumes.
 pub async fn send<E: RequestStore + ?Sized>(
     conn: &mut E,
     kind: &str,
@@ -163,6 +165,7 @@ pub async fn send<E: RequestStore + ?Sized>(
     }
     let correlation_id = uuid::Uuid::new_v4().to_string();
     message.properties.correlation_id = Some(correlation_id.clone());
+    message.mandatory = true;
     conn.insert_request(&correlation_id, kind, &context.to_string())
         .await?;
     crate::outbox::publish(conn, message).await?;
