@@ -208,34 +208,29 @@ impl Outbox {
             Database::Sqlite(pool) => {
                 let now = now_millis();
                 let until = now + options.lease.as_millis() as i64;
-                // Each claim has its own token, so that a claim never picks
-                // up rows of an earlier claim still in flight.
+                // The lease names the relay and this claim.
                 let token = format!("{}:{}", options.owner, uuid::Uuid::new_v4().simple());
-                sqlx::query(
+                // One statement claims and returns exactly the leased rows.
+                let rows = sqlx::query(
                     "UPDATE rabbitry_outbox SET lease_owner = ?1, lease_until = ?2 WHERE id IN \
                      (SELECT id FROM rabbitry_outbox WHERE status = 'pending' \
-                      AND (lease_until IS NULL OR lease_until < ?3) ORDER BY id LIMIT ?4)",
+                      AND (lease_until IS NULL OR lease_until < ?3) ORDER BY id LIMIT ?4) \
+                     RETURNING id, exchange, routing_key, properties, body, mandatory",
                 )
                 .bind(&token)
                 .bind(until)
                 .bind(now)
                 .bind(options.batch as i64)
-                .execute(pool)
-                .await
-                .map_err(err)?;
-                let rows = sqlx::query(
-                    "SELECT id, exchange, routing_key, properties, body, mandatory FROM rabbitry_outbox \
-                     WHERE status = 'pending' AND lease_owner = ?1 ORDER BY id",
-                )
-                .bind(&token)
                 .fetch_all(pool)
                 .await
                 .map_err(err)?;
-                let rows = rows
+                let mut rows = rows
                     .iter()
                     .map(claimed_sqlite)
                     .collect::<sqlx::Result<Vec<_>>>()
                     .map_err(err)?;
+                // RETURNING does not promise an order; commit order is id order.
+                rows.sort_by_key(|c| c.id);
                 Ok(Claim { rows, tx: None })
             }
         }

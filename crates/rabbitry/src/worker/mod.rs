@@ -175,16 +175,7 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
                 },
             };
             let conn_name = config.connection.clone();
-            let conn = match connections.get(&conn_name) {
-                Some(c) => c.clone(),
-                None => {
-                    let mut cs = settings.connection(&conn_name)?;
-                    cs.name = format!("rabbitry-worker.{conn_name}");
-                    let c = Connection::open(cs).await?;
-                    connections.insert(conn_name.clone(), c.clone());
-                    c
-                }
-            };
+            let conn = connection_for(&settings, &mut connections, &conn_name).await?;
             let replies = match replies_by_conn.get(&conn_name) {
                 Some(p) => p.clone(),
                 None => {
@@ -239,16 +230,7 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
                     .map_or(crate::config::DEFAULT_CONNECTION.to_owned(), |o| {
                         o.connection.clone()
                     });
-                let conn = match connections.get(&name) {
-                    Some(c) => c.clone(),
-                    None => {
-                        let mut cs = settings.connection(&name)?;
-                        cs.name = format!("rabbitry-worker.{name}");
-                        let c = Connection::open(cs).await?;
-                        connections.insert(name.clone(), c.clone());
-                        c
-                    }
-                };
+                let conn = connection_for(&settings, &mut connections, &name).await?;
                 Some(
                     outbox
                         .spawn_relay(&conn, crate::outbox::RelayOptions::default())
@@ -270,6 +252,23 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
             shutdown_timeout: settings.worker.shutdown_timeout,
         })
     }
+}
+
+/// The worker's connection called `name`, opened on first use: one
+/// connection per name, shared by every consumer on it.
+async fn connection_for(
+    settings: &Settings,
+    connections: &mut HashMap<String, Connection>,
+    name: &str,
+) -> Result<Connection> {
+    if let Some(c) = connections.get(name) {
+        return Ok(c.clone());
+    }
+    let mut cs = settings.connection(name)?;
+    cs.name = format!("rabbitry-worker.{name}");
+    let c = Connection::open(cs).await?;
+    connections.insert(name.to_owned(), c.clone());
+    Ok(c)
 }
 
 /// A started worker.
