@@ -265,76 +265,61 @@ pub trait OutboxExecutor: Send {
     ) -> impl Future<Output = Result<bool>> + Send;
 }
 
-impl OutboxExecutor for SqliteConnection {
-    async fn insert_outbox(&mut self, row: &OutboxRow) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, mandatory, created_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )
-        .bind(&row.message_id)
-        .bind(&row.exchange)
-        .bind(&row.routing_key)
-        .bind(&row.properties)
-        .bind(&row.body)
-        .bind(row.mandatory)
-        .bind(now_millis())
-        .execute(&mut *self)
-        .await
-        .map_err(|e| db_error("sqlite", "writing an outbox row", e))?;
-        Ok(())
-    }
+/// Implements [`OutboxExecutor`] for one database's connection; only the
+/// SQL differs.
+macro_rules! outbox_executor {
+    ($conn:ty, $db:literal, $insert:literal, $inbox:literal) => {
+        impl OutboxExecutor for $conn {
+            async fn insert_outbox(&mut self, row: &OutboxRow) -> Result<()> {
+                sqlx::query($insert)
+                    .bind(&row.message_id)
+                    .bind(&row.exchange)
+                    .bind(&row.routing_key)
+                    .bind(&row.properties)
+                    .bind(&row.body)
+                    .bind(row.mandatory)
+                    .bind(now_millis())
+                    .execute(&mut *self)
+                    .await
+                    .map_err(|e| db_error($db, "writing an outbox row", e))?;
+                Ok(())
+            }
 
-    async fn insert_inbox(&mut self, consumer: &str, message_id: &str) -> Result<bool> {
-        let done = sqlx::query(
-            "INSERT INTO rabbitry_inbox (consumer, message_id, processed_at) VALUES (?1, ?2, ?3) \
-             ON CONFLICT (consumer, message_id) DO NOTHING",
-        )
-        .bind(consumer)
-        .bind(message_id)
-        .bind(now_millis())
-        .execute(&mut *self)
-        .await
-        .map_err(|e| db_error("sqlite", "writing an inbox row", e))?;
-        Ok(done.rows_affected() == 1)
-    }
+            async fn insert_inbox(&mut self, consumer: &str, message_id: &str) -> Result<bool> {
+                let done = sqlx::query($inbox)
+                    .bind(consumer)
+                    .bind(message_id)
+                    .bind(now_millis())
+                    .execute(&mut *self)
+                    .await
+                    .map_err(|e| db_error($db, "writing an inbox row", e))?;
+                Ok(done.rows_affected() == 1)
+            }
+        }
+    };
 }
 
-impl OutboxExecutor for PgConnection {
-    async fn insert_outbox(&mut self, row: &OutboxRow) -> Result<()> {
-        // One round trip: the row, and a notification that listening
-        // relays receive when (and only if) the transaction commits.
-        sqlx::query(
-            "WITH ins AS (INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, mandatory, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id) \
-             SELECT pg_notify('rabbitry_outbox', '') FROM ins",
-        )
-        .bind(&row.message_id)
-        .bind(&row.exchange)
-        .bind(&row.routing_key)
-        .bind(&row.properties)
-        .bind(&row.body)
-        .bind(row.mandatory)
-        .bind(now_millis())
-        .execute(&mut *self)
-        .await
-        .map_err(|e| db_error("postgres", "writing an outbox row", e))?;
-        Ok(())
-    }
+outbox_executor!(
+    SqliteConnection,
+    "sqlite",
+    "INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, mandatory, created_at) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    "INSERT INTO rabbitry_inbox (consumer, message_id, processed_at) VALUES (?1, ?2, ?3) \
+     ON CONFLICT (consumer, message_id) DO NOTHING"
+);
 
-    async fn insert_inbox(&mut self, consumer: &str, message_id: &str) -> Result<bool> {
-        let done = sqlx::query(
-            "INSERT INTO rabbitry_inbox (consumer, message_id, processed_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (consumer, message_id) DO NOTHING",
-        )
-        .bind(consumer)
-        .bind(message_id)
-        .bind(now_millis())
-        .execute(&mut *self)
-        .await
-        .map_err(|e| db_error("postgres", "writing an inbox row", e))?;
-        Ok(done.rows_affected() == 1)
-    }
-}
+// On PostgreSQL the insert also notifies listening relays, in the same
+// round trip; the notification is delivered when (and only if) the
+// transaction commits.
+outbox_executor!(
+    PgConnection,
+    "postgres",
+    "WITH ins AS (INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, mandatory, created_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id) \
+     SELECT pg_notify('rabbitry_outbox', '') FROM ins",
+    "INSERT INTO rabbitry_inbox (consumer, message_id, processed_at) VALUES ($1, $2, $3) \
+     ON CONFLICT (consumer, message_id) DO NOTHING"
+);
 
 /// Writes `message` to the outbox inside the caller's transaction
 /// (`&mut *tx`). Returns its message id. It is published after the
