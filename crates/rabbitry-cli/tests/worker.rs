@@ -59,9 +59,10 @@ async fn connect() -> Connection {
     .unwrap()
 }
 
-fn worker(config: &std::path::Path) -> std::process::Child {
+fn worker(config: &std::path::Path, extra: &[&str]) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_rabbitry"))
         .args(["worker", "-c", config.to_str().unwrap()])
+        .args(extra)
         .env_remove("AMQP_URL")
         .env("RABBITRY_LOG", "warn")
         .stdout(Stdio::null())
@@ -103,7 +104,7 @@ async fn sigterm_lets_the_slow_handler_finish_and_leaves_the_rest_on_the_queue()
         })
     };
     let config = write_config(&queue, &serve(app).await);
-    let mut child = worker(&config);
+    let mut child = worker(&config, &[]);
     // The worker declares the queue; wait for it, then publish five.
     let mut declared = false;
     for _ in 0..250 {
@@ -201,7 +202,13 @@ async fn dead_list_and_replay_from_the_command_line() {
         })
     };
     let config = write_config(&queue, &serve(app).await);
-    let mut child = worker(&config);
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let mut child = worker(&config, &["--metrics", &metrics_addr]);
     let mut ready = false;
     for _ in 0..250 {
         if conn
@@ -271,6 +278,37 @@ async fn dead_list_and_replay_from_the_command_line() {
 
     let out = rabbitry(&["dead", "purge", &queue]);
     assert!(out.status.success());
+
+    // What the worker did, as Prometheus metrics: one dead letter, then one ack.
+    let scrape = || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&metrics_addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    };
+    let mut metrics = scrape();
+    for _ in 0..250 {
+        if metrics.contains("outcome=\"ack\"} 1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        metrics = scrape();
+    }
+    assert!(
+        metrics.contains("rabbitry_deliveries_total{consumer=\"jobs\",outcome=\"dead_letter\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("rabbitry_deliveries_total{consumer=\"jobs\",outcome=\"ack\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("rabbitry_handlers_in_flight{consumer=\"jobs\"} 0"),
+        "{metrics}"
+    );
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

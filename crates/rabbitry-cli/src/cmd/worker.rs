@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use rabbitry::worker::{shutdown_signal, Worker};
 
 use super::Global;
@@ -14,6 +14,9 @@ pub struct Args {
     /// Substituted for ${site} in queue names, routing keys and consumer names.
     #[arg(long)]
     site: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
@@ -36,8 +39,42 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         worker = worker.with_outbox(outbox);
     }
     let running = worker.start().await?;
+    let metrics_server = match args.metrics {
+        Some(addr) => {
+            let metrics = running.metrics();
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let metrics = metrics.clone();
+                    async move {
+                        (
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "text/plain; version=0.0.4",
+                            )],
+                            metrics.render(),
+                        )
+                    }
+                }),
+            );
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics address {addr}"))?;
+            eprintln!(
+                "worker: metrics at http://{}/metrics",
+                listener.local_addr()?
+            );
+            Some(tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            }))
+        }
+        None => None,
+    };
     eprintln!("worker: consuming; Ctrl-C or SIGTERM stops it cleanly");
     shutdown_signal().await;
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
     eprintln!("worker: stopping (finishing the handlers in flight)...");
     running.shutdown().await;
     eprintln!("worker: stopped");

@@ -16,6 +16,7 @@
 pub mod dead;
 pub mod handler;
 pub mod http;
+pub mod metrics;
 pub mod retry;
 
 use std::collections::HashMap;
@@ -41,6 +42,7 @@ use crate::publish::{Producer, ProducerSettings};
 use crate::transaction::UnitOfWork;
 use handler::BoxHandler;
 use http::BoxService;
+use metrics::{Counted, WorkerMetrics};
 
 /// Called with a failed delivery and its error; the delivery is then acked.
 pub type ErrorHandler = Arc<dyn Fn(Arc<Delivery>, HandlerError) -> BoxFuture<()> + Send + Sync>;
@@ -158,6 +160,7 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
         let mut connections: HashMap<String, Connection> = HashMap::new();
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
+        let metrics = Arc::new(WorkerMetrics::default());
         let mut replies_by_conn: HashMap<String, Producer> = HashMap::new();
         for (name, config) in &settings.consumers {
             let route = match routes.remove(name) {
@@ -206,6 +209,7 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
             tracing::info!(consumer = %name, queue = %consumer.queue(), concurrency, "consuming");
             let runtime = Arc::new(ConsumerRuntime {
                 name: name.clone(),
+                metrics: metrics.clone(),
                 connection: conn_name.clone(),
                 config: config.clone(),
                 route,
@@ -247,6 +251,7 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
         Ok(RunningWorker {
             stop,
             tasks,
+            metrics,
             relay,
             connections: connections.into_values().collect(),
             shutdown_timeout: settings.worker.shutdown_timeout,
@@ -275,12 +280,18 @@ async fn connection_for(
 pub struct RunningWorker {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    metrics: Arc<WorkerMetrics>,
     relay: Option<crate::outbox::Relay>,
     connections: Vec<Connection>,
     shutdown_timeout: Duration,
 }
 
 impl RunningWorker {
+    /// The worker's counters (deliveries by outcome, handler time, in flight).
+    pub fn metrics(&self) -> Arc<WorkerMetrics> {
+        self.metrics.clone()
+    }
+
     /// Stops consuming, waits for the handlers in flight (up to the
     /// shutdown timeout), settles them, and closes the connections.
     /// Deliveries not started go back to their queues.
@@ -312,6 +323,7 @@ impl RunningWorker {
 
 struct ConsumerRuntime<S> {
     name: String,
+    metrics: Arc<WorkerMetrics>,
     connection: String,
     config: ConsumerConfig,
     route: Route<S>,
@@ -424,6 +436,7 @@ async fn handle_delivery<S: Clone + Send + Sync + 'static>(
                 late_ms = late,
                 "request expired before it was handled; acked without handling"
             );
+            rt.metrics.count(&rt.name, Counted::Expired);
             settle_or_log(&d, Outcome::Ack).await;
             return;
         }
@@ -447,7 +460,11 @@ async fn handle_delivery<S: Clone + Send + Sync + 'static>(
         },
         unit: unit.clone(),
     };
+    let started = std::time::Instant::now();
+    let running = rt.metrics.start(&rt.name);
     let result = run_handler(rt, state, ctx).await;
+    drop(running);
+    rt.metrics.handled(&rt.name, started.elapsed());
     span.record("outcome", outcome_label(&result));
     match result {
         Ok(reply) => succeed(rt, &delivery, attempt, &unit, reply).await,
@@ -527,6 +544,7 @@ async fn succeed<S>(
             return fail(rt, d, attempt, err).await;
         }
     }
+    rt.metrics.count(&rt.name, Counted::Ack);
     settle_or_log(d, Outcome::Ack).await;
 }
 
@@ -535,6 +553,7 @@ async fn succeed<S>(
 async fn fail<S>(rt: &ConsumerRuntime<S>, d: &Arc<Delivery>, attempt: u32, err: HandlerError) {
     if err.kind == FailureKind::Conflict {
         tracing::info!(error = %err, "conflict; requeued");
+        rt.metrics.count(&rt.name, Counted::Requeue);
         settle_or_log(d, Outcome::Requeue).await;
         return;
     }
@@ -542,12 +561,14 @@ async fn fail<S>(rt: &ConsumerRuntime<S>, d: &Arc<Delivery>, attempt: u32, err: 
     if let Some(on_error) = rt.error_handlers.get(&exchange) {
         tracing::error!(error = %err, attempt, "handler failed; passed to the error handler of exchange '{exchange}'");
         on_error(d.clone(), err).await;
+        rt.metrics.count(&rt.name, Counted::ErrorHandler);
         settle_or_log(d, Outcome::Ack).await;
         return;
     }
     let policy = &rt.config.retry;
     let queue = &rt.config.consumer.queue;
-    let message = if err.kind == FailureKind::Retry && attempt < policy.attempts {
+    let retrying = err.kind == FailureKind::Retry && attempt < policy.attempts;
+    let message = if retrying {
         let delay = retry::delay_for(policy, attempt);
         tracing::warn!(error = %err, attempt, ?delay, "handler failed; will retry");
         retry::for_retry(
@@ -570,9 +591,18 @@ async fn fail<S>(rt: &ConsumerRuntime<S>, d: &Arc<Delivery>, attempt: u32, err: 
         )
     };
     match rt.replies.publish(message).await {
-        Ok(()) => settle_or_log(d, Outcome::Ack).await,
+        Ok(()) => {
+            let counted = if retrying {
+                Counted::Retry
+            } else {
+                Counted::DeadLetter
+            };
+            rt.metrics.count(&rt.name, counted);
+            settle_or_log(d, Outcome::Ack).await
+        }
         Err(e) => {
             tracing::error!(error = %e, "could not move the failed message; requeueing it");
+            rt.metrics.count(&rt.name, Counted::Requeue);
             settle_or_log(d, Outcome::Requeue).await;
         }
     }

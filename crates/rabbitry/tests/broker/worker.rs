@@ -213,6 +213,30 @@ async fn four_cases(kind: Kind) {
         conn.queue_status(&queue).await.unwrap().unwrap().messages == 0
     })
     .await;
+    // The worker counted what it did: ok, reply and the third flaky try were
+    // acked; flaky failed twice into retry; the 400 was dead-lettered.
+    let metrics = running.metrics();
+    eventually(Duration::from_secs(10), "three acks counted", || async {
+        metrics.outcomes("orders", rabbitry::worker::metrics::Counted::Ack) == 3
+    })
+    .await;
+    let text = metrics.render();
+    assert!(
+        text.contains("rabbitry_deliveries_total{consumer=\"orders\",outcome=\"ack\"} 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains("rabbitry_deliveries_total{consumer=\"orders\",outcome=\"retry\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("rabbitry_deliveries_total{consumer=\"orders\",outcome=\"dead_letter\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("rabbitry_handler_seconds_count{consumer=\"orders\"} 6"),
+        "{text}"
+    );
     running.shutdown().await;
     assert_eq!(seen.count("ok"), 1, "a 200 is handled once");
     assert_eq!(seen.count("bad"), 1, "a 400 is requested exactly once");
