@@ -71,6 +71,22 @@ fn worker(config: &std::path::Path, extra: &[&str]) -> std::process::Child {
         .expect("start rabbitry worker")
 }
 
+/// Waits (up to 5 s) until the worker consumes `queue`.
+async fn wait_consuming(conn: &Connection, queue: &str) {
+    for _ in 0..250 {
+        if conn
+            .queue_status(queue)
+            .await
+            .unwrap()
+            .is_some_and(|s| s.consumers == 1)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the worker did not start consuming {queue} within 5 s");
+}
+
 async fn wait_exit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
@@ -106,20 +122,7 @@ async fn sigterm_lets_the_slow_handler_finish_and_leaves_the_rest_on_the_queue()
     let config = write_config(&queue, &serve(app).await);
     let mut child = worker(&config, &[]);
     // The worker declares the queue; wait for it, then publish five.
-    let mut declared = false;
-    for _ in 0..250 {
-        if conn
-            .queue_status(&queue)
-            .await
-            .unwrap()
-            .is_some_and(|s| s.consumers == 1)
-        {
-            declared = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(declared, "the worker started consuming");
+    wait_consuming(&conn, &queue).await;
     let producer = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
         .await
         .unwrap();
@@ -209,20 +212,7 @@ async fn dead_list_and_replay_from_the_command_line() {
         .port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let mut child = worker(&config, &["--metrics", &metrics_addr]);
-    let mut ready = false;
-    for _ in 0..250 {
-        if conn
-            .queue_status(&queue)
-            .await
-            .unwrap()
-            .is_some_and(|s| s.consumers == 1)
-        {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(ready);
+    wait_consuming(&conn, &queue).await;
     let producer = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
         .await
         .unwrap();
