@@ -157,10 +157,23 @@ pub async fn cleanup(instance: &str) {
 impl Drop for Demo {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
+            // A test that failed midway: stop the demo and remove its
+            // queues, so that its service queue does not keep collecting
+            // copies of later runs' requests.
             let _ = Command::new("kill")
                 .args(["-TERM", &self.child.id().to_string()])
                 .status();
             let _ = self.child.wait();
+            let instance = self.instance.clone();
+            let _ = std::thread::spawn(move || {
+                if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    rt.block_on(cleanup(&instance));
+                }
+            })
+            .join();
         }
     }
 }
