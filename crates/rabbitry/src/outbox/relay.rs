@@ -269,6 +269,19 @@ impl Outbox {
                 }
                 tx.commit().await.map_err(err)?;
             }
+            (Database::Sqlite(pool), _)
+                if outcome.failed.is_empty() && outcome.transient.is_none() =>
+            {
+                // The common case, all confirmed: one statement, no transaction.
+                let sent = serde_json::to_string(&outcome.sent).unwrap_or_default();
+                sqlx::query(
+                    "DELETE FROM rabbitry_outbox WHERE id IN (SELECT value FROM json_each(?1))",
+                )
+                .bind(sent)
+                .execute(pool)
+                .await
+                .map_err(err)?;
+            }
             (Database::Sqlite(pool), _) => {
                 let mut tx = pool.begin().await.map_err(err)?;
                 let sent = serde_json::to_string(&outcome.sent).unwrap_or_default();
