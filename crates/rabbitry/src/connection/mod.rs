@@ -324,45 +324,48 @@ impl Connection {
 
     /// Removes every ready message from `queue`; returns how many.
     pub async fn purge(&self, queue: &str) -> Result<u32> {
-        let (channel, watch, _) = self.open_channel(None).await?;
-        let n = channel
-            .queue_purge(QueuePurgeArguments::new(queue))
-            .await
-            .map_err(|e| {
-                watch.refusal(ErrorKind::Channel, format!("purge of queue '{queue}'"), e)
-            })?;
-        close_quietly(channel).await;
+        let n = self
+            .on_fresh_channel(format!("purge of queue '{queue}'"), |ch| async move {
+                ch.queue_purge(QueuePurgeArguments::new(queue)).await
+            })
+            .await?;
         Ok(n.unwrap_or(0))
     }
 
     /// Deletes `queue` (nothing happens if it does not exist).
     pub async fn delete_queue(&self, queue: &str) -> Result<()> {
-        let (channel, watch, _) = self.open_channel(None).await?;
-        channel
-            .queue_delete(QueueDeleteArguments::new(queue))
-            .await
-            .map_err(|e| {
-                watch.refusal(ErrorKind::Channel, format!("delete of queue '{queue}'"), e)
-            })?;
-        close_quietly(channel).await;
-        Ok(())
+        self.on_fresh_channel(format!("delete of queue '{queue}'"), |ch| async move {
+            ch.queue_delete(QueueDeleteArguments::new(queue)).await
+        })
+        .await
+        .map(drop)
     }
 
     /// Deletes `exchange` (nothing happens if it does not exist).
     pub async fn delete_exchange(&self, exchange: &str) -> Result<()> {
+        self.on_fresh_channel(
+            format!("delete of exchange '{exchange}'"),
+            |ch| async move {
+                ch.exchange_delete(amqprs::channel::ExchangeDeleteArguments::new(exchange))
+                    .await
+            },
+        )
+        .await
+    }
+
+    /// Runs one operation on a channel of its own, closed afterwards; a
+    /// broker refusal becomes an error naming `what` and the broker's reason.
+    async fn on_fresh_channel<T, F, Fut>(&self, what: String, op: F) -> Result<T>
+    where
+        F: FnOnce(Channel) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, amqprs::error::Error>>,
+    {
         let (channel, watch, _) = self.open_channel(None).await?;
-        channel
-            .exchange_delete(amqprs::channel::ExchangeDeleteArguments::new(exchange))
+        let out = op(channel.clone())
             .await
-            .map_err(|e| {
-                watch.refusal(
-                    ErrorKind::Channel,
-                    format!("delete of exchange '{exchange}'"),
-                    e,
-                )
-            })?;
+            .map_err(|e| watch.refusal(ErrorKind::Channel, what, e))?;
         close_quietly(channel).await;
-        Ok(())
+        Ok(out)
     }
 
     /// Closes the connection and stops recovering it.
