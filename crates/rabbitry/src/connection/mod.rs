@@ -474,7 +474,8 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
 
 pub(crate) async fn close_quietly(channel: Channel) {
     if channel.is_open() {
-        let _ = channel.close().await;
+        // Bounded: a close the broker does not answer must not hang.
+        let _ = tokio::time::timeout(Duration::from_secs(5), channel.close()).await;
     }
 }
 

@@ -209,7 +209,13 @@ pub(super) async fn run(shared: Weak<Shared>) {
             _ = stopped(&mut stop) => true,
         };
         if stopping {
-            let _ = conn.close().await;
+            // Bounded: a close the broker does not answer must not hang.
+            if tokio::time::timeout(CONNECT_TIMEOUT, conn.close())
+                .await
+                .is_err()
+            {
+                tracing::warn!(connection = %name, "close got no answer; dropping the socket");
+            }
             if let Some(s) = shared.upgrade() {
                 s.link.send_modify(|l| {
                     l.conn = None;

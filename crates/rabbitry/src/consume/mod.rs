@@ -24,6 +24,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::message::Headers;
 use crate::topology::{self, is_reserved, Exchange, ExchangeKind, Queue, Topology};
 
+/// How long stopping waits for the broker to confirm a cancel.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// What a consumer reads and how.
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
@@ -285,7 +288,11 @@ async fn run(
             }
         };
         if stopped {
-            let _ = channel.basic_cancel(BasicCancelArguments::new(&tag)).await;
+            // Bounded: stopping must not hang on a broker that does not answer.
+            let cancel = channel.basic_cancel(BasicCancelArguments::new(&tag));
+            if tokio::time::timeout(CLOSE_TIMEOUT, cancel).await.is_err() {
+                tracing::warn!(queue = %queue, "basic.cancel got no answer; closing anyway");
+            }
             // Deliveries still in our buffer were never handed out; they
             // stay unacked and return to the queue when the channel closes,
             // which happens when the last delivery holding it is dropped.
