@@ -1,16 +1,28 @@
 //! The `rabbitry` command: publish, consume, declare, inspect queues and
 //! benchmark. Flags are parsed here; the work is done by the library.
 
+/// Writes one line to stdout and returns the `io::Result`, so that a
+/// reader that went away (`rabbitry ... | head`) ends the command quietly
+/// through [`exit::code_for`] instead of a panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, $($arg)*).and_then(|()| out.flush())
+    }};
+}
+
 mod cmd;
+mod exit;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// A messaging gateway for RabbitMQ.
 #[derive(Parser)]
-#[command(name = "rabbitry", version, about)]
+#[command(name = "rabbitry", version, about, after_help = exit::HELP)]
 struct Cli {
     /// Broker URL (default: $AMQP_URL, then amqp://guest:guest@localhost:5672/%2f).
     #[arg(long, global = true)]
@@ -18,6 +30,9 @@ struct Cli {
     /// Configuration file (TOML).
     #[arg(short = 'c', long = "config", global = true)]
     config: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long = "log-format", global = true, value_enum, default_value_t = cmd::LogFormat::Text)]
+    log_format: cmd::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -26,7 +41,7 @@ struct Cli {
 enum Command {
     /// Publish messages, with confirms.
     Publish(cmd::publish::Args),
-    /// Print messages from a queue as JSON lines.
+    /// Print messages from a queue as JSON lines (they stay on the queue unless --ack).
     Consume(cmd::consume::Args),
     /// Declare the configured topology, or check it for drift.
     Declare(cmd::declare::Args),
@@ -47,11 +62,16 @@ enum Command {
     /// One part of the demo (started by `rabbitry demo`).
     #[command(hide = true)]
     DemoPart(cmd::demo::PartArgs),
+    /// Print a shell completion script: rabbitry completions bash > /etc/bash_completion.d/rabbitry
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
-    cmd::init_logging();
     let cli = Cli::parse();
+    cmd::init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -59,7 +79,7 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(exit::FAILURE);
         }
     };
     let global = cmd::Global {
@@ -79,29 +99,22 @@ fn main() -> ExitCode {
             Command::Outbox(args) => cmd::outbox::run(&global, args).await,
             Command::Demo(args) => cmd::demo::run(&global, args).await,
             Command::DemoPart(args) => cmd::demo::run_part(&global, args).await,
+            Command::Completions { shell } => completions(shell),
         }
     });
+    // Background tasks (connections, readers of a closed pipe) must not
+    // keep the process alive once the command is done.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
     match result {
         Ok(code) => code,
-        Err(err) => {
-            eprintln!("error: {}", report(&err));
-            ExitCode::FAILURE
-        }
+        Err(err) => exit::report(&err),
     }
 }
 
-/// The error and its causes, each cause shown once: rabbitry's errors
-/// already include their source in their message.
-fn report(err: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in err.chain() {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            if !out.is_empty() {
-                out.push_str(": ");
-            }
-            out.push_str(&text);
-        }
-    }
-    out
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<ExitCode> {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "rabbitry", &mut script);
+    let text = String::from_utf8_lossy(&script);
+    outln!("{}", text.trim_end())?;
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,6 +1,8 @@
 //! The front door: one address that routes `/sites/{site}/...` to that
 //! site's web processes, round robin, trying the other process when one
-//! does not answer.
+//! does not answer. A site whose processes are all restarting answers 503
+//! with `Retry-After`; 404 means only a site that does not exist; request
+//! bodies are limited to [`MAX_BODY`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,9 +13,12 @@ use axum::extract::{Request, State};
 use axum::http::{StatusCode, Uri};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Router;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+
+/// The largest request body the door forwards (1 MiB); larger gets 413.
+pub const MAX_BODY: usize = 1024 * 1024;
 
 /// The ports of each site's web processes (`None` while one restarts).
 pub type Backends = Arc<RwLock<HashMap<String, Vec<Option<u16>>>>>;
@@ -68,19 +73,27 @@ async fn proxy(State(d): State<Door>, req: Request) -> Response {
         )
             .into_response();
     };
-    let ports: Vec<u16> = match d.backends.read() {
-        Ok(b) => b
-            .get(site)
-            .map(|v| v.iter().flatten().copied().collect())
-            .unwrap_or_default(),
-        Err(_) => Vec::new(),
+    let ports: Option<Vec<u16>> = d
+        .backends
+        .read()
+        .ok()
+        .and_then(|b| b.get(site).map(|v| v.iter().flatten().copied().collect()));
+    let Some(ports) = ports else {
+        return (StatusCode::NOT_FOUND, format!("no site '{site}'")).into_response();
     };
     if ports.is_empty() {
-        return (StatusCode::NOT_FOUND, format!("no site '{site}'")).into_response();
+        return unavailable(site);
     }
     let (parts, body) = req.into_parts();
-    let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
-        return (StatusCode::BAD_REQUEST, "could not read the request body").into_response();
+    let body = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(_) => {
+            return (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request bodies are limited to {} KiB", MAX_BODY / 1024),
+            )
+                .into_response()
+        }
     };
     let first = d.next.fetch_add(1, Ordering::Relaxed);
     let path_and_query = parts
@@ -111,9 +124,16 @@ async fn proxy(State(d): State<Door>, req: Request) -> Response {
             }
         }
     }
+    unavailable(site)
+}
+
+/// 503 with `Retry-After`: the site exists, but none of its web processes
+/// answers right now (they are restarting).
+fn unavailable(site: &str) -> Response {
     (
-        StatusCode::BAD_GATEWAY,
-        format!("no web process of site '{site}' answered"),
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(axum::http::header::RETRY_AFTER, "1")],
+        format!("site '{site}' is restarting; try again in a second"),
     )
         .into_response()
 }

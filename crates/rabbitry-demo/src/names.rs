@@ -4,7 +4,16 @@
 //! (`service.tasks`, `service.my_template`, `service.results`) plus the
 //! sites' topic exchange `sites.events`. Queue names and the sites' routing
 //! keys carry an instance prefix, so that two demos (or a test and a demo)
-//! on one broker do not take each other's messages.
+//! on one broker do not take each other's messages. The instance defaults
+//! to a name derived from the data folder ([`default_instance`]).
+//!
+//! The PDF service's queue is the exception: it is one shared queue,
+//! `service.pdf`, with every running demo's service as a competing
+//! consumer, as a real service would have. Each request is rendered once,
+//! by whichever service takes it, and its reply goes to the requesting
+//! site's results queue by its `reply_to`. Nothing collects messages
+//! forever: the shared queue expires after an hour without consumers, and
+//! an instance's queues after a week without use.
 
 /// Requests to the service.
 pub const TASKS_EXCHANGE: &str = "service.tasks";
@@ -14,6 +23,28 @@ pub const TEMPLATE_KEY: &str = "service.my_template";
 pub const RESULTS_EXCHANGE: &str = "service.results";
 /// Events between sites.
 pub const EVENTS_EXCHANGE: &str = "sites.events";
+
+/// The shared queue of the PDF service.
+pub const SERVICE_QUEUE: &str = "service.pdf";
+
+/// How long the shared service queue lives without consumers (ms).
+pub const SERVICE_QUEUE_EXPIRES_MS: i64 = 3_600_000;
+
+/// How long an instance's queues live unused (ms): a week.
+pub const SITE_QUEUE_EXPIRES_MS: i64 = 7 * 24 * 3_600_000;
+
+/// The instance name for a demo whose data lives in `data_dir` (an
+/// absolute path): `demo-` and six hex digits of a stable hash of the path.
+/// Two demos with different data folders never share queues.
+pub fn default_instance(data_dir: &std::path::Path) -> String {
+    // FNV-1a: stable across Rust versions and platforms, unlike std's hasher.
+    let mut hash: u32 = 0x811c_9dc5;
+    for b in data_dir.to_string_lossy().bytes() {
+        hash ^= u32::from(b);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    format!("demo-{:06x}", hash & 0x00ff_ffff)
+}
 
 /// The names one demo instance uses.
 #[derive(Debug, Clone)]
@@ -50,14 +81,15 @@ impl Names {
         format!("{}.{site}.document.rendered", self.instance)
     }
 
-    /// The service's queue.
+    /// The service's queue: shared by every demo ([`SERVICE_QUEUE`]).
     pub fn service_queue(&self) -> String {
-        format!("{}.service.pdf", self.instance)
+        SERVICE_QUEUE.to_owned()
     }
 
-    /// Every queue the instance declares (for cleanup).
+    /// Every queue the instance declares and owns (for cleanup). The shared
+    /// service queue is not among them: other demos may be using it.
     pub fn all_queues(&self, sites: &[&str]) -> Vec<String> {
-        let mut out = vec![self.service_queue()];
+        let mut out = Vec::new();
         for s in sites {
             for q in [
                 self.results_queue(s),
@@ -70,9 +102,23 @@ impl Names {
                 out.push(q);
             }
         }
-        out.push(format!("{}.dead", self.service_queue()));
-        out.push(format!("{}.retry.1s", self.service_queue()));
-        out.push(format!("{}.retry.5s", self.service_queue()));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_instances_differ_by_data_folder_and_are_stable() {
+        let a = default_instance(std::path::Path::new("/home/a/.data/demo"));
+        let b = default_instance(std::path::Path::new("/home/b/.data/demo"));
+        assert_ne!(a, b);
+        assert_eq!(
+            a,
+            default_instance(std::path::Path::new("/home/a/.data/demo"))
+        );
+        assert!(a.starts_with("demo-") && a.len() == 11, "{a}");
     }
 }

@@ -24,6 +24,9 @@ pub const SITES: [&str; 2] = ["a", "b"];
 /// Web processes per site.
 pub const WEB_PROCESSES: usize = 2;
 
+/// The environment variable that carries the PostgreSQL URL to the parts.
+pub const DATABASE_ENV: &str = "RABBITRY_DEMO_DATABASE";
+
 /// What every part needs to know.
 #[derive(Debug, Clone)]
 pub struct Common {
@@ -46,20 +49,26 @@ impl Common {
         db::site_url(self.database.as_deref(), &self.data_dir, site)
     }
 
+    /// A part's flags. Nothing secret goes here (`ps` shows it): the broker
+    /// URL and the database URL travel in the environment ([`Common::env`]).
     fn args(&self) -> Vec<String> {
-        let mut a = vec![
+        vec![
             "--instance".to_owned(),
             self.instance.clone(),
             "--data-dir".to_owned(),
             self.data_dir.display().to_string(),
-            "--url".to_owned(),
-            self.amqp_url.clone(),
-        ];
+            "--watch-stdin".to_owned(),
+        ]
+    }
+
+    /// A part's environment: the broker URL and the database URL, which may
+    /// hold passwords.
+    fn env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![("AMQP_URL", self.amqp_url.clone())];
         if let Some(d) = &self.database {
-            a.push("--database".into());
-            a.push(d.clone());
+            env.push((DATABASE_ENV, d.clone()));
         }
-        a
+        env
     }
 }
 
@@ -309,10 +318,13 @@ async fn supervise(
             return;
         }
         let mut cmd = tokio::process::Command::new(&exe);
+        // The part watches its stdin: when this process dies, even by
+        // SIGKILL, the pipe closes and the part stops itself.
         cmd.arg("demo-part")
             .args(part.args())
             .args(common.args())
-            .stdin(Stdio::null())
+            .envs(common.env())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -325,6 +337,7 @@ async fn supervise(
             }
         };
         let pid = child.id();
+        let _parent_alive = child.stdin.take();
         if let Some(out) = child.stdout.take() {
             let backends = backends.clone();
             let part = part.clone();

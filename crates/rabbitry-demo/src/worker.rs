@@ -49,16 +49,20 @@ queue = "{results}"
 exchange = "{results_exchange}"
 exchange_type = "direct"
 routing_keys = ["{results}"]
+arguments = {{ "x-expires" = {expires} }}
 
 [consumers.feed]
 queue = "{feed}"
 exchange = "{events}"
 exchange_type = "topic"
 routing_keys = [{feed_keys}]
+arguments = {{ "x-expires" = {expires} }}
 
 [consumers.jobs]
 queue = "{jobs}"
+arguments = {{ "x-expires" = {expires} }}
 "#,
+        expires = names::SITE_QUEUE_EXPIRES_MS,
         results = names.results_queue(site),
         results_exchange = names::RESULTS_EXCHANGE,
         feed = names.feed_queue(site),
@@ -248,7 +252,9 @@ exchange = "{tasks}"
 exchange_type = "topic"
 routing_keys = ["{key}"]
 reply_exchange = "{results}"
+arguments = {{ "x-expires" = {expires} }}
 "#,
+        expires = names::SERVICE_QUEUE_EXPIRES_MS,
         queue = names.service_queue(),
         tasks = names::TASKS_EXCHANGE,
         key = names::TEMPLATE_KEY,

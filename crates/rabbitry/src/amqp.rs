@@ -31,6 +31,9 @@ fn to_field(v: &HeaderValue) -> FieldValue {
             .map(FieldValue::x)
             .unwrap_or(FieldValue::V),
         HeaderValue::Timestamp(t) => FieldValue::T(*t),
+        HeaderValue::Decimal { scale, value } => {
+            FieldValue::D(amqprs::DecimalValue::new(*scale, *value))
+        }
         HeaderValue::Array(items) => items
             .iter()
             .map(to_field)
@@ -63,7 +66,15 @@ fn from_field(v: &FieldValue) -> HeaderValue {
         FieldValue::l(n) => HeaderValue::Int(*n),
         FieldValue::f(f) => HeaderValue::Float((*f).into()),
         FieldValue::d(f) => HeaderValue::Float(*f),
-        FieldValue::D(d) => HeaderValue::String(d.to_string()),
+        // The client keeps a decimal's parts private; its serde form is
+        // the pair (scale, value).
+        FieldValue::D(d) => match serde_json::to_value(d)
+            .ok()
+            .and_then(|v| serde_json::from_value::<(u8, i32)>(v).ok())
+        {
+            Some((scale, value)) => HeaderValue::Decimal { scale, value },
+            None => HeaderValue::String(d.to_string()),
+        },
         FieldValue::S(s) => HeaderValue::String(String::from(s.clone())),
         FieldValue::A(items) => {
             HeaderValue::Array(Vec::from(items.clone()).iter().map(from_field).collect())

@@ -297,6 +297,40 @@ impl Settings {
         names
     }
 
+    /// Fails when a name still holds `${site}`: the settings are used
+    /// without a site, and the broker would get queues literally named
+    /// `...${site}`.
+    pub fn check_substituted(&self) -> Result<()> {
+        let hint = "it uses ${site} but no site is set: pass --site, set `site` in [worker], or call Settings::for_site";
+        for (name, c) in &self.consumers {
+            let cs = &c.consumer;
+            let mut fields = vec![("name", &cs.name), ("queue", &cs.queue)];
+            fields.extend(cs.routing_keys.iter().map(|k| ("routing_keys", k)));
+            for (field, value) in fields {
+                if value.contains("${site}") {
+                    return Err(Error::config(format!(
+                        "consumers.{name}.{field} = `{value}`: {hint}"
+                    )));
+                }
+            }
+        }
+        for (name, p) in &self.producers {
+            let ps = &p.producer;
+            for (field, value) in [
+                ("routing_key", &ps.routing_key),
+                ("queue", &ps.queue),
+                ("reply_to", &ps.reply_to),
+            ] {
+                if let Some(v) = value.as_ref().filter(|v| v.contains("${site}")) {
+                    return Err(Error::config(format!(
+                        "producers.{name}.{field} = `{v}`: {hint}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// These settings with `${site}` replaced by `site` in queue names,
     /// routing keys and consumer names.
     pub fn for_site(&self, site: &str) -> Settings {
@@ -323,7 +357,13 @@ impl Settings {
     }
 }
 
-/// Parses `500ms`, `1s`, `2m`, `1h`, or a bare number of seconds.
+/// The longest duration [`parse_duration`] accepts: 365 days. Longer
+/// values are almost certainly mistakes, and they overflow clocks.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Parses `500ms`, `1s`, `2m`, `1h`, `1d`, or a bare number of seconds
+/// (decimals allowed), up to [`MAX_DURATION`]. Anything else, including
+/// negative, non-finite and overlong values, is a clear error.
 pub fn parse_duration(text: &str) -> Result<Duration> {
     let t = text.trim();
     let split = t
@@ -332,28 +372,59 @@ pub fn parse_duration(text: &str) -> Result<Duration> {
     let (num, unit) = t.split_at(split);
     let n: f64 = num.parse().map_err(|_| {
         Error::config(format!(
-            "invalid duration `{text}` (use e.g. 500ms, 5s, 2m)"
+            "invalid duration `{text}` (use e.g. 500ms, 5s, 2m, 1h)"
         ))
     })?;
-    let secs = match unit.trim() {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
+    let scale = match unit.trim() {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
         other => {
             return Err(Error::config(format!(
-                "invalid duration unit `{other}` in `{text}`, expected one of: ms, s, m, h"
+                "invalid duration unit `{other}` in `{text}`, expected one of: ms, s, m, h, d"
             )))
         }
     };
-    Ok(Duration::from_secs_f64(secs))
+    let secs = n * scale;
+    if !secs.is_finite() || secs > MAX_DURATION.as_secs_f64() {
+        return Err(Error::config(format!(
+            "duration `{text}` is too long (at most 365d)"
+        )));
+    }
+    Duration::try_from_secs_f64(secs)
+        .map_err(|e| Error::config(format!("invalid duration `{text}`: {e}")))
 }
+
+/// The longest retry delay: RabbitMQ's message TTL is at most 2^32-1 ms.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_millis(u32::MAX as u64);
 
 fn duration_at(value: Option<&String>, path: String, default: Duration) -> Result<Duration> {
     match value {
         None => Ok(default),
         Some(v) => parse_duration(v).map_err(|e| Error::config(format!("{path}: {}", e.context()))),
     }
+}
+
+/// A handler URL must be an absolute `http://` URL with a host.
+fn check_handler_url(url: &str) -> std::result::Result<String, String> {
+    let bad = |why: &str| format!("`{url}` {why}; expected an URL like http://127.0.0.1:8000/amqp");
+    let uri: http::Uri = url.parse().map_err(|_| bad("is not a URL"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(bad(
+                "uses https, which the HTTP dispatch does not support yet (use a local http:// address)",
+            ))
+        }
+        Some(other) => return Err(bad(&format!("has the scheme `{other}`, not http"))),
+        None => return Err(bad("is not an absolute URL")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(bad("has no host"));
+    }
+    Ok(url.to_owned())
 }
 
 fn toml_to_header(v: &toml::Value) -> HeaderValue {
@@ -479,9 +550,16 @@ fn validate(raw: RawSettings, source: &str) -> Result<Settings> {
                         .iter()
                         .enumerate()
                         .map(|(i, d)| {
-                            parse_duration(d).map_err(|e| {
-                                err(format!("{path}.retry.delays[{i}]"), e.context().to_owned())
-                            })
+                            let at = || format!("{path}.retry.delays[{i}]");
+                            let delay = parse_duration(d)
+                                .map_err(|e| err(at(), e.context().to_owned()))?;
+                            if delay > MAX_RETRY_DELAY || delay.as_millis() == 0 {
+                                return Err(err(
+                                    at(),
+                                    format!("`{d}`: a retry delay is between 1ms and 49d (RabbitMQ's longest message TTL)"),
+                                ));
+                            }
+                            Ok(delay)
                         })
                         .collect::<Result<Vec<_>>>()?,
                 };
@@ -536,7 +614,12 @@ fn validate(raw: RawSettings, source: &str) -> Result<Settings> {
             ConsumerConfig {
                 connection,
                 consumer,
-                handler: c.handler,
+                handler: match c.handler {
+                    Some(url) => Some(
+                        check_handler_url(&url).map_err(|m| err(format!("{path}.handler"), m))?,
+                    ),
+                    None => None,
+                },
                 retry,
                 reply_exchange: c.reply_exchange.unwrap_or_default(),
                 concurrency: c.concurrency,

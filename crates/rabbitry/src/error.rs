@@ -42,6 +42,9 @@ pub enum ErrorKind {
     Database,
     /// A call argument was invalid.
     Invalid,
+    /// The broker has no such queue or exchange (`NOT_FOUND`). Waiting will
+    /// not create it.
+    NotFound,
 }
 
 impl ErrorKind {
@@ -60,6 +63,7 @@ impl ErrorKind {
             ErrorKind::Closed => "closed",
             ErrorKind::Database => "database error",
             ErrorKind::Invalid => "invalid argument",
+            ErrorKind::NotFound => "not found",
         }
     }
 }
@@ -160,5 +164,6 @@ mod tests {
         assert_eq!(e.to_string(), "connection failed: 127.0.0.1:1: refused");
         assert!(e.is_retryable());
         assert!(!Error::config("x").is_retryable());
+        assert!(!Error::new(ErrorKind::NotFound, "queue 'q'").is_retryable());
     }
 }

@@ -33,6 +33,15 @@ pub enum HeaderValue {
     Bytes(Vec<u8>),
     /// A timestamp, seconds since the epoch.
     Timestamp(u64),
+    /// An AMQP decimal: `value / 10^scale`. Shown (in JSON and HTTP
+    /// headers) as its number string, `1.25`.
+    #[serde(serialize_with = "decimal_as_text")]
+    Decimal {
+        /// Digits after the decimal point.
+        scale: u8,
+        /// The unscaled value.
+        value: i32,
+    },
     /// A nested array.
     Array(Vec<HeaderValue>),
     /// A nested table.
@@ -67,10 +76,33 @@ impl HeaderValue {
             HeaderValue::Int(n) => n.to_string(),
             HeaderValue::Float(f) => f.to_string(),
             HeaderValue::Timestamp(t) => t.to_string(),
+            HeaderValue::Decimal { scale, value } => decimal_text(*scale, *value),
             HeaderValue::Void => String::new(),
             other => serde_json::to_string(other).unwrap_or_default(),
         }
     }
+}
+
+/// `value / 10^scale` as a plain number string: `(2, 125)` is `1.25`,
+/// `(3, -5)` is `-0.005`.
+pub(crate) fn decimal_text(scale: u8, value: i32) -> String {
+    let digits = value.unsigned_abs().to_string();
+    let sign = if value < 0 { "-" } else { "" };
+    let scale = usize::from(scale);
+    if scale == 0 {
+        return format!("{sign}{digits}");
+    }
+    let padded = format!("{digits:0>width$}", width = scale + 1);
+    let (int, frac) = padded.split_at(padded.len() - scale);
+    format!("{sign}{int}.{frac}")
+}
+
+fn decimal_as_text<S: serde::Serializer>(
+    scale: &u8,
+    value: &i32,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&decimal_text(*scale, *value))
 }
 
 impl From<&str> for HeaderValue {
@@ -217,5 +249,24 @@ impl Message {
     pub fn mandatory(mut self, mandatory: bool) -> Self {
         self.mandatory = mandatory;
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimals_are_number_strings() {
+        assert_eq!(decimal_text(2, 125), "1.25");
+        assert_eq!(decimal_text(3, -5), "-0.005");
+        assert_eq!(decimal_text(0, 42), "42");
+        assert_eq!(decimal_text(1, i32::MIN), "-214748364.8");
+        let v = HeaderValue::Decimal {
+            scale: 2,
+            value: 125,
+        };
+        assert_eq!(v.to_text(), "1.25");
+        assert_eq!(serde_json::to_string(&v).unwrap(), "\"1.25\"");
     }
 }

@@ -94,35 +94,43 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         eprint!("\r\x1b[2K");
     }
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        outln!("{}", serde_json::to_string(&report)?)?;
     } else {
-        println!(
+        outln!(
             "{:<44} {:>12} {:>12} {:>7}",
-            "scenario", "raw msg/s", "gateway", "ratio"
-        );
+            "scenario",
+            "raw msg/s",
+            "gateway",
+            "ratio"
+        )?;
         for s in &report.scenarios {
-            println!(
+            outln!(
                 "{:<44} {:>12} {:>12} {:>7.2}",
-                s.name, s.raw_msgs_per_s, s.gateway_msgs_per_s, s.ratio
-            );
+                s.name,
+                s.raw_msgs_per_s,
+                s.gateway_msgs_per_s,
+                s.ratio
+            )?;
         }
         if !report.latencies.is_empty() {
-            println!();
-            println!(
+            outln!()?;
+            outln!(
                 "{:<44} {:>12} {:>12}",
-                "latency (ms)", "raw p50/p99", "gateway"
-            );
+                "latency (ms)",
+                "raw p50/p99",
+                "gateway"
+            )?;
             for l in &report.latencies {
                 let raw = match (l.raw_p50_ms, l.raw_p99_ms) {
                     (Some(a), Some(b)) => format!("{a:.3}/{b:.3}"),
                     _ => "-".into(),
                 };
-                println!(
+                outln!(
                     "{:<44} {:>12} {:>12}",
                     l.name,
                     raw,
                     format!("{:.3}/{:.3}", l.gateway_p50_ms, l.gateway_p99_ms)
-                );
+                )?;
             }
         }
     }

@@ -26,8 +26,9 @@ enum Action {
     /// Publish dead letters back to their original exchange and routing key, attempts reset.
     Replay {
         queue: String,
-        #[arg(long, default_value_t = usize::MAX)]
-        count: usize,
+        /// Replay at most this many (default: all).
+        #[arg(long)]
+        count: Option<usize>,
     },
     /// Delete every dead letter.
     Purge { queue: String },
@@ -40,7 +41,7 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         Action::List { queue, count } => {
             let letters = dead::list(&conn, &queue, count).await?;
             for l in &letters {
-                println!("{}", serde_json::to_string(l)?);
+                outln!("{}", serde_json::to_string(l)?)?;
             }
             eprintln!(
                 "{} dead letter(s) in {}",
@@ -49,7 +50,7 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
             );
         }
         Action::Replay { queue, count } => {
-            let n = dead::replay(&conn, &queue, count).await?;
+            let n = dead::replay(&conn, &queue, count.unwrap_or(usize::MAX)).await?;
             eprintln!(
                 "replayed {n} message(s) from {}",
                 dead::dead_queue_of(&queue)

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use rabbitry::worker::shutdown_signal;
-use rabbitry_demo::{Common, Part};
+use rabbitry_demo::{names, Common, Part};
 
 use super::Global;
 
@@ -23,9 +23,10 @@ pub struct Args {
     /// Where the sites' SQLite databases live.
     #[arg(long = "data-dir", default_value = ".data/demo")]
     data_dir: PathBuf,
-    /// Prefix of the demo's queue names and routing keys.
-    #[arg(long, default_value = "demo", hide = true)]
-    instance: String,
+    /// Prefix of the demo's queue names and routing keys (default: derived
+    /// from the data folder, so two demos on one broker never share queues).
+    #[arg(long)]
+    instance: Option<String>,
 }
 
 /// One part of the demo (started by `rabbitry demo`).
@@ -35,12 +36,16 @@ pub struct PartArgs {
     part: String,
     #[arg(long)]
     site: Option<String>,
-    #[arg(long)]
+    /// PostgreSQL URL; passed in the environment, not on the command line.
+    #[arg(long, env = rabbitry_demo::run::DATABASE_ENV, hide_env_values = true)]
     database: Option<String>,
     #[arg(long = "data-dir")]
     data_dir: PathBuf,
     #[arg(long)]
     instance: String,
+    /// Stop when stdin closes (the parent demo process went away).
+    #[arg(long = "watch-stdin")]
+    watch_stdin: bool,
 }
 
 fn amqp_url(global: &Global) -> Result<String> {
@@ -52,28 +57,45 @@ fn amqp_url(global: &Global) -> Result<String> {
 }
 
 pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
+    let data_dir = std::path::absolute(&args.data_dir).unwrap_or(args.data_dir);
+    let instance = args
+        .instance
+        .unwrap_or_else(|| names::default_instance(&data_dir));
     let common = Common {
         amqp_url: amqp_url(global)?,
         database: args.database,
-        data_dir: std::path::absolute(&args.data_dir).unwrap_or(args.data_dir),
-        instance: args.instance,
+        data_dir,
+        instance: instance.clone(),
     };
     let exe = std::env::current_exe().context("finding the rabbitry executable")?;
+    let n = names::Names::new(&instance);
+    let mut printed = Ok(());
     rabbitry_demo::run_demo(
         exe,
         common,
         args.listen,
         |addr| {
-            println!("rabbitry demo is up (Ctrl-C stops every process):");
-            for site in rabbitry_demo::SITES {
-                println!("  site {site}: http://{addr}/sites/{site}/");
-            }
-            println!("  try:   curl -s -X POST http://{addr}/sites/a/documents -H 'content-type: application/json' -d '{{\"title\":\"Hello World!\"}}'");
-            println!("  watch: rabbitry queues demo.site-a.results demo.site-a.jobs demo.site-b.feed demo.service.pdf");
+            printed = (|| {
+                outln!("rabbitry demo is up (Ctrl-C stops every process):")?;
+                for site in rabbitry_demo::SITES {
+                    outln!("  site {site}: http://{addr}/sites/{site}/")?;
+                }
+                outln!("  instance: {instance} (its queues start with `{instance}.`)")?;
+                outln!("  try:   curl -s -X POST http://{addr}/sites/a/documents -H 'content-type: application/json' -d '{{\"title\":\"Hello World!\"}}'")?;
+                outln!(
+                    "  watch: rabbitry queues {} {} {} {}",
+                    n.results_queue("a"),
+                    n.jobs_queue("a"),
+                    n.feed_queue("b"),
+                    n.service_queue()
+                )
+            })();
         },
-        shutdown_signal(),
+        super::shutdown_requested("demo"),
     )
     .await?;
+    // The demo's own output going nowhere is no reason to fail it.
+    let _ = printed;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -97,6 +119,31 @@ pub async fn run_part(global: &Global, args: PartArgs) -> Result<ExitCode> {
         data_dir: args.data_dir,
         instance: args.instance,
     };
-    rabbitry_demo::run_part(part, common, shutdown_signal()).await?;
+    let watch_stdin = args.watch_stdin;
+    let shutdown = async move {
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = parent_gone(watch_stdin) => {
+                eprintln!("the demo process went away; stopping");
+            }
+        }
+    };
+    rabbitry_demo::run_part(part, common, shutdown).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves when stdin reaches its end (with `watch`): the parent holds the
+/// other end of the pipe, and the kernel closes it when the parent dies.
+async fn parent_gone(watch: bool) {
+    if !watch {
+        return std::future::pending().await;
+    }
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::io::AsyncReadExt::read(&mut stdin, &mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
 }

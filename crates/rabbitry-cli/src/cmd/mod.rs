@@ -42,6 +42,18 @@ impl Global {
         Ok(settings)
     }
 
+    /// [`Global::settings`] for a site: `${site}` replaced by `site` (or
+    /// the config's `[worker] site`), and an error when a `${site}` is left
+    /// with no site to put there.
+    pub fn settings_for_site(&self, site: Option<String>) -> Result<Settings> {
+        let mut settings = self.settings()?;
+        if let Some(site) = site.or_else(|| settings.worker.site.clone()) {
+            settings = settings.for_site(&site);
+        }
+        settings.check_substituted()?;
+        Ok(settings)
+    }
+
     /// Opens the named connection from `settings`.
     pub async fn connect(&self, settings: &Settings, name: &str) -> Result<Connection> {
         let mut cs = settings.connection(name)?;
@@ -55,16 +67,53 @@ impl Global {
     }
 }
 
-/// Logs to stderr at the level named by `RABBITRY_LOG` or `RUST_LOG`
-/// (`error`, `warn` (default), `info`, `debug`, `trace`).
-pub fn init_logging() {
-    let level = std::env::var("RABBITRY_LOG")
+/// How log lines are written on stderr.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (coloured only on a terminal).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logs to stderr, filtered by `RABBITRY_LOG` (else `RUST_LOG`), which take
+/// `tracing` directives: `info`, `rabbitry=debug,amqprs=warn`... The
+/// default is `warn`. Colours only when stderr is a terminal.
+pub fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let directives = std::env::var("RABBITRY_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
-        .ok()
-        .and_then(|v| v.parse::<tracing::Level>().ok())
-        .unwrap_or(tracing::Level::WARN);
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .unwrap_or_default();
+    let filter = match EnvFilter::builder()
+        .with_default_directive(tracing::Level::WARN.into())
+        .parse(&directives)
+    {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("warning: RABBITRY_LOG/RUST_LOG `{directives}` is not a valid filter ({e}); logging warnings");
+            EnvFilter::new("warn")
+        }
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Waits for Ctrl-C or SIGTERM. After it, a second Ctrl-C or SIGTERM ends
+/// the process at once with exit code 130, whatever is still running.
+pub async fn shutdown_requested(what: &str) {
+    rabbitry::worker::shutdown_signal().await;
+    eprintln!("{what}: stopping cleanly; press Ctrl-C again to stop at once");
+    tokio::spawn(async {
+        rabbitry::worker::shutdown_signal().await;
+        eprintln!("interrupted");
+        std::process::exit(i32::from(crate::exit::INTERRUPTED));
+    });
 }

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Subcommand;
 use rabbitry::outbox::{Database, Outbox};
 
@@ -38,31 +38,38 @@ pub async fn run(_global: &Global, args: Args) -> Result<ExitCode> {
     match args.action {
         Action::Migrate { database } => {
             Database::connect(&database).await?.migrate().await?;
-            println!(
+            outln!(
                 "outbox tables ready in {}",
                 rabbitry::connection::redact(&database)
-            );
+            )?;
         }
         Action::Status { database, json } => {
-            let status = Outbox::connect(&database).await?.status().await?;
+            // Inspecting never creates: a missing database is an error.
+            let db = Database::connect_existing(&database).await?;
+            let status = Outbox::with_database(db, &database)
+                .status()
+                .await
+                .context(
+                    "is it an outbox database? `rabbitry outbox migrate` creates the tables",
+                )?;
             if json {
-                println!("{}", serde_json::to_string(&status)?);
+                outln!("{}", serde_json::to_string(&status)?)?;
             } else {
-                println!("pending: {}", status.pending);
+                outln!("pending: {}", status.pending)?;
                 match status.oldest_pending_ms {
-                    Some(ms) => println!("oldest pending: {:.1}s", ms as f64 / 1000.0),
-                    None => println!("oldest pending: -"),
+                    Some(ms) => outln!("oldest pending: {:.1}s", ms as f64 / 1000.0)?,
+                    None => outln!("oldest pending: -")?,
                 }
-                println!("failed: {}", status.failed.len());
+                outln!("failed: {}", status.failed.len())?;
                 for f in &status.failed {
-                    println!(
+                    outln!(
                         "  #{} {} -> exchange '{}' key '{}': {}",
                         f.id,
                         f.message_id,
                         f.exchange,
                         f.routing_key,
                         f.error.as_deref().unwrap_or("?")
-                    );
+                    )?;
                 }
             }
         }

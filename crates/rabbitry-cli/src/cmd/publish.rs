@@ -22,7 +22,9 @@ pub struct Args {
     /// Declare the exchange with this type first (direct, topic, fanout, headers).
     #[arg(long = "exchange-type")]
     exchange_type: Option<ExchangeKind>,
-    /// How to encode BODY: msgpack, json, text, csv, bytes. BODY is JSON for msgpack and json.
+    /// How to encode BODY: msgpack, json, text, csv, bytes (BODY is JSON for
+    /// msgpack, json and csv). Default: a BODY that is JSON goes as
+    /// application/json, anything else as text/plain (or bytes if not UTF-8).
     #[arg(long)]
     serializer: Option<Serializer>,
     /// Send BODY as it is, with this content type.
@@ -68,15 +70,25 @@ pub(crate) fn read_body(arg: &str) -> Result<Vec<u8>> {
 }
 
 /// Encodes the raw BODY: JSON text for msgpack, json and csv; as is for
-/// text and bytes, or when an explicit content type is given.
+/// text and bytes, or when an explicit content type is given. With no
+/// serializer, JSON goes as `application/json` and other text as
+/// `text/plain`, both unchanged.
 pub(crate) fn encode(
     raw: Vec<u8>,
-    serializer: Serializer,
+    serializer: Option<Serializer>,
     content_type: Option<&str>,
 ) -> Result<Message> {
     if let Some(ct) = content_type {
         return Ok(Message::new(raw).content_type(ct));
     }
+    let serializer = match serializer {
+        Some(s) => s,
+        None if serde_json::from_slice::<serde_json::Value>(&raw).is_ok() => {
+            return Ok(Message::new(raw).content_type(Serializer::Json.content_type()))
+        }
+        None if std::str::from_utf8(&raw).is_ok() => Serializer::Text,
+        None => Serializer::Bytes,
+    };
     let msg = match serializer {
         Serializer::Msgpack | Serializer::Json | Serializer::Csv => {
             let value: serde_json::Value = serde_json::from_slice(&raw).with_context(|| {
@@ -141,7 +153,10 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         }
     }
     ps.max_in_flight = 1000;
-    let serializer = args.serializer.unwrap_or(ps.serializer);
+    // A configured producer's serializer applies; otherwise the BODY decides.
+    let serializer = args
+        .serializer
+        .or(args.producer.is_some().then_some(ps.serializer));
     let raw = read_body(&args.body)?;
     let mut template = encode(raw, serializer, args.content_type.as_deref())?;
     template.properties.correlation_id = args.correlation_id.clone();

@@ -2,7 +2,9 @@
 
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
+
+use crate::exit::usage;
 
 use super::Global;
 
@@ -25,24 +27,24 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
             .collect();
     }
     if queues.is_empty() {
-        bail!("name queues, or give -c FILE with consumers");
+        usage!("name queues, or give -c FILE with consumers");
     }
     let conn = global.connect_default(&settings).await?;
     let width = queues.iter().map(String::len).max().unwrap_or(5).max(5);
-    println!("{:<width$}  {:>9}  {:>9}", "queue", "ready", "consumers");
+    outln!("{:<width$}  {:>9}  {:>9}", "queue", "ready", "consumers")?;
     let mut missing = 0;
     for q in &queues {
         match conn.queue_status(q).await? {
-            Some(s) => println!("{q:<width$}  {:>9}  {:>9}", s.messages, s.consumers),
+            Some(s) => outln!("{q:<width$}  {:>9}  {:>9}", s.messages, s.consumers)?,
             None => {
                 missing += 1;
-                println!("{q:<width$}  {:>9}  {:>9}", "missing", "-");
+                outln!("{q:<width$}  {:>9}  {:>9}", "missing", "-")?;
             }
         }
     }
     conn.close().await;
     Ok(if missing > 0 {
-        ExitCode::from(3)
+        ExitCode::from(crate::exit::NOT_FOUND)
     } else {
         ExitCode::SUCCESS
     })

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use rabbitry::rpc::{RpcClient, RpcSettings};
-use rabbitry::{Decoded, ErrorKind, Serializer};
+use rabbitry::{Decoded, Serializer};
 
 use super::publish::{encode, read_body};
 use super::Global;
@@ -19,9 +19,10 @@ pub struct Args {
     /// Routing key.
     #[arg(long = "routing-key")]
     routing_key: String,
-    /// How to encode BODY (BODY is JSON for msgpack and json).
-    #[arg(long, default_value = "msgpack")]
-    serializer: Serializer,
+    /// How to encode BODY (BODY is JSON for msgpack, json and csv). Default:
+    /// JSON goes as application/json, other text as text/plain.
+    #[arg(long)]
+    serializer: Option<Serializer>,
     /// Send BODY as it is, with this content type.
     #[arg(long = "content-type")]
     content_type: Option<String>,
@@ -54,30 +55,44 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         args.content_type.as_deref(),
     )?
     .routing_key(&args.routing_key);
-    let reply = match client.call(request, Some(timeout)).await {
-        Ok(r) => r,
-        Err(e) if e.kind() == ErrorKind::Timeout => {
-            eprintln!("error: {e}");
-            conn.close().await;
-            return Ok(ExitCode::from(4));
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let reply = client.call(request, Some(timeout)).await;
+    conn.close().await;
+    // A timeout exits with 4 (see `rabbitry --help`).
+    let reply = reply?;
+    // Metadata on stderr; stdout is the reply's body alone, so it pipes.
     let content_type = reply.properties.content_type.clone().unwrap_or_default();
-    println!("content-type: {content_type}");
+    eprintln!("content-type: {content_type}");
     match (&args.output, reply.decode_value()) {
         (Some(path), _) => {
             std::fs::write(path, &reply.body)
                 .with_context(|| format!("writing {}", path.display()))?;
-            println!("wrote {} bytes to {}", reply.body.len(), path.display());
+            eprintln!("wrote {} bytes to {}", reply.body.len(), path.display());
         }
-        (None, Ok(Decoded::Value(v))) => println!("{}", serde_json::to_string_pretty(&v)?),
+        (None, Ok(Decoded::Value(v))) => outln!("{}", serde_json::to_string_pretty(&v)?)?,
         (None, Ok(Decoded::Raw(raw))) => match std::str::from_utf8(&raw) {
-            Ok(text) if !text.contains('\0') => println!("{text}"),
-            _ => println!("({} bytes of binary; use --output FILE)", raw.len()),
+            Ok(text) if !text.contains('\0') => outln!("{text}")?,
+            _ => write_binary(&raw)?,
         },
-        (None, Err(e)) => println!("({} bytes that do not decode: {e})", reply.body.len()),
+        (None, Err(e)) => {
+            eprintln!("the reply does not decode as {content_type}: {e}");
+            write_binary(&reply.body)?;
+        }
     }
-    conn.close().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Binary bodies go to stdout as they are when it is a file or a pipe
+/// (`rabbitry rpc ... > hello.pdf`); a terminal gets a note instead.
+fn write_binary(body: &[u8]) -> std::io::Result<()> {
+    use std::io::{IsTerminal, Write};
+    let mut out = std::io::stdout().lock();
+    if out.is_terminal() {
+        eprintln!(
+            "({} bytes of binary; use --output FILE or redirect stdout)",
+            body.len()
+        );
+        return Ok(());
+    }
+    out.write_all(body)?;
+    out.flush()
 }

@@ -3,8 +3,10 @@
 
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
-use rabbitry::worker::{shutdown_signal, Worker};
+use anyhow::{Context, Result};
+
+use crate::exit::usage;
+use rabbitry::worker::Worker;
 
 use super::Global;
 
@@ -21,14 +23,11 @@ pub struct Args {
 
 pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     if global.config.is_none() {
-        bail!("worker needs a configuration file: rabbitry worker -c FILE");
+        usage!("worker needs a configuration file: rabbitry worker -c FILE");
     }
-    let mut settings = global.settings()?;
-    if let Some(site) = args.site.or_else(|| settings.worker.site.clone()) {
-        settings = settings.for_site(&site);
-    }
+    let settings = global.settings_for_site(args.site)?;
     if settings.consumers.is_empty() {
-        bail!("the configuration defines no [consumers.*]");
+        usage!("the configuration defines no [consumers.*]");
     }
     let outbox = match &settings.outbox {
         Some(o) => Some(rabbitry::outbox::Outbox::connect(&o.database).await?),
@@ -71,11 +70,10 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         None => None,
     };
     eprintln!("worker: consuming; Ctrl-C or SIGTERM stops it cleanly");
-    shutdown_signal().await;
+    super::shutdown_requested("worker").await;
     if let Some(server) = metrics_server {
         server.abort();
     }
-    eprintln!("worker: stopping (finishing the handlers in flight)...");
     running.shutdown().await;
     eprintln!("worker: stopped");
     Ok(ExitCode::SUCCESS)

@@ -14,6 +14,11 @@ use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, Nack, Return};
 
 use crate::error::{Error, ErrorKind};
 
+/// AMQP reply code: the queue or exchange does not exist.
+pub(crate) const NOT_FOUND: u16 = 404;
+/// AMQP reply code: the user may not do this.
+pub(crate) const ACCESS_REFUSED: u16 = 403;
+
 /// Why the broker closed a channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct CloseReason {
@@ -49,7 +54,17 @@ impl ChannelWatch {
         err: amqprs::error::Error,
     ) -> Error {
         match self.reason() {
-            Some(r) => Error::new(kind, format!("{what}: broker said {} ({})", r.text, r.code)),
+            Some(r) => {
+                // The broker's reply code says more than the caller's guess:
+                // a missing entity or a refused permission is not a passing
+                // channel problem, and retrying will not fix it.
+                let kind = match r.code {
+                    NOT_FOUND => ErrorKind::NotFound,
+                    ACCESS_REFUSED => ErrorKind::AccessRefused,
+                    _ => kind,
+                };
+                Error::new(kind, format!("{what}: broker said {} ({})", r.text, r.code))
+            }
             None => Error::new(ErrorKind::Disconnected, what).with_source(err),
         }
     }
@@ -92,7 +107,13 @@ impl ChannelCallback for Events {
             code: close.reply_code(),
             text: close.reply_text().clone(),
         };
-        tracing::warn!(code = reason.code, reason = %reason.text, "broker closed a channel");
+        if reason.code == NOT_FOUND {
+            // Usually a passive check of something that may be missing; the
+            // caller's error names it, and callers that expect it stay quiet.
+            tracing::debug!(code = reason.code, reason = %reason.text, "broker closed a channel");
+        } else {
+            tracing::warn!(code = reason.code, reason = %reason.text, "broker closed a channel");
+        }
         self.watch.set(reason.clone());
         if let Some(sink) = &self.confirms {
             sink.closed(&reason);

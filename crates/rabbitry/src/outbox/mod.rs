@@ -120,6 +120,10 @@ CREATE TABLE IF NOT EXISTS rabbitry_requests (
 );
 ";
 
+fn is_memory(url: &str) -> bool {
+    url.contains(":memory:") || url.contains("mode=memory")
+}
+
 /// A database pool: SQLite (the embedded default) or PostgreSQL.
 #[derive(Clone, Debug)]
 pub enum Database {
@@ -134,11 +138,31 @@ impl Database {
     /// or `postgres://user@host/db`). An unreachable database is an error
     /// that names it.
     pub async fn connect(url: &str) -> Result<Database> {
+        Database::open(url, true).await
+    }
+
+    /// Connects to an existing database: a SQLite file that does not exist
+    /// is an error, not a new empty database (for commands that inspect).
+    pub async fn connect_existing(url: &str) -> Result<Database> {
+        Database::open(url, false).await
+    }
+
+    async fn open(url: &str, create: bool) -> Result<Database> {
         let named = |e: sqlx::Error| db_error(url, "cannot connect", e);
         if url.starts_with("sqlite:") {
-            let opts = SqliteConnectOptions::from_str(url)
-                .map_err(named)?
-                .create_if_missing(true)
+            let opts = SqliteConnectOptions::from_str(url).map_err(named)?;
+            if !create && !is_memory(url) && !opts.get_filename().exists() {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "database {} does not exist ({}); create it with `rabbitry outbox migrate --database URL`",
+                        redact(url),
+                        opts.get_filename().display()
+                    ),
+                ));
+            }
+            let opts = opts
+                .create_if_missing(create)
                 .journal_mode(SqliteJournalMode::Wal)
                 .busy_timeout(Duration::from_secs(10));
             let pool = SqlitePoolOptions::new()

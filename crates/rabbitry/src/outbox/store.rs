@@ -13,6 +13,7 @@ enum Stored {
     S(String),
     X(Vec<u8>),
     T(u64),
+    D(u8, i32),
     A(Vec<Stored>),
     M(Vec<(String, Stored)>),
     V,
@@ -26,6 +27,7 @@ fn to_stored(v: &HeaderValue) -> Stored {
         HeaderValue::String(s) => Stored::S(s.clone()),
         HeaderValue::Bytes(b) => Stored::X(b.clone()),
         HeaderValue::Timestamp(t) => Stored::T(*t),
+        HeaderValue::Decimal { scale, value } => Stored::D(*scale, *value),
         HeaderValue::Array(a) => Stored::A(a.iter().map(to_stored).collect()),
         HeaderValue::Table(t) => {
             Stored::M(t.iter().map(|(k, v)| (k.clone(), to_stored(v))).collect())
@@ -42,6 +44,7 @@ fn from_stored(v: Stored) -> HeaderValue {
         Stored::S(s) => HeaderValue::String(s),
         Stored::X(b) => HeaderValue::Bytes(b),
         Stored::T(t) => HeaderValue::Timestamp(t),
+        Stored::D(scale, value) => HeaderValue::Decimal { scale, value },
         Stored::A(a) => HeaderValue::Array(a.into_iter().map(from_stored).collect()),
         Stored::M(m) => {
             HeaderValue::Table(m.into_iter().map(|(k, v)| (k, from_stored(v))).collect())

@@ -245,6 +245,11 @@ impl RpcClient {
             .ok_or_else(|| Error::new(ErrorKind::Invalid, "an RPC request needs a routing key"))?;
         let (tx, rx) = oneshot::channel();
         lock(&self.calls).waiting.insert(correlation_id.clone(), tx);
+        // Removes the entry however this call ends, cancellation included.
+        let _waiting = WaitingEntry {
+            calls: &self.calls,
+            correlation_id: &correlation_id,
+        };
         let mut args = BasicPublishArguments::new(&exchange, &routing_key);
         args.mandatory = self.settings.mandatory || request.mandatory;
         if let Err(e) = route
@@ -252,7 +257,6 @@ impl RpcClient {
             .basic_publish(to_basic(&request.properties), request.body, args)
             .await
         {
-            lock(&self.calls).waiting.remove(&correlation_id);
             return Err(
                 Error::new(ErrorKind::Disconnected, "sending the RPC request").with_source(e),
             );
@@ -260,15 +264,12 @@ impl RpcClient {
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(Error::new(ErrorKind::Closed, "RPC client closed")),
-            Err(_) => {
-                lock(&self.calls).waiting.remove(&correlation_id);
-                Err(Error::new(
+            Err(_) => Err(Error::new(
                     ErrorKind::Timeout,
                     format!(
                         "timed out after {timeout:?} waiting for a reply from exchange '{exchange}', routing key '{routing_key}'"
                     ),
-                ))
-            }
+                )),
         }
     }
 
@@ -295,6 +296,19 @@ impl RpcClient {
                 ),
             )),
         }
+    }
+}
+
+/// A call's place in the waiting table, freed when the call ends: by a
+/// reply, an error, a timeout, or the caller dropping the call's future.
+struct WaitingEntry<'a> {
+    calls: &'a Mutex<Calls>,
+    correlation_id: &'a str,
+}
+
+impl Drop for WaitingEntry<'_> {
+    fn drop(&mut self) {
+        lock(self.calls).waiting.remove(self.correlation_id);
     }
 }
 

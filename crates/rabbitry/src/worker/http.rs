@@ -9,6 +9,16 @@
 //! header `authorization` as the HTTP `Authorization` header. The status
 //! decides the outcome: 2xx ack (the body is the reply), 409 requeue, other
 //! 4xx dead-letter, 5xx retry.
+//!
+//! Header values are text ([`HeaderValue::to_text`](crate::HeaderValue::to_text):
+//! numbers and decimals as number strings, tables and arrays as JSON).
+//! HTTP headers carry only printable ASCII, so the text goes through
+//! [`encode_header_text`]: printable ASCII other than `%` unchanged; `%`,
+//! control characters (CR and LF included) and non-ASCII characters
+//! percent-encoded as UTF-8 (`Grüße` is `Gr%C3%BC%C3%9Fe`). Any URL
+//! decoder (`urllib.parse.unquote`, `decodeURIComponent`) gives the text
+//! back. Header names are lower-cased, and bytes that HTTP does not allow
+//! in a name are percent-encoded the same way.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,12 +109,63 @@ pub fn request_path(base: &str, ctx_meta: &super::handler::Meta) -> String {
     path
 }
 
+/// Text for an HTTP header value: printable ASCII except `%` as it is,
+/// everything else percent-encoded as UTF-8. [`decode_header_text`]
+/// reverses it.
+pub fn encode_header_text(text: &str) -> String {
+    percent_encode(text, |b| (b' '..=b'~').contains(&b) && b != b'%')
+}
+
+/// The text that [`encode_header_text`] encoded; `None` when `value` is not
+/// such an encoding (a stray `%`, or bytes that are not UTF-8).
+pub fn decode_header_text(value: &str) -> Option<String> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = value.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// An HTTP header name for an AMQP header name: lower case, and bytes that
+/// are not HTTP token characters percent-encoded.
+fn header_name_text(name: &str) -> String {
+    percent_encode(&name.to_ascii_lowercase(), |b| {
+        b.is_ascii_alphanumeric() || b"!#$&'*+-.^_`|~".contains(&b)
+    })
+}
+
+fn percent_encode(text: &str, keep: impl Fn(u8) -> bool) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if keep(b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 fn put(req: &mut Request<RequestBody>, name: &str, value: &str) {
-    if let (Ok(n), Ok(v)) = (
+    let encoded = encode_header_text(value);
+    match (
         HeaderName::from_bytes(name.as_bytes()),
-        HeaderValue::from_str(value),
+        HeaderValue::from_str(&encoded),
     ) {
-        req.headers_mut().append(n, v);
+        (Ok(n), Ok(v)) => {
+            req.headers_mut().append(n, v);
+        }
+        // Only an empty name gets here: every encoded value is valid.
+        _ => tracing::debug!(header = name, "header not representable in HTTP; skipped"),
     }
 }
 
@@ -150,7 +211,7 @@ pub(crate) fn to_request(
         }
         put(
             &mut req,
-            &format!("amqp-header-{}", name.to_ascii_lowercase()),
+            &format!("amqp-header-{}", header_name_text(name)),
             &text,
         );
     }
@@ -295,6 +356,33 @@ mod tests {
         assert_eq!(h("amqp-attempt").as_deref(), Some("2"));
         assert_eq!(h("amqp-site").as_deref(), Some("a"));
         assert_eq!(h("amqp-user").as_deref(), Some("admin"));
+    }
+
+    #[test]
+    fn header_values_are_percent_encoded_reversibly() {
+        let mut m = meta();
+        m.properties
+            .headers
+            .insert("Grüße".into(), "Grüße — € 100%".into());
+        m.properties
+            .headers
+            .insert("multi".into(), "line\r\nInjected: yes".into());
+        m.properties.headers.insert(
+            "price".into(),
+            crate::message::HeaderValue::Decimal {
+                scale: 2,
+                value: 125,
+            },
+        );
+        let req = to_request("http://h/x".into(), &m, b"").unwrap();
+        let h = |k: &str| req.headers().get(k).map(|v| v.to_str().unwrap().to_owned());
+        let v = h("amqp-header-gr%c3%bc%c3%9fe").expect("non-ASCII name kept, encoded");
+        assert_eq!(v, "Gr%C3%BC%C3%9Fe %E2%80%94 %E2%82%AC 100%25");
+        assert_eq!(decode_header_text(&v).unwrap(), "Grüße — € 100%");
+        let v = h("amqp-header-multi").expect("CR/LF value kept, encoded");
+        assert_eq!(v, "line%0D%0AInjected: yes");
+        assert!(req.headers().get("injected").is_none());
+        assert_eq!(h("amqp-header-price").as_deref(), Some("1.25"));
     }
 
     #[test]

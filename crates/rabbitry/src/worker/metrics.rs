@@ -47,6 +47,7 @@ struct ConsumerMetrics {
     outcomes: BTreeMap<Counted, u64>,
     handler_seconds: f64,
     handled: u64,
+    replies_unroutable: u64,
 }
 
 /// A worker's counters. Shared by its consumers; cheap to read.
@@ -97,6 +98,21 @@ impl WorkerMetrics {
             .or_default() += 1;
     }
 
+    pub(crate) fn reply_unroutable(&self, consumer: &str) {
+        lock(&self.consumers)
+            .entry(consumer.to_owned())
+            .or_default()
+            .replies_unroutable += 1;
+    }
+
+    /// How many replies of `consumer`'s handlers no queue took (their
+    /// `reply_to` queue did not exist).
+    pub fn replies_unroutable(&self, consumer: &str) -> u64 {
+        lock(&self.consumers)
+            .get(consumer)
+            .map_or(0, |m| m.replies_unroutable)
+    }
+
     /// How many deliveries of `consumer` ended with `outcome`.
     pub fn outcomes(&self, consumer: &str, outcome: Counted) -> u64 {
         lock(&self.consumers)
@@ -141,6 +157,19 @@ impl WorkerMetrics {
                 "rabbitry_handler_seconds_count{{consumer=\"{}\"}} {}",
                 escape(name),
                 m.handled
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP rabbitry_replies_unroutable_total Replies no queue took (reply_to did not exist)."
+        );
+        let _ = writeln!(out, "# TYPE rabbitry_replies_unroutable_total counter");
+        for (name, m) in consumers.iter() {
+            let _ = writeln!(
+                out,
+                "rabbitry_replies_unroutable_total{{consumer=\"{}\"}} {}",
+                escape(name),
+                m.replies_unroutable
             );
         }
         drop(consumers);

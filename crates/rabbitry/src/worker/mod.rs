@@ -36,7 +36,7 @@ pub use handler::{
 use crate::config::{ConsumerConfig, Settings};
 use crate::connection::{stopped, Connection};
 use crate::consume::{Consumer, Delivery, Outcome};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::message::{HeaderValue, Message};
 use crate::publish::{Producer, ProducerSettings};
 use crate::transaction::UnitOfWork;
@@ -157,6 +157,7 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
             mut routes,
             error_handlers,
         } = self;
+        settings.check_substituted()?;
         let mut connections: HashMap<String, Connection> = HashMap::new();
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -390,18 +391,6 @@ async fn consume_loop<S: Clone + Send + Sync + 'static>(
     tracing::info!(consumer = %rt.name, "stopped");
 }
 
-/// What a delivery's handling came to, for the log.
-fn outcome_label(r: &std::result::Result<Reply, HandlerError>) -> &'static str {
-    match r {
-        Ok(_) => "ack",
-        Err(e) => match e.kind {
-            FailureKind::Conflict => "requeue",
-            FailureKind::Invalid => "dead-letter",
-            FailureKind::Retry => "retry",
-        },
-    }
-}
-
 async fn process<S: Clone + Send + Sync + 'static>(
     rt: &ConsumerRuntime<S>,
     state: &S,
@@ -422,7 +411,6 @@ async fn handle_delivery<S: Clone + Send + Sync + 'static>(
     state: &S,
     d: Delivery,
 ) {
-    let span = tracing::Span::current();
     if let Some(deadline) = d
         .properties
         .headers
@@ -431,7 +419,7 @@ async fn handle_delivery<S: Clone + Send + Sync + 'static>(
     {
         let late = retry::now_millis() - deadline;
         if late > 0 {
-            span.record("outcome", "expired");
+            tracing::Span::current().record("outcome", "expired");
             tracing::warn!(
                 late_ms = late,
                 "request expired before it was handled; acked without handling"
@@ -465,7 +453,6 @@ async fn handle_delivery<S: Clone + Send + Sync + 'static>(
     let result = run_handler(rt, state, ctx).await;
     drop(running);
     rt.metrics.handled(&rt.name, started.elapsed());
-    span.record("outcome", outcome_label(&result));
     match result {
         Ok(reply) => succeed(rt, &delivery, attempt, &unit, reply).await,
         Err(err) => {
@@ -500,7 +487,8 @@ async fn run_handler<S: Clone + Send + Sync + 'static>(
         }
     };
     let timeout = rt.config.timeout;
-    match tokio::time::timeout(timeout, tokio::spawn(fut)).await {
+    let mut task = tokio::spawn(fut);
+    match tokio::time::timeout(timeout, &mut task).await {
         Ok(Ok(result)) => result,
         Ok(Err(join)) if join.is_panic() => {
             let payload = join.into_panic();
@@ -512,9 +500,17 @@ async fn run_handler<S: Clone + Send + Sync + 'static>(
             Err(HandlerError::retry(format!("handler panicked: {text}")))
         }
         Ok(Err(join)) => Err(HandlerError::retry(format!("handler task failed: {join}"))),
-        Err(_) => Err(HandlerError::retry(format!(
-            "handler timed out after {timeout:?}"
-        ))),
+        Err(_) => {
+            // Tear the handler down before anything else happens to this
+            // delivery: a native handler's future (and its unit of work) is
+            // dropped, an HTTP request's connection is closed. Only then
+            // may a retry or the next delivery start.
+            task.abort();
+            let _ = task.await;
+            Err(HandlerError::retry(format!(
+                "handler timed out after {timeout:?}; it was cancelled"
+            )))
+        }
     }
 }
 
@@ -534,24 +530,54 @@ async fn succeed<S>(
     }
     if let (Some(reply_to), false) = (&d.properties.reply_to, reply.body.is_empty()) {
         let mut m = Message::new(reply.body)
-            .exchange(&rt.config.reply_exchange)
-            .routing_key(reply_to);
+            .exchange(reply_exchange(&rt.config.reply_exchange, reply_to))
+            .routing_key(reply_to)
+            .mandatory(true);
         m.properties.content_type = reply.content_type;
         m.properties.correlation_id = d.properties.correlation_id.clone();
-        if let Err(e) = rt.replies.publish(m).await {
-            let err =
-                HandlerError::retry(format!("publishing the reply to '{reply_to}' failed: {e}"));
-            return fail(rt, d, attempt, err).await;
+        match rt.replies.publish(m).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::Unroutable => {
+                // The requester is gone (or never had a queue): retrying the
+                // request would not make its reply routable.
+                tracing::warn!(
+                    reply_to = %reply_to,
+                    correlation_id = d.properties.correlation_id.as_deref().unwrap_or(""),
+                    error = %e,
+                    "the reply was not routed to any queue; it is dropped and the request acked"
+                );
+                rt.metrics.reply_unroutable(&rt.name);
+            }
+            Err(e) => {
+                let err = HandlerError::retry(format!(
+                    "publishing the reply to '{reply_to}' failed: {e}"
+                ));
+                return fail(rt, d, attempt, err).await;
+            }
         }
     }
+    tracing::Span::current().record("outcome", "ack");
     rt.metrics.count(&rt.name, Counted::Ack);
     settle_or_log(d, Outcome::Ack).await;
+}
+
+/// The exchange a reply to `reply_to` goes through: the default exchange
+/// for RabbitMQ's direct reply-to (`amq.rabbitmq.reply-to...`), which no
+/// other exchange can route to, and the consumer's `reply_exchange`
+/// otherwise.
+pub(crate) fn reply_exchange<'a>(configured: &'a str, reply_to: &str) -> &'a str {
+    if reply_to.starts_with(crate::rpc::DIRECT_REPLY_TO) {
+        ""
+    } else {
+        configured
+    }
 }
 
 /// Failure: requeue a conflict; otherwise hand it to the exchange's error
 /// handler, or retry it, or dead-letter it.
 async fn fail<S>(rt: &ConsumerRuntime<S>, d: &Arc<Delivery>, attempt: u32, err: HandlerError) {
     if err.kind == FailureKind::Conflict {
+        tracing::Span::current().record("outcome", "requeue");
         tracing::info!(error = %err, "conflict; requeued");
         rt.metrics.count(&rt.name, Counted::Requeue);
         settle_or_log(d, Outcome::Requeue).await;
@@ -559,6 +585,7 @@ async fn fail<S>(rt: &ConsumerRuntime<S>, d: &Arc<Delivery>, attempt: u32, err: 
     }
     let (exchange, routing_key) = retry::original_route(&d.properties, &d.exchange, &d.routing_key);
     if let Some(on_error) = rt.error_handlers.get(&exchange) {
+        tracing::Span::current().record("outcome", "error-handler");
         tracing::error!(error = %err, attempt, "handler failed; passed to the error handler of exchange '{exchange}'");
         on_error(d.clone(), err).await;
         rt.metrics.count(&rt.name, Counted::ErrorHandler);
@@ -568,6 +595,7 @@ async fn fail<S>(rt: &ConsumerRuntime<S>, d: &Arc<Delivery>, attempt: u32, err: 
     let policy = &rt.config.retry;
     let queue = &rt.config.consumer.queue;
     let retrying = err.kind == FailureKind::Retry && attempt < policy.attempts;
+    tracing::Span::current().record("outcome", if retrying { "retry" } else { "dead-letter" });
     let message = if retrying {
         let delay = retry::delay_for(policy, attempt);
         tracing::warn!(error = %err, attempt, ?delay, "handler failed; will retry");
@@ -601,6 +629,7 @@ async fn fail<S>(rt: &ConsumerRuntime<S>, d: &Arc<Delivery>, attempt: u32, err: 
             settle_or_log(d, Outcome::Ack).await
         }
         Err(e) => {
+            tracing::Span::current().record("outcome", "requeue");
             tracing::error!(error = %e, "could not move the failed message; requeueing it");
             rt.metrics.count(&rt.name, Counted::Requeue);
             settle_or_log(d, Outcome::Requeue).await;
