@@ -3,6 +3,7 @@
 
 mod consume;
 mod errors;
+mod hardening;
 mod publish;
 mod recovery;
 mod rpc;
