@@ -175,4 +175,39 @@ mod tests {
         };
         assert_eq!(from_basic(&to_basic(&p)), p);
     }
+
+    fn header_value() -> impl proptest::strategy::Strategy<Value = HeaderValue> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            any::<bool>().prop_map(HeaderValue::Bool),
+            any::<i64>().prop_map(HeaderValue::Int),
+            any::<f64>()
+                .prop_filter("NaN is not equal to itself", |f| !f.is_nan())
+                .prop_map(HeaderValue::Float),
+            any::<String>().prop_map(HeaderValue::String),
+            prop::collection::vec(any::<u8>(), 0..16).prop_map(HeaderValue::Bytes),
+            any::<u64>().prop_map(HeaderValue::Timestamp),
+            (any::<u8>(), any::<i32>())
+                .prop_map(|(scale, value)| HeaderValue::Decimal { scale, value }),
+            Just(HeaderValue::Void),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(HeaderValue::Array),
+                prop::collection::btree_map("[a-z-]{1,12}", inner, 0..4)
+                    .prop_map(HeaderValue::Table),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// Every header value survives the trip to the AMQP client's table
+        /// and back, decimals included.
+        #[test]
+        fn header_tables_round_trip(
+            headers in proptest::collection::btree_map("[a-zA-Z0-9._-]{1,32}", header_value(), 0..8)
+        ) {
+            proptest::prop_assert_eq!(from_table(&to_table(&headers)), headers);
+        }
+    }
 }

@@ -375,26 +375,35 @@ pub fn parse_duration(text: &str) -> Result<Duration> {
             "invalid duration `{text}` (use e.g. 500ms, 5s, 2m, 1h)"
         ))
     })?;
-    let scale = match unit.trim() {
-        "ms" => 0.001,
-        "" | "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        "d" => 86400.0,
+    let unit_ms: u64 = match unit.trim() {
+        "ms" => 1,
+        "" | "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
         other => {
             return Err(Error::config(format!(
                 "invalid duration unit `{other}` in `{text}`, expected one of: ms, s, m, h, d"
             )))
         }
     };
-    let secs = n * scale;
-    if !secs.is_finite() || secs > MAX_DURATION.as_secs_f64() {
-        return Err(Error::config(format!(
-            "duration `{text}` is too long (at most 365d)"
-        )));
+    let too_long = || Error::config(format!("duration `{text}` is too long (at most 365d)"));
+    // Whole numbers are exact; decimals go through f64 (to the nanosecond).
+    let duration = match num.parse::<u64>() {
+        Ok(whole) => Duration::from_millis(whole.checked_mul(unit_ms).ok_or_else(too_long)?),
+        Err(_) => {
+            let secs = n * unit_ms as f64 / 1000.0;
+            if !secs.is_finite() || secs > MAX_DURATION.as_secs_f64() {
+                return Err(too_long());
+            }
+            Duration::try_from_secs_f64(secs)
+                .map_err(|e| Error::config(format!("invalid duration `{text}`: {e}")))?
+        }
+    };
+    if duration > MAX_DURATION {
+        return Err(too_long());
     }
-    Duration::try_from_secs_f64(secs)
-        .map_err(|e| Error::config(format!("invalid duration `{text}`: {e}")))
+    Ok(duration)
 }
 
 /// The longest retry delay: RabbitMQ's message TTL is at most 2^32-1 ms.
@@ -789,11 +798,83 @@ arguments = { "x-queue-type" = "quorum" }
     }
 
     #[test]
+    fn handler_urls_are_checked_at_load() {
+        for bad in ["not a url", "ftp://h/x", "https://h/x", "/amqp", "http://"] {
+            let e = Settings::from_toml(
+                &format!("[consumers.c]\nqueue=\"q\"\nhandler=\"{bad}\"\n"),
+                "app.toml",
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("app.toml") && e.contains("consumers.c.handler"),
+                "{bad}: {e}"
+            );
+        }
+        let ok = Settings::from_toml(
+            "[consumers.c]\nqueue=\"q\"\nhandler=\"http://127.0.0.1:8000/amqp\"\n",
+            "app.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            ok.consumers["c"].handler.as_deref(),
+            Some("http://127.0.0.1:8000/amqp")
+        );
+    }
+
+    #[test]
+    fn hostile_durations_are_errors_in_config() {
+        for (key, value) in [
+            ("timeout", "\"99999999999999999999999s\""),
+            ("timeout", "\"1e309\""),
+            ("timeout", "\"inf\""),
+            ("timeout", "\"nan\""),
+            ("retry", "{ attempts = 2, delays = [\"1e20\"] }"),
+            ("retry", "{ attempts = 2, delays = [\"60d\"] }"),
+            ("retry", "{ attempts = 2, delays = [\"0s\"] }"),
+        ] {
+            let e = Settings::from_toml(
+                &format!("[consumers.c]\nqueue=\"q\"\n{key} = {value}\n"),
+                "app.toml",
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(&format!("consumers.c.{key}")), "{value}: {e}");
+        }
+    }
+
+    #[test]
+    fn unsubstituted_site_is_reported_with_its_key() {
+        let s = Settings::from_toml(
+            "[consumers.o]\nqueue = \"${site}.orders\"\n[producers.p]\nrouting_key = \"${site}.k\"\n",
+            "f",
+        )
+        .unwrap();
+        let e = s.check_substituted().unwrap_err().to_string();
+        assert!(e.contains("consumers.o.queue"), "{e}");
+        assert!(s.for_site("a").check_substituted().is_ok());
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
-        assert!(parse_duration("1x").is_err());
+        assert_eq!(parse_duration("1d").unwrap(), Duration::from_secs(86400));
+        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        for bad in [
+            "1x",
+            "",
+            "inf",
+            "nan",
+            "-1s",
+            "1e309",
+            "1e20",
+            "99999999999999999999999s",
+            "366d",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
     }
 }
