@@ -150,7 +150,15 @@ async fn consume_decodes_msgpack_and_json_from_another_client_and_shows_bad_bodi
         .map(|(_, n, _)| n);
     assert_eq!(depth, Some(4));
 
-    let out = rabbitry(&["consume", &queue, "--count", "4", "--timeout", "10"]);
+    let out = rabbitry(&[
+        "consume",
+        &queue,
+        "--count",
+        "4",
+        "--timeout",
+        "10",
+        "--ack",
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let lines: Vec<serde_json::Value> = text(&out.stdout)
         .lines()
@@ -177,7 +185,7 @@ async fn consume_decodes_msgpack_and_json_from_another_client_and_shows_bad_bodi
     );
     assert_eq!(lines[3]["body"]["base64"], "JVBERi0xLjQ=");
 
-    // Acked after printing: the queue is empty; the timeout exits 0.
+    // With --ack, removed after printing: the queue is empty; the timeout exits 0.
     let out = rabbitry(&["consume", &queue, "--timeout", "0.5"]);
     assert!(out.status.success());
     assert!(text(&out.stdout).is_empty());
@@ -290,9 +298,9 @@ async fn declare_check_reports_drift_and_queues_never_creates() {
     .unwrap();
     let cfg = file.to_str().unwrap();
 
-    // Nothing declared yet: both are missing, exit 1.
+    // Nothing declared yet: both are missing, exit 5 (drift).
     let out = rabbitry(&["-c", cfg, "declare", "--check"]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
     let report = text(&out.stdout);
     assert!(
         report.contains(&format!("queue '{queue}': missing")),
@@ -327,7 +335,7 @@ async fn declare_check_reports_drift_and_queues_never_creates() {
     )
     .unwrap();
     let out = rabbitry(&["-c", cfg, "declare", "--check"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(5));
     let report = text(&out.stdout);
     assert!(
         report.contains(&queue) && report.contains("x-max-length"),
@@ -398,10 +406,11 @@ async fn rpc_against_another_client_and_a_clean_timeout() {
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
-        text(&out.stdout).contains("content-type: application/pdf"),
+        text(&out.stderr).contains("content-type: application/pdf"),
         "{}",
-        text(&out.stdout)
+        text(&out.stderr)
     );
+    assert!(text(&out.stdout).is_empty(), "stdout is the body alone");
     let pdf = std::fs::read(&out_file).unwrap();
     assert!(pdf.starts_with(b"%PDF-") && String::from_utf8_lossy(&pdf).contains("Hello World!"));
     responder.await.unwrap();

@@ -7,6 +7,7 @@ use anyhow::Result;
 use rabbitry::bench::{self, BenchOptions, Report};
 
 use super::Global;
+use crate::exit::usage;
 
 /// Benchmark the gateway against raw amqprs on the same scenarios.
 #[derive(clap::Args)]
@@ -29,7 +30,19 @@ pub struct Args {
     databases: Vec<String>,
 }
 
+/// The benchmark's groups, for `--only`.
+const GROUPS: [&str; 4] = ["core", "worker", "outbox", "rpc"];
+
 pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
+    if let Some(bad) = args.only.iter().find(|o| !GROUPS.contains(&o.as_str())) {
+        usage!(
+            "--only: unknown group `{bad}`, expected one of: {}",
+            GROUPS.join(", ")
+        );
+    }
+    if args.rounds == 0 || args.messages == 0 {
+        usage!("--rounds and --messages must be at least 1");
+    }
     let settings = global.settings()?;
     let url = settings
         .connection(rabbitry::config::DEFAULT_CONNECTION)?

@@ -10,6 +10,7 @@ use rabbitry::worker::shutdown_signal;
 use rabbitry_demo::{names, Common, Part};
 
 use super::Global;
+use crate::exit::usage;
 
 /// Run two sites, their web processes and workers, and a PDF service.
 #[derive(clap::Args)]
@@ -57,6 +58,14 @@ fn amqp_url(global: &Global) -> Result<String> {
 }
 
 pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
+    if let Some(db) = &args.database {
+        if !(db.starts_with("postgres://") || db.starts_with("postgresql://")) {
+            usage!(
+                "--database `{}`: expected a postgres:// URL (without it, the demo uses SQLite files in --data-dir)",
+                rabbitry::connection::redact(db)
+            );
+        }
+    }
     let data_dir = std::path::absolute(&args.data_dir).unwrap_or(args.data_dir);
     let instance = args
         .instance

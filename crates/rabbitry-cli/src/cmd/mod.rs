@@ -14,9 +14,11 @@ pub mod worker;
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use rabbitry::config::DEFAULT_CONNECTION;
 use rabbitry::{Connection, Settings};
+
+use crate::exit::usage;
 
 /// Flags every command takes.
 pub struct Global {
@@ -29,8 +31,13 @@ impl Global {
     pub fn settings(&self) -> Result<Settings> {
         let mut settings = match &self.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read {}", path.display()))?;
+                let text = match std::fs::read(path) {
+                    Ok(bytes) => match String::from_utf8(bytes) {
+                        Ok(text) => text,
+                        Err(_) => usage!("{}: not a TOML file (not UTF-8 text)", path.display()),
+                    },
+                    Err(e) => usage!("cannot read the configuration {}: {e}", path.display()),
+                };
                 Settings::from_toml(&text, &path.display().to_string())?
             }
             None => Settings::default(),

@@ -68,6 +68,7 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
                 .with_context(|| format!("writing {}", path.display()))?;
             eprintln!("wrote {} bytes to {}", reply.body.len(), path.display());
         }
+        (None, Ok(Decoded::Value(serde_json::Value::String(text)))) => outln!("{text}")?,
         (None, Ok(Decoded::Value(v))) => outln!("{}", serde_json::to_string_pretty(&v)?)?,
         (None, Ok(Decoded::Raw(raw))) => match std::str::from_utf8(&raw) {
             Ok(text) if !text.contains('\0') => outln!("{text}")?,

@@ -20,16 +20,26 @@ pub struct Demo {
 }
 
 impl Demo {
-    /// Starts the demo on a free port with its own instance prefix and data dir.
+    /// Starts the demo on a free port with its own data dir, and the
+    /// instance name it derives from that folder (as a user's demo does).
     pub fn start() -> Demo {
-        let instance = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-        let data_dir = std::env::temp_dir().join(format!("rabbitry-demo-{instance}"));
+        Demo::start_with(&[])
+    }
+
+    /// [`Demo::start`] with extra flags and environment.
+    pub fn start_with(env: &[(&str, &str)]) -> Demo {
+        let dir_name = format!(
+            "rabbitry-demo-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        );
+        let data_dir = std::env::temp_dir().join(dir_name);
         let mut child = Command::new(env!("CARGO_BIN_EXE_rabbitry"))
-            .args(["demo", "--listen", "127.0.0.1:0", "--instance", &instance])
+            .args(["demo", "--listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(&data_dir)
             .env_remove("AMQP_URL")
             .env("RABBITRY_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -37,10 +47,15 @@ impl Demo {
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let mut base = None;
+        let mut instance = None;
         for line in lines.by_ref() {
             let line = line.unwrap();
-            if let Some(rest) = line.trim().strip_prefix("site a: ") {
+            let line = line.trim();
+            if let Some(rest) = line.strip_prefix("site a: ") {
                 base = Some(rest.trim_end_matches("/sites/a/").to_owned());
+            }
+            if let Some(rest) = line.strip_prefix("instance: ") {
+                instance = rest.split_whitespace().next().map(str::to_owned);
                 break;
             }
         }
@@ -49,7 +64,7 @@ impl Demo {
         Demo {
             child,
             base: base.expect("the demo printed its URLs"),
-            instance,
+            instance: instance.expect("the demo printed its instance"),
             data_dir,
         }
     }
