@@ -258,3 +258,150 @@ async fn killing_a_sites_worker_loses_nothing_and_renders_each_document_once() {
     assert!(demo.stop().success());
     common::cleanup(&instance).await;
 }
+
+/// The command line of a process, as `ps` shows it.
+fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_demos_share_a_broker_serve_other_clients_and_die_with_their_parent() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    // Two demos with their default instance names, on one broker.
+    let a = Demo::start();
+    let b = Demo::start();
+    assert_ne!(a.instance, b.instance, "instances differ by data folder");
+
+    // A raw client on direct reply-to calls the PDF service.
+    let conn = Connection::open(&OpenConnectionArguments::new(
+        "127.0.0.1",
+        5672,
+        "guest",
+        "guest",
+    ))
+    .await
+    .unwrap();
+    let ch = conn.open_channel(None).await.unwrap();
+    let (_, mut replies) = ch
+        .basic_consume_rx(
+            BasicConsumeArguments::new("amq.rabbitmq.reply-to", "")
+                .auto_ack(true)
+                .finish(),
+        )
+        .await
+        .unwrap();
+    let mut p = BasicProperties::default();
+    p.with_content_type("application/json")
+        .with_correlation_id("direct-1")
+        .with_reply_to("amq.rabbitmq.reply-to");
+    ch.basic_publish(
+        p.finish(),
+        br#"{"title":"Direct reply-to"}"#.to_vec(),
+        BasicPublishArguments::new("service.tasks", "service.my_template"),
+    )
+    .await
+    .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(30), replies.recv())
+        .await
+        .expect("the PDF comes back on direct reply-to")
+        .unwrap();
+    assert_eq!(
+        m.basic_properties
+            .unwrap()
+            .correlation_id()
+            .map(String::as_str),
+        Some("direct-1")
+    );
+    let pdf = m.content.unwrap();
+    assert!(pdf.starts_with(b"%PDF-") && pdf_text(&pdf).contains("Direct reply-to"));
+    conn.close().await.unwrap();
+
+    // The README's own example.
+    let out_file = std::env::temp_dir().join(format!("{}-hello.pdf", a.instance));
+    let out = Command::new(env!("CARGO_BIN_EXE_rabbitry"))
+        .args([
+            "rpc",
+            "--exchange",
+            "service.tasks",
+            "--routing-key",
+            "service.my_template",
+            "--serializer",
+            "msgpack",
+            "--output",
+        ])
+        .arg(&out_file)
+        .arg(r#"{"title":"Hello World!"}"#)
+        .env_remove("AMQP_URL")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("content-type: application/pdf"));
+    assert!(std::fs::read(&out_file).unwrap().starts_with(b"%PDF-"));
+
+    // Each demo renders its own documents, once, with nothing dead-lettered.
+    let mut ids = (Vec::new(), Vec::new());
+    for i in 0..10 {
+        ids.0.push(create(&a.base, "a", &format!("A{i}")).await);
+        ids.1.push(create(&b.base, "a", &format!("B{i}")).await);
+    }
+    for (demo, ids) in [(&a, &ids.0), (&b, &ids.1)] {
+        let docs = wait_rendered(&demo.base, "a", ids, Duration::from_secs(60)).await;
+        assert!(docs.iter().all(|d| d["renders"] == 1), "{docs:?}");
+    }
+    let gw = rabbitry::Connection::open(rabbitry::ConnectionSettings::default())
+        .await
+        .unwrap();
+    for demo in [&a, &b] {
+        let names = rabbitry_demo::names::Names::new(&demo.instance);
+        let dead = rabbitry::worker::dead::list(&gw, &names.results_queue("a"), 10)
+            .await
+            .unwrap_or_default();
+        assert!(dead.is_empty(), "{dead:?}");
+    }
+    gw.close().await;
+
+    // Nothing secret on the parts' command lines.
+    let parts: Vec<u32> = ["web", "worker", "service"]
+        .iter()
+        .flat_map(|p| a.part_pids(p))
+        .collect();
+    assert_eq!(parts.len(), 7, "seven parts: {parts:?}");
+    for pid in &parts {
+        let line = cmdline(*pid);
+        assert!(
+            !line.contains("amqp://") && !line.contains("guest"),
+            "{line}"
+        );
+    }
+
+    // SIGKILL the parent: every part stops by itself.
+    let (a_instance, b_instance) = (a.instance.clone(), b.instance.clone());
+    let mut a = a;
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
+    while parts.iter().any(|p| alive(*p)) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "parts still running after their parent died: {:?}",
+            parts.iter().filter(|p| alive(**p)).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(b.stop().success());
+    common::cleanup(&a_instance).await;
+    common::cleanup(&b_instance).await;
+}

@@ -310,3 +310,139 @@ async fn dead_list_and_replay_from_the_command_line() {
         conn.delete_queue(&q).await.unwrap();
     }
 }
+
+fn cleanup_names(queue: &str) -> [String; 3] {
+    [
+        queue.to_owned(),
+        format!("{queue}.dead"),
+        format!("{queue}.retry.100ms"),
+    ]
+}
+
+/// Reads a child's stderr on a thread; the lines so far are in the vector.
+fn collect_stderr(child: &mut std::process::Child) -> Arc<std::sync::Mutex<Vec<String>>> {
+    use std::io::BufRead;
+    let lines: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let sink = lines.clone();
+    let err = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_of_a_dead_lettered_delivery_says_dead_letter() {
+    let conn = connect().await;
+    let queue = unique("label");
+    let app = Router::new().fallback(|| async { (StatusCode::INTERNAL_SERVER_ERROR, "boom") });
+    let config = write_config(&queue, &serve(app).await);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rabbitry"))
+        .args(["worker", "-c", config.to_str().unwrap()])
+        .env_remove("AMQP_URL")
+        .env("RABBITRY_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = collect_stderr(&mut child);
+    wait_consuming(&conn, &queue).await;
+    let producer = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
+        .await
+        .unwrap();
+    producer.publish(Message::new("x")).await.unwrap();
+    // Two attempts (500 both times): a retry, then the dead letter.
+    wait_for(Duration::from_secs(10), "the dead-letter log line", || {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("dead-lettered"))
+    })
+    .await;
+    let log = lines.lock().unwrap().clone();
+    let dead = log.iter().find(|l| l.contains("dead-lettered")).unwrap();
+    assert!(dead.contains("outcome=\"dead-letter\""), "{dead}");
+    let retry = log.iter().find(|l| l.contains("will retry")).unwrap();
+    assert!(retry.contains("outcome=\"retry\""), "{retry}");
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    wait_exit(&mut child, Duration::from_secs(15)).await;
+    for q in cleanup_names(&queue) {
+        conn.delete_queue(&q).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_ctrl_c_stops_the_worker_at_once() {
+    let conn = connect().await;
+    let queue = unique("twice");
+    let called = Arc::new(AtomicBool::new(false));
+    let app = {
+        let called = called.clone();
+        Router::new().fallback(move || {
+            called.store(true, Ordering::SeqCst);
+            // Longer than the test would ever wait.
+            async { tokio::time::sleep(Duration::from_secs(600)).await }
+        })
+    };
+    let dir = std::env::temp_dir().join(unique("cfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("worker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[worker]\nshutdown_timeout = \"300s\"\n\n[consumers.jobs]\nqueue = \"{queue}\"\nhandler = \"{}\"\ntimeout = \"300s\"\nretry = {{ attempts = 2, delays = [\"100ms\"] }}\n",
+            serve(app).await
+        ),
+    )
+    .unwrap();
+    let mut child = worker(&config, &[]);
+    let lines = collect_stderr(&mut child);
+    wait_consuming(&conn, &queue).await;
+    let producer = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
+        .await
+        .unwrap();
+    producer.publish(Message::new("x")).await.unwrap();
+    wait_for(Duration::from_secs(10), "the handler to start", || {
+        called.load(Ordering::SeqCst)
+    })
+    .await;
+    let pid = child.id().to_string();
+    let interrupt = || Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    interrupt();
+    wait_for(Duration::from_secs(10), "the first Ctrl-C noticed", || {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("press Ctrl-C again"))
+    })
+    .await;
+    assert!(child.try_wait().unwrap().is_none(), "still draining");
+    interrupt();
+    let exit = wait_exit(&mut child, Duration::from_secs(10)).await;
+    assert_eq!(exit.code(), Some(130), "{:?}", lines.lock().unwrap());
+    // The message in flight was never acked: it is back on the queue.
+    let mut back = false;
+    for _ in 0..250 {
+        if conn
+            .queue_status(&queue)
+            .await
+            .unwrap()
+            .is_some_and(|s| s.messages == 1)
+        {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(back, "the interrupted message went back to the queue");
+    for q in cleanup_names(&queue) {
+        conn.delete_queue(&q).await.unwrap();
+    }
+}

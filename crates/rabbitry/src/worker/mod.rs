@@ -529,10 +529,15 @@ async fn succeed<S>(
         return fail(rt, d, attempt, err).await;
     }
     if let (Some(reply_to), false) = (&d.properties.reply_to, reply.body.is_empty()) {
+        // Mandatory, so that a reply to a queue that does not exist is
+        // noticed. Not for direct reply-to: RabbitMQ 3.x returns such a
+        // reply as NO_ROUTE although it delivered it, and a requester that
+        // is gone cannot be detected there.
+        let direct = reply_to.starts_with(crate::rpc::DIRECT_REPLY_TO);
         let mut m = Message::new(reply.body)
             .exchange(reply_exchange(&rt.config.reply_exchange, reply_to))
             .routing_key(reply_to)
-            .mandatory(true);
+            .mandatory(!direct);
         m.properties.content_type = reply.content_type;
         m.properties.correlation_id = d.properties.correlation_id.clone();
         match rt.replies.publish(m).await {

@@ -126,6 +126,11 @@ async fn a_raw_client_on_direct_reply_to_gets_the_workers_reply() {
             .map(String::as_str),
         Some("c-1")
     );
+    assert_eq!(
+        running.metrics().replies_unroutable("svc"),
+        0,
+        "a delivered direct reply is not counted as unroutable"
+    );
     raw.close().await.unwrap();
     running.shutdown().await;
     cleanup(&conn, &queue, &[&tasks, &results]).await;
