@@ -73,3 +73,8 @@ pub use publish::{Producer, ProducerSettings};
 pub use topology::{Exchange, ExchangeKind, Queue, Topology};
 pub use transaction::UnitOfWork;
 pub use worker::Worker;
+
+/// The README's Rust examples, compiled by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

@@ -78,34 +78,34 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     };
     let exe = std::env::current_exe().context("finding the rabbitry executable")?;
     let n = names::Names::new(&instance);
-    let mut printed = Ok(());
     rabbitry_demo::run_demo(
         exe,
         common,
         args.listen,
         |addr| {
-            printed = (|| {
-                outln!("rabbitry demo is up (Ctrl-C stops every process):")?;
-                for site in rabbitry_demo::SITES {
-                    outln!("  site {site}: http://{addr}/sites/{site}/")?;
-                }
-                outln!("  instance: {instance} (its queues start with `{instance}.`)")?;
-                outln!("  try:   curl -s -X POST http://{addr}/sites/a/documents -H 'content-type: application/json' -d '{{\"title\":\"Hello World!\"}}'")?;
-                outln!(
-                    "  watch: rabbitry queues {} {} {} {}",
-                    n.results_queue("a"),
-                    n.jobs_queue("a"),
-                    n.feed_queue("b"),
-                    n.service_queue()
-                )
-            })();
+            // The demo's own output going nowhere is no reason to stop it.
+            let _ = print_welcome(addr, &instance, &n);
         },
         super::shutdown_requested("demo"),
     )
     .await?;
-    // The demo's own output going nowhere is no reason to fail it.
-    let _ = printed;
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_welcome(addr: SocketAddr, instance: &str, n: &names::Names) -> std::io::Result<()> {
+    outln!("rabbitry demo is up (Ctrl-C stops every process):")?;
+    for site in rabbitry_demo::SITES {
+        outln!("  site {site}: http://{addr}/sites/{site}/")?;
+    }
+    outln!("  instance: {instance} (its queues start with `{instance}.`)")?;
+    outln!("  try:   curl -s -X POST http://{addr}/sites/a/documents -H 'content-type: application/json' -d '{{\"title\":\"Hello World!\"}}'")?;
+    outln!(
+        "  watch: rabbitry queues {} {} {} {}",
+        n.results_queue("a"),
+        n.jobs_queue("a"),
+        n.feed_queue("b"),
+        n.service_queue()
+    )
 }
 
 pub async fn run_part(global: &Global, args: PartArgs) -> Result<ExitCode> {
