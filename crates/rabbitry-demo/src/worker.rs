@@ -129,7 +129,7 @@ pub async fn on_result(
             "UPDATE documents SET pdf = $2, status = $3, renders = renders + 1, rendered_at = $4 WHERE id = $1",
         ))
         .bind(&id)
-        .bind(ok.then_some(body.0.clone()))
+        .bind(ok.then(|| body.0.to_vec()))
         .bind(status)
         .bind(now)
         .execute(&mut *tx)

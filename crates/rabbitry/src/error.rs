@@ -45,6 +45,8 @@ pub enum ErrorKind {
     /// The broker has no such queue or exchange (`NOT_FOUND`). Waiting will
     /// not create it.
     NotFound,
+    /// A delivery was settled before; the second settle was not sent.
+    AlreadySettled,
 }
 
 impl ErrorKind {
@@ -64,6 +66,7 @@ impl ErrorKind {
             ErrorKind::Database => "database error",
             ErrorKind::Invalid => "invalid argument",
             ErrorKind::NotFound => "not found",
+            ErrorKind::AlreadySettled => "already settled",
         }
     }
 }

@@ -66,7 +66,7 @@ mod amqp;
 pub use codec::{Decoded, Serializer};
 pub use config::Settings;
 pub use connection::{Connection, ConnectionSettings, Drift, QueueStatus};
-pub use consume::{Consumer, ConsumerSettings, Delivery, Outcome};
+pub use consume::{Acker, Consumer, ConsumerSettings, Delivery, Outcome};
 pub use error::{Error, ErrorKind, Result};
 pub use message::{HeaderValue, Headers, Message, Properties};
 pub use publish::{Producer, ProducerSettings};

@@ -114,7 +114,7 @@ async fn outbox_commits_while_the_broker_is_stopped_arrive_in_order_after() {
             .await
             .unwrap_or_else(|_| panic!("only {} of 100 arrived", firsts.len()))
             .unwrap();
-        let n: u32 = String::from_utf8(d.body.clone()).unwrap().parse().unwrap();
+        let n: u32 = String::from_utf8(d.body.to_vec()).unwrap().parse().unwrap();
         if !firsts.contains(&n) {
             firsts.push(n);
         }

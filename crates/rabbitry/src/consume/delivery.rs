@@ -1,6 +1,10 @@
 //! An incoming message and the decision that settles it.
 
-use amqprs::channel::{BasicAckArguments, BasicNackArguments, Channel};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use amqprs::channel::{BasicAckArguments, BasicNackArguments, BasicRejectArguments, Channel};
+use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
 use crate::codec::{base64_value, decode_value, Decoded, Serializer};
@@ -14,15 +18,91 @@ pub enum Outcome {
     Ack,
     /// Put it back on the queue at once (a conflict: try again now).
     Requeue,
-    /// Refuse it: the broker dead-letters it if the queue has a
-    /// dead-letter exchange, and drops it otherwise.
+    /// Refuse it (`basic.reject`, no requeue): the broker dead-letters it
+    /// if the queue has a dead-letter exchange, and drops it otherwise.
     Reject,
 }
 
-/// A message received from a queue.
+/// Settles one delivery with the broker, once. Cheap to clone; every
+/// clone shares the same "settled" flag, so whoever settles first wins and
+/// any later attempt gets [`ErrorKind::AlreadySettled`] without anything
+/// reaching the broker (a second ack of one delivery tag would make the
+/// broker close the channel and redeliver every other message on it).
+#[derive(Clone)]
+pub struct Acker {
+    channel: Channel,
+    tag: u64,
+    queue: Arc<str>,
+    settled: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Acker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Acker")
+            .field("queue", &self.queue)
+            .field("tag", &self.tag)
+            .field("settled", &self.is_settled())
+            .finish()
+    }
+}
+
+impl Acker {
+    /// Whether the delivery has been settled (or a settle was attempted).
+    pub fn is_settled(&self) -> bool {
+        self.settled.load(Ordering::Acquire)
+    }
+
+    /// Whether the channel it came on is still open, so that settling it
+    /// reaches the broker.
+    pub fn is_settleable(&self) -> bool {
+        self.channel.is_open()
+    }
+
+    /// Settles the delivery with `outcome`, the first time only.
+    pub async fn settle(&self, outcome: Outcome) -> Result<()> {
+        if self.settled.swap(true, Ordering::AcqRel) {
+            return Err(Error::new(
+                ErrorKind::AlreadySettled,
+                format!(
+                    "{outcome:?} of a delivery from queue '{}': it was settled before; nothing was sent",
+                    self.queue
+                ),
+            ));
+        }
+        let res = match outcome {
+            Outcome::Ack => {
+                self.channel
+                    .basic_ack(BasicAckArguments::new(self.tag, false))
+                    .await
+            }
+            Outcome::Requeue => {
+                self.channel
+                    .basic_nack(BasicNackArguments::new(self.tag, false, true))
+                    .await
+            }
+            Outcome::Reject => {
+                self.channel
+                    .basic_reject(BasicRejectArguments::new(self.tag, false))
+                    .await
+            }
+        };
+        res.map_err(|e| {
+            Error::new(
+                ErrorKind::Disconnected,
+                format!(
+                    "{outcome:?} of a delivery from queue '{}': its channel is gone, the broker will redeliver it",
+                    self.queue
+                ),
+            )
+            .with_source(e)
+        })
+    }
+}
+
+/// A message received from a queue, with the [`Acker`] that settles it.
 pub struct Delivery {
-    /// The body as sent.
-    pub body: Vec<u8>,
+    /// The body as it came from the socket (cloning it does not copy).
+    pub body: Bytes,
     /// The message's properties.
     pub properties: Properties,
     /// The exchange it was published to (empty: the default exchange).
@@ -33,8 +113,7 @@ pub struct Delivery {
     pub redelivered: bool,
     /// The queue it came from.
     pub queue: String,
-    tag: u64,
-    channel: Channel,
+    acker: Acker,
 }
 
 impl std::fmt::Debug for Delivery {
@@ -53,7 +132,7 @@ impl std::fmt::Debug for Delivery {
 impl Delivery {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        body: Vec<u8>,
+        body: Bytes,
         properties: Properties,
         exchange: String,
         routing_key: String,
@@ -62,6 +141,12 @@ impl Delivery {
         tag: u64,
         channel: Channel,
     ) -> Self {
+        let acker = Acker {
+            channel,
+            tag,
+            queue: Arc::from(queue.as_str()),
+            settled: Arc::new(AtomicBool::new(false)),
+        };
         Delivery {
             body,
             properties,
@@ -69,15 +154,20 @@ impl Delivery {
             routing_key,
             redelivered,
             queue,
-            tag,
-            channel,
+            acker,
         }
+    }
+
+    /// The handle that settles this delivery; clones share its "settled"
+    /// flag.
+    pub fn acker(&self) -> Acker {
+        self.acker.clone()
     }
 
     /// Whether the channel it came on is still open, so that settling it
     /// reaches the broker.
     pub fn is_settleable(&self) -> bool {
-        self.channel.is_open()
+        self.acker.is_settleable()
     }
 
     /// The serializer its content type names, if any.
@@ -136,34 +226,10 @@ impl Delivery {
         self.settle(Outcome::Ack).await
     }
 
-    /// Settles the delivery with `outcome`.
+    /// Settles the delivery with `outcome`. Only the first settle of a
+    /// delivery reaches the broker; a later one returns
+    /// [`ErrorKind::AlreadySettled`].
     pub async fn settle(&self, outcome: Outcome) -> Result<()> {
-        let res = match outcome {
-            Outcome::Ack => {
-                self.channel
-                    .basic_ack(BasicAckArguments::new(self.tag, false))
-                    .await
-            }
-            Outcome::Requeue => {
-                self.channel
-                    .basic_nack(BasicNackArguments::new(self.tag, false, true))
-                    .await
-            }
-            Outcome::Reject => {
-                self.channel
-                    .basic_nack(BasicNackArguments::new(self.tag, false, false))
-                    .await
-            }
-        };
-        res.map_err(|e| {
-            Error::new(
-                ErrorKind::Disconnected,
-                format!(
-                    "{outcome:?} of a delivery from queue '{}': its channel is gone, the broker will redeliver it",
-                    self.queue
-                ),
-            )
-            .with_source(e)
-        })
+        self.acker.settle(outcome).await
     }
 }

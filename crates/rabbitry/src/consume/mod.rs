@@ -9,6 +9,8 @@
 
 mod delivery;
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use amqprs::channel::ConsumerMessage;
@@ -16,7 +18,7 @@ use amqprs::channel::{BasicCancelArguments, BasicConsumeArguments, BasicQosArgum
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-pub use delivery::{Delivery, Outcome};
+pub use delivery::{Acker, Delivery, Outcome};
 
 use crate::amqp::from_basic;
 use crate::connection::{close_quietly, stopped, Connection};
@@ -183,28 +185,56 @@ impl Consumer {
         &self.queue
     }
 
-    /// The next delivery, or `None` once the consumer has stopped.
+    /// The next delivery, or `None` once the consumer has stopped. The
+    /// consumer is also a [`Stream`](futures_util::Stream) of deliveries.
     pub async fn next(&mut self) -> Option<Delivery> {
+        std::future::poll_fn(|cx| self.poll_delivery(cx)).await
+    }
+
+    fn poll_delivery(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
         loop {
-            let d = self.rx.recv().await?;
-            if d.is_settleable() {
-                return Some(d);
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(d)) if d.is_settleable() => return Poll::Ready(Some(d)),
+                // From a channel that is gone: the broker redelivers it.
+                Poll::Ready(Some(_)) => continue,
+                other => return other,
             }
-            // From a channel that is gone: the broker redelivers it.
         }
     }
 
     /// Runs `handler` on each delivery, one at a time, and settles each
-    /// with the outcome it returns. Ends when the consumer stops.
+    /// with the outcome it returns. The handler owns the delivery, so its
+    /// async block can read it; if the handler settled it itself, the
+    /// returned outcome is not sent again. Ends when the consumer stops.
+    ///
+    /// ```no_run
+    /// # async fn demo(mut consumer: rabbitry::Consumer) {
+    /// use rabbitry::Outcome;
+    /// consumer
+    ///     .run(|delivery| async move {
+    ///         match delivery.decode::<serde_json::Value>() {
+    ///             Ok(order) => { println!("{order}"); Outcome::Ack }
+    ///             Err(_) => Outcome::Reject,
+    ///         }
+    ///     })
+    ///     .await;
+    /// # }
+    /// ```
     pub async fn run<F, Fut>(&mut self, mut handler: F)
     where
-        F: FnMut(&Delivery) -> Fut,
+        F: FnMut(Delivery) -> Fut,
         Fut: std::future::Future<Output = Outcome>,
     {
         while let Some(d) = self.next().await {
-            let outcome = handler(&d).await;
-            if let Err(err) = d.settle(outcome).await {
-                tracing::warn!(error = %err, "settling a delivery failed; the broker will redeliver it");
+            let acker = d.acker();
+            let outcome = handler(d).await;
+            match acker.settle(outcome).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::AlreadySettled => {}
+                Err(err) => tracing::warn!(
+                    error = %err,
+                    "settling a delivery failed; the broker will redeliver it"
+                ),
             }
         }
     }
@@ -218,6 +248,14 @@ impl Consumer {
             let _ = task.await;
         }
         self.rx.close();
+    }
+}
+
+impl futures_util::Stream for Consumer {
+    type Item = Delivery;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        self.get_mut().poll_delivery(cx)
     }
 }
 
@@ -350,7 +388,7 @@ fn to_delivery(m: ConsumerMessage, channel: &Channel, queue: &str) -> Option<Del
         .map(from_basic)
         .unwrap_or_default();
     Some(Delivery::new(
-        m.content.unwrap_or_default(),
+        bytes::Bytes::from(m.content.unwrap_or_default()),
         properties,
         deliver.exchange().clone(),
         deliver.routing_key().clone(),

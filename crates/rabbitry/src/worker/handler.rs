@@ -246,7 +246,7 @@ impl<S> FromContext<S> for UnitOfWork {
 
 /// The raw body.
 #[derive(Debug, Clone)]
-pub struct Body(pub Vec<u8>);
+pub struct Body(pub bytes::Bytes);
 
 impl<S> FromContext<S> for Body {
     fn from_context(ctx: &Context, _: &S) -> Result<Self, HandlerError> {

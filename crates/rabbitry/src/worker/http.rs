@@ -173,12 +173,12 @@ fn put(req: &mut Request<RequestBody>, name: &str, value: &str) {
 pub(crate) fn to_request(
     uri: String,
     meta: &super::handler::Meta,
-    body: &[u8],
+    body: Bytes,
 ) -> Result<Request<RequestBody>, HandlerError> {
     let mut req = Request::builder()
         .method(Method::POST)
         .uri(&uri)
-        .body(Full::new(Bytes::copy_from_slice(body)))
+        .body(Full::new(body))
         .map_err(|e| HandlerError::invalid(format!("cannot build a request for {uri}: {e}")))?;
     let p = &meta.properties;
     if let Some(ct) = &p.content_type {
@@ -341,7 +341,7 @@ mod tests {
             .insert("Tenant".into(), crate::message::HeaderValue::Int(7));
         m.attempt = 2;
         m.redelivered = true;
-        let req = to_request("http://h/x".into(), &m, b"{}").unwrap();
+        let req = to_request("http://h/x".into(), &m, Bytes::from_static(b"{}")).unwrap();
         let h = |k: &str| req.headers().get(k).map(|v| v.to_str().unwrap().to_owned());
         assert_eq!(req.method(), Method::POST);
         assert_eq!(h("content-type").as_deref(), Some("application/json"));
@@ -374,7 +374,7 @@ mod tests {
                 value: 125,
             },
         );
-        let req = to_request("http://h/x".into(), &m, b"").unwrap();
+        let req = to_request("http://h/x".into(), &m, Bytes::new()).unwrap();
         let h = |k: &str| req.headers().get(k).map(|v| v.to_str().unwrap().to_owned());
         let v = h("amqp-header-gr%c3%bc%c3%9fe").expect("non-ASCII name kept, encoded");
         assert_eq!(v, "Gr%C3%BC%C3%9Fe %E2%80%94 %E2%82%AC 100%25");

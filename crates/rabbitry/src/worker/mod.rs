@@ -473,7 +473,7 @@ async fn run_handler<S: Clone + Send + Sync + 'static>(
         Route::Native(h) => h(ctx, state.clone()),
         Route::Http { service, base } => {
             let uri = http::request_path(base, &ctx.meta);
-            let req = match http::to_request(uri, &ctx.meta, &ctx.delivery.body) {
+            let req = match http::to_request(uri, &ctx.meta, ctx.delivery.body.clone()) {
                 Ok(r) => r,
                 Err(e) => return Err(e),
             };
@@ -605,7 +605,7 @@ async fn fail<S>(rt: &ConsumerRuntime<S>, d: &Arc<Delivery>, attempt: u32, err: 
         let delay = retry::delay_for(policy, attempt);
         tracing::warn!(error = %err, attempt, ?delay, "handler failed; will retry");
         retry::for_retry(
-            d.body.clone(),
+            d.body.to_vec(),
             d.properties.clone(),
             (&exchange, &routing_key),
             attempt + 1,
@@ -615,7 +615,7 @@ async fn fail<S>(rt: &ConsumerRuntime<S>, d: &Arc<Delivery>, attempt: u32, err: 
     } else {
         tracing::error!(error = %err, attempt, "handler failed; dead-lettered to '{}'", retry::dead_queue(queue));
         retry::for_dead_letter(
-            d.body.clone(),
+            d.body.to_vec(),
             d.properties.clone(),
             (&exchange, &routing_key),
             attempt,

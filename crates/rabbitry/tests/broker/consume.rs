@@ -46,14 +46,14 @@ async fn outcomes_ack_requeue_and_reject_to_dead_letter() {
         d.redelivered,
         "a requeued message comes back marked redelivered"
     );
-    assert_eq!(d.body, b"one");
+    assert_eq!(&d.body[..], b"one");
     d.settle(Outcome::Reject).await.unwrap();
 
     let mut dlq = Consumer::start(&conn, ConsumerSettings::new(&dead))
         .await
         .unwrap();
     let d = next(&mut dlq).await;
-    assert_eq!(d.body, b"one", "a rejected message is dead-lettered");
+    assert_eq!(&d.body[..], b"one", "a rejected message is dead-lettered");
     d.ack().await.unwrap();
     eventually(Duration::from_secs(5), "the queue to be empty", || async {
         conn.queue_status(&queue).await.unwrap().unwrap().messages == 0
@@ -97,8 +97,124 @@ async fn prefetch_caps_unacknowledged_deliveries() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(c.body, b"2");
+    assert_eq!(&c.body[..], b"2");
     b.ack().await.unwrap();
     c.ack().await.unwrap();
+    conn.delete_queue(&queue).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_settle_is_refused_and_the_channel_stays_open() {
+    let conn = connect().await;
+    let queue = unique("once");
+    let mut consumer = Consumer::start(&conn, ConsumerSettings::new(&queue))
+        .await
+        .unwrap();
+    let producer = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
+        .await
+        .unwrap();
+    for body in ["a", "b", "c"] {
+        producer.publish(Message::new(body)).await.unwrap();
+    }
+    let a = next(&mut consumer).await;
+    let b = next(&mut consumer).await;
+    a.ack().await.unwrap();
+    let again = a.ack().await.unwrap_err();
+    assert_eq!(again.kind(), rabbitry::ErrorKind::AlreadySettled, "{again}");
+    let also = a.acker().settle(Outcome::Requeue).await.unwrap_err();
+    assert_eq!(also.kind(), rabbitry::ErrorKind::AlreadySettled);
+    // Nothing reached the broker: the channel is open, and the other
+    // deliveries on it are acked normally, once each.
+    assert!(b.is_settleable(), "the channel was closed by a double ack");
+    b.ack().await.unwrap();
+    let c = next(&mut consumer).await;
+    assert_eq!(&c.body[..], b"c");
+    assert!(!c.redelivered);
+    c.ack().await.unwrap();
+    consumer.cancel().await;
+    eventually(Duration::from_secs(5), "the queue empty", || {
+        let conn = conn.clone();
+        let queue = queue.clone();
+        async move {
+            conn.queue_status(&queue)
+                .await
+                .unwrap()
+                .is_some_and(|s| s.messages == 0)
+        }
+    })
+    .await;
+    conn.delete_queue(&queue).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_is_a_stream_and_run_hands_over_each_delivery() {
+    use futures_util::StreamExt;
+    let conn = connect().await;
+    let queue = unique("stream");
+    let mut consumer = Consumer::start(&conn, ConsumerSettings::new(&queue))
+        .await
+        .unwrap();
+    let producer = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
+        .await
+        .unwrap();
+    for i in 0..4 {
+        producer
+            .publish(Message::new(format!("{i}")))
+            .await
+            .unwrap();
+    }
+    // As a stream.
+    let first: Vec<rabbitry::Delivery> =
+        tokio::time::timeout(Duration::from_secs(5), consumer.by_ref().take(2).collect())
+            .await
+            .unwrap();
+    for d in &first {
+        d.ack().await.unwrap();
+    }
+    assert_eq!(
+        first.iter().map(|d| d.body.to_vec()).collect::<Vec<_>>(),
+        [b"0".to_vec(), b"1".to_vec()]
+    );
+    // run: the handler owns the delivery and reads it in its async block;
+    // one that settles it itself is not settled twice.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let both = std::sync::Arc::new(tokio::sync::Notify::new());
+    let done = both.clone();
+    let handled = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::select! {
+            _ = consumer.run(move |d| {
+                let (log, done) = (log.clone(), done.clone());
+                async move {
+                    let text = String::from_utf8(d.body.to_vec()).unwrap();
+                    if text == "3" {
+                        d.ack().await.unwrap();
+                    }
+                    let mut log = log.lock().unwrap();
+                    log.push(text);
+                    if log.len() == 2 {
+                        done.notify_one();
+                    }
+                    Outcome::Ack
+                }
+            }) => {}
+            _ = both.notified() => {}
+        }
+    })
+    .await;
+    assert!(handled.is_ok(), "run handed over both deliveries");
+    assert_eq!(*seen.lock().unwrap(), ["2", "3"]);
+    consumer.cancel().await;
+    eventually(Duration::from_secs(5), "every message acked once", || {
+        let conn = conn.clone();
+        let queue = queue.clone();
+        async move {
+            conn.queue_status(&queue)
+                .await
+                .unwrap()
+                .is_some_and(|s| s.messages == 0)
+        }
+    })
+    .await;
     conn.delete_queue(&queue).await.unwrap();
 }

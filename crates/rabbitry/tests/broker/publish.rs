@@ -146,7 +146,7 @@ async fn publish_to_a_missing_exchange_fails_and_the_producer_recovers() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(d.body, b"after");
+    assert_eq!(&d.body[..], b"after");
     d.ack().await.unwrap();
     conn.delete_queue(&queue).await.unwrap();
 }

@@ -190,7 +190,7 @@ async fn exclusive_auto_delete_queue_comes_back_after_recovery() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(d.body, b"before");
+    assert_eq!(&d.body[..], b"before");
     d.ack().await.unwrap();
 
     assert!(proxy.cut() >= 1);
@@ -216,7 +216,11 @@ async fn exclusive_auto_delete_queue_comes_back_after_recovery() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(d.body, b"after", "consuming resumed on the recreated queue");
+    assert_eq!(
+        &d.body[..],
+        b"after",
+        "consuming resumed on the recreated queue"
+    );
     d.ack().await.unwrap();
     conn.close().await;
 }

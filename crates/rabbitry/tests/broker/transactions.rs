@@ -33,7 +33,7 @@ async fn read_bodies(conn: &Connection, queue: &str, n: usize) -> Vec<String> {
             .await
             .unwrap_or_else(|_| panic!("only {} of {n} arrived: {out:?}", out.len()))
             .unwrap();
-        out.push(String::from_utf8(d.body.clone()).unwrap());
+        out.push(String::from_utf8(d.body.to_vec()).unwrap());
         d.ack().await.unwrap();
     }
     assert!(
@@ -327,7 +327,7 @@ async fn relay_killed_between_publish_and_mark_resends_with_the_same_id_and_the_
         {
             sqlx::query("INSERT INTO charges VALUES (?1, ?2)")
                 .bind(&mid)
-                .bind(String::from_utf8(d.body.clone()).unwrap())
+                .bind(String::from_utf8(d.body.to_vec()).unwrap())
                 .execute(&mut *tx)
                 .await
                 .unwrap();

@@ -186,7 +186,7 @@ async fn four_cases(kind: Kind) {
         .await
         .expect("a reply within 10 s")
         .unwrap();
-    assert_eq!(reply.body, b"pong");
+    assert_eq!(&reply.body[..], b"pong");
     assert_eq!(reply.properties.correlation_id.as_deref(), Some("corr-7"));
     assert_eq!(reply.properties.content_type.as_deref(), Some("text/plain"));
     reply.ack().await.unwrap();
