@@ -87,10 +87,6 @@ pub struct SiteWorker {
     pub job_delay: Duration,
 }
 
-fn retry(e: impl std::fmt::Display) -> HandlerError {
-    HandlerError::retry(e.to_string())
-}
-
 /// Stores a PDF reply against its correlation id, then announces it.
 pub async fn on_result(
     meta: Meta,
@@ -107,7 +103,7 @@ pub async fn on_result(
     let _one_at_a_time = w.write.lock().await;
     let now = rabbitry::worker::retry::now_millis();
     with_db!(&w.db, |pool, sql| {
-        let mut tx = pool.begin().await.map_err(retry)?;
+        let mut tx = pool.begin().await?;
         if !outbox::inbox_claim(&mut *tx, "results", &correlation_id).await? {
             tracing::info!(%correlation_id, "duplicate reply ignored");
             return Ok(());
@@ -134,15 +130,14 @@ pub async fn on_result(
         .bind(now)
         .execute(&mut *tx)
         .await
-        .map_err(|e| retry(db_err("storing a PDF", e)))?;
+        .map_err(|e| db_err("storing a PDF", e))?;
         if updated.rows_affected() != 1 {
             return Err(HandlerError::invalid(format!("no document {id}")));
         }
         let title: String = sqlx::query_scalar(sql("SELECT title FROM documents WHERE id = $1"))
             .bind(&id)
             .fetch_one(&mut *tx)
-            .await
-            .map_err(retry)?;
+            .await?;
         if ok {
             let event = Message::encode(
                 Serializer::Json,
@@ -152,7 +147,7 @@ pub async fn on_result(
             .routing_key(w.names.rendered_key(&w.site));
             outbox::publish(&mut *tx, event).await?;
         }
-        tx.commit().await.map_err(retry)?;
+        tx.commit().await?;
         Ok(())
     })
 }
@@ -182,7 +177,7 @@ pub async fn on_event(
     let _one_at_a_time = w.write.lock().await;
     let now = rabbitry::worker::retry::now_millis();
     with_db!(&w.db, |pool, sql| {
-        let mut tx = pool.begin().await.map_err(retry)?;
+        let mut tx = pool.begin().await?;
         if outbox::inbox_claim(&mut *tx, "feed", &message_id).await? {
             sqlx::query(sql(
                 "INSERT INTO feed (message_id, from_site, document_id, title, received_at) VALUES ($1, $2, $3, $4, $5)",
@@ -194,9 +189,9 @@ pub async fn on_event(
             .bind(now)
             .execute(&mut *tx)
             .await
-            .map_err(retry)?;
+            ?;
         }
-        tx.commit().await.map_err(retry)?;
+        tx.commit().await?;
         Ok(())
     })
 }
@@ -221,16 +216,15 @@ pub async fn on_job(
     let message_id = meta.properties.message_id.clone().unwrap_or_default();
     let _one_at_a_time = w.write.lock().await;
     with_db!(&w.db, |pool, sql| {
-        let mut tx = pool.begin().await.map_err(retry)?;
+        let mut tx = pool.begin().await?;
         if outbox::inbox_claim(&mut *tx, "jobs", &message_id).await? {
             sqlx::query(sql("UPDATE documents SET words = $2 WHERE id = $1"))
                 .bind(&job.document_id)
                 .bind(words)
                 .execute(&mut *tx)
-                .await
-                .map_err(retry)?;
+                .await?;
         }
-        tx.commit().await.map_err(retry)?;
+        tx.commit().await?;
         Ok(())
     })
 }

@@ -35,55 +35,121 @@ pub enum FailureKind {
     Retry,
 }
 
-/// A handler's failure: its kind and a message saying what went wrong.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Any error, boxed: what a [`HandlerError`] keeps as its cause.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A handler's failure: what to do with the message, and the error that
+/// caused it, kept with its sources.
+///
+/// `?` turns any error into one: a rabbitry decode error (a body that does
+/// not decode) dead-letters, everything else is retried. [`ResultExt`]
+/// says otherwise where a handler knows better:
+/// `serde_json::from_slice(&body).invalid()?`.
+///
+/// Like `anyhow::Error`, it is not itself a `std::error::Error`, so that
+/// `?` can convert every error into it.
 pub struct HandlerError {
-    /// What to do with the message.
-    pub kind: FailureKind,
-    /// What went wrong; it goes into `x-rabbitry-error` and the logs.
-    pub message: String,
+    kind: FailureKind,
+    error: BoxError,
 }
 
 impl HandlerError {
     /// A conflict: the message is requeued at once.
-    pub fn conflict(message: impl Into<String>) -> Self {
-        HandlerError {
-            kind: FailureKind::Conflict,
-            message: message.into(),
-        }
+    pub fn conflict(error: impl Into<BoxError>) -> Self {
+        HandlerError::new(FailureKind::Conflict, error)
     }
 
     /// Bad input: the message is dead-lettered at once.
-    pub fn invalid(message: impl Into<String>) -> Self {
-        HandlerError {
-            kind: FailureKind::Invalid,
-            message: message.into(),
-        }
+    pub fn invalid(error: impl Into<BoxError>) -> Self {
+        HandlerError::new(FailureKind::Invalid, error)
     }
 
     /// A transient failure: the message is retried after a delay.
-    pub fn retry(message: impl Into<String>) -> Self {
+    pub fn retry(error: impl Into<BoxError>) -> Self {
+        HandlerError::new(FailureKind::Retry, error)
+    }
+
+    /// A failure of `kind` caused by `error`.
+    pub fn new(kind: FailureKind, error: impl Into<BoxError>) -> Self {
         HandlerError {
-            kind: FailureKind::Retry,
-            message: message.into(),
+            kind,
+            error: error.into(),
         }
+    }
+
+    /// What to do with the message.
+    pub fn kind(&self) -> FailureKind {
+        self.kind
+    }
+
+    /// The error that caused the failure (its sources hang off it).
+    pub fn error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.error
+    }
+
+    /// The cause and its sources, each once: what goes into
+    /// `x-rabbitry-error` and the logs.
+    pub fn message(&self) -> String {
+        let mut out = self.error.to_string();
+        let mut next = self.error.source();
+        while let Some(cause) = next {
+            let text = cause.to_string();
+            if !out.contains(&text) {
+                out.push_str(": ");
+                out.push_str(&text);
+            }
+            next = cause.source();
+        }
+        out
+    }
+}
+
+impl std::fmt::Debug for HandlerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandlerError")
+            .field("kind", &self.kind)
+            .field("error", &self.error)
+            .finish()
     }
 }
 
 impl std::fmt::Display for HandlerError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
+        f.write_str(&self.message())
     }
 }
 
-impl std::error::Error for HandlerError {}
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
+    fn from(e: E) -> Self {
+        let error: BoxError = Box::new(e);
+        let kind = match error.downcast_ref::<Error>().map(Error::kind) {
+            Some(ErrorKind::Codec | ErrorKind::Invalid) => FailureKind::Invalid,
+            _ => FailureKind::Retry,
+        };
+        HandlerError { kind, error }
+    }
+}
 
-impl From<Error> for HandlerError {
-    fn from(e: Error) -> Self {
-        match e.kind() {
-            ErrorKind::Codec | ErrorKind::Invalid => HandlerError::invalid(e.to_string()),
-            _ => HandlerError::retry(e.to_string()),
-        }
+/// Says which outcome an error is, where `?` would otherwise retry:
+/// `parse(&body).invalid()?` dead-letters, `lock().conflict()?` requeues.
+pub trait ResultExt<T> {
+    /// An error here is bad input: dead-letter the message at once.
+    fn invalid(self) -> Result<T, HandlerError>;
+    /// An error here is a conflict: requeue the message at once.
+    fn conflict(self) -> Result<T, HandlerError>;
+    /// An error here is transient: retry the message after a delay.
+    fn retry(self) -> Result<T, HandlerError>;
+}
+
+impl<T, E: Into<BoxError>> ResultExt<T> for Result<T, E> {
+    fn invalid(self) -> Result<T, HandlerError> {
+        self.map_err(HandlerError::invalid)
+    }
+    fn conflict(self) -> Result<T, HandlerError> {
+        self.map_err(HandlerError::conflict)
+    }
+    fn retry(self) -> Result<T, HandlerError> {
+        self.map_err(HandlerError::retry)
     }
 }
 
@@ -119,6 +185,11 @@ impl Reply {
 }
 
 /// Turns a handler's return value into a reply or a failure.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a handler's result",
+    label = "a handler returns (), Reply, Json<T>, Msgpack<T>, or a Result of those",
+    note = "errors in a Result must convert into HandlerError: any std::error::Error does, and HandlerError::{{retry, invalid, conflict}} build one"
+)]
 pub trait IntoReply {
     /// The conversion.
     fn into_reply(self) -> Result<Reply, HandlerError>;
@@ -195,6 +266,11 @@ pub struct Meta {
 }
 
 /// Builds a handler argument from the delivery and the shared state.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a handler's argument",
+    label = "not an extractor",
+    note = "handler arguments are Msg<T>, Body, Meta, Properties, UnitOfWork or State<S> (with S the worker's state type)"
+)]
 pub trait FromContext<S>: Sized {
     /// The extraction; an error fails the delivery with that error.
     fn from_context(ctx: &Context, state: &S) -> Result<Self, HandlerError>;
@@ -255,6 +331,12 @@ impl<S> FromContext<S> for Body {
 }
 
 /// An async function usable as a handler, with arguments `T`.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a rabbitry handler",
+    label = "not a handler for this worker",
+    note = "a handler is a Clone + Send + Sync async fn or closure with up to 5 arguments, each an extractor (Msg<T>, Body, Meta, Properties, UnitOfWork, State<S>), returning (), Reply, Json<T>, Msgpack<T> or a Result of those",
+    note = "its future must be Send: do not hold a non-Send value (a std MutexGuard, an Rc) across an .await"
+)]
 pub trait Handler<T, S>: Clone + Send + Sync + 'static {
     /// Runs the handler.
     fn call(&self, ctx: Context, state: S) -> BoxFuture<Result<Reply, HandlerError>>;
@@ -302,4 +384,57 @@ where
     T: 'static,
 {
     Arc::new(move |ctx, state| handler.call(ctx, state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Outer(std::io::Error);
+    impl std::fmt::Display for Outer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("saving the order")
+        }
+    }
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    fn question_mark<E: std::error::Error + Send + Sync + 'static>(
+        e: E,
+    ) -> Result<(), HandlerError> {
+        Err(e)?
+    }
+
+    #[test]
+    fn question_mark_retries_any_error_and_keeps_its_cause() {
+        let io = std::io::Error::new(std::io::ErrorKind::TimedOut, "database timed out");
+        let e = question_mark(Outer(io)).unwrap_err();
+        assert_eq!(e.kind(), FailureKind::Retry);
+        assert_eq!(e.message(), "saving the order: database timed out");
+        assert!(e.error().source().is_some(), "the source is kept");
+    }
+
+    #[test]
+    fn decode_errors_dead_letter_and_helpers_classify() {
+        let decode = Serializer::Json.decode::<u32>(b"{").unwrap_err();
+        assert_eq!(
+            question_mark(decode).unwrap_err().kind(),
+            FailureKind::Invalid
+        );
+        let parsed: Result<u32, _> = "x".parse::<u32>();
+        assert_eq!(
+            parsed.clone().invalid().unwrap_err().kind(),
+            FailureKind::Invalid
+        );
+        assert_eq!(
+            parsed.clone().conflict().unwrap_err().kind(),
+            FailureKind::Conflict
+        );
+        assert_eq!(parsed.retry().unwrap_err().kind(), FailureKind::Retry);
+        assert_eq!(HandlerError::invalid("no title").message(), "no title");
+    }
 }

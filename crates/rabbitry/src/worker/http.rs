@@ -395,15 +395,15 @@ mod tests {
         };
         assert!(from_response(resp(200)).is_ok());
         assert_eq!(
-            from_response(resp(409)).unwrap_err().kind,
+            from_response(resp(409)).unwrap_err().kind(),
             super::super::handler::FailureKind::Conflict
         );
         assert_eq!(
-            from_response(resp(400)).unwrap_err().kind,
+            from_response(resp(400)).unwrap_err().kind(),
             super::super::handler::FailureKind::Invalid
         );
         let e = from_response(resp(503)).unwrap_err();
-        assert_eq!(e.kind, super::super::handler::FailureKind::Retry);
-        assert_eq!(e.message, "HTTP 503 Service Unavailable: why");
+        assert_eq!(e.kind(), super::super::handler::FailureKind::Retry);
+        assert_eq!(e.message(), "HTTP 503 Service Unavailable: why");
     }
 }

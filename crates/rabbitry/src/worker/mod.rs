@@ -29,8 +29,8 @@ use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument;
 
 pub use handler::{
-    Body, BoxFuture, Context, FailureKind, FromContext, Handler, HandlerError, IntoReply, Json,
-    Meta, Msg, Msgpack, Reply, State,
+    Body, BoxError, BoxFuture, Context, FailureKind, FromContext, Handler, HandlerError, IntoReply,
+    Json, Meta, Msg, Msgpack, Reply, ResultExt, State,
 };
 
 use crate::config::{ConsumerConfig, Settings};
@@ -581,7 +581,7 @@ pub(crate) fn reply_exchange<'a>(configured: &'a str, reply_to: &str) -> &'a str
 /// Failure: requeue a conflict; otherwise hand it to the exchange's error
 /// handler, or retry it, or dead-letter it.
 async fn fail<S>(rt: &ConsumerRuntime<S>, d: &Arc<Delivery>, attempt: u32, err: HandlerError) {
-    if err.kind == FailureKind::Conflict {
+    if err.kind() == FailureKind::Conflict {
         tracing::Span::current().record("outcome", "requeue");
         tracing::info!(error = %err, "conflict; requeued");
         rt.metrics.count(&rt.name, Counted::Requeue);
@@ -599,7 +599,7 @@ async fn fail<S>(rt: &ConsumerRuntime<S>, d: &Arc<Delivery>, attempt: u32, err: 
     }
     let policy = &rt.config.retry;
     let queue = &rt.config.consumer.queue;
-    let retrying = err.kind == FailureKind::Retry && attempt < policy.attempts;
+    let retrying = err.kind() == FailureKind::Retry && attempt < policy.attempts;
     tracing::Span::current().record("outcome", if retrying { "retry" } else { "dead-letter" });
     let message = if retrying {
         let delay = retry::delay_for(policy, attempt);
@@ -619,7 +619,7 @@ async fn fail<S>(rt: &ConsumerRuntime<S>, d: &Arc<Delivery>, attempt: u32, err: 
             d.properties.clone(),
             (&exchange, &routing_key),
             attempt,
-            &err.message,
+            &err.message(),
             queue,
         )
     };

@@ -283,8 +283,7 @@ async fn timed_out_handlers_never_overlap(kind: Kind) {
                 let _inside = o.enter();
                 // Registered in the unit of work, which a cancelled handler
                 // must never commit.
-                unit.publish(&p, Message::new("side effect").routing_key(q))
-                    .map_err(|e| HandlerError::retry(e.to_string()))?;
+                unit.publish(&p, Message::new("side effect").routing_key(q))?;
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 Ok::<_, HandlerError>(())
             },

@@ -417,10 +417,7 @@ async fn the_seed_flow_with_a_durable_reply_queue_survives_the_requester_restart
                     .correlation_id
                     .clone()
                     .ok_or_else(|| HandlerError::invalid("no correlation id"))?;
-                let mut tx = pool
-                    .begin()
-                    .await
-                    .map_err(|e| HandlerError::retry(e.to_string()))?;
+                let mut tx = pool.begin().await?;
                 let stored = durable::complete(
                     &mut *tx,
                     &id,
@@ -433,9 +430,7 @@ async fn the_seed_flow_with_a_durable_reply_queue_survives_the_requester_restart
                         "no request with correlation id {id}"
                     )));
                 }
-                tx.commit()
-                    .await
-                    .map_err(|e| HandlerError::retry(e.to_string()))?;
+                tx.commit().await?;
                 Ok(())
             },
         )

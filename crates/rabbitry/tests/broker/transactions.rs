@@ -464,16 +464,11 @@ async fn worker_handler_rows_publishes_and_ack_commit_together() {
             "orders",
             |meta: Meta, unit: UnitOfWork, State(ctx): State<Ctx>| async move {
                 ctx.attempts.fetch_add(1, Ordering::SeqCst);
-                let mut tx = ctx
-                    .pool
-                    .begin()
-                    .await
-                    .map_err(|e| HandlerError::retry(e.to_string()))?;
+                let mut tx = ctx.pool.begin().await?;
                 sqlx::query("INSERT INTO orders VALUES (?1)")
                     .bind(&meta.routing_key)
                     .execute(&mut *tx)
-                    .await
-                    .map_err(|e| HandlerError::retry(e.to_string()))?;
+                    .await?;
                 unit.publish(
                     &ctx.events,
                     Message::new(format!("created {}", meta.routing_key)),
@@ -482,9 +477,7 @@ async fn worker_handler_rows_publishes_and_ack_commit_together() {
                     // Fails after writing and registering: both must vanish.
                     return Err(HandlerError::retry("payment service down"));
                 }
-                tx.commit()
-                    .await
-                    .map_err(|e| HandlerError::retry(e.to_string()))?;
+                tx.commit().await?;
                 Ok(())
             },
         )

@@ -571,7 +571,7 @@ async fn expired_request_is_acked_without_handling_and_error_handler_takes_failu
         )
         .on_error(&exchange, move |_d, e| {
             let errors = errors2.clone();
-            async move { errors.lock().unwrap().push(e.message) }
+            async move { errors.lock().unwrap().push(e.message()) }
         })
         .start()
         .await
