@@ -12,6 +12,7 @@ macro_rules! outln {
     }};
 }
 
+mod bench;
 mod cmd;
 mod exit;
 

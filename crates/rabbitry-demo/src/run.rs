@@ -9,7 +9,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rabbitry::outbox::{Outbox, RelayOptions};
-use rabbitry::worker::Worker;
 use rabbitry::{Connection, ConnectionSettings, Error, ErrorKind, Result};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{watch, Mutex};
@@ -155,7 +154,7 @@ pub async fn run_part(
             let database = db::open(&common.site_url(&site), &site).await?;
             let outbox = Outbox::with_database(database.clone(), &common.site_url(&site));
             let others: Vec<&str> = SITES.iter().copied().filter(|s| *s != site).collect();
-            let settings = worker::site_settings(&names, &site, &others, &common.amqp_url)?;
+            let conn = connect(&common, &format!("demo.site-{site}.worker")).await?;
             let state = worker::SiteWorker {
                 site: site.clone(),
                 db: database,
@@ -163,20 +162,18 @@ pub async fn run_part(
                 write: Arc::new(Mutex::new(())),
                 job_delay: Duration::from_millis(300),
             };
-            Worker::new(settings, state)
-                .handle("results", worker::on_result)
-                .handle("feed", worker::on_event)
-                .handle("jobs", worker::on_job)
+            let result = worker::site_worker(&conn, state, &others)
                 .with_outbox(outbox)
                 .run(shutdown)
-                .await
+                .await;
+            conn.close().await;
+            result
         }
         Part::Service => {
-            let settings = worker::service_settings(&names, &common.amqp_url)?;
-            Worker::new(settings, ())
-                .handle("render", worker::render)
-                .run(shutdown)
-                .await
+            let conn = connect(&common, "demo.service").await?;
+            let result = worker::service_worker(&conn, &names).run(shutdown).await;
+            conn.close().await;
+            result
         }
     }
 }
@@ -283,20 +280,12 @@ pub async fn run_demo(
 async fn declare_topology(common: &Common) -> Result<()> {
     let names = common.names();
     let conn = connect(common, "demo.setup").await?;
-    let mut all = vec![worker::service_settings(&names, &common.amqp_url)?];
+    let mut consumers = vec![worker::service_consumer(&names)];
     for site in SITES {
         let others: Vec<&str> = SITES.iter().copied().filter(|s| *s != site).collect();
-        all.push(worker::site_settings(
-            &names,
-            site,
-            &others,
-            &common.amqp_url,
-        )?);
+        consumers.extend(worker::site_consumers(&names, site, &others));
     }
-    for settings in &all {
-        conn.declare_once(&settings.topology_for(rabbitry::config::DEFAULT_CONNECTION))
-            .await?;
-    }
+    conn.declare_once(&worker::topology(&consumers)).await?;
     conn.close().await;
     Ok(())
 }

@@ -14,62 +14,103 @@ use std::time::Duration;
 
 use rabbitry::outbox::{self, Database};
 use rabbitry::rpc::durable;
-use rabbitry::worker::{Body, HandlerError, Meta, Msg, Reply, State};
-use rabbitry::{Message, Serializer, Settings};
+use rabbitry::worker::{retry, Body, HandlerError, Meta, Msg, Reply, Retry, State, Worker};
+use rabbitry::{Connection, ConsumerSettings, ExchangeKind, HeaderValue, Message, Serializer};
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
 use crate::db::{db_err, with_db};
 use crate::names::{self, Names};
 
-/// The site worker's settings: results, feed and jobs, one at a time.
-pub fn site_settings(
-    names: &Names,
-    site: &str,
+/// A queue of the demo that expires after `ms` unused, so that nothing is
+/// left behind collecting messages.
+fn expiring(settings: ConsumerSettings, ms: i64) -> ConsumerSettings {
+    let mut settings = settings;
+    settings
+        .arguments
+        .insert("x-expires".into(), HeaderValue::Int(ms));
+    settings
+}
+
+/// The site worker's consumers: the replies (`results`), the other sites'
+/// events (`feed`) and the slow jobs (`jobs`).
+pub fn site_consumers(names: &Names, site: &str, other_sites: &[&str]) -> [ConsumerSettings; 3] {
+    let results = names.results_queue(site);
+    let feed_keys: Vec<String> = other_sites.iter().map(|o| names.rendered_key(o)).collect();
+    let feed_keys: Vec<&str> = feed_keys.iter().map(String::as_str).collect();
+    let name = |cs: ConsumerSettings, n: &str| ConsumerSettings {
+        name: n.to_owned(),
+        ..expiring(cs, names::SITE_QUEUE_EXPIRES_MS)
+    };
+    [
+        name(
+            ConsumerSettings::new(&results).bind(
+                names::RESULTS_EXCHANGE,
+                ExchangeKind::Direct,
+                &[&results],
+            ),
+            "results",
+        ),
+        name(
+            ConsumerSettings::new(names.feed_queue(site)).bind(
+                names::EVENTS_EXCHANGE,
+                ExchangeKind::Topic,
+                &feed_keys,
+            ),
+            "feed",
+        ),
+        name(ConsumerSettings::new(names.jobs_queue(site)), "jobs"),
+    ]
+}
+
+/// The site's dedicated worker: each consumer one message at a time.
+pub fn site_worker(
+    conn: &Connection,
+    state: SiteWorker,
     other_sites: &[&str],
-    amqp_url: &str,
-) -> rabbitry::Result<Settings> {
-    let feed_keys = other_sites
-        .iter()
-        .map(|o| format!("\"{}\"", names.rendered_key(o)))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let text = format!(
-        r#"
-[connections.default]
-url = "{amqp_url}"
+) -> Worker<SiteWorker> {
+    let [results, feed, jobs] = site_consumers(&state.names, &state.site, other_sites);
+    Worker::new(conn, state.clone())
+        .site(state.site.clone())
+        .consumer(results, on_result)
+        .consumer(feed, on_event)
+        .consumer(jobs, on_job)
+}
 
-[worker]
-site = "{site}"
-concurrency = 1
-shutdown_timeout = "30s"
+/// The PDF service's consumer: the shared `service.pdf` queue, bound to
+/// the seed's `service.tasks` with `service.my_template`.
+pub fn service_consumer(names: &Names) -> ConsumerSettings {
+    ConsumerSettings {
+        name: "render".into(),
+        ..expiring(
+            ConsumerSettings::new(names.service_queue()).bind(
+                names::TASKS_EXCHANGE,
+                ExchangeKind::Topic,
+                &[names::TEMPLATE_KEY],
+            ),
+            names::SERVICE_QUEUE_EXPIRES_MS,
+        )
+    }
+}
 
-[consumers.results]
-queue = "{results}"
-exchange = "{results_exchange}"
-exchange_type = "direct"
-routing_keys = ["{results}"]
-arguments = {{ "x-expires" = {expires} }}
+/// The PDF service: renders two requests at once and replies through
+/// `service.results`.
+pub fn service_worker(conn: &Connection, names: &Names) -> Worker {
+    Worker::new(conn, ())
+        .consumer(service_consumer(names), render)
+        .concurrency(2)
+        .reply_exchange(names::RESULTS_EXCHANGE)
+}
 
-[consumers.feed]
-queue = "{feed}"
-exchange = "{events}"
-exchange_type = "topic"
-routing_keys = [{feed_keys}]
-arguments = {{ "x-expires" = {expires} }}
-
-[consumers.jobs]
-queue = "{jobs}"
-arguments = {{ "x-expires" = {expires} }}
-"#,
-        expires = names::SITE_QUEUE_EXPIRES_MS,
-        results = names.results_queue(site),
-        results_exchange = names::RESULTS_EXCHANGE,
-        feed = names.feed_queue(site),
-        events = names::EVENTS_EXCHANGE,
-        jobs = names.jobs_queue(site),
-    );
-    Settings::from_toml(&text, "demo site worker")
+/// Everything the demo's workers declare: their consumers and their retry
+/// and dead-letter queues.
+pub fn topology(consumers: &[ConsumerSettings]) -> rabbitry::Topology {
+    let mut t = rabbitry::Topology::default();
+    for c in consumers {
+        t.merge(&c.topology());
+        t.merge(&retry::topology(&c.queue, &Retry::default()));
+    }
+    t
 }
 
 /// What the site worker's handlers share.
@@ -227,34 +268,6 @@ pub async fn on_job(
         tx.commit().await?;
         Ok(())
     })
-}
-
-/// The PDF service's settings: `service.tasks` / `service.my_template`,
-/// replies through `service.results`.
-pub fn service_settings(names: &Names, amqp_url: &str) -> rabbitry::Result<Settings> {
-    let text = format!(
-        r#"
-[connections.default]
-url = "{amqp_url}"
-
-[worker]
-concurrency = 2
-
-[consumers.render]
-queue = "{queue}"
-exchange = "{tasks}"
-exchange_type = "topic"
-routing_keys = ["{key}"]
-reply_exchange = "{results}"
-arguments = {{ "x-expires" = {expires} }}
-"#,
-        expires = names::SERVICE_QUEUE_EXPIRES_MS,
-        queue = names.service_queue(),
-        tasks = names::TASKS_EXCHANGE,
-        key = names::TEMPLATE_KEY,
-        results = names::RESULTS_EXCHANGE,
-    );
-    Settings::from_toml(&text, "demo PDF service")
 }
 
 /// The seed's request body.

@@ -15,12 +15,13 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::codec::Serializer;
-use crate::connection::{ConnectionSettings, DEFAULT_URL};
+use crate::connection::{Connection, ConnectionSettings, DEFAULT_URL};
 use crate::consume::ConsumerSettings;
 use crate::error::{Error, Result};
-use crate::message::{HeaderValue, Headers};
+use crate::message::HeaderValue;
 use crate::publish::ProducerSettings;
 use crate::topology::{ExchangeKind, Topology};
+use crate::worker::{ConsumerOptions, Retry, Worker};
 
 /// The name of the connection used when none is given.
 pub const DEFAULT_CONNECTION: &str = "default";
@@ -121,26 +122,8 @@ struct RawWorker {
     shutdown_timeout: Option<String>,
 }
 
-/// How a consumer's failed messages are retried.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RetrySettings {
-    /// Attempts in all, the first included.
-    pub attempts: u32,
-    /// Delay before each retry; the last one repeats if there are more
-    /// retries than delays.
-    pub delays: Vec<Duration>,
-}
-
-impl Default for RetrySettings {
-    fn default() -> Self {
-        RetrySettings {
-            attempts: 3,
-            delays: vec![Duration::from_secs(1), Duration::from_secs(5)],
-        }
-    }
-}
-
-/// A configured consumer: what to read, and how the worker handles it.
+/// A configured consumer: what to read, on which connection, and how the
+/// worker handles it: the same types a worker built in code takes.
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
     /// The connection's name.
@@ -149,14 +132,8 @@ pub struct ConsumerConfig {
     pub consumer: ConsumerSettings,
     /// An HTTP URL to forward deliveries to, if any.
     pub handler: Option<String>,
-    /// Retry policy for failures.
-    pub retry: RetrySettings,
-    /// The exchange replies are published to (default exchange if empty).
-    pub reply_exchange: String,
-    /// Handlers running at once; `None` takes the worker's.
-    pub concurrency: Option<usize>,
-    /// How long one handler may run.
-    pub timeout: Duration,
+    /// Retry policy, concurrency, timeout and reply exchange.
+    pub options: ConsumerOptions,
 }
 
 /// A configured producer and the connection it uses.
@@ -177,7 +154,8 @@ pub struct WorkerSettings {
     pub site: Option<String>,
     /// Passed on with each request.
     pub user: Option<String>,
-    /// Handlers running at once per consumer (1: one at a time, in order).
+    /// Handlers running at once for consumers that do not say (1: one at a
+    /// time, in order).
     pub concurrency: usize,
     /// Path prefix of dispatched requests.
     pub prefix: String,
@@ -331,6 +309,70 @@ impl Settings {
         Ok(())
     }
 
+    /// Opens each named connection once: those the consumers, the worker
+    /// and the outbox use, each named after its section (`default`...).
+    pub async fn open_connections(&self) -> Result<BTreeMap<String, Connection>> {
+        let mut names: Vec<&str> = self
+            .consumers
+            .values()
+            .map(|c| c.connection.as_str())
+            .collect();
+        names.push(&self.worker.connection);
+        if let Some(o) = &self.outbox {
+            names.push(&o.connection);
+        }
+        let mut open = BTreeMap::new();
+        for name in names {
+            if !open.contains_key(name) {
+                let conn = Connection::open(self.connection(name)?).await?;
+                open.insert(name.to_owned(), conn);
+            }
+        }
+        Ok(open)
+    }
+
+    /// The worker these settings describe, for consumers that forward to
+    /// HTTP applications (`handler = "http://..."`), as `rabbitry worker`
+    /// runs it: the same [`Worker`] a program builds in code, with each
+    /// consumer's options, on its named connection, the `[worker]` section's
+    /// site, user, prefix and shutdown timeout, and the `[outbox]` relayed.
+    /// Every check is made before a connection opens; the worker closes the
+    /// connections it opened when it shuts down.
+    pub async fn forwarding_worker(&self) -> Result<Worker<()>> {
+        self.check_substituted()?;
+        if self.consumers.is_empty() {
+            return Err(Error::config("the configuration defines no [consumers.*]"));
+        }
+        if let Some((name, _)) = self.consumers.iter().find(|(_, c)| c.handler.is_none()) {
+            return Err(Error::config(format!(
+                "consumers.{name}: no handler: set `handler = \"http://...\"`, or build the worker in code with Worker::consumer"
+            )));
+        }
+        let conns = self.open_connections().await?;
+        let conn = |name: &str| conns[name].clone();
+        let mut worker = Worker::new(&conn(&self.worker.connection), ())
+            .prefix(self.worker.prefix.clone())
+            .shutdown_timeout(self.worker.shutdown_timeout);
+        if let Some(site) = &self.worker.site {
+            worker = worker.site(site.clone());
+        }
+        if let Some(user) = &self.worker.user {
+            worker = worker.user(user.clone());
+        }
+        for c in self.consumers.values() {
+            let url = c.handler.clone().unwrap_or_default();
+            worker = worker
+                .forward(c.consumer.clone(), url)
+                .options(c.options.clone())
+                .connection(&conn(&c.connection));
+        }
+        if let Some(o) = &self.outbox {
+            let outbox = crate::outbox::Outbox::connect(&o.database).await?;
+            worker = worker.with_outbox(outbox).relay_on(&conn(&o.connection));
+        }
+        Ok(worker.owning(conns.into_values().collect()))
+    }
+
     /// These settings with `${site}` replaced by `site` in queue names,
     /// routing keys and consumer names.
     pub fn for_site(&self, site: &str) -> Settings {
@@ -406,36 +448,6 @@ pub fn parse_duration(text: &str) -> Result<Duration> {
     Ok(duration)
 }
 
-/// The longest retry delay: RabbitMQ's message TTL is at most 2^32-1 ms.
-pub const MAX_RETRY_DELAY: Duration = Duration::from_millis(u32::MAX as u64);
-
-fn duration_at(value: Option<&String>, path: String, default: Duration) -> Result<Duration> {
-    match value {
-        None => Ok(default),
-        Some(v) => parse_duration(v).map_err(|e| Error::config(format!("{path}: {}", e.context()))),
-    }
-}
-
-/// A handler URL must be an absolute `http://` URL with a host.
-fn check_handler_url(url: &str) -> std::result::Result<String, String> {
-    let bad = |why: &str| format!("`{url}` {why}; expected an URL like http://127.0.0.1:8000/amqp");
-    let uri: http::Uri = url.parse().map_err(|_| bad("is not a URL"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(bad(
-                "uses https, which the HTTP dispatch does not support yet (use a local http:// address)",
-            ))
-        }
-        Some(other) => return Err(bad(&format!("has the scheme `{other}`, not http"))),
-        None => return Err(bad("is not an absolute URL")),
-    }
-    if uri.host().is_none_or(str::is_empty) {
-        return Err(bad("has no host"));
-    }
-    Ok(url.to_owned())
-}
-
 fn toml_to_header(v: &toml::Value) -> HeaderValue {
     match v {
         toml::Value::String(s) => HeaderValue::String(s.clone()),
@@ -452,233 +464,256 @@ fn toml_to_header(v: &toml::Value) -> HeaderValue {
     }
 }
 
+/// Builds error messages that name the file and the key path.
+struct At<'a> {
+    source: &'a str,
+}
+
+impl At<'_> {
+    fn err(&self, path: &str, msg: impl std::fmt::Display) -> Error {
+        Error::config(format!("{}: {path}: {msg}", self.source))
+    }
+
+    fn duration(&self, value: Option<&String>, path: &str, default: Duration) -> Result<Duration> {
+        match value {
+            None => Ok(default),
+            Some(v) => parse_duration(v).map_err(|e| self.err(path, e.context())),
+        }
+    }
+
+    /// `conn` must be `default` or a configured connection.
+    fn known_connection(&self, settings: &Settings, conn: &str, path: &str) -> Result<()> {
+        if conn == DEFAULT_CONNECTION || settings.connections.contains_key(conn) {
+            return Ok(());
+        }
+        let known = std::iter::once(DEFAULT_CONNECTION.to_owned())
+            .chain(
+                settings
+                    .connections
+                    .keys()
+                    .filter(|k| *k != DEFAULT_CONNECTION)
+                    .cloned(),
+            )
+            .collect::<Vec<_>>()
+            .join(", ");
+        Err(self.err(
+            path,
+            format!("unknown connection `{conn}`, expected one of: {known}"),
+        ))
+    }
+}
+
 fn validate(raw: RawSettings, source: &str) -> Result<Settings> {
-    let err = |path: String, msg: String| Error::config(format!("{source}: {path}: {msg}"));
+    let at = At { source };
     let mut settings = Settings::default();
     for (name, c) in raw.connections {
-        let path = format!("connections.{name}");
-        let urls = match (c.url, c.urls) {
-            (Some(_), Some(_)) => {
-                return Err(err(path, "set either `url` or `urls`, not both".into()));
-            }
-            (Some(u), None) => vec![u],
-            (None, Some(us)) if !us.is_empty() => us,
-            (None, Some(_)) => return Err(err(format!("{path}.urls"), "is empty".into())),
-            (None, None) => vec![DEFAULT_URL.to_owned()],
-        };
-        for (i, u) in urls.iter().enumerate() {
-            crate::connection::Endpoint::parse(u)
-                .map_err(|e| err(format!("{path}.urls[{i}]"), e.context().to_owned()))?;
-        }
-        let mut cs = ConnectionSettings::new(DEFAULT_URL).name(&name);
-        cs.urls = urls;
-        cs.heartbeat = c.heartbeat.unwrap_or(cs.heartbeat);
-        cs.prefetch_count = c.prefetch_count.unwrap_or(0);
-        cs.recovery_timeout = duration_at(
-            c.recovery_timeout.as_ref(),
-            format!("{path}.recovery_timeout"),
-            cs.recovery_timeout,
-        )?;
-        cs.backoff_initial = duration_at(
-            c.backoff_initial.as_ref(),
-            format!("{path}.backoff_initial"),
-            cs.backoff_initial,
-        )?;
-        cs.backoff_max = duration_at(
-            c.backoff_max.as_ref(),
-            format!("{path}.backoff_max"),
-            cs.backoff_max,
-        )?;
+        let cs = connection_section(&at, &name, c)?;
         settings.connections.insert(name, cs);
     }
-    let known = |conn: &str, path: String| -> Result<()> {
-        if conn == DEFAULT_CONNECTION || settings.connections.contains_key(conn) {
-            Ok(())
-        } else {
-            Err(err(
-                path,
-                format!(
-                    "unknown connection `{conn}`, expected one of: {}",
-                    std::iter::once(DEFAULT_CONNECTION.to_owned())
-                        .chain(
-                            settings
-                                .connections
-                                .keys()
-                                .filter(|k| *k != DEFAULT_CONNECTION)
-                                .cloned()
-                        )
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ))
-        }
-    };
-    let mut producers = BTreeMap::new();
-    for (name, p) in raw.producers {
-        let connection = p.connection.unwrap_or_else(|| DEFAULT_CONNECTION.into());
-        known(&connection, format!("producers.{name}.connection"))?;
-        let defaults = ProducerSettings::default();
-        let producer = ProducerSettings {
-            name: name.clone(),
-            exchange: p.exchange.unwrap_or_default(),
-            exchange_type: p.exchange_type.unwrap_or_default(),
-            durable: p.durable.unwrap_or(true),
-            auto_delete: p.auto_delete,
-            auto_declare: p.auto_declare.unwrap_or(true),
-            routing_key: p.routing_key,
-            queue: p.queue,
-            serializer: p.serializer.unwrap_or_default(),
-            reply_to: p.reply_to,
-            mandatory: p.mandatory.unwrap_or(false),
-            confirms: p.confirms.unwrap_or(true),
-            max_in_flight: p.max_in_flight.unwrap_or(defaults.max_in_flight),
-            message_ids: true,
-        };
-        producers.insert(
-            name,
-            ProducerConfig {
-                connection,
-                producer,
-            },
-        );
+    if let Some(w) = raw.worker {
+        settings.worker = worker_section(&at, &settings, w)?;
     }
-    let mut consumers = BTreeMap::new();
+    for (name, p) in raw.producers {
+        let p = producer_section(&at, &settings, &name, p)?;
+        settings.producers.insert(name, p);
+    }
     for (name, c) in raw.consumers {
-        let path = format!("consumers.{name}");
-        let connection = c.connection.unwrap_or_else(|| DEFAULT_CONNECTION.into());
-        known(&connection, format!("{path}.connection"))?;
-        let queue = c
-            .queue
-            .ok_or_else(|| err(format!("{path}.queue"), "is required".into()))?;
-        let retry = match c.retry {
-            None => RetrySettings::default(),
-            Some(r) => {
-                let delays = match r.delays {
-                    None => RetrySettings::default().delays,
-                    Some(ds) => ds
-                        .iter()
-                        .enumerate()
-                        .map(|(i, d)| {
-                            let at = || format!("{path}.retry.delays[{i}]");
-                            let delay = parse_duration(d)
-                                .map_err(|e| err(at(), e.context().to_owned()))?;
-                            if delay > MAX_RETRY_DELAY || delay.as_millis() == 0 {
-                                return Err(err(
-                                    at(),
-                                    format!("`{d}`: a retry delay is between 1ms and 49d (RabbitMQ's longest message TTL)"),
-                                ));
-                            }
-                            Ok(delay)
-                        })
-                        .collect::<Result<Vec<_>>>()?,
-                };
-                let attempts = r.attempts.unwrap_or(3);
-                if attempts == 0 {
-                    return Err(err(
-                        format!("{path}.retry.attempts"),
-                        "must be at least 1".into(),
-                    ));
-                }
-                if attempts > 1 && delays.is_empty() {
-                    return Err(err(
-                        format!("{path}.retry.delays"),
-                        "needs at least one delay when attempts > 1".into(),
-                    ));
-                }
-                RetrySettings { attempts, delays }
-            }
-        };
-        let arguments: Headers = c
+        let c = consumer_section(&at, &settings, &name, c)?;
+        settings.consumers.insert(name, c);
+    }
+    if let Some(o) = raw.outbox {
+        settings.outbox = Some(outbox_section(&at, &settings, o)?);
+    }
+    Ok(settings)
+}
+
+fn connection_section(at: &At<'_>, name: &str, c: RawConnection) -> Result<ConnectionSettings> {
+    let path = format!("connections.{name}");
+    let urls = match (c.url, c.urls) {
+        (Some(_), Some(_)) => return Err(at.err(&path, "set either `url` or `urls`, not both")),
+        (Some(u), None) => vec![u],
+        (None, Some(us)) if !us.is_empty() => us,
+        (None, Some(_)) => return Err(at.err(&format!("{path}.urls"), "is empty")),
+        (None, None) => vec![DEFAULT_URL.to_owned()],
+    };
+    for (i, u) in urls.iter().enumerate() {
+        crate::connection::Endpoint::parse(u)
+            .map_err(|e| at.err(&format!("{path}.urls[{i}]"), e.context()))?;
+    }
+    let mut cs = ConnectionSettings::new(DEFAULT_URL).name(name);
+    cs.urls = urls;
+    cs.heartbeat = c.heartbeat.unwrap_or(cs.heartbeat);
+    cs.prefetch_count = c.prefetch_count.unwrap_or(0);
+    cs.recovery_timeout = at.duration(
+        c.recovery_timeout.as_ref(),
+        &format!("{path}.recovery_timeout"),
+        cs.recovery_timeout,
+    )?;
+    cs.backoff_initial = at.duration(
+        c.backoff_initial.as_ref(),
+        &format!("{path}.backoff_initial"),
+        cs.backoff_initial,
+    )?;
+    cs.backoff_max = at.duration(
+        c.backoff_max.as_ref(),
+        &format!("{path}.backoff_max"),
+        cs.backoff_max,
+    )?;
+    Ok(cs)
+}
+
+fn producer_section(
+    at: &At<'_>,
+    settings: &Settings,
+    name: &str,
+    p: RawProducer,
+) -> Result<ProducerConfig> {
+    let connection = p.connection.unwrap_or_else(|| DEFAULT_CONNECTION.into());
+    at.known_connection(
+        settings,
+        &connection,
+        &format!("producers.{name}.connection"),
+    )?;
+    let defaults = ProducerSettings::default();
+    let producer = ProducerSettings {
+        name: name.to_owned(),
+        exchange: p.exchange.unwrap_or_default(),
+        exchange_type: p.exchange_type.unwrap_or_default(),
+        durable: p.durable.unwrap_or(defaults.durable),
+        auto_delete: p.auto_delete,
+        auto_declare: p.auto_declare.unwrap_or(defaults.auto_declare),
+        routing_key: p.routing_key,
+        queue: p.queue,
+        serializer: p.serializer.unwrap_or(defaults.serializer),
+        reply_to: p.reply_to,
+        mandatory: p.mandatory.unwrap_or(defaults.mandatory),
+        confirms: p.confirms.unwrap_or(defaults.confirms),
+        max_in_flight: p.max_in_flight.unwrap_or(defaults.max_in_flight),
+        message_ids: true,
+    };
+    Ok(ProducerConfig {
+        connection,
+        producer,
+    })
+}
+
+fn retry_section(at: &At<'_>, path: &str, r: Option<RawRetry>) -> Result<Retry> {
+    let Some(r) = r else {
+        return Ok(Retry::default());
+    };
+    let mut retry = Retry::attempts(r.attempts.unwrap_or(Retry::default().attempts));
+    if let Some(ds) = r.delays {
+        let mut delays = Vec::with_capacity(ds.len());
+        for (i, d) in ds.iter().enumerate() {
+            delays.push(
+                parse_duration(d)
+                    .map_err(|e| at.err(&format!("{path}.delays[{i}]"), e.context()))?,
+            );
+        }
+        retry = retry.delays(delays);
+    }
+    retry.validate().map_err(|e| {
+        // "retry: delays[0] = ...": keep the key path the file uses.
+        let detail = e.context().trim_start_matches("retry: ");
+        let key = detail.split([' ', ':']).next().unwrap_or_default();
+        at.err(&format!("{path}.{key}"), detail)
+    })?;
+    Ok(retry)
+}
+
+fn consumer_section(
+    at: &At<'_>,
+    settings: &Settings,
+    name: &str,
+    c: RawConsumer,
+) -> Result<ConsumerConfig> {
+    let path = format!("consumers.{name}");
+    let connection = c.connection.unwrap_or_else(|| DEFAULT_CONNECTION.into());
+    at.known_connection(settings, &connection, &format!("{path}.connection"))?;
+    let queue = c
+        .queue
+        .ok_or_else(|| at.err(&format!("{path}.queue"), "is required"))?;
+    if let Some(url) = &c.handler {
+        crate::worker::http::check_url(url).map_err(|m| at.err(&format!("{path}.handler"), m))?;
+    }
+    if c.concurrency == Some(0) {
+        return Err(at.err(&format!("{path}.concurrency"), "must be at least 1"));
+    }
+    let routing_keys = match c.routing_keys {
+        None => Vec::new(),
+        Some(OneOrMany::One(k)) => vec![k],
+        Some(OneOrMany::Many(ks)) => ks,
+    };
+    let defaults = ConsumerSettings::default();
+    let consumer = ConsumerSettings {
+        name: name.to_owned(),
+        queue,
+        exchange: c.exchange.unwrap_or_default(),
+        exchange_type: c.exchange_type.unwrap_or_default(),
+        routing_keys,
+        durable: c.durable.unwrap_or(defaults.durable),
+        exclusive: c.exclusive.unwrap_or(defaults.exclusive),
+        auto_delete: c.auto_delete,
+        auto_declare: c.auto_declare.unwrap_or(defaults.auto_declare),
+        arguments: c
             .arguments
             .unwrap_or_default()
             .iter()
             .map(|(k, v)| (k.clone(), toml_to_header(v)))
-            .collect();
-        let routing_keys = match c.routing_keys {
-            None => Vec::new(),
-            Some(OneOrMany::One(k)) => vec![k],
-            Some(OneOrMany::Many(ks)) => ks,
-        };
-        let consumer = ConsumerSettings {
-            name: name.clone(),
-            queue,
-            exchange: c.exchange.unwrap_or_default(),
-            exchange_type: c.exchange_type.unwrap_or_default(),
-            routing_keys,
-            durable: c.durable.unwrap_or(true),
-            exclusive: c.exclusive.unwrap_or(false),
-            auto_delete: c.auto_delete,
-            auto_declare: c.auto_declare.unwrap_or(true),
-            arguments,
-            prefetch_count: c.prefetch_count,
-        };
-        if c.concurrency == Some(0) {
-            return Err(err(
-                format!("{path}.concurrency"),
-                "must be at least 1".into(),
-            ));
-        }
-        consumers.insert(
-            name,
-            ConsumerConfig {
-                connection,
-                consumer,
-                handler: match c.handler {
-                    Some(url) => Some(
-                        check_handler_url(&url).map_err(|m| err(format!("{path}.handler"), m))?,
-                    ),
-                    None => None,
-                },
-                retry,
-                reply_exchange: c.reply_exchange.unwrap_or_default(),
-                concurrency: c.concurrency,
-                timeout: duration_at(
-                    c.timeout.as_ref(),
-                    format!("{path}.timeout"),
-                    Duration::from_secs(30),
-                )?,
-            },
-        );
+            .collect(),
+        prefetch_count: c.prefetch_count,
+    };
+    let options = ConsumerOptions {
+        retry: retry_section(at, &format!("{path}.retry"), c.retry)?,
+        concurrency: c.concurrency.unwrap_or(settings.worker.concurrency),
+        timeout: at.duration(
+            c.timeout.as_ref(),
+            &format!("{path}.timeout"),
+            crate::worker::DEFAULT_TIMEOUT,
+        )?,
+        reply_exchange: c.reply_exchange.unwrap_or_default(),
+    };
+    Ok(ConsumerConfig {
+        connection,
+        consumer,
+        handler: c.handler,
+        options,
+    })
+}
+
+fn worker_section(at: &At<'_>, settings: &Settings, w: RawWorker) -> Result<WorkerSettings> {
+    let connection = w.connection.unwrap_or_else(|| DEFAULT_CONNECTION.into());
+    at.known_connection(settings, &connection, "worker.connection")?;
+    if w.concurrency == Some(0) {
+        return Err(at.err("worker.concurrency", "must be at least 1"));
     }
-    if let Some(w) = raw.worker {
-        let connection = w.connection.unwrap_or_else(|| DEFAULT_CONNECTION.into());
-        known(&connection, "worker.connection".into())?;
-        if w.concurrency == Some(0) {
-            return Err(err(
-                "worker.concurrency".into(),
-                "must be at least 1".into(),
-            ));
-        }
-        settings.worker = WorkerSettings {
-            connection,
-            site: w.site,
-            user: w.user,
-            concurrency: w.concurrency.unwrap_or(1),
-            prefix: w.prefix.unwrap_or_default(),
-            shutdown_timeout: duration_at(
-                w.shutdown_timeout.as_ref(),
-                "worker.shutdown_timeout".into(),
-                Duration::from_secs(30),
-            )?,
-        };
+    Ok(WorkerSettings {
+        connection,
+        site: w.site,
+        user: w.user,
+        concurrency: w.concurrency.unwrap_or(1),
+        prefix: w.prefix.unwrap_or_default(),
+        shutdown_timeout: at.duration(
+            w.shutdown_timeout.as_ref(),
+            "worker.shutdown_timeout",
+            crate::worker::DEFAULT_SHUTDOWN_TIMEOUT,
+        )?,
+    })
+}
+
+fn outbox_section(at: &At<'_>, settings: &Settings, o: RawOutbox) -> Result<OutboxSettings> {
+    let connection = o.connection.unwrap_or_else(|| DEFAULT_CONNECTION.into());
+    at.known_connection(settings, &connection, "outbox.connection")?;
+    if !(o.database.starts_with("sqlite:") || o.database.starts_with("postgres")) {
+        return Err(at.err(
+            "outbox.database",
+            "expected sqlite://PATH or postgres://...",
+        ));
     }
-    if let Some(o) = raw.outbox {
-        let connection = o.connection.unwrap_or_else(|| DEFAULT_CONNECTION.into());
-        known(&connection, "outbox.connection".into())?;
-        if !(o.database.starts_with("sqlite:") || o.database.starts_with("postgres")) {
-            return Err(err(
-                "outbox.database".into(),
-                "expected sqlite://PATH or postgres://...".into(),
-            ));
-        }
-        settings.outbox = Some(OutboxSettings {
-            database: o.database,
-            connection,
-        });
-    }
-    settings.producers = producers;
-    settings.consumers = consumers;
-    Ok(settings)
+    Ok(OutboxSettings {
+        database: o.database,
+        connection,
+    })
 }
 
 #[cfg(test)]

@@ -44,9 +44,7 @@
 //! - [`web`]: a tower layer: publish on 2xx only.
 //! - [`rpc`]: request/reply client, durable replies.
 //! - [`outbox`]: the durable outbox and the idempotent inbox (SQLite, PostgreSQL).
-//! - [`bench`]: the gateway against the raw client, same run.
 
-pub mod bench;
 pub mod codec;
 pub mod config;
 pub mod connection;

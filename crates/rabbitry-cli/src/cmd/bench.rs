@@ -3,8 +3,8 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
+use crate::bench::{self, BenchOptions, Report};
 use anyhow::Result;
-use rabbitry::bench::{self, BenchOptions, Report};
 
 use super::Global;
 use crate::exit::usage;

@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 
 use crate::exit::usage;
-use rabbitry::worker::Worker;
 
 use super::Global;
 
@@ -26,17 +25,7 @@ pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         usage!("worker needs a configuration file: rabbitry worker -c FILE");
     }
     let settings = global.settings_for_site(args.site)?;
-    if settings.consumers.is_empty() {
-        usage!("the configuration defines no [consumers.*]");
-    }
-    let outbox = match &settings.outbox {
-        Some(o) => Some(rabbitry::outbox::Outbox::connect(&o.database).await?),
-        None => None,
-    };
-    let mut worker = Worker::new(settings, ());
-    if let Some(outbox) = outbox {
-        worker = worker.with_outbox(outbox);
-    }
+    let worker = settings.forwarding_worker().await?;
     let running = worker.start().await?;
     let metrics_server = match args.metrics {
         Some(addr) => {

@@ -168,6 +168,11 @@ impl Connection {
         Ok(Connection { shared })
     }
 
+    /// Whether `other` is a clone of this connection (the same socket).
+    pub(crate) fn same_as(&self, other: &Connection) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     /// The connection's name.
     pub fn name(&self) -> &str {
         &self.shared.settings.name

@@ -75,12 +75,20 @@ impl Default for ConsumerSettings {
 }
 
 impl ConsumerSettings {
-    /// Settings for consuming `queue`.
+    /// Settings for consuming `queue`; the consumer is named after it.
     pub fn new(queue: impl Into<String>) -> Self {
+        let queue = queue.into();
         ConsumerSettings {
-            queue: queue.into(),
+            name: queue.clone(),
+            queue,
             ..ConsumerSettings::default()
         }
+    }
+
+    /// Names the consumer (in logs, metrics and its consumer tag).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
     }
 
     /// Binds the queue to `exchange` of `kind` with `keys`.

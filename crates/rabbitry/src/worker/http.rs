@@ -75,6 +75,26 @@ where
 pub(crate) type BoxService =
     Arc<dyn Fn(Request<RequestBody>) -> BoxFuture<Result<Response<Bytes>, String>> + Send + Sync>;
 
+/// A handler URL must be an absolute `http://` URL with a host.
+pub(crate) fn check_url(url: &str) -> Result<(), String> {
+    let bad = |why: &str| format!("`{url}` {why}; expected an URL like http://127.0.0.1:8000/amqp");
+    let uri: http::Uri = url.parse().map_err(|_| bad("is not a URL"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(bad(
+                "uses https, which the HTTP dispatch does not support yet (use a local http:// address)",
+            ))
+        }
+        Some(other) => return Err(bad(&format!("has the scheme `{other}`, not http"))),
+        None => return Err(bad("is not an absolute URL")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(bad("has no host"));
+    }
+    Ok(())
+}
+
 /// Percent-encodes one path segment.
 fn segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());

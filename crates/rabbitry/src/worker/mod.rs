@@ -2,16 +2,54 @@
 //! handler, the way collective.zamqp hands a message to the site as a
 //! request.
 //!
-//! A handler is a native async function with extractors
-//! ([`handler`]), any tower `Service` such as an axum `Router`, or the URL
-//! of an HTTP application in any language ([`http`]). Whatever it is, its
-//! result decides the outcome: success acks (after its unit of work has
+//! A worker is built in code, in the manner of axum's `Router`: one
+//! [`Worker::consumer`] (or [`service`](Worker::service), or
+//! [`forward`](Worker::forward)) per queue, each followed by the options
+//! that concern it ([`retry`](Worker::retry),
+//! [`concurrency`](Worker::concurrency), [`timeout`](Worker::timeout)...).
+//! A configuration file is parsed into the same types
+//! ([`Settings::forwarding_worker`](crate::Settings::forwarding_worker)).
+//!
+//! A handler is a native async function with extractors ([`handler`]),
+//! any tower `Service` such as an axum `Router`, or the URL of an HTTP
+//! application in any language ([`http`]). Whatever it is, its result
+//! decides the outcome: success acks (after its unit of work has
 //! published, and after the reply), a conflict requeues, bad input
 //! dead-letters at once, anything else is retried through delay queues and
-//! then dead-lettered ([`retry`]). With `concurrency = 1` (the default)
+//! then dead-lettered ([`retry`]). With a concurrency of 1 (the default)
 //! messages are handled one at a time, in order. Shutdown stops consuming,
 //! lets the handlers in flight finish within a deadline, acks them and
 //! closes; what was not started stays on the queue.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use rabbitry::worker::{HandlerError, Msg, Retry, State, Worker};
+//! use rabbitry::{Connection, ConnectionSettings, ConsumerSettings, ExchangeKind};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Order { id: u64 }
+//!
+//! async fn save(Msg(order): Msg<Order>, State(db): State<String>) -> Result<(), HandlerError> {
+//!     println!("order {} into {db}", order.id);
+//!     Ok(())
+//! }
+//!
+//! # async fn demo() -> rabbitry::Result<()> {
+//! let conn = Connection::open(ConnectionSettings::default()).await?;
+//! let running = Worker::new(&conn, "orders.db".to_owned())
+//!     .consumer(
+//!         ConsumerSettings::new("orders").bind("shop", ExchangeKind::Topic, &["order.*"]),
+//!         save,
+//!     )
+//!     .retry(Retry::attempts(3).delays([Duration::from_secs(1), Duration::from_secs(10)]))
+//!     .concurrency(1)
+//!     .start()
+//!     .await?;
+//! running.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+mod dispatch;
 
 pub mod dead;
 pub mod handler;
@@ -24,30 +62,62 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{watch, Semaphore};
-use tokio::task::{JoinHandle, JoinSet};
-use tracing::Instrument;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 pub use handler::{
     Body, BoxError, BoxFuture, Context, FailureKind, FromContext, Handler, HandlerError, IntoReply,
     Json, Meta, Msg, Msgpack, Reply, ResultExt, State,
 };
+pub use retry::Retry;
 
-use crate::config::{ConsumerConfig, Settings};
-use crate::connection::{stopped, Connection};
-use crate::consume::{Consumer, Delivery, Outcome};
-use crate::error::{Error, ErrorKind, Result};
-use crate::message::{HeaderValue, Message};
+use crate::connection::Connection;
+use crate::consume::{Consumer, ConsumerSettings, Delivery};
+use crate::error::{Error, Result};
 use crate::publish::{Producer, ProducerSettings};
-use crate::transaction::UnitOfWork;
+use crate::topology::Topology;
+use dispatch::ConsumerRuntime;
 use handler::BoxHandler;
 use http::BoxService;
-use metrics::{Counted, WorkerMetrics};
+use metrics::WorkerMetrics;
 
 /// Called with a failed delivery and its error; the delivery is then acked.
 pub type ErrorHandler = Arc<dyn Fn(Arc<Delivery>, HandlerError) -> BoxFuture<()> + Send + Sync>;
 
-enum Route<S> {
+/// How long one handler may run unless told otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long shutdown waits for handlers in flight unless told otherwise.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How a worker handles one consumer's deliveries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerOptions {
+    /// How failures are retried.
+    pub retry: Retry,
+    /// Handlers running at once (1: one at a time, in order).
+    pub concurrency: usize,
+    /// How long one handler may run; past it, the handler is torn down and
+    /// the delivery retried.
+    pub timeout: Duration,
+    /// The exchange replies go through (empty: the default exchange).
+    /// Replies to direct reply-to always use the default exchange.
+    pub reply_exchange: String,
+}
+
+impl Default for ConsumerOptions {
+    fn default() -> Self {
+        ConsumerOptions {
+            retry: Retry::default(),
+            concurrency: 1,
+            timeout: DEFAULT_TIMEOUT,
+            reply_exchange: String::new(),
+        }
+    }
+}
+
+/// What handles a consumer's deliveries.
+pub(crate) enum Route<S> {
     Native(BoxHandler<S>),
     Http { service: BoxService, base: String },
 }
@@ -64,56 +134,202 @@ impl<S> Clone for Route<S> {
     }
 }
 
-/// A worker being configured. Build it with handlers, then
-/// [`start`](Worker::start) or [`run`](Worker::run) it.
+/// A handler as registered, before the worker starts.
+enum Target<S> {
+    Native(BoxHandler<S>),
+    Service(BoxService),
+    Url(String),
+}
+
+struct ConsumerSpec<S> {
+    settings: ConsumerSettings,
+    target: Target<S>,
+    options: ConsumerOptions,
+    conn: Connection,
+}
+
+/// A worker being built: consumers with their handlers and options, and
+/// what the worker as a whole does. [`start`](Worker::start) or
+/// [`run`](Worker::run) it.
 pub struct Worker<S = ()> {
-    settings: Settings,
-    outbox: Option<crate::outbox::Outbox>,
+    conn: Connection,
     state: S,
-    routes: HashMap<String, Route<S>>,
+    consumers: Vec<ConsumerSpec<S>>,
+    site: Option<String>,
+    user: Option<String>,
+    prefix: String,
+    shutdown_timeout: Duration,
     error_handlers: HashMap<String, ErrorHandler>,
+    outbox: Option<crate::outbox::Outbox>,
+    relay_conn: Option<Connection>,
+    owned: Vec<Connection>,
+}
+
+impl<S> std::fmt::Debug for Worker<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("connection", &self.conn.name())
+            .field(
+                "consumers",
+                &self
+                    .consumers
+                    .iter()
+                    .map(|c| c.settings.name.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
 }
 
 impl<S: Clone + Send + Sync + 'static> Worker<S> {
-    /// A worker for the consumers in `settings` (already substituted for
-    /// a site with [`Settings::for_site`] when needed), with shared `state`
-    /// for native handlers.
-    pub fn new(settings: Settings, state: S) -> Self {
+    /// A worker on `conn` (its consumers consume there, and their replies,
+    /// retries and dead letters are published there, unless
+    /// [`connection`](Worker::connection) says otherwise), with `state`
+    /// shared by native handlers through [`State`].
+    pub fn new(conn: &Connection, state: S) -> Self {
         Worker {
-            settings,
-            outbox: None,
+            conn: conn.clone(),
             state,
-            routes: HashMap::new(),
+            consumers: Vec::new(),
+            site: None,
+            user: None,
+            prefix: String::new(),
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             error_handlers: HashMap::new(),
+            outbox: None,
+            relay_conn: None,
+            owned: Vec::new(),
         }
     }
 
-    /// Handles consumer `consumer`'s deliveries with a native handler.
-    pub fn handle<H, T>(mut self, consumer: &str, handler: H) -> Self
+    fn add(mut self, settings: ConsumerSettings, target: Target<S>) -> Self {
+        let conn = self.conn.clone();
+        self.consumers.push(ConsumerSpec {
+            settings,
+            target,
+            options: ConsumerOptions::default(),
+            conn,
+        });
+        self
+    }
+
+    /// Consumes what `settings` describe and handles each delivery with a
+    /// native `handler`: an async function whose arguments are extractors.
+    pub fn consumer<H, T>(self, settings: ConsumerSettings, handler: H) -> Self
     where
         H: Handler<T, S>,
         T: 'static,
     {
-        self.routes
-            .insert(consumer.to_owned(), Route::Native(handler::boxed(handler)));
-        self
+        self.add(settings, Target::Native(handler::boxed(handler)))
     }
 
-    /// Handles consumer `consumer`'s deliveries as requests to a tower
-    /// service (an axum `Router`), under the worker's path prefix.
-    pub fn service<Svc, RB>(mut self, consumer: &str, service: Svc) -> Self
+    /// Consumes what `settings` describe and hands each delivery to a tower
+    /// service (an axum `Router`) as
+    /// `POST {prefix}/{connection}/{exchange}/{routing_key}[/{correlation_id}]`.
+    pub fn service<Svc, RB>(self, settings: ConsumerSettings, service: Svc) -> Self
     where
         Svc: http::RequestService<RB>,
         RB: http::ResponseBody,
     {
-        let base = self.settings.worker.prefix.clone();
-        self.routes.insert(
-            consumer.to_owned(),
-            Route::Http {
-                service: http::boxed_service(service),
-                base,
-            },
-        );
+        self.add(settings, Target::Service(http::boxed_service(service)))
+    }
+
+    /// Consumes what `settings` describe and forwards each delivery to the
+    /// HTTP application at `url` (`http://host:port/path`), in any
+    /// language. A URL that is not one is an error at
+    /// [`start`](Worker::start).
+    pub fn forward(self, settings: ConsumerSettings, url: impl Into<String>) -> Self {
+        self.add(settings, Target::Url(url.into()))
+    }
+
+    fn last(&mut self, what: &str) -> &mut ConsumerSpec<S> {
+        match self.consumers.last_mut() {
+            Some(c) => c,
+            // A programming error, like axum's routing conflicts: the
+            // option has no consumer to apply to.
+            None => panic!("Worker::{what} applies to the consumer added before it; add one first"),
+        }
+    }
+
+    /// The retry policy of the consumer added last.
+    ///
+    /// # Panics
+    /// When no consumer was added yet.
+    pub fn retry(mut self, retry: Retry) -> Self {
+        self.last("retry").options.retry = retry;
+        self
+    }
+
+    /// How many deliveries the consumer added last handles at once (1, the
+    /// default: one at a time, in order).
+    ///
+    /// # Panics
+    /// When no consumer was added yet.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.last("concurrency").options.concurrency = n;
+        self
+    }
+
+    /// How long one handler of the consumer added last may run.
+    ///
+    /// # Panics
+    /// When no consumer was added yet.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.last("timeout").options.timeout = timeout;
+        self
+    }
+
+    /// The exchange the replies of the consumer added last go through.
+    ///
+    /// # Panics
+    /// When no consumer was added yet.
+    pub fn reply_exchange(mut self, exchange: impl Into<String>) -> Self {
+        self.last("reply_exchange").options.reply_exchange = exchange.into();
+        self
+    }
+
+    /// All the options of the consumer added last at once.
+    ///
+    /// # Panics
+    /// When no consumer was added yet.
+    pub fn options(mut self, options: ConsumerOptions) -> Self {
+        self.last("options").options = options;
+        self
+    }
+
+    /// The connection of the consumer added last, when it is not the
+    /// worker's.
+    ///
+    /// # Panics
+    /// When no consumer was added yet.
+    pub fn connection(mut self, conn: &Connection) -> Self {
+        self.last("connection").conn = conn.clone();
+        self
+    }
+
+    /// The site handlers see in [`Meta::site`] (and HTTP applications in
+    /// `amqp-site`).
+    pub fn site(mut self, site: impl Into<String>) -> Self {
+        self.site = Some(site.into());
+        self
+    }
+
+    /// The user handlers see in [`Meta::user`] (and HTTP applications in
+    /// `amqp-user`).
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.user = Some(user.into());
+        self
+    }
+
+    /// The path prefix of requests to tower services.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// How long shutdown waits for the handlers in flight.
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
         self
     }
 
@@ -132,11 +348,35 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
         self
     }
 
-    /// Relays `outbox` while the worker runs (on the `[outbox]` section's
-    /// connection), and flushes it at shutdown.
+    /// Relays `outbox` on the worker's connection while the worker runs,
+    /// and stops the relay at shutdown.
     pub fn with_outbox(mut self, outbox: crate::outbox::Outbox) -> Self {
         self.outbox = Some(outbox);
         self
+    }
+
+    /// The connection the outbox relay publishes on, when not the worker's.
+    pub fn relay_on(mut self, conn: &Connection) -> Self {
+        self.relay_conn = Some(conn.clone());
+        self
+    }
+
+    /// Connections the worker closes at shutdown (the configuration layer
+    /// opens them for the worker it builds).
+    pub(crate) fn owning(mut self, conns: Vec<Connection>) -> Self {
+        self.owned = conns;
+        self
+    }
+
+    /// Everything the worker declares when it starts: each consumer's
+    /// exchange, queue and bindings, and its retry and dead-letter queues.
+    pub fn topology(&self) -> Topology {
+        let mut t = Topology::default();
+        for c in &self.consumers {
+            t.merge(&c.settings.topology());
+            t.merge(&retry::topology(&c.settings.queue, &c.options.retry));
+        }
+        t
     }
 
     /// Runs until `shutdown` resolves, then shuts down gracefully.
@@ -147,79 +387,90 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
         Ok(())
     }
 
-    /// Connects, declares, and starts every consumer. Returns once all of
-    /// them are consuming.
+    /// Checks every consumer and option, declares, and starts every
+    /// consumer. Returns once all of them are consuming.
     pub async fn start(self) -> Result<RunningWorker> {
+        self.check()?;
         let Worker {
-            settings,
-            outbox,
+            conn,
             state,
-            mut routes,
+            consumers,
+            site,
+            user,
+            prefix,
+            shutdown_timeout,
             error_handlers,
+            outbox,
+            relay_conn,
+            owned,
         } = self;
-        settings.check_substituted()?;
-        let mut connections: HashMap<String, Connection> = HashMap::new();
+        let error_handlers = Arc::new(error_handlers);
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let metrics = Arc::new(WorkerMetrics::default());
-        let mut replies_by_conn: HashMap<String, Producer> = HashMap::new();
-        for (name, config) in &settings.consumers {
-            let route = match routes.remove(name) {
-                Some(r) => r,
-                None => match &config.handler {
-                    Some(url) => Route::Http {
-                        service: http::url_client(config.timeout),
-                        base: url.clone(),
-                    },
-                    None => {
-                        return Err(Error::config(format!(
-                            "consumer '{name}' has no handler: set `handler = \"http://...\"` in its section or register one in code"
-                        )))
-                    }
+        // One reply producer per connection, shared by its consumers.
+        let mut replies: Vec<(Connection, Producer)> = Vec::new();
+        for spec in consumers {
+            let ConsumerSpec {
+                settings,
+                target,
+                options,
+                conn: consumer_conn,
+            } = spec;
+            let route = match target {
+                Target::Native(h) => Route::Native(h),
+                Target::Service(service) => Route::Http {
+                    service,
+                    base: prefix.clone(),
+                },
+                Target::Url(url) => Route::Http {
+                    service: http::url_client(options.timeout),
+                    base: url,
                 },
             };
-            let conn_name = config.connection.clone();
-            let conn = connection_for(&settings, &mut connections, &conn_name).await?;
-            let replies = match replies_by_conn.get(&conn_name) {
-                Some(p) => p.clone(),
+            let producer = match replies.iter().find(|(c, _)| c.same_as(&consumer_conn)) {
+                Some((_, p)) => p.clone(),
                 None => {
-                    let mut ps = ProducerSettings {
-                        name: format!("{name}.replies"),
+                    let ps = ProducerSettings {
+                        name: format!("{}.replies", consumer_conn.name()),
                         auto_declare: false,
                         message_ids: false,
                         ..ProducerSettings::default()
                     };
-                    ps.routing_key = None;
-                    let p = Producer::new(&conn, ps).await?;
-                    replies_by_conn.insert(conn_name.clone(), p.clone());
+                    let p = Producer::new(&consumer_conn, ps).await?;
+                    replies.push((consumer_conn.clone(), p.clone()));
                     p
                 }
             };
-            conn.declare(&retry::topology(&config.consumer.queue, &config.retry))
+            consumer_conn
+                .declare(&retry::topology(&settings.queue, &options.retry))
                 .await?;
-            let concurrency = config
-                .concurrency
-                .unwrap_or(settings.worker.concurrency)
-                .max(1);
-            let mut cs = config.consumer.clone();
+            let mut cs = settings.clone();
             cs.prefetch_count = Some(
                 cs.prefetch_count
-                    .unwrap_or(concurrency.min(u16::MAX as usize) as u16),
+                    .unwrap_or(options.concurrency.min(usize::from(u16::MAX)) as u16),
             );
-            let consumer = Consumer::start(&conn, cs).await?;
-            tracing::info!(consumer = %name, queue = %consumer.queue(), concurrency, "consuming");
+            let consumer = Consumer::start(&consumer_conn, cs).await?;
+            tracing::info!(
+                consumer = %settings.name,
+                queue = %consumer.queue(),
+                concurrency = options.concurrency,
+                "consuming"
+            );
+            let concurrency = options.concurrency;
             let runtime = Arc::new(ConsumerRuntime {
-                name: name.clone(),
+                name: settings.name.clone(),
+                queue: settings.queue.clone(),
                 metrics: metrics.clone(),
-                connection: conn_name.clone(),
-                config: config.clone(),
+                connection: consumer_conn.name().to_owned(),
+                options,
                 route,
-                replies,
-                site: settings.worker.site.clone(),
-                user: settings.worker.user.clone(),
+                replies: producer,
+                site: site.clone(),
+                user: user.clone(),
                 error_handlers: error_handlers.clone(),
             });
-            tasks.push(tokio::spawn(consume_loop(
+            tasks.push(tokio::spawn(dispatch::consume_loop(
                 runtime,
                 state.clone(),
                 consumer,
@@ -228,53 +479,59 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
             )));
         }
         let relay = match outbox {
-            Some(outbox) => {
-                let name = settings
-                    .outbox
-                    .as_ref()
-                    .map_or(crate::config::DEFAULT_CONNECTION.to_owned(), |o| {
-                        o.connection.clone()
-                    });
-                let conn = connection_for(&settings, &mut connections, &name).await?;
-                Some(
-                    outbox
-                        .spawn_relay(&conn, crate::outbox::RelayOptions::default())
-                        .await?,
-                )
-            }
+            Some(outbox) => Some(
+                outbox
+                    .spawn_relay(
+                        relay_conn.as_ref().unwrap_or(&conn),
+                        crate::outbox::RelayOptions::default(),
+                    )
+                    .await?,
+            ),
             None => None,
         };
-        if let Some(unused) = routes.keys().next() {
-            return Err(Error::config(format!(
-                "a handler was registered for consumer '{unused}', which the settings do not define"
-            )));
-        }
         Ok(RunningWorker {
             stop,
             tasks,
             metrics,
             relay,
-            connections: connections.into_values().collect(),
-            shutdown_timeout: settings.worker.shutdown_timeout,
+            connections: owned,
+            shutdown_timeout,
         })
     }
-}
 
-/// The worker's connection called `name`, opened on first use: one
-/// connection per name, shared by every consumer on it.
-async fn connection_for(
-    settings: &Settings,
-    connections: &mut HashMap<String, Connection>,
-    name: &str,
-) -> Result<Connection> {
-    if let Some(c) = connections.get(name) {
-        return Ok(c.clone());
+    /// Every check that can be made before anything is declared.
+    fn check(&self) -> Result<()> {
+        let mut names = std::collections::HashSet::new();
+        for c in &self.consumers {
+            let name = &c.settings.name;
+            let err = |what: String| Error::config(format!("consumer '{name}': {what}"));
+            if !names.insert(name.as_str()) {
+                return Err(err(
+                    "two consumers have this name; give each its own (ConsumerSettings::name)"
+                        .into(),
+                ));
+            }
+            c.options
+                .retry
+                .validate()
+                .map_err(|e| err(e.context().to_owned()))?;
+            if c.options.concurrency == 0 {
+                return Err(err("concurrency must be at least 1".into()));
+            }
+            if let Target::Url(url) = &c.target {
+                http::check_url(url).map_err(err)?;
+            }
+            let s = &c.settings;
+            for value in [&s.name, &s.queue].into_iter().chain(&s.routing_keys) {
+                if value.contains("${site}") {
+                    return Err(err(format!(
+                        "`{value}` uses ${{site}} but no site is set: substitute it (Settings::for_site) before building the worker"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
-    let mut cs = settings.connection(name)?;
-    cs.name = format!("rabbitry-worker.{name}");
-    let c = Connection::open(cs).await?;
-    connections.insert(name.to_owned(), c.clone());
-    Ok(c)
 }
 
 /// A started worker.
@@ -287,6 +544,14 @@ pub struct RunningWorker {
     shutdown_timeout: Duration,
 }
 
+impl std::fmt::Debug for RunningWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningWorker")
+            .field("consumers", &self.tasks.len())
+            .finish()
+    }
+}
+
 impl RunningWorker {
     /// The worker's counters (deliveries by outcome, handler time, in flight).
     pub fn metrics(&self) -> Arc<WorkerMetrics> {
@@ -294,8 +559,10 @@ impl RunningWorker {
     }
 
     /// Stops consuming, waits for the handlers in flight (up to the
-    /// shutdown timeout), settles them, and closes the connections.
-    /// Deliveries not started go back to their queues.
+    /// shutdown timeout), settles them, stops the outbox relay, and closes
+    /// the connections the worker opened itself (those given to
+    /// [`Worker::new`] stay open: they are the caller's). Deliveries not
+    /// started go back to their queues.
     pub async fn shutdown(self) {
         self.stop.send_replace(true);
         let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
@@ -319,332 +586,6 @@ impl RunningWorker {
             c.close().await;
         }
         tracing::info!("worker stopped");
-    }
-}
-
-struct ConsumerRuntime<S> {
-    name: String,
-    metrics: Arc<WorkerMetrics>,
-    connection: String,
-    config: ConsumerConfig,
-    route: Route<S>,
-    replies: Producer,
-    site: Option<String>,
-    user: Option<String>,
-    error_handlers: HashMap<String, ErrorHandler>,
-}
-
-/// Reads one consumer until the worker stops: one delivery at a time with
-/// concurrency 1, at most `concurrency` at once otherwise.
-async fn consume_loop<S: Clone + Send + Sync + 'static>(
-    rt: Arc<ConsumerRuntime<S>>,
-    state: S,
-    mut consumer: Consumer,
-    concurrency: usize,
-    mut stop: watch::Receiver<bool>,
-) {
-    let slots = Arc::new(Semaphore::new(concurrency));
-    let mut inflight = JoinSet::new();
-    loop {
-        // Take a slot before a delivery, so that a delivery taken is a
-        // delivery started.
-        let permit = tokio::select! {
-            biased;
-            _ = stopped(&mut stop) => break,
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
-        let delivery = tokio::select! {
-            biased;
-            _ = stopped(&mut stop) => break,
-            d = consumer.next() => d,
-        };
-        let Some(delivery) = delivery else { break };
-        if concurrency == 1 {
-            let work = process(&rt, &state, delivery);
-            tokio::pin!(work);
-            tokio::select! {
-                _ = &mut work => {}
-                _ = stopped(&mut stop) => {
-                    // Stop consuming before this handler's ack goes out, so
-                    // that the broker sends nothing more to this worker.
-                    consumer.cancel().await;
-                    work.await;
-                    break;
-                }
-            }
-            drop(permit);
-        } else {
-            let rt = rt.clone();
-            let state = state.clone();
-            inflight.spawn(async move {
-                process(&rt, &state, delivery).await;
-                drop(permit);
-            });
-        }
-        while inflight.try_join_next().is_some() {}
-    }
-    // Stop consuming first; what the broker already sent but no handler
-    // started goes back to the queue when the channel closes.
-    consumer.cancel().await;
-    while inflight.join_next().await.is_some() {}
-    drop(consumer);
-    tracing::info!(consumer = %rt.name, "stopped");
-}
-
-async fn process<S: Clone + Send + Sync + 'static>(
-    rt: &ConsumerRuntime<S>,
-    state: &S,
-    d: Delivery,
-) {
-    let span = tracing::info_span!(
-        "delivery",
-        queue = %d.queue,
-        routing_key = %d.routing_key,
-        message_id = d.properties.message_id.as_deref().unwrap_or(""),
-        outcome = tracing::field::Empty,
-    );
-    handle_delivery(rt, state, d).instrument(span).await;
-}
-
-async fn handle_delivery<S: Clone + Send + Sync + 'static>(
-    rt: &ConsumerRuntime<S>,
-    state: &S,
-    d: Delivery,
-) {
-    if let Some(deadline) = d
-        .properties
-        .headers
-        .get(retry::DEADLINE)
-        .and_then(HeaderValue::as_i64)
-    {
-        let late = retry::now_millis() - deadline;
-        if late > 0 {
-            tracing::Span::current().record("outcome", "expired");
-            tracing::warn!(
-                late_ms = late,
-                "request expired before it was handled; acked without handling"
-            );
-            rt.metrics.count(&rt.name, Counted::Expired);
-            settle_or_log(&d, Outcome::Ack).await;
-            return;
-        }
-    }
-    let attempt = retry::attempt_of(&d.properties);
-    let (exchange, routing_key) = retry::original_route(&d.properties, &d.exchange, &d.routing_key);
-    let delivery = Arc::new(d);
-    let unit = UnitOfWork::new();
-    let ctx = Context {
-        delivery: delivery.clone(),
-        meta: Meta {
-            exchange,
-            routing_key,
-            queue: delivery.queue.clone(),
-            connection: rt.connection.clone(),
-            redelivered: delivery.redelivered,
-            attempt,
-            site: rt.site.clone(),
-            user: rt.user.clone(),
-            properties: delivery.properties.clone(),
-        },
-        unit: unit.clone(),
-    };
-    let started = std::time::Instant::now();
-    let running = rt.metrics.start(&rt.name);
-    let result = run_handler(rt, state, ctx).await;
-    drop(running);
-    rt.metrics.handled(&rt.name, started.elapsed());
-    match result {
-        Ok(reply) => succeed(rt, &delivery, attempt, &unit, reply).await,
-        Err(err) => {
-            unit.abort();
-            fail(rt, &delivery, attempt, err).await;
-        }
-    }
-}
-
-/// Runs the handler in its own task, so that a panic is caught, under the
-/// consumer's timeout.
-async fn run_handler<S: Clone + Send + Sync + 'static>(
-    rt: &ConsumerRuntime<S>,
-    state: &S,
-    ctx: Context,
-) -> std::result::Result<Reply, HandlerError> {
-    let fut: BoxFuture<std::result::Result<Reply, HandlerError>> = match &rt.route {
-        Route::Native(h) => h(ctx, state.clone()),
-        Route::Http { service, base } => {
-            let uri = http::request_path(base, &ctx.meta);
-            let req = match http::to_request(uri, &ctx.meta, ctx.delivery.body.clone()) {
-                Ok(r) => r,
-                Err(e) => return Err(e),
-            };
-            let service = service.clone();
-            Box::pin(async move {
-                match service(req).await {
-                    Ok(resp) => http::from_response(resp),
-                    Err(e) => Err(HandlerError::retry(e)),
-                }
-            })
-        }
-    };
-    let timeout = rt.config.timeout;
-    let mut task = tokio::spawn(fut);
-    match tokio::time::timeout(timeout, &mut task).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(join)) if join.is_panic() => {
-            let payload = join.into_panic();
-            let text = payload
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a non-string payload".into());
-            Err(HandlerError::retry(format!("handler panicked: {text}")))
-        }
-        Ok(Err(join)) => Err(HandlerError::retry(format!("handler task failed: {join}"))),
-        Err(_) => {
-            // Tear the handler down before anything else happens to this
-            // delivery: a native handler's future (and its unit of work) is
-            // dropped, an HTTP request's connection is closed. Only then
-            // may a retry or the next delivery start.
-            task.abort();
-            let _ = task.await;
-            Err(HandlerError::retry(format!(
-                "handler timed out after {timeout:?}; it was cancelled"
-            )))
-        }
-    }
-}
-
-/// Success: the unit of work's publishes (confirmed), the reply, then the
-/// ack. If a publish fails, nothing is acked: the delivery takes the retry
-/// path, so it is neither lost nor spun in a tight loop.
-async fn succeed<S>(
-    rt: &ConsumerRuntime<S>,
-    d: &Arc<Delivery>,
-    attempt: u32,
-    unit: &UnitOfWork,
-    reply: Reply,
-) {
-    if let Err(e) = unit.commit(None).await {
-        let err = HandlerError::retry(format!("publishing the handler's messages failed: {e}"));
-        return fail(rt, d, attempt, err).await;
-    }
-    if let (Some(reply_to), false) = (&d.properties.reply_to, reply.body.is_empty()) {
-        // Mandatory, so that a reply to a queue that does not exist is
-        // noticed. Not for direct reply-to: RabbitMQ 3.x returns such a
-        // reply as NO_ROUTE although it delivered it, and a requester that
-        // is gone cannot be detected there.
-        let direct = reply_to.starts_with(crate::rpc::DIRECT_REPLY_TO);
-        let mut m = Message::new(reply.body)
-            .exchange(reply_exchange(&rt.config.reply_exchange, reply_to))
-            .routing_key(reply_to)
-            .mandatory(!direct);
-        m.properties.content_type = reply.content_type;
-        m.properties.correlation_id = d.properties.correlation_id.clone();
-        match rt.replies.publish(m).await {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::Unroutable => {
-                // The requester is gone (or never had a queue): retrying the
-                // request would not make its reply routable.
-                tracing::warn!(
-                    reply_to = %reply_to,
-                    correlation_id = d.properties.correlation_id.as_deref().unwrap_or(""),
-                    error = %e,
-                    "the reply was not routed to any queue; it is dropped and the request acked"
-                );
-                rt.metrics.reply_unroutable(&rt.name);
-            }
-            Err(e) => {
-                let err = HandlerError::retry(format!(
-                    "publishing the reply to '{reply_to}' failed: {e}"
-                ));
-                return fail(rt, d, attempt, err).await;
-            }
-        }
-    }
-    tracing::Span::current().record("outcome", "ack");
-    rt.metrics.count(&rt.name, Counted::Ack);
-    settle_or_log(d, Outcome::Ack).await;
-}
-
-/// The exchange a reply to `reply_to` goes through: the default exchange
-/// for RabbitMQ's direct reply-to (`amq.rabbitmq.reply-to...`), which no
-/// other exchange can route to, and the consumer's `reply_exchange`
-/// otherwise.
-pub(crate) fn reply_exchange<'a>(configured: &'a str, reply_to: &str) -> &'a str {
-    if reply_to.starts_with(crate::rpc::DIRECT_REPLY_TO) {
-        ""
-    } else {
-        configured
-    }
-}
-
-/// Failure: requeue a conflict; otherwise hand it to the exchange's error
-/// handler, or retry it, or dead-letter it.
-async fn fail<S>(rt: &ConsumerRuntime<S>, d: &Arc<Delivery>, attempt: u32, err: HandlerError) {
-    if err.kind() == FailureKind::Conflict {
-        tracing::Span::current().record("outcome", "requeue");
-        tracing::info!(error = %err, "conflict; requeued");
-        rt.metrics.count(&rt.name, Counted::Requeue);
-        settle_or_log(d, Outcome::Requeue).await;
-        return;
-    }
-    let (exchange, routing_key) = retry::original_route(&d.properties, &d.exchange, &d.routing_key);
-    if let Some(on_error) = rt.error_handlers.get(&exchange) {
-        tracing::Span::current().record("outcome", "error-handler");
-        tracing::error!(error = %err, attempt, "handler failed; passed to the error handler of exchange '{exchange}'");
-        on_error(d.clone(), err).await;
-        rt.metrics.count(&rt.name, Counted::ErrorHandler);
-        settle_or_log(d, Outcome::Ack).await;
-        return;
-    }
-    let policy = &rt.config.retry;
-    let queue = &rt.config.consumer.queue;
-    let retrying = err.kind() == FailureKind::Retry && attempt < policy.attempts;
-    tracing::Span::current().record("outcome", if retrying { "retry" } else { "dead-letter" });
-    let message = if retrying {
-        let delay = retry::delay_for(policy, attempt);
-        tracing::warn!(error = %err, attempt, ?delay, "handler failed; will retry");
-        retry::for_retry(
-            d.body.to_vec(),
-            d.properties.clone(),
-            (&exchange, &routing_key),
-            attempt + 1,
-            queue,
-            delay,
-        )
-    } else {
-        tracing::error!(error = %err, attempt, "handler failed; dead-lettered to '{}'", retry::dead_queue(queue));
-        retry::for_dead_letter(
-            d.body.to_vec(),
-            d.properties.clone(),
-            (&exchange, &routing_key),
-            attempt,
-            &err.message(),
-            queue,
-        )
-    };
-    match rt.replies.publish(message).await {
-        Ok(()) => {
-            let counted = if retrying {
-                Counted::Retry
-            } else {
-                Counted::DeadLetter
-            };
-            rt.metrics.count(&rt.name, counted);
-            settle_or_log(d, Outcome::Ack).await
-        }
-        Err(e) => {
-            tracing::Span::current().record("outcome", "requeue");
-            tracing::error!(error = %e, "could not move the failed message; requeueing it");
-            rt.metrics.count(&rt.name, Counted::Requeue);
-            settle_or_log(d, Outcome::Requeue).await;
-        }
-    }
-}
-
-async fn settle_or_log(d: &Delivery, outcome: Outcome) {
-    if let Err(e) = d.settle(outcome).await {
-        tracing::warn!(error = %e, "settling failed; the broker will redeliver the message");
     }
 }
 

@@ -9,7 +9,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::config::RetrySettings;
+use crate::error::{Error, Result};
 use crate::message::{HeaderValue, Message, Properties};
 use crate::topology::{Queue, Topology};
 
@@ -27,6 +27,85 @@ pub const ORIGINAL_ROUTING_KEY: &str = "x-rabbitry-original-routing-key";
 pub const FAILED_AT: &str = "x-rabbitry-failed-at";
 /// The caller's deadline, epoch milliseconds: a request past it is not handled.
 pub const DEADLINE: &str = "x-rabbitry-deadline";
+
+/// How a consumer's failed messages are retried: `attempts` in all (the
+/// first included), waiting `delays[i]` before retry `i + 1`; the last
+/// delay repeats when there are more retries than delays.
+///
+/// ```
+/// use std::time::Duration;
+/// use rabbitry::worker::Retry;
+///
+/// let retry = Retry::attempts(5).delays([Duration::from_secs(1), Duration::from_secs(30)]);
+/// assert_eq!(retry.delay_before(4), Duration::from_secs(30));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retry {
+    /// Attempts in all, the first included.
+    pub attempts: u32,
+    /// The delay before each retry.
+    pub delays: Vec<Duration>,
+}
+
+impl Default for Retry {
+    /// Three attempts, 1 s and then 5 s apart.
+    fn default() -> Self {
+        Retry {
+            attempts: 3,
+            delays: vec![Duration::from_secs(1), Duration::from_secs(5)],
+        }
+    }
+}
+
+impl Retry {
+    /// `n` attempts in all, with the default delays (1 s, then 5 s).
+    pub fn attempts(n: u32) -> Self {
+        Retry {
+            attempts: n,
+            ..Retry::default()
+        }
+    }
+
+    /// No retries: a failure dead-letters at once.
+    pub fn never() -> Self {
+        Retry::attempts(1)
+    }
+
+    /// Sets the delays before the retries.
+    pub fn delays(mut self, delays: impl IntoIterator<Item = Duration>) -> Self {
+        self.delays = delays.into_iter().collect();
+        self
+    }
+
+    /// The delay before retry number `retry` (1-based).
+    pub fn delay_before(&self, retry: u32) -> Duration {
+        delay_for(self, retry)
+    }
+
+    /// Checks the policy: at least one attempt, a delay for retries, each
+    /// delay from 1 ms to RabbitMQ's longest message TTL (2^32-1 ms).
+    pub fn validate(&self) -> Result<()> {
+        if self.attempts == 0 {
+            return Err(Error::config("retry: attempts must be at least 1"));
+        }
+        if self.attempts > 1 && self.delays.is_empty() {
+            return Err(Error::config(
+                "retry: delays needs at least one delay when attempts > 1",
+            ));
+        }
+        for (i, d) in self.delays.iter().enumerate() {
+            if d.as_millis() == 0 || *d > MAX_DELAY {
+                return Err(Error::config(format!(
+                    "retry: delays[{i}] = {d:?}: a retry delay is between 1ms and 49d (RabbitMQ's longest message TTL)"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The longest retry delay: RabbitMQ's message TTL is at most 2^32-1 ms.
+pub const MAX_DELAY: Duration = Duration::from_millis(u32::MAX as u64);
 
 /// `1s`, `500ms`, `2m`: the delay as it appears in a queue name.
 pub fn delay_label(d: Duration) -> String {
@@ -52,7 +131,7 @@ pub fn dead_queue(queue: &str) -> String {
 
 /// The delay before retry number `retry` (1-based): the configured list,
 /// whose last entry repeats.
-pub fn delay_for(policy: &RetrySettings, retry: u32) -> Duration {
+pub fn delay_for(policy: &Retry, retry: u32) -> Duration {
     let i = (retry as usize).saturating_sub(1);
     policy
         .delays
@@ -63,7 +142,7 @@ pub fn delay_for(policy: &RetrySettings, retry: u32) -> Duration {
 }
 
 /// The dead-letter and delay queues a consumer of `queue` needs.
-pub fn topology(queue: &str, policy: &RetrySettings) -> Topology {
+pub fn topology(queue: &str, policy: &Retry) -> Topology {
     let mut t = Topology::default();
     t.queue(Queue::durable(dead_queue(queue)));
     for retry in 1..policy.attempts {
@@ -236,10 +315,15 @@ mod tests {
             "q.retry.250ms"
         );
         assert_eq!(retry_queue("q", Duration::from_secs(120)), "q.retry.2m");
-        let p = RetrySettings {
-            attempts: 4,
-            delays: vec![Duration::from_secs(1), Duration::from_secs(5)],
-        };
+        let p = Retry::attempts(4).delays([Duration::from_secs(1), Duration::from_secs(5)]);
+        assert!(p.validate().is_ok());
+        assert!(Retry::attempts(0).validate().is_err());
+        assert!(Retry::attempts(2).delays([]).validate().is_err());
+        assert!(Retry::never().delays([]).validate().is_ok());
+        assert!(Retry::attempts(2)
+            .delays([Duration::from_secs(60 * 86_400)])
+            .validate()
+            .is_err());
         assert_eq!(delay_for(&p, 1), Duration::from_secs(1));
         assert_eq!(delay_for(&p, 3), Duration::from_secs(5));
         let t = topology("q", &p);

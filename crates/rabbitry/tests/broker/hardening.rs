@@ -13,7 +13,7 @@ use amqprs::{BasicProperties, FieldTable, FieldValue};
 use axum::http::HeaderMap;
 use axum::Router;
 use rabbitry::rpc::{RpcClient, RpcSettings};
-use rabbitry::worker::{HandlerError, Reply, State};
+use rabbitry::worker::{HandlerError, Reply, Retry, State};
 use rabbitry::{
     Connection, Consumer, ConsumerSettings, ErrorKind, ExchangeKind, Message, Producer,
     ProducerSettings, Settings, UnitOfWork, Worker,
@@ -32,27 +32,22 @@ async fn raw() -> RawConnection {
     .expect("raw connection")
 }
 
-/// A worker consumer on `queue`, bound to `exchange` (topic, `#`), whose
-/// replies go through `reply_exchange`, as the demo's PDF service does.
-fn service_settings(queue: &str, exchange: &str, extra: &str) -> Settings {
-    Settings::from_toml(
-        &format!(
-            r##"
-[worker]
-shutdown_timeout = "5s"
+/// A worker consumer named `svc` on `queue`, bound to `exchange` (topic,
+/// `#`), as the demo's PDF service is bound to `service.tasks`.
+fn svc(queue: &str, exchange: &str) -> ConsumerSettings {
+    ConsumerSettings::new(queue)
+        .name("svc")
+        .bind(exchange, ExchangeKind::Topic, &["#"])
+}
 
-[consumers.svc]
-queue = "{queue}"
-exchange = "{exchange}"
-exchange_type = "topic"
-routing_keys = ["#"]
-retry = {{ attempts = 2, delays = ["100ms"] }}
-{extra}
-"##
-        ),
-        "test.toml",
-    )
-    .unwrap()
+/// Two attempts, 100 ms apart.
+fn quick_retry() -> Retry {
+    Retry::attempts(2).delays([Duration::from_millis(100)])
+}
+
+/// A worker on `conn` with a short shutdown.
+fn worker<S: Clone + Send + Sync + 'static>(conn: &Connection, state: S) -> Worker<S> {
+    Worker::new(conn, state).shutdown_timeout(Duration::from_secs(5))
 }
 
 async fn cleanup(conn: &Connection, queue: &str, exchanges: &[&str]) {
@@ -76,7 +71,6 @@ async fn a_raw_client_on_direct_reply_to_gets_the_workers_reply() {
     let results = unique("results");
     // The reply exchange exists, as service.results does in the demo; a
     // reply to direct reply-to must not go through it.
-    let s = service_settings(&queue, &tasks, &format!("reply_exchange = \"{results}\""));
     conn.declare_once(&{
         let mut t = rabbitry::Topology::default();
         t.exchange(rabbitry::Exchange::new(&results, ExchangeKind::Direct));
@@ -84,10 +78,15 @@ async fn a_raw_client_on_direct_reply_to_gets_the_workers_reply() {
     })
     .await
     .unwrap();
-    let running = Worker::new(s, ())
-        .handle("svc", |body: rabbitry::worker::Body| async move {
-            Reply::new([b"echo:".as_slice(), &body.0].concat(), "text/plain")
-        })
+    let running = worker(&conn, ())
+        .consumer(
+            svc(&queue, &tasks),
+            |body: rabbitry::worker::Body| async move {
+                Reply::new([b"echo:".as_slice(), &body.0].concat(), "text/plain")
+            },
+        )
+        .retry(quick_retry())
+        .reply_exchange(&results)
         .start()
         .await
         .unwrap();
@@ -142,11 +141,15 @@ async fn a_reply_to_a_missing_queue_is_counted_and_the_request_acked_not_retried
     let queue = unique("svc");
     let tasks = unique("tasks");
     let handled = Arc::new(AtomicUsize::new(0));
-    let running = Worker::new(service_settings(&queue, &tasks, ""), handled.clone())
-        .handle("svc", |State(n): State<Arc<AtomicUsize>>| async move {
-            n.fetch_add(1, Ordering::SeqCst);
-            Reply::new("pong", "text/plain")
-        })
+    let running = worker(&conn, handled.clone())
+        .consumer(
+            svc(&queue, &tasks),
+            |State(n): State<Arc<AtomicUsize>>| async move {
+                n.fetch_add(1, Ordering::SeqCst);
+                Reply::new("pong", "text/plain")
+            },
+        )
+        .retry(quick_retry())
         .start()
         .await
         .unwrap();
@@ -265,20 +268,13 @@ async fn timed_out_handlers_never_overlap(kind: Kind) {
         .await
         .unwrap();
     let overlap = Overlap::default();
-    let extra = match kind {
-        Kind::Http => format!(
-            "timeout = \"300ms\"\nhandler = \"{}\"",
-            serve(slow_app(overlap.clone())).await
-        ),
-        _ => "timeout = \"300ms\"".to_owned(),
-    };
-    let worker = Worker::new(
-        service_settings(&queue, &tasks, &extra),
+    let built = worker(
+        &conn,
         (overlap.clone(), side_producer, side_effects.clone()),
     );
-    let worker = match kind {
-        Kind::Native => worker.handle(
-            "svc",
+    let built = match kind {
+        Kind::Native => built.consumer(
+            svc(&queue, &tasks),
             |unit: UnitOfWork, State((o, p, q)): State<(Overlap, Producer, String)>| async move {
                 let _inside = o.enter();
                 // Registered in the unit of work, which a cancelled handler
@@ -288,9 +284,12 @@ async fn timed_out_handlers_never_overlap(kind: Kind) {
                 Ok::<_, HandlerError>(())
             },
         ),
-        Kind::Tower => worker.service("svc", slow_app(overlap.clone())),
-        Kind::Http => worker,
+        Kind::Tower => built.service(svc(&queue, &tasks), slow_app(overlap.clone())),
+        Kind::Http => built.forward(svc(&queue, &tasks), serve(slow_app(overlap.clone())).await),
     };
+    let worker = built
+        .retry(quick_retry())
+        .timeout(Duration::from_millis(300));
     let running = worker.start().await.unwrap();
     let producer = Producer::new(&conn, ProducerSettings::new(&tasks, ExchangeKind::Topic))
         .await
@@ -405,8 +404,8 @@ async fn a_site_placeholder_without_a_site_is_a_config_error_and_declares_nothin
         "app.toml",
     )
     .unwrap();
-    let Err(err) = Worker::new(s, ()).start().await else {
-        panic!("a worker started with ${{site}} in a queue name");
+    let Err(err) = s.forwarding_worker().await else {
+        panic!("a worker was built with ${{site}} in a queue name");
     };
     assert_eq!(err.kind(), ErrorKind::Config);
     let text = err.to_string();
@@ -436,13 +435,12 @@ async fn headers_from_another_client_reach_an_http_app_readably() {
         }
     });
     let url = serve(app).await;
-    let running = Worker::new(
-        service_settings(&queue, &tasks, &format!("handler = \"{url}\"")),
-        (),
-    )
-    .start()
-    .await
-    .unwrap();
+    let running = worker(&conn, ())
+        .forward(svc(&queue, &tasks), url)
+        .retry(quick_retry())
+        .start()
+        .await
+        .unwrap();
     let raw = raw().await;
     let ch = raw.open_channel(None).await.unwrap();
     ch.exchange_declare(

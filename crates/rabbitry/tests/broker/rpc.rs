@@ -13,7 +13,9 @@ use amqprs::BasicProperties;
 use rabbitry::outbox::{Database, Outbox, RelayOptions};
 use rabbitry::rpc::{durable, ReplyQueue, RpcClient, RpcSettings};
 use rabbitry::worker::{HandlerError, Meta, State};
-use rabbitry::{Connection, ErrorKind, Message, Serializer, Settings, Worker};
+use rabbitry::{
+    Connection, ConsumerSettings, ErrorKind, ExchangeKind, Message, Serializer, Worker,
+};
 
 use crate::support::{connect, eventually, settings, sqlite_url, unique, Proxy};
 
@@ -198,8 +200,6 @@ async fn a_request_past_its_deadline_is_not_handled_by_the_worker() {
     let conn = connect().await;
     let queue = unique("late");
     let handled = Arc::new(AtomicUsize::new(0));
-    let text = format!("[consumers.c]\nqueue = \"{queue}\"\n");
-    let settings_ = Settings::from_toml(&text, "t").unwrap();
     // Declare the queue first, with no worker on it yet.
     let mut t = rabbitry::Topology::default();
     t.queue(rabbitry::Queue::durable(&queue));
@@ -214,10 +214,13 @@ async fn a_request_past_its_deadline_is_not_handled_by_the_worker() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Timeout);
     // The worker starts after the deadline: the request is acked unhandled.
-    let running = Worker::new(settings_, handled.clone())
-        .handle("c", |State(n): State<Arc<AtomicUsize>>| async move {
-            n.fetch_add(1, Ordering::SeqCst);
-        })
+    let running = Worker::new(&conn, handled.clone())
+        .consumer(
+            ConsumerSettings::new(&queue),
+            |State(n): State<Arc<AtomicUsize>>| async move {
+                n.fetch_add(1, Ordering::SeqCst);
+            },
+        )
         .start()
         .await
         .unwrap();
@@ -401,13 +404,14 @@ async fn the_seed_flow_with_a_durable_reply_queue_survives_the_requester_restart
     assert_eq!(title["title"], "Hello World!");
 
     // The site's worker consumes the durable reply queue and stores replies.
-    let text = format!(
-        "[consumers.results]\nqueue = \"{reply_queue}\"\nexchange = \"{results}\"\nexchange_type = \"direct\"\nrouting_keys = [\"{reply_queue}\"]\n"
-    );
     let db = Database::connect(&db_url).await.unwrap();
-    let running = Worker::new(Settings::from_toml(&text, "site").unwrap(), db.clone())
-        .handle(
-            "results",
+    let running = Worker::new(&conn, db.clone())
+        .consumer(
+            ConsumerSettings::new(&reply_queue).bind(
+                &results,
+                ExchangeKind::Direct,
+                &[&reply_queue],
+            ),
             |meta: Meta, body: rabbitry::worker::Body, State(db): State<Database>| async move {
                 let Database::Sqlite(pool) = db else {
                     return Err(HandlerError::invalid("sqlite only"));

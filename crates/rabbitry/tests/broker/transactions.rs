@@ -15,7 +15,7 @@ use rabbitry::web::PublishOnSuccessLayer;
 use rabbitry::worker::{HandlerError, Meta, State};
 use rabbitry::{
     Connection, Consumer, ConsumerSettings, ExchangeKind, Message, Producer, ProducerSettings,
-    Settings, UnitOfWork, Worker,
+    UnitOfWork, Worker,
 };
 use tower::ServiceExt;
 
@@ -444,9 +444,6 @@ async fn worker_handler_rows_publishes_and_ack_commit_together() {
         .execute(&pool)
         .await
         .unwrap();
-    let text = format!(
-        "[consumers.orders]\nqueue = \"{queue}\"\nexchange = \"{exchange}\"\nexchange_type = \"topic\"\nrouting_keys = [\"#\"]\nretry = {{ attempts = 3, delays = [\"100ms\"] }}\n"
-    );
     let attempts = Arc::new(AtomicUsize::new(0));
     #[derive(Clone)]
     struct Ctx {
@@ -459,9 +456,9 @@ async fn worker_handler_rows_publishes_and_ack_commit_together() {
         events: events_producer,
         attempts: attempts.clone(),
     };
-    let running = Worker::new(Settings::from_toml(&text, "t").unwrap(), ctx)
-        .handle(
-            "orders",
+    let running = Worker::new(&conn, ctx)
+        .consumer(
+            ConsumerSettings::new(&queue).bind(&exchange, ExchangeKind::Topic, &["#"]),
             |meta: Meta, unit: UnitOfWork, State(ctx): State<Ctx>| async move {
                 ctx.attempts.fetch_add(1, Ordering::SeqCst);
                 let mut tx = ctx.pool.begin().await?;
@@ -481,6 +478,7 @@ async fn worker_handler_rows_publishes_and_ack_commit_together() {
                 Ok(())
             },
         )
+        .retry(rabbitry::worker::Retry::attempts(3).delays([Duration::from_millis(100)]))
         .start()
         .await
         .unwrap();
@@ -530,17 +528,17 @@ async fn a_failed_publish_at_commit_is_not_acked_as_success() {
     // with the reason) instead of being acked or spun in a loop.
     let conn = connect().await;
     let queue = unique("uow");
-    let text = format!("[consumers.c]\nqueue = \"{queue}\"\nretry = {{ attempts = 1 }}\n");
     let calls = Arc::new(AtomicUsize::new(0));
     let mut ps = ProducerSettings::default().routing_key(unique("nowhere"));
     ps.mandatory = true;
     let nowhere = Producer::new(&conn, ps).await.unwrap();
-    let running = Worker::new(Settings::from_toml(&text, "t").unwrap(), (calls.clone(), nowhere))
-        .handle("c", |unit: UnitOfWork, State((calls, nowhere)): State<(Arc<AtomicUsize>, Producer)>| async move {
+    let running = Worker::new(&conn, (calls.clone(), nowhere))
+        .consumer(ConsumerSettings::new(&queue), |unit: UnitOfWork, State((calls, nowhere)): State<(Arc<AtomicUsize>, Producer)>| async move {
             calls.fetch_add(1, Ordering::SeqCst);
             unit.publish(&nowhere, Message::new("lost?"))?;
             Ok::<(), HandlerError>(())
         })
+        .retry(rabbitry::worker::Retry::never())
         .start()
         .await
         .unwrap();

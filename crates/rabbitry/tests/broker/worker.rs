@@ -11,10 +11,10 @@ use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::Router;
-use rabbitry::worker::{HandlerError, Meta, Msg, Reply, State};
+use rabbitry::worker::{HandlerError, Meta, Msg, Reply, Retry, State, Worker};
 use rabbitry::{
     Connection, Consumer, ConsumerSettings, ExchangeKind, HeaderValue, Message, Producer,
-    ProducerSettings, Serializer, Settings, Worker,
+    ProducerSettings, Serializer, Settings,
 };
 use serde::Deserialize;
 
@@ -73,7 +73,16 @@ fn app(seen: Seen) -> Router {
             };
             let key = h("amqp-routing-key");
             // The path follows the contract: /{connection}/{exchange}/{routing_key}[/{correlation_id}]
-            assert!(uri.path().starts_with("/default/"), "path {}", uri.path());
+            // (the connection is `default` from a config file, or the
+            // name of the Connection a worker built in code was given).
+            let segments: Vec<&str> = uri.path().split('/').collect();
+            assert!(
+                segments.len() >= 4
+                    && (segments[1] == "default" || segments[1].starts_with("test.conn."))
+                    && segments[2].starts_with("test.shop."),
+                "path {}",
+                uri.path()
+            );
             assert!(
                 uri.path().contains(&format!("/{key}")),
                 "path {}",
@@ -113,6 +122,24 @@ retry = {{ attempts = 3, delays = ["100ms", "200ms"] }}
     .unwrap()
 }
 
+/// The consumer the tests use: `orders` on `queue`, bound to `exchange`
+/// (topic, `#`).
+fn orders(queue: &str, exchange: &str) -> ConsumerSettings {
+    ConsumerSettings::new(queue)
+        .name("orders")
+        .bind(exchange, ExchangeKind::Topic, &["#"])
+}
+
+/// A worker with the tests' short shutdown, whose `orders` consumer
+/// retries three times, 100 and 200 ms apart, as `settings` says.
+fn worker<S: Clone + Send + Sync + 'static>(conn: &Connection, state: S) -> Worker<S> {
+    Worker::new(conn, state).shutdown_timeout(Duration::from_secs(5))
+}
+
+fn retry3() -> Retry {
+    Retry::attempts(3).delays([Duration::from_millis(100), Duration::from_millis(200)])
+}
+
 async fn cleanup(conn: &Connection, queue: &str, exchange: &str) {
     for q in [
         queue.to_owned(),
@@ -142,28 +169,45 @@ async fn four_cases(kind: Kind) {
     let queue = unique("orders");
     let exchange = unique("shop");
     let seen = Seen::default();
-    let extra = match kind {
-        Kind::Url => format!("handler = \"{}\"", serve(app(seen.clone())).await),
-        _ => String::new(),
-    };
-    let worker = Worker::new(settings(&queue, &exchange, &extra), seen.clone());
-    let worker = match kind {
-        Kind::Url => worker,
-        Kind::Router => worker.service("orders", app(seen.clone())),
-        Kind::Native => worker.handle(
-            "orders",
-            |Msg(_order): Msg<Order>, meta: Meta, State(seen): State<Seen>| async move {
-                let (status, body) = behaviour(&seen, &meta.routing_key, &meta.attempt.to_string());
-                match status.as_u16() {
-                    200 if body.is_empty() => Ok(Reply::default()),
-                    200 => Ok(Reply::new(body, "text/plain")),
-                    400 => Err(HandlerError::invalid(body)),
-                    _ => Err(HandlerError::retry(body)),
-                }
-            },
-        ),
-    };
-    let running = worker.start().await.unwrap();
+    let running = match kind {
+        // The configuration path: the TOML file, as `rabbitry worker` runs it.
+        Kind::Url => {
+            let extra = format!("handler = \"{}\"", serve(app(seen.clone())).await);
+            settings(&queue, &exchange, &extra)
+                .forwarding_worker()
+                .await
+                .unwrap()
+                .start()
+                .await
+        }
+        Kind::Router => {
+            worker(&conn, ())
+                .service(orders(&queue, &exchange), app(seen.clone()))
+                .retry(retry3())
+                .start()
+                .await
+        }
+        Kind::Native => {
+            worker(&conn, seen.clone())
+                .consumer(
+                    orders(&queue, &exchange),
+                    |Msg(_order): Msg<Order>, meta: Meta, State(seen): State<Seen>| async move {
+                        let (status, body) =
+                            behaviour(&seen, &meta.routing_key, &meta.attempt.to_string());
+                        match status.as_u16() {
+                            200 if body.is_empty() => Ok(Reply::default()),
+                            200 => Ok(Reply::new(body, "text/plain")),
+                            400 => Err(HandlerError::invalid(body)),
+                            _ => Err(HandlerError::retry(body)),
+                        }
+                    },
+                )
+                .retry(retry3())
+                .start()
+                .await
+        }
+    }
+    .unwrap();
 
     let replies = unique("replies");
     let mut reply_consumer = Consumer::start(&conn, ConsumerSettings::new(&replies))
@@ -287,12 +331,10 @@ async fn run_timeline(concurrency: usize) -> Timeline {
     let conn = connect().await;
     let queue = unique("serial");
     let exchange = unique("ex");
-    let mut s = settings(&queue, &exchange, "");
-    s.worker.concurrency = concurrency;
     let timeline = Timeline::default();
-    let running = Worker::new(s, timeline.clone())
-        .handle(
-            "orders",
+    let running = worker(&conn, timeline.clone())
+        .consumer(
+            orders(&queue, &exchange),
             |Msg(i): Msg<u32>, State(t): State<Timeline>| async move {
                 let start = Instant::now();
                 let now = t.active.fetch_add(1, Ordering::SeqCst) + 1;
@@ -302,6 +344,8 @@ async fn run_timeline(concurrency: usize) -> Timeline {
                 t.spans.lock().unwrap().push((i, start, Instant::now()));
             },
         )
+        .retry(retry3())
+        .concurrency(concurrency)
         .start()
         .await
         .unwrap();
@@ -364,9 +408,9 @@ async fn undecodable_body_and_panics_are_dead_lettered_while_others_are_served()
     let queue = unique("bad");
     let exchange = unique("ex");
     let handled = Arc::new(AtomicUsize::new(0));
-    let running = Worker::new(settings(&queue, &exchange, ""), handled.clone())
-        .handle(
-            "orders",
+    let running = worker(&conn, handled.clone())
+        .consumer(
+            orders(&queue, &exchange),
             |Msg(_t): Msg<Typed>, meta: Meta, State(n): State<Arc<AtomicUsize>>| async move {
                 if meta.routing_key == "panic" {
                     panic!("the handler blew up");
@@ -374,6 +418,7 @@ async fn undecodable_body_and_panics_are_dead_lettered_while_others_are_served()
                 n.fetch_add(1, Ordering::SeqCst);
             },
         )
+        .retry(retry3())
         .start()
         .await
         .unwrap();
@@ -455,15 +500,20 @@ async fn site_substitution_gives_each_site_its_own_queue() {
     let seen: SiteLog = Arc::default();
     let mut workers = Vec::new();
     for site in ["a", "b"] {
-        let running = Worker::new(settings.for_site(site), seen.clone())
-            .handle(
-                "orders",
+        // The typed pieces of a configuration file, given to the builder.
+        let for_site = settings.for_site(site);
+        let c = &for_site.consumers["orders"];
+        let running = worker(&conn, seen.clone())
+            .site(site)
+            .consumer(
+                c.consumer.clone(),
                 |meta: Meta, State(seen): State<SiteLog>| async move {
                     seen.lock()
                         .unwrap()
                         .push((meta.site.unwrap_or_default(), meta.routing_key));
                 },
             )
+            .options(c.options.clone())
             .start()
             .await
             .unwrap();
@@ -507,9 +557,9 @@ async fn replayed_dead_letter_is_handled_successfully() {
     let queue = unique("replay");
     let exchange = unique("ex");
     let fixed = Arc::new(AtomicUsize::new(0));
-    let running = Worker::new(settings(&queue, &exchange, ""), fixed.clone())
-        .handle(
-            "orders",
+    let running = worker(&conn, fixed.clone())
+        .consumer(
+            orders(&queue, &exchange),
             |State(fixed): State<Arc<AtomicUsize>>, meta: Meta| async move {
                 if fixed.load(Ordering::SeqCst) == 0 {
                     return Err(HandlerError::invalid("not ready yet"));
@@ -519,6 +569,7 @@ async fn replayed_dead_letter_is_handled_successfully() {
                 Ok(())
             },
         )
+        .retry(retry3())
         .start()
         .await
         .unwrap();
@@ -558,9 +609,9 @@ async fn expired_request_is_acked_without_handling_and_error_handler_takes_failu
     let calls = Arc::new(AtomicUsize::new(0));
     let errors: Arc<Mutex<Vec<String>>> = Arc::default();
     let errors2 = errors.clone();
-    let running = Worker::new(settings(&queue, &exchange, ""), calls.clone())
-        .handle(
-            "orders",
+    let running = worker(&conn, calls.clone())
+        .consumer(
+            orders(&queue, &exchange),
             |State(calls): State<Arc<AtomicUsize>>, meta: Meta| async move {
                 calls.fetch_add(1, Ordering::SeqCst);
                 if meta.routing_key == "fail" {
@@ -569,6 +620,7 @@ async fn expired_request_is_acked_without_handling_and_error_handler_takes_failu
                 Ok(())
             },
         )
+        .retry(retry3())
         .on_error(&exchange, move |_d, e| {
             let errors = errors2.clone();
             async move { errors.lock().unwrap().push(e.message()) }

@@ -1,0 +1,138 @@
+//! The outbox against direct confirmed publishing.
+
+use std::time::{Duration, Instant};
+
+use rabbitry::connection::{Connection, ConnectionSettings, Endpoint};
+use rabbitry::Message;
+use rabbitry::{Consumer, ConsumerSettings};
+use rabbitry::{Error, ErrorKind, Result};
+
+use super::*;
+
+/// Outbox scenarios on the database at `url`: throughput of enqueueing in
+/// transactions (100 messages each) plus relaying, against direct
+/// confirmed publishing (1,000 in flight) in the same run; and the
+/// commit-to-publish latency (commit to arrival at a consumer) of
+/// single-message transactions.
+pub async fn run_outbox(
+    opts: &BenchOptions,
+    progress: Progress<'_>,
+    url: &str,
+    label: &str,
+) -> Result<(ScenarioResult, LatencyResult)> {
+    use rabbitry::outbox::{self, Database, Outbox, RelayOptions};
+    let ep = Endpoint::parse(&opts.url)?;
+    let raw = open_raw(&ep).await?;
+    let gw = Connection::open(ConnectionSettings::new(&opts.url).name("rabbitry-bench")).await?;
+    let queue = format!(
+        "rabbitry.bench.outbox.{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let mut topology = rabbitry::topology::Topology::default();
+    topology.queue(rabbitry::topology::Queue::durable(&queue));
+    gw.declare_once(&topology).await?;
+    let outbox = Outbox::connect(url).await?;
+    let n = opts.messages;
+    let mut best = [0f64; 2];
+    for round in 0..opts.rounds.max(1) {
+        progress(&format!(
+            "outbox {label}: direct confirmed publish, round {}",
+            round + 1
+        ));
+        let took = publish_case(&raw, &gw, &queue, n, true, true).await?;
+        best[0] = best[0].max(n as f64 / took.as_secs_f64());
+        purge(&raw, &queue).await?;
+
+        progress(&format!(
+            "outbox {label}: enqueue + relay, round {}",
+            round + 1
+        ));
+        let relay = outbox.spawn_relay(&gw, RelayOptions::default()).await?;
+        let start = Instant::now();
+        let row = || Message::new(vec![b'x'; BODY]).routing_key(&queue);
+        for _ in 0..n.div_ceil(100) {
+            match outbox.database() {
+                Database::Sqlite(pool) => {
+                    let mut tx = pool
+                        .begin()
+                        .await
+                        .map_err(|e| outbox::db_error(label, "bench", e))?;
+                    for _ in 0..100 {
+                        outbox::publish(&mut *tx, row()).await?;
+                    }
+                    outbox.commit(tx).await?;
+                }
+                Database::Postgres(pool) => {
+                    let mut tx = pool
+                        .begin()
+                        .await
+                        .map_err(|e| outbox::db_error(label, "bench", e))?;
+                    for _ in 0..100 {
+                        outbox::publish(&mut *tx, row()).await?;
+                    }
+                    outbox.commit(tx).await?;
+                }
+            }
+        }
+        wait_for_depth(&raw, &queue, n.div_ceil(100) * 100).await?;
+        best[1] = best[1].max((n.div_ceil(100) * 100) as f64 / start.elapsed().as_secs_f64());
+        relay.stop().await?;
+        purge(&raw, &queue).await?;
+    }
+    let throughput = ScenarioResult {
+        name: format!("outbox_{label}_vs_direct_confirmed"),
+        raw_msgs_per_s: best[0].round(),
+        gateway_msgs_per_s: best[1].round(),
+        ratio: (best[1] / best[0] * 100.0).round() / 100.0,
+    };
+
+    progress(&format!("outbox {label}: commit-to-publish latency"));
+    let relay = outbox.spawn_relay(&gw, RelayOptions::default()).await?;
+    let mut cs = ConsumerSettings::new(&queue);
+    cs.auto_declare = false;
+    let mut consumer = Consumer::start(&gw, cs).await?;
+    let samples_n = 200.min(n.max(20));
+    let mut samples = Vec::with_capacity(samples_n);
+    for i in 0..samples_n {
+        let message = Message::new(i.to_string().into_bytes()).routing_key(&queue);
+        let committed = match outbox.database() {
+            Database::Sqlite(pool) => {
+                let mut tx = pool
+                    .begin()
+                    .await
+                    .map_err(|e| outbox::db_error(label, "bench", e))?;
+                outbox::publish(&mut *tx, message).await?;
+                outbox.commit(tx).await?;
+                Instant::now()
+            }
+            Database::Postgres(pool) => {
+                let mut tx = pool
+                    .begin()
+                    .await
+                    .map_err(|e| outbox::db_error(label, "bench", e))?;
+                outbox::publish(&mut *tx, message).await?;
+                outbox.commit(tx).await?;
+                Instant::now()
+            }
+        };
+        let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .map_err(|_| Error::new(ErrorKind::Timeout, "outbox latency: no message within 10 s"))?
+            .ok_or_else(|| Error::new(ErrorKind::Closed, "bench consumer stopped"))?;
+        samples.push(committed.elapsed());
+        d.ack().await?;
+    }
+    consumer.cancel().await;
+    relay.stop().await?;
+    let latency = LatencyResult {
+        name: format!("outbox_{label}_commit_to_consume"),
+        raw_p50_ms: None,
+        raw_p99_ms: None,
+        gateway_p50_ms: percentile(&mut samples, 50.0),
+        gateway_p99_ms: percentile(&mut samples, 99.0),
+    };
+    let _ = gw.delete_queue(&queue).await;
+    let _ = raw.close().await;
+    gw.close().await;
+    Ok((throughput, latency))
+}

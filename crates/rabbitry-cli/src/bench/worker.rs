@@ -1,0 +1,150 @@
+//! The worker against raw consume with manual acks.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use amqprs::channel::BasicPublishArguments;
+use amqprs::connection::Connection as RawConnection;
+use amqprs::BasicProperties;
+use tokio::sync::Notify;
+
+use rabbitry::connection::{Connection, ConnectionSettings, Endpoint};
+use rabbitry::ConsumerSettings;
+use rabbitry::Result;
+
+use super::*;
+
+/// Worker scenarios: the end-to-end rate through the worker with a native
+/// handler and with `service` (an axum `Router` in `rabbitry bench`),
+/// against raw consume with manual acks, same prefetch (500), same run.
+pub async fn run_worker<Svc, RB>(
+    opts: &BenchOptions,
+    progress: Progress<'_>,
+    service: Svc,
+) -> Result<Vec<ScenarioResult>>
+where
+    Svc: rabbitry::worker::http::RequestService<RB>,
+    RB: rabbitry::worker::http::ResponseBody,
+{
+    let ep = Endpoint::parse(&opts.url)?;
+    let raw = open_raw(&ep).await?;
+    // Both sides publish with this raw connection and consume on another
+    // one, so only the consuming side differs.
+    let raw_publisher = open_raw(&ep).await?;
+    let gw = Connection::open(ConnectionSettings::new(&opts.url).name("rabbitry-bench")).await?;
+    let queue = format!(
+        "rabbitry.bench.worker.{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let mut topology = rabbitry::topology::Topology::default();
+    topology.queue(rabbitry::topology::Queue::durable(&queue));
+    gw.declare_once(&topology).await?;
+    let n = opts.messages;
+    let mut out = Vec::new();
+    for (name, native) in [
+        ("worker_native_handler", true),
+        ("worker_axum_router", false),
+    ] {
+        let mut best = [0f64; 2];
+        for round in 0..opts.rounds.max(1) {
+            progress(&format!("{name}: raw round {}", round + 1));
+            let took = end_to_end_case(&raw, &raw_publisher, &gw, &queue, n, false).await?;
+            best[0] = best[0].max(n as f64 / took.as_secs_f64());
+            purge(&raw, &queue).await?;
+            progress(&format!("{name}: gateway round {}", round + 1));
+            let took = worker_case(
+                &opts.url,
+                &raw_publisher,
+                &queue,
+                n,
+                native,
+                service.clone(),
+            )
+            .await?;
+            best[1] = best[1].max(n as f64 / took.as_secs_f64());
+            purge(&raw, &queue).await?;
+        }
+        out.push(ScenarioResult {
+            name: name.to_owned(),
+            raw_msgs_per_s: best[0].round(),
+            gateway_msgs_per_s: best[1].round(),
+            ratio: (best[1] / best[0] * 100.0).round() / 100.0,
+        });
+    }
+    for q in [queue.clone(), format!("{queue}.dead")] {
+        let _ = gw.delete_queue(&q).await;
+    }
+    let _ = raw_publisher.close().await;
+    let _ = raw.close().await;
+    gw.close().await;
+    Ok(out)
+}
+
+async fn worker_case<Svc, RB>(
+    url: &str,
+    raw: &RawConnection,
+    queue: &str,
+    n: usize,
+    native: bool,
+    service: Svc,
+) -> Result<Duration>
+where
+    Svc: rabbitry::worker::http::RequestService<RB>,
+    RB: rabbitry::worker::http::ResponseBody,
+{
+    use rabbitry::worker::{Body, Retry, State, Worker};
+    let gw = Connection::open(ConnectionSettings::new(url).name("bench.worker")).await?;
+    let mut consumer = ConsumerSettings::new(queue).name("bench");
+    consumer.prefetch_count = Some(500);
+    let handled = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(Notify::new());
+    let worker = Worker::new(&gw, (handled.clone(), done.clone(), n as u64));
+    let worker = if native {
+        worker.consumer(
+            consumer,
+            |Body(_b): Body,
+             State((handled, done, n)): State<(Arc<AtomicU64>, Arc<Notify>, u64)>| async move {
+                if handled.fetch_add(1, Ordering::Relaxed) + 1 == n {
+                    done.notify_one();
+                }
+            },
+        )
+    } else {
+        let counted = tower::ServiceBuilder::new()
+            .map_response({
+                let (handled, done) = (handled.clone(), done.clone());
+                move |r| {
+                    if handled.fetch_add(1, Ordering::Relaxed) + 1 == n as u64 {
+                        done.notify_one();
+                    }
+                    r
+                }
+            })
+            .service(service);
+        worker.service(consumer, counted)
+    }
+    .retry(Retry::never());
+    let running = worker.start().await?;
+    // The same raw publisher as the raw side: only consuming differs.
+    let pch = raw.open_channel(None).await.map_err(raw_err)?;
+    let mut props = BasicProperties::default();
+    props.with_delivery_mode(1);
+    let props = props.finish();
+    let start = Instant::now();
+    for _ in 0..n {
+        pch.basic_publish(
+            props.clone(),
+            vec![b'x'; BODY],
+            BasicPublishArguments::new("", queue),
+        )
+        .await
+        .map_err(raw_err)?;
+    }
+    done.notified().await;
+    let _ = pch.close().await;
+    let took = start.elapsed();
+    running.shutdown().await;
+    gw.close().await;
+    Ok(took)
+}

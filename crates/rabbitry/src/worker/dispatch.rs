@@ -1,0 +1,349 @@
+//! Handling deliveries: the loop that reads one consumer (one at a time,
+//! or up to its concurrency), runs the handler under its timeout, and turns
+//! the result into the outcome: commit and reply then ack, requeue, retry
+//! through a delay queue, or dead-letter.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use super::handler::{BoxFuture, Context, FailureKind, HandlerError, Meta, Reply};
+use super::metrics::{Counted, WorkerMetrics};
+use super::{http, retry, ConsumerOptions, ErrorHandler, Route};
+use crate::connection::stopped;
+use crate::consume::{Consumer, Delivery, Outcome};
+use crate::error::ErrorKind;
+use crate::message::{HeaderValue, Message};
+use crate::publish::Producer;
+use crate::transaction::UnitOfWork;
+
+/// Everything one consumer's deliveries are handled with.
+pub(super) struct ConsumerRuntime<S> {
+    pub(super) name: String,
+    pub(super) queue: String,
+    pub(super) metrics: Arc<WorkerMetrics>,
+    pub(super) connection: String,
+    pub(super) options: ConsumerOptions,
+    pub(super) route: Route<S>,
+    pub(super) replies: Producer,
+    pub(super) site: Option<String>,
+    pub(super) user: Option<String>,
+    pub(super) error_handlers: Arc<HashMap<String, ErrorHandler>>,
+}
+
+/// Reads one consumer until the worker stops: one delivery at a time with
+/// concurrency 1, at most `concurrency` at once otherwise.
+pub(super) async fn consume_loop<S: Clone + Send + Sync + 'static>(
+    rt: Arc<ConsumerRuntime<S>>,
+    state: S,
+    mut consumer: Consumer,
+    concurrency: usize,
+    mut stop: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let mut inflight = JoinSet::new();
+    loop {
+        // Take a slot before a delivery, so that a delivery taken is a
+        // delivery started.
+        let permit = tokio::select! {
+            biased;
+            _ = stopped(&mut stop) => break,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let delivery = tokio::select! {
+            biased;
+            _ = stopped(&mut stop) => break,
+            d = consumer.next() => d,
+        };
+        let Some(delivery) = delivery else { break };
+        if concurrency == 1 {
+            let work = process(&rt, &state, delivery);
+            tokio::pin!(work);
+            tokio::select! {
+                _ = &mut work => {}
+                _ = stopped(&mut stop) => {
+                    // Stop consuming before this handler's ack goes out, so
+                    // that the broker sends nothing more to this worker.
+                    consumer.cancel().await;
+                    work.await;
+                    break;
+                }
+            }
+            drop(permit);
+        } else {
+            let rt = rt.clone();
+            let state = state.clone();
+            inflight.spawn(async move {
+                process(&rt, &state, delivery).await;
+                drop(permit);
+            });
+        }
+        while inflight.try_join_next().is_some() {}
+    }
+    // Stop consuming first; what the broker already sent but no handler
+    // started goes back to the queue when the channel closes.
+    consumer.cancel().await;
+    while inflight.join_next().await.is_some() {}
+    drop(consumer);
+    tracing::info!(consumer = %rt.name, "stopped");
+}
+
+async fn process<S: Clone + Send + Sync + 'static>(
+    rt: &ConsumerRuntime<S>,
+    state: &S,
+    d: Delivery,
+) {
+    let span = tracing::info_span!(
+        "delivery",
+        queue = %d.queue,
+        routing_key = %d.routing_key,
+        message_id = d.properties.message_id.as_deref().unwrap_or(""),
+        outcome = tracing::field::Empty,
+    );
+    handle_delivery(rt, state, d).instrument(span).await;
+}
+
+async fn handle_delivery<S: Clone + Send + Sync + 'static>(
+    rt: &ConsumerRuntime<S>,
+    state: &S,
+    d: Delivery,
+) {
+    if let Some(deadline) = d
+        .properties
+        .headers
+        .get(retry::DEADLINE)
+        .and_then(HeaderValue::as_i64)
+    {
+        let late = retry::now_millis() - deadline;
+        if late > 0 {
+            tracing::Span::current().record("outcome", "expired");
+            tracing::warn!(
+                late_ms = late,
+                "request expired before it was handled; acked without handling"
+            );
+            rt.metrics.count(&rt.name, Counted::Expired);
+            settle_or_log(&d, Outcome::Ack).await;
+            return;
+        }
+    }
+    let attempt = retry::attempt_of(&d.properties);
+    let (exchange, routing_key) = retry::original_route(&d.properties, &d.exchange, &d.routing_key);
+    let delivery = Arc::new(d);
+    let unit = UnitOfWork::new();
+    let ctx = Context {
+        delivery: delivery.clone(),
+        meta: Meta {
+            exchange,
+            routing_key,
+            queue: delivery.queue.clone(),
+            connection: rt.connection.clone(),
+            redelivered: delivery.redelivered,
+            attempt,
+            site: rt.site.clone(),
+            user: rt.user.clone(),
+            properties: delivery.properties.clone(),
+        },
+        unit: unit.clone(),
+    };
+    let started = std::time::Instant::now();
+    let running = rt.metrics.start(&rt.name);
+    let result = run_handler(rt, state, ctx).await;
+    drop(running);
+    rt.metrics.handled(&rt.name, started.elapsed());
+    match result {
+        Ok(reply) => succeed(rt, &delivery, attempt, &unit, reply).await,
+        Err(err) => {
+            unit.abort();
+            fail(rt, &delivery, attempt, err).await;
+        }
+    }
+}
+
+/// Runs the handler in its own task, so that a panic is caught, under the
+/// consumer's timeout.
+async fn run_handler<S: Clone + Send + Sync + 'static>(
+    rt: &ConsumerRuntime<S>,
+    state: &S,
+    ctx: Context,
+) -> std::result::Result<Reply, HandlerError> {
+    let fut: BoxFuture<std::result::Result<Reply, HandlerError>> = match &rt.route {
+        Route::Native(h) => h(ctx, state.clone()),
+        Route::Http { service, base } => {
+            let uri = http::request_path(base, &ctx.meta);
+            let req = match http::to_request(uri, &ctx.meta, ctx.delivery.body.clone()) {
+                Ok(r) => r,
+                Err(e) => return Err(e),
+            };
+            let service = service.clone();
+            Box::pin(async move {
+                match service(req).await {
+                    Ok(resp) => http::from_response(resp),
+                    Err(e) => Err(HandlerError::retry(e)),
+                }
+            })
+        }
+    };
+    let timeout = rt.options.timeout;
+    let mut task = tokio::spawn(fut);
+    match tokio::time::timeout(timeout, &mut task).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(join)) if join.is_panic() => {
+            let payload = join.into_panic();
+            let text = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a non-string payload".into());
+            Err(HandlerError::retry(format!("handler panicked: {text}")))
+        }
+        Ok(Err(join)) => Err(HandlerError::retry(format!("handler task failed: {join}"))),
+        Err(_) => {
+            // Tear the handler down before anything else happens to this
+            // delivery: a native handler's future (and its unit of work) is
+            // dropped, an HTTP request's connection is closed. Only then
+            // may a retry or the next delivery start.
+            task.abort();
+            let _ = task.await;
+            Err(HandlerError::retry(format!(
+                "handler timed out after {timeout:?}; it was cancelled"
+            )))
+        }
+    }
+}
+
+/// Success: the unit of work's publishes (confirmed), the reply, then the
+/// ack. If a publish fails, nothing is acked: the delivery takes the retry
+/// path, so it is neither lost nor spun in a tight loop.
+async fn succeed<S>(
+    rt: &ConsumerRuntime<S>,
+    d: &Arc<Delivery>,
+    attempt: u32,
+    unit: &UnitOfWork,
+    reply: Reply,
+) {
+    if let Err(e) = unit.commit(None).await {
+        let err = HandlerError::retry(format!("publishing the handler's messages failed: {e}"));
+        return fail(rt, d, attempt, err).await;
+    }
+    if let (Some(reply_to), false) = (&d.properties.reply_to, reply.body.is_empty()) {
+        // Mandatory, so that a reply to a queue that does not exist is
+        // noticed. Not for direct reply-to: RabbitMQ 3.x returns such a
+        // reply as NO_ROUTE although it delivered it, and a requester that
+        // is gone cannot be detected there.
+        let direct = reply_to.starts_with(crate::rpc::DIRECT_REPLY_TO);
+        let mut m = Message::new(reply.body)
+            .exchange(reply_exchange(&rt.options.reply_exchange, reply_to))
+            .routing_key(reply_to)
+            .mandatory(!direct);
+        m.properties.content_type = reply.content_type;
+        m.properties.correlation_id = d.properties.correlation_id.clone();
+        match rt.replies.publish(m).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::Unroutable => {
+                // The requester is gone (or never had a queue): retrying the
+                // request would not make its reply routable.
+                tracing::warn!(
+                    reply_to = %reply_to,
+                    correlation_id = d.properties.correlation_id.as_deref().unwrap_or(""),
+                    error = %e,
+                    "the reply was not routed to any queue; it is dropped and the request acked"
+                );
+                rt.metrics.reply_unroutable(&rt.name);
+            }
+            Err(e) => {
+                let err = HandlerError::retry(format!(
+                    "publishing the reply to '{reply_to}' failed: {e}"
+                ));
+                return fail(rt, d, attempt, err).await;
+            }
+        }
+    }
+    tracing::Span::current().record("outcome", "ack");
+    rt.metrics.count(&rt.name, Counted::Ack);
+    settle_or_log(d, Outcome::Ack).await;
+}
+
+/// The exchange a reply to `reply_to` goes through: the default exchange
+/// for RabbitMQ's direct reply-to (`amq.rabbitmq.reply-to...`), which no
+/// other exchange can route to, and the consumer's `reply_exchange`
+/// otherwise.
+pub(crate) fn reply_exchange<'a>(configured: &'a str, reply_to: &str) -> &'a str {
+    if reply_to.starts_with(crate::rpc::DIRECT_REPLY_TO) {
+        ""
+    } else {
+        configured
+    }
+}
+
+/// Failure: requeue a conflict; otherwise hand it to the exchange's error
+/// handler, or retry it, or dead-letter it.
+async fn fail<S>(rt: &ConsumerRuntime<S>, d: &Arc<Delivery>, attempt: u32, err: HandlerError) {
+    if err.kind() == FailureKind::Conflict {
+        tracing::Span::current().record("outcome", "requeue");
+        tracing::info!(error = %err, "conflict; requeued");
+        rt.metrics.count(&rt.name, Counted::Requeue);
+        settle_or_log(d, Outcome::Requeue).await;
+        return;
+    }
+    let (exchange, routing_key) = retry::original_route(&d.properties, &d.exchange, &d.routing_key);
+    if let Some(on_error) = rt.error_handlers.get(&exchange) {
+        tracing::Span::current().record("outcome", "error-handler");
+        tracing::error!(error = %err, attempt, "handler failed; passed to the error handler of exchange '{exchange}'");
+        on_error(d.clone(), err).await;
+        rt.metrics.count(&rt.name, Counted::ErrorHandler);
+        settle_or_log(d, Outcome::Ack).await;
+        return;
+    }
+    let policy = &rt.options.retry;
+    let queue = &rt.queue;
+    let retrying = err.kind() == FailureKind::Retry && attempt < policy.attempts;
+    tracing::Span::current().record("outcome", if retrying { "retry" } else { "dead-letter" });
+    let message = if retrying {
+        let delay = retry::delay_for(policy, attempt);
+        tracing::warn!(error = %err, attempt, ?delay, "handler failed; will retry");
+        retry::for_retry(
+            d.body.to_vec(),
+            d.properties.clone(),
+            (&exchange, &routing_key),
+            attempt + 1,
+            queue,
+            delay,
+        )
+    } else {
+        tracing::error!(error = %err, attempt, "handler failed; dead-lettered to '{}'", retry::dead_queue(queue));
+        retry::for_dead_letter(
+            d.body.to_vec(),
+            d.properties.clone(),
+            (&exchange, &routing_key),
+            attempt,
+            &err.message(),
+            queue,
+        )
+    };
+    match rt.replies.publish(message).await {
+        Ok(()) => {
+            let counted = if retrying {
+                Counted::Retry
+            } else {
+                Counted::DeadLetter
+            };
+            rt.metrics.count(&rt.name, counted);
+            settle_or_log(d, Outcome::Ack).await
+        }
+        Err(e) => {
+            tracing::Span::current().record("outcome", "requeue");
+            tracing::error!(error = %e, "could not move the failed message; requeueing it");
+            rt.metrics.count(&rt.name, Counted::Requeue);
+            settle_or_log(d, Outcome::Requeue).await;
+        }
+    }
+}
+
+async fn settle_or_log(d: &Delivery, outcome: Outcome) {
+    if let Err(e) = d.settle(outcome).await {
+        tracing::warn!(error = %e, "settling failed; the broker will redeliver the message");
+    }
+}
