@@ -74,7 +74,7 @@ pub async fn open(url: &str, site: &str) -> Result<Database> {
         }
     }
     let db = Database::connect(url).await?;
-    db.migrate().await?;
+    rabbitry::rpc::durable::migrate(&db).await?;
     match &db {
         Database::Sqlite(pool) => {
             sqlx::raw_sql(SQLITE_SCHEMA)

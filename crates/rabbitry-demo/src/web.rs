@@ -102,7 +102,7 @@ async fn create_document(s: &Site, title: &str) -> rabbitry::Result<(String, Str
     )?
     .routing_key(s.names.jobs_queue(&s.site));
     let context = serde_json::json!({ "document_id": id });
-    let now = rabbitry::worker::retry::now_millis();
+    let now = rabbitry::clock::now_millis();
     let correlation_id = with_db!(&s.db, |pool, sql| {
         let mut tx = pool.begin().await.map_err(|e| db_err("begin", e))?;
         let correlation_id = durable::send(&mut *tx, "render", &context, request).await?;

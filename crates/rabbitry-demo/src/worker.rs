@@ -142,7 +142,7 @@ pub async fn on_result(
     let content_type = meta.properties.content_type.clone();
     let ok = content_type.as_deref() == Some("application/pdf") && body.0.starts_with(b"%PDF-");
     let _one_at_a_time = w.write.lock().await;
-    let now = rabbitry::worker::retry::now_millis();
+    let now = rabbitry::clock::now_millis();
     with_db!(&w.db, |pool, sql| {
         let mut tx = pool.begin().await?;
         if !outbox::inbox_claim(&mut *tx, "results", &correlation_id).await? {
@@ -216,7 +216,7 @@ pub async fn on_event(
         .clone()
         .ok_or_else(|| HandlerError::invalid("an event without a message id"))?;
     let _one_at_a_time = w.write.lock().await;
-    let now = rabbitry::worker::retry::now_millis();
+    let now = rabbitry::clock::now_millis();
     with_db!(&w.db, |pool, sql| {
         let mut tx = pool.begin().await?;
         if outbox::inbox_claim(&mut *tx, "feed", &message_id).await? {

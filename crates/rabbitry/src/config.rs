@@ -21,7 +21,9 @@ use crate::error::{Error, Result};
 use crate::message::HeaderValue;
 use crate::publish::ProducerSettings;
 use crate::topology::{ExchangeKind, Topology};
-use crate::worker::{ConsumerOptions, Retry, Worker};
+#[cfg(feature = "http")]
+use crate::worker::Worker;
+use crate::worker::{ConsumerOptions, Retry};
 
 /// The name of the connection used when none is given.
 pub const DEFAULT_CONNECTION: &str = "default";
@@ -331,6 +333,7 @@ impl Settings {
         Ok(open)
     }
 
+    #[cfg(feature = "http")]
     /// The worker these settings describe, for consumers that forward to
     /// HTTP applications (`handler = "http://..."`), as `rabbitry worker`
     /// runs it: the same [`Worker`] a program builds in code, with each
@@ -367,8 +370,16 @@ impl Settings {
                 .connection(&conn(&c.connection));
         }
         if let Some(o) = &self.outbox {
-            let outbox = crate::outbox::Outbox::connect(&o.database).await?;
-            worker = worker.with_outbox(outbox).relay_on(&conn(&o.connection));
+            #[cfg(any(feature = "sqlite", feature = "postgres"))]
+            {
+                let outbox = crate::outbox::Outbox::connect(&o.database).await?;
+                worker = worker.with_outbox(outbox).relay_on(&conn(&o.connection));
+            }
+            #[cfg(not(any(feature = "sqlite", feature = "postgres")))]
+            return Err(Error::config(format!(
+                "outbox.database = `{}`: this build has no database support (features `sqlite`, `postgres`)",
+                crate::connection::redact(&o.database)
+            )));
         }
         Ok(worker.owning(conns.into_values().collect()))
     }
@@ -634,7 +645,13 @@ fn consumer_section(
         .queue
         .ok_or_else(|| at.err(&format!("{path}.queue"), "is required"))?;
     if let Some(url) = &c.handler {
+        #[cfg(feature = "http")]
         crate::worker::http::check_url(url).map_err(|m| at.err(&format!("{path}.handler"), m))?;
+        #[cfg(not(feature = "http"))]
+        return Err(at.err(
+            &format!("{path}.handler"),
+            format!("`{url}`: this build cannot forward to HTTP handlers (feature `http`)"),
+        ));
     }
     if c.concurrency == Some(0) {
         return Err(at.err(&format!("{path}.concurrency"), "must be at least 1"));

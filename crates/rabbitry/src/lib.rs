@@ -36,6 +36,8 @@
 //! - [`publish`]: producers with confirms, returns and resend.
 //! - [`consume`]: consumers, deliveries and outcomes.
 //! - [`codec`]: serializers by name and content type.
+//! - [`clock`]: epoch milliseconds and RFC 3339, as written into messages.
+//! - [`headers`]: the `x-rabbitry-*` header names.
 //! - [`message`]: properties and outgoing messages.
 //! - [`config`]: TOML settings, validated.
 //! - [`error`]: the one error type.
@@ -45,23 +47,29 @@
 //! - [`rpc`]: request/reply client, durable replies.
 //! - [`outbox`]: the durable outbox and the idempotent inbox (SQLite, PostgreSQL).
 
+pub mod clock;
 pub mod codec;
+#[cfg(feature = "config")]
 pub mod config;
 pub mod connection;
 pub mod consume;
 pub mod error;
+pub mod headers;
 pub mod message;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub mod outbox;
 pub mod publish;
 pub mod rpc;
 pub mod topology;
 pub mod transaction;
+#[cfg(feature = "http")]
 pub mod web;
 pub mod worker;
 
 mod amqp;
 
 pub use codec::{Decoded, Serializer};
+#[cfg(feature = "config")]
 pub use config::Settings;
 pub use connection::{Connection, ConnectionSettings, Drift, QueueStatus};
 pub use consume::{Acker, Consumer, ConsumerSettings, Delivery, Outcome};

@@ -37,7 +37,8 @@ enum Action {
 pub async fn run(_global: &Global, args: Args) -> Result<ExitCode> {
     match args.action {
         Action::Migrate { database } => {
-            Database::connect(&database).await?.migrate().await?;
+            let db = Database::connect(&database).await?;
+            rabbitry::rpc::durable::migrate(&db).await?;
             outln!(
                 "outbox tables ready in {}",
                 rabbitry::connection::redact(&database)

@@ -17,120 +17,55 @@
 //! outbox's stable message ids this gives exactly-once effects on top of
 //! at-least-once delivery.
 
+mod backend;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod relay;
+#[cfg(feature = "sqlite")]
+mod sqlite;
 mod store;
 
 use std::future::Future;
-use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
-use sqlx::{PgConnection, PgPool, Row, SqliteConnection, SqlitePool};
+use sqlx::Row;
 use tokio::sync::Notify;
 
 pub use relay::{Relay, RelayOptions};
 
+use crate::clock::now_millis;
 use crate::connection::redact;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::Message;
-use crate::worker::retry::now_millis;
+use backend::Backend;
 
-/// Runs `$body` with `$pool` bound to whichever pool `$db` holds: for
-/// queries whose text is the same on both databases.
-macro_rules! on_pool {
+/// Runs `$body` with `$pool` bound to whichever pool `$db` holds; each
+/// database's behaviour lives in its own file, behind [`Backend`].
+macro_rules! with_pool {
     ($db:expr, |$pool:ident| $body:expr) => {
         match $db {
+            #[cfg(feature = "sqlite")]
             Database::Sqlite($pool) => $body,
+            #[cfg(feature = "postgres")]
             Database::Postgres($pool) => $body,
         }
     };
 }
+pub(crate) use with_pool;
 
 /// The channel relays listen on for new rows (PostgreSQL).
 pub const NOTIFY_CHANNEL: &str = "rabbitry_outbox";
 
-const SQLITE_SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS rabbitry_outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    message_id TEXT NOT NULL UNIQUE,
-    exchange TEXT NOT NULL,
-    routing_key TEXT NOT NULL,
-    properties TEXT NOT NULL,
-    body BLOB NOT NULL,
-    mandatory INTEGER NOT NULL DEFAULT 0,
-    created_at INTEGER NOT NULL,
-    status TEXT NOT NULL DEFAULT 'pending',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT,
-    lease_owner TEXT,
-    lease_until INTEGER
-);
-CREATE INDEX IF NOT EXISTS rabbitry_outbox_pending ON rabbitry_outbox (status, id);
-CREATE TABLE IF NOT EXISTS rabbitry_inbox (
-    consumer TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    processed_at INTEGER NOT NULL,
-    PRIMARY KEY (consumer, message_id)
-);
-CREATE TABLE IF NOT EXISTS rabbitry_requests (
-    correlation_id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    request TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    reply_content_type TEXT,
-    reply BLOB,
-    replied_at INTEGER
-);
-";
-
-const PG_SCHEMA: &str = "
-SELECT pg_advisory_xact_lock(7263551);
-CREATE TABLE IF NOT EXISTS rabbitry_outbox (
-    id BIGSERIAL PRIMARY KEY,
-    message_id TEXT NOT NULL UNIQUE,
-    exchange TEXT NOT NULL,
-    routing_key TEXT NOT NULL,
-    properties TEXT NOT NULL,
-    body BYTEA NOT NULL,
-    mandatory BOOLEAN NOT NULL DEFAULT FALSE,
-    created_at BIGINT NOT NULL,
-    status TEXT NOT NULL DEFAULT 'pending',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT,
-    lease_owner TEXT,
-    lease_until BIGINT
-);
-CREATE INDEX IF NOT EXISTS rabbitry_outbox_pending ON rabbitry_outbox (status, id);
-CREATE TABLE IF NOT EXISTS rabbitry_inbox (
-    consumer TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    processed_at BIGINT NOT NULL,
-    PRIMARY KEY (consumer, message_id)
-);
-CREATE TABLE IF NOT EXISTS rabbitry_requests (
-    correlation_id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    request TEXT NOT NULL,
-    created_at BIGINT NOT NULL,
-    reply_content_type TEXT,
-    reply BYTEA,
-    replied_at BIGINT
-);
-";
-
-fn is_memory(url: &str) -> bool {
-    url.contains(":memory:") || url.contains("mode=memory")
-}
-
-/// A database pool: SQLite (the embedded default) or PostgreSQL.
+/// A database pool: SQLite (the embedded default, feature `sqlite`) or
+/// PostgreSQL (feature `postgres`).
 #[derive(Clone, Debug)]
 pub enum Database {
     /// `sqlite://path`
-    Sqlite(SqlitePool),
+    #[cfg(feature = "sqlite")]
+    Sqlite(sqlx::SqlitePool),
     /// `postgres://...`
-    Postgres(PgPool),
+    #[cfg(feature = "postgres")]
+    Postgres(sqlx::PgPool),
 }
 
 impl Database {
@@ -148,78 +83,40 @@ impl Database {
     }
 
     async fn open(url: &str, create: bool) -> Result<Database> {
-        let named = |e: sqlx::Error| db_error(url, "cannot connect", e);
+        let _ = create;
+        #[cfg(feature = "sqlite")]
         if url.starts_with("sqlite:") {
-            let opts = SqliteConnectOptions::from_str(url).map_err(named)?;
-            if !create && !is_memory(url) && !opts.get_filename().exists() {
-                return Err(Error::new(
-                    ErrorKind::NotFound,
-                    format!(
-                        "database {} does not exist ({}); create it with `rabbitry outbox migrate --database URL`",
-                        redact(url),
-                        opts.get_filename().display()
-                    ),
-                ));
-            }
-            let opts = opts
-                .create_if_missing(create)
-                .journal_mode(SqliteJournalMode::Wal)
-                .busy_timeout(Duration::from_secs(10));
-            let pool = SqlitePoolOptions::new()
-                .max_connections(8)
-                .connect_with(opts)
-                .await
-                .map_err(named)?;
-            Ok(Database::Sqlite(pool))
-        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-            let opts = PgConnectOptions::from_str(url).map_err(named)?;
-            // One direct connection first: its error says what is wrong
-            // (refused, unknown database, authentication) where the pool
-            // would only time out.
-            let probe = <PgConnection as sqlx::Connection>::connect_with(&opts)
-                .await
-                .map_err(named)?;
-            let _ = sqlx::Connection::close(probe).await;
-            let pool = PgPoolOptions::new()
-                .max_connections(8)
-                .acquire_timeout(Duration::from_secs(10))
-                .connect_with(opts)
-                .await
-                .map_err(named)?;
-            Ok(Database::Postgres(pool))
-        } else {
-            Err(Error::config(format!(
-                "database URL `{}`: expected sqlite://PATH or postgres://...",
-                redact(url)
-            )))
+            return Ok(Database::Sqlite(sqlite::connect(url, create).await?));
         }
+        #[cfg(feature = "postgres")]
+        if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            return Ok(Database::Postgres(postgres::connect(url).await?));
+        }
+        let built: Vec<&str> = [
+            cfg!(feature = "sqlite").then_some("sqlite://PATH"),
+            cfg!(feature = "postgres").then_some("postgres://..."),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        Err(Error::config(format!(
+            "database URL `{}`: expected {} (this build has the features: {})",
+            redact(url),
+            built.join(" or "),
+            built.join(", ")
+        )))
     }
 
-    /// Creates the outbox, inbox and request tables if they do not exist.
+    /// Creates the outbox and inbox tables if they do not exist.
     pub async fn migrate(&self) -> Result<()> {
-        match self {
-            Database::Sqlite(pool) => {
-                sqlx::raw_sql(SQLITE_SCHEMA)
-                    .execute(pool)
-                    .await
-                    .map_err(|e| db_error("sqlite", "creating the outbox tables", e))?;
-            }
-            Database::Postgres(pool) => {
-                let mut tx = pool
-                    .begin()
-                    .await
-                    .map_err(|e| db_error("postgres", "creating the outbox tables", e))?;
-                sqlx::raw_sql(PG_SCHEMA)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| db_error("postgres", "creating the outbox tables", e))?;
-                tx.commit()
-                    .await
-                    .map_err(|e| db_error("postgres", "creating the outbox tables", e))?;
-            }
-        }
-        Ok(())
+        with_pool!(self, |pool| migrate(pool).await)
     }
+}
+
+async fn migrate<B: Backend>(pool: &B) -> Result<()> {
+    pool.migrate()
+        .await
+        .map_err(|e| db_error(B::NAME, "creating the outbox tables", e))
 }
 
 /// An error naming the database and what was being done.
@@ -288,62 +185,6 @@ pub trait OutboxExecutor: Send {
         message_id: &str,
     ) -> impl Future<Output = Result<bool>> + Send;
 }
-
-/// Implements [`OutboxExecutor`] for one database's connection; only the
-/// SQL differs.
-macro_rules! outbox_executor {
-    ($conn:ty, $db:literal, $insert:literal, $inbox:literal) => {
-        impl OutboxExecutor for $conn {
-            async fn insert_outbox(&mut self, row: &OutboxRow) -> Result<()> {
-                sqlx::query($insert)
-                    .bind(&row.message_id)
-                    .bind(&row.exchange)
-                    .bind(&row.routing_key)
-                    .bind(&row.properties)
-                    .bind(&row.body)
-                    .bind(row.mandatory)
-                    .bind(now_millis())
-                    .execute(&mut *self)
-                    .await
-                    .map_err(|e| db_error($db, "writing an outbox row", e))?;
-                Ok(())
-            }
-
-            async fn insert_inbox(&mut self, consumer: &str, message_id: &str) -> Result<bool> {
-                let done = sqlx::query($inbox)
-                    .bind(consumer)
-                    .bind(message_id)
-                    .bind(now_millis())
-                    .execute(&mut *self)
-                    .await
-                    .map_err(|e| db_error($db, "writing an inbox row", e))?;
-                Ok(done.rows_affected() == 1)
-            }
-        }
-    };
-}
-
-outbox_executor!(
-    SqliteConnection,
-    "sqlite",
-    "INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, mandatory, created_at) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    "INSERT INTO rabbitry_inbox (consumer, message_id, processed_at) VALUES (?1, ?2, ?3) \
-     ON CONFLICT (consumer, message_id) DO NOTHING"
-);
-
-// On PostgreSQL the insert also notifies listening relays, in the same
-// round trip; the notification is delivered when (and only if) the
-// transaction commits.
-outbox_executor!(
-    PgConnection,
-    "postgres",
-    "WITH ins AS (INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, mandatory, created_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id) \
-     SELECT pg_notify('rabbitry_outbox', '') FROM ins",
-    "INSERT INTO rabbitry_inbox (consumer, message_id, processed_at) VALUES ($1, $2, $3) \
-     ON CONFLICT (consumer, message_id) DO NOTHING"
-);
 
 /// Writes `message` to the outbox inside the caller's transaction
 /// (`&mut *tx`). Returns its message id. It is published after the
@@ -442,27 +283,8 @@ impl Outbox {
 
     /// The backlog, the oldest pending age and the failed rows.
     pub async fn status(&self) -> Result<OutboxStatus> {
-        let err = |e| db_error(&self.url, "reading the outbox", e);
-        let (pending, oldest, failed) = on_pool!(&self.db, |pool| {
-            let r = sqlx::query(
-                "SELECT COUNT(*), MIN(created_at) FROM rabbitry_outbox WHERE status = 'pending'",
-            )
-            .fetch_one(pool)
-            .await
-            .map_err(err)?;
-            let failed = sqlx::query(
-                "SELECT id, message_id, exchange, routing_key, last_error FROM rabbitry_outbox \
-                 WHERE status = 'failed' ORDER BY id",
-            )
-            .fetch_all(pool)
-            .await
-            .map_err(err)?;
-            (
-                r.try_get::<i64, _>(0).map_err(err)?,
-                r.try_get::<Option<i64>, _>(1).map_err(err)?,
-                failed.iter().map(failed_row).collect::<Vec<_>>(),
-            )
-        });
+        let (pending, oldest, failed) = with_pool!(&self.db, |pool| pool.status().await)
+            .map_err(|e| db_error(&self.url, "reading the outbox", e))?;
         Ok(OutboxStatus {
             pending,
             oldest_pending_ms: oldest.map(|t| now_millis() - t),
@@ -471,7 +293,7 @@ impl Outbox {
     }
 }
 
-fn failed_row<R: Row>(r: &R) -> FailedRow
+pub(super) fn failed_row<R: Row>(r: &R) -> FailedRow
 where
     usize: sqlx::ColumnIndex<R>,
     for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,

@@ -1,19 +1,18 @@
 //! The relay: pending outbox rows to the broker, in order, with confirms.
 
+use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::Row;
-use std::collections::VecDeque;
-
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
-use super::{db_error, store, Database, Outbox};
+use super::backend::Backend;
+use super::{db_error, store, with_pool, Database, Outbox};
 use crate::connection::{stopped, Connection};
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::Message;
 use crate::publish::{Confirmation, Producer, ProducerSettings};
-use crate::worker::retry::now_millis;
 
 /// How a relay works.
 #[derive(Debug, Clone)]
@@ -68,8 +67,9 @@ impl Relay {
     }
 }
 
-struct Claimed {
-    id: i64,
+/// A claimed row, as the message it stores.
+pub(super) struct Claimed {
+    pub(super) id: i64,
     message: Message,
 }
 
@@ -88,21 +88,42 @@ impl Outbox {
         )
         .await?;
         let (stop, stop_rx) = watch::channel(false);
-        let outbox = self.clone();
-        let task = tokio::spawn(async move { outbox.relay_loop(producer, options, stop_rx).await });
+        let task = with_pool!(&self.db, |pool| {
+            let looping = RelayLoop {
+                pool: pool.clone(),
+                url: Arc::from(self.url.as_str()),
+                wake: self.wake.clone(),
+                options,
+            };
+            tokio::spawn(looping.run(producer, stop_rx))
+        });
         Ok(Relay { stop, task })
     }
+}
 
-    async fn relay_loop(
-        self,
-        producer: Producer,
-        options: RelayOptions,
-        mut stop: watch::Receiver<bool>,
-    ) -> Result<()> {
-        let mut listener = match &self.db {
-            Database::Postgres(pool) => listen(pool).await,
-            Database::Sqlite(_) => None,
-        };
+/// One relay's work on one database.
+struct RelayLoop<B> {
+    pool: B,
+    url: Arc<str>,
+    wake: Arc<Notify>,
+    options: RelayOptions,
+}
+
+impl<B: Backend> Clone for RelayLoop<B> {
+    fn clone(&self) -> Self {
+        RelayLoop {
+            pool: self.pool.clone(),
+            url: self.url.clone(),
+            wake: self.wake.clone(),
+            options: self.options.clone(),
+        }
+    }
+}
+
+impl<B: Backend> RelayLoop<B> {
+    async fn run(self, producer: Producer, mut stop: watch::Receiver<bool>) -> Result<()> {
+        let options = self.options.clone();
+        let mut listener = self.pool.listen().await;
         let mut failures = 0u32;
         // Batches published and waiting for their confirms, oldest first.
         // The next batch is claimed and published while the previous one
@@ -119,7 +140,7 @@ impl Outbox {
             let notified = wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let claimed = match self.claim(&options).await {
+            let claimed = match self.claim().await {
                 Ok(c) => c,
                 Err(e) => {
                     failures += 1;
@@ -131,14 +152,14 @@ impl Outbox {
                     }
                 }
             };
-            let got = !claimed.rows.is_empty();
+            let (rows, held) = claimed;
+            let got = !rows.is_empty();
             if got {
-                let submitted = submit_all(&producer, claimed.rows).await;
-                let outbox = self.clone();
-                let opts = options.clone();
-                in_flight.push_back(tokio::spawn(async move {
-                    outbox.finish(claimed.tx, submitted, &opts).await
-                }));
+                let submitted = submit_all(&producer, rows).await;
+                let relay = self.clone();
+                in_flight.push_back(tokio::spawn(
+                    async move { relay.finish(held, submitted).await },
+                ));
             }
             // Keep at most two batches in flight; with nothing new, finish
             // what is in flight before sleeping.
@@ -175,7 +196,7 @@ impl Outbox {
             }
             tokio::select! {
                 _ = &mut notified => {}
-                _ = wait_notification(&mut listener) => {}
+                _ = wait_notification::<B>(&mut listener) => {}
                 _ = tokio::time::sleep(options.poll) => {}
                 _ = stopped(&mut stop) => return Ok(()),
             }
@@ -183,167 +204,27 @@ impl Outbox {
     }
 
     /// Claims the oldest pending rows not claimed by another relay: row
-    /// locks (`FOR UPDATE SKIP LOCKED`, held by the returned transaction)
-    /// on PostgreSQL, a lease on SQLite.
-    async fn claim(&self, options: &RelayOptions) -> Result<Claim> {
-        let err = |e| db_error(&self.url, "claiming outbox rows", e);
-        match &self.db {
-            Database::Postgres(pool) => {
-                let mut tx = pool.begin().await.map_err(err)?;
-                let rows = sqlx::query(
-                    "SELECT id, exchange, routing_key, properties, body, mandatory FROM rabbitry_outbox \
-                     WHERE status = 'pending' ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-                )
-                .bind(options.batch as i64)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(err)?;
-                let rows = rows
-                    .iter()
-                    .map(claimed_pg)
-                    .collect::<sqlx::Result<Vec<_>>>()
-                    .map_err(err)?;
-                Ok(Claim { rows, tx: Some(tx) })
-            }
-            Database::Sqlite(pool) => {
-                let now = now_millis();
-                let until = now + options.lease.as_millis() as i64;
-                // The lease names the relay and this claim.
-                let token = format!("{}:{}", options.owner, uuid::Uuid::new_v4().simple());
-                // One statement claims and returns exactly the leased rows.
-                let rows = sqlx::query(
-                    "UPDATE rabbitry_outbox SET lease_owner = ?1, lease_until = ?2 WHERE id IN \
-                     (SELECT id FROM rabbitry_outbox WHERE status = 'pending' \
-                      AND (lease_until IS NULL OR lease_until < ?3) ORDER BY id LIMIT ?4) \
-                     RETURNING id, exchange, routing_key, properties, body, mandatory",
-                )
-                .bind(&token)
-                .bind(until)
-                .bind(now)
-                .bind(options.batch as i64)
-                .fetch_all(pool)
-                .await
-                .map_err(err)?;
-                let mut rows = rows
-                    .iter()
-                    .map(claimed_sqlite)
-                    .collect::<sqlx::Result<Vec<_>>>()
-                    .map_err(err)?;
-                // RETURNING does not promise an order; commit order is id order.
-                rows.sort_by_key(|c| c.id);
-                Ok(Claim { rows, tx: None })
-            }
-        }
+    /// locks on PostgreSQL, a lease on SQLite.
+    async fn claim(&self) -> Result<(Vec<Claimed>, B::Held)> {
+        self.pool
+            .claim(&self.options)
+            .await
+            .map_err(|e| db_error(&self.url, "claiming outbox rows", e))
     }
 
     /// Waits for a batch's confirms, then deletes what was confirmed and
-    /// marks what the broker refused, in one transaction. Rows that got
-    /// neither (broker away) stay pending and lose their lease.
-    async fn finish(
-        &self,
-        tx: Option<sqlx::Transaction<'static, sqlx::Postgres>>,
-        submitted: Submitted,
-        options: &RelayOptions,
-    ) -> Result<usize> {
+    /// marks what the broker refused. Rows that got neither (broker away)
+    /// stay pending, first in line.
+    async fn finish(&self, held: B::Held, submitted: Submitted) -> Result<usize> {
         let outcome = submitted.confirmed().await;
-        if options.crash_after_publish {
+        if self.options.crash_after_publish {
             return Err(crash());
         }
-        let err = |e| db_error(&self.url, "marking relayed rows", e);
-        match (&self.db, tx) {
-            (Database::Postgres(_), Some(mut tx)) => {
-                sqlx::query("DELETE FROM rabbitry_outbox WHERE id = ANY($1)")
-                    .bind(&outcome.sent)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(err)?;
-                for (id, e) in &outcome.failed {
-                    sqlx::query(
-                        "UPDATE rabbitry_outbox SET status = 'failed', last_error = $2, attempts = attempts + 1 WHERE id = $1",
-                    )
-                    .bind(id)
-                    .bind(e)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(err)?;
-                }
-                tx.commit().await.map_err(err)?;
-            }
-            (Database::Sqlite(pool), _)
-                if outcome.failed.is_empty() && outcome.transient.is_none() =>
-            {
-                // The common case, all confirmed: one statement, no transaction.
-                let sent = serde_json::to_string(&outcome.sent).unwrap_or_default();
-                sqlx::query(
-                    "DELETE FROM rabbitry_outbox WHERE id IN (SELECT value FROM json_each(?1))",
-                )
-                .bind(sent)
-                .execute(pool)
-                .await
-                .map_err(err)?;
-            }
-            (Database::Sqlite(pool), _) => {
-                let mut tx = pool.begin().await.map_err(err)?;
-                let sent = serde_json::to_string(&outcome.sent).unwrap_or_default();
-                sqlx::query(
-                    "DELETE FROM rabbitry_outbox WHERE id IN (SELECT value FROM json_each(?1))",
-                )
-                .bind(sent)
-                .execute(&mut *tx)
-                .await
-                .map_err(err)?;
-                for (id, e) in &outcome.failed {
-                    sqlx::query(
-                        "UPDATE rabbitry_outbox SET status = 'failed', last_error = ?2, attempts = attempts + 1, \
-                         lease_owner = NULL, lease_until = NULL WHERE id = ?1",
-                    )
-                    .bind(id)
-                    .bind(e)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(err)?;
-                }
-                if outcome.transient.is_some() {
-                    // Not confirmed (broker away): give the rows back so the
-                    // next round takes them again, first.
-                    let unconfirmed =
-                        serde_json::to_string(&outcome.unconfirmed).unwrap_or_default();
-                    sqlx::query(
-                        "UPDATE rabbitry_outbox SET lease_owner = NULL, lease_until = NULL \
-                         WHERE id IN (SELECT value FROM json_each(?1))",
-                    )
-                    .bind(unconfirmed)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(err)?;
-                }
-                tx.commit().await.map_err(err)?;
-            }
-            (Database::Postgres(_), None) => {
-                return Err(Error::new(
-                    ErrorKind::Database,
-                    "relay: claimed rows without their transaction",
-                ));
-            }
-        }
+        self.pool
+            .finish(held, &outcome)
+            .await
+            .map_err(|e| db_error(&self.url, "marking relayed rows", e))?;
         outcome.finish()
-    }
-}
-
-async fn listen(pool: &sqlx::PgPool) -> Option<sqlx::postgres::PgListener> {
-    let mut l = match sqlx::postgres::PgListener::connect_with(pool).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!(error = %e, "LISTEN failed; the relay will poll");
-            return None;
-        }
-    };
-    match l.listen(super::NOTIFY_CHANNEL).await {
-        Ok(()) => Some(l),
-        Err(e) => {
-            tracing::warn!(error = %e, "LISTEN failed; the relay will poll");
-            None
-        }
     }
 }
 
@@ -365,14 +246,6 @@ async fn drain(in_flight: &mut VecDeque<JoinHandle<Result<usize>>>) -> Result<()
     first
 }
 
-/// Rows claimed by one round, with the transaction that holds their locks
-/// (PostgreSQL).
-#[derive(Default)]
-struct Claim {
-    rows: Vec<Claimed>,
-    tx: Option<sqlx::Transaction<'static, sqlx::Postgres>>,
-}
-
 fn crash() -> Error {
     Error::new(
         ErrorKind::Closed,
@@ -380,42 +253,14 @@ fn crash() -> Error {
     )
 }
 
-async fn wait_notification(listener: &mut Option<sqlx::postgres::PgListener>) {
+async fn wait_notification<B: Backend>(listener: &mut Option<B::Listener>) {
     match listener {
-        Some(l) => {
-            if l.recv().await.is_err() {
-                // The listener reconnects by itself on the next recv; do
-                // not spin meanwhile.
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
+        Some(l) => B::notified(l).await,
         None => std::future::pending().await,
     }
 }
 
-fn claimed_pg(r: &sqlx::postgres::PgRow) -> sqlx::Result<Claimed> {
-    claimed_from(
-        r.try_get(0),
-        r.try_get(1),
-        r.try_get(2),
-        r.try_get(3),
-        r.try_get(4),
-        r.try_get(5),
-    )
-}
-
-fn claimed_sqlite(r: &sqlx::sqlite::SqliteRow) -> sqlx::Result<Claimed> {
-    claimed_from(
-        r.try_get(0),
-        r.try_get(1),
-        r.try_get(2),
-        r.try_get(3),
-        r.try_get(4),
-        r.try_get(5),
-    )
-}
-
-fn claimed_from(
+pub(super) fn claimed_from(
     id: sqlx::Result<i64>,
     exchange: sqlx::Result<String>,
     routing_key: sqlx::Result<String>,
@@ -436,12 +281,13 @@ fn claimed_from(
     })
 }
 
+/// What became of a batch: confirmed, refused (with why), or neither.
 #[derive(Default)]
-struct BatchOutcome {
-    sent: Vec<i64>,
-    failed: Vec<(i64, String)>,
-    unconfirmed: Vec<i64>,
-    transient: Option<Error>,
+pub(super) struct BatchOutcome {
+    pub(super) sent: Vec<i64>,
+    pub(super) failed: Vec<(i64, String)>,
+    pub(super) unconfirmed: Vec<i64>,
+    pub(super) transient: Option<Error>,
 }
 
 impl BatchOutcome {

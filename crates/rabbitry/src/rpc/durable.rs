@@ -12,12 +12,55 @@
 use std::future::Future;
 
 use serde::Serialize;
-use sqlx::{PgConnection, Row, SqliteConnection};
+use sqlx::Row;
 
+use crate::clock::now_millis;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::Message;
-use crate::outbox::{db_error, Database, OutboxExecutor};
-use crate::worker::retry::now_millis;
+use crate::outbox::{db_error, with_pool, Database, OutboxExecutor};
+
+#[cfg(feature = "sqlite")]
+const SQLITE_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS rabbitry_requests (
+    correlation_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    request TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    reply_content_type TEXT,
+    reply BLOB,
+    replied_at INTEGER
+);
+";
+
+#[cfg(feature = "postgres")]
+const PG_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS rabbitry_requests (
+    correlation_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    request TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    reply_content_type TEXT,
+    reply BYTEA,
+    replied_at BIGINT
+);
+";
+
+/// Creates the `rabbitry_requests` table if it does not exist (and the
+/// outbox's tables, which durable requests are sent through).
+pub async fn migrate(db: &Database) -> Result<()> {
+    db.migrate().await?;
+    let schema = match db {
+        #[cfg(feature = "sqlite")]
+        Database::Sqlite(_) => SQLITE_SCHEMA,
+        #[cfg(feature = "postgres")]
+        Database::Postgres(_) => PG_SCHEMA,
+    };
+    with_pool!(db, |pool| sqlx::raw_sql(schema)
+        .execute(pool)
+        .await
+        .map(drop))
+    .map_err(|e| db_error("requests", "creating the requests table", e))
+}
 
 /// A stored request and, once it came, its reply.
 #[derive(Debug, Clone, Serialize)]
@@ -103,8 +146,9 @@ macro_rules! request_store {
     };
 }
 
+#[cfg(feature = "sqlite")]
 request_store!(
-    SqliteConnection,
+    sqlx::SqliteConnection,
     "sqlite",
     "INSERT INTO rabbitry_requests (correlation_id, kind, request, created_at) VALUES (?1, ?2, ?3, ?4)",
     "UPDATE rabbitry_requests SET reply_content_type = ?2, reply = ?3, replied_at = ?4 \
@@ -113,8 +157,9 @@ request_store!(
      FROM rabbitry_requests WHERE correlation_id = ?1"
 );
 
+#[cfg(feature = "postgres")]
 request_store!(
-    PgConnection,
+    sqlx::PgConnection,
     "postgres",
     "INSERT INTO rabbitry_requests (correlation_id, kind, request, created_at) VALUES ($1, $2, $3, $4)",
     "UPDATE rabbitry_requests SET reply_content_type = $2, reply = $3, replied_at = $4 \
@@ -186,28 +231,24 @@ pub async fn complete<E: RequestStore + ?Sized>(
 
 /// Looks up a request (and its reply, if stored) by correlation id.
 pub async fn get(db: &Database, correlation_id: &str) -> Result<Option<StoredRequest>> {
-    match db {
-        Database::Sqlite(pool) => {
-            let row = sqlx::query(
-                "SELECT correlation_id, kind, request, created_at, reply_content_type, reply, replied_at \
-                 FROM rabbitry_requests WHERE correlation_id = ?1",
-            )
+    let sql = match db {
+        #[cfg(feature = "sqlite")]
+        Database::Sqlite(_) => {
+            "SELECT correlation_id, kind, request, created_at, reply_content_type, reply, replied_at \
+             FROM rabbitry_requests WHERE correlation_id = ?1"
+        }
+        #[cfg(feature = "postgres")]
+        Database::Postgres(_) => {
+            "SELECT correlation_id, kind, request, created_at, reply_content_type, reply, replied_at \
+             FROM rabbitry_requests WHERE correlation_id = $1"
+        }
+    };
+    with_pool!(db, |pool| {
+        let row = sqlx::query(sql)
             .bind(correlation_id)
             .fetch_optional(pool)
             .await
-            .map_err(|e| db_error("sqlite", "reading a request", e))?;
-            row.map(|r| stored(&r)).transpose()
-        }
-        Database::Postgres(pool) => {
-            let row = sqlx::query(
-                "SELECT correlation_id, kind, request, created_at, reply_content_type, reply, replied_at \
-                 FROM rabbitry_requests WHERE correlation_id = $1",
-            )
-            .bind(correlation_id)
-            .fetch_optional(pool)
-            .await
-            .map_err(|e| db_error("postgres", "reading a request", e))?;
-            row.map(|r| stored(&r)).transpose()
-        }
-    }
+            .map_err(|e| db_error("requests", "reading a request", e))?;
+        row.map(|r| stored(&r)).transpose()
+    })
 }

@@ -16,6 +16,7 @@
 //! result is the reply. For replies that must survive the requester's
 //! restart, see [`durable`].
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub mod durable;
 
 use std::collections::HashMap;
@@ -29,13 +30,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::amqp::{from_basic, to_basic};
+use crate::clock::now_millis;
 use crate::codec::{decode_value, Decoded, Serializer};
 use crate::connection::channel::{CloseReason, Returned};
 use crate::connection::{lock, stopped, ConfirmSink, Connection};
 use crate::error::{Error, ErrorKind, Result};
+use crate::headers::DEADLINE;
 use crate::message::{HeaderValue, Message, Properties};
 use crate::topology::{Queue, Topology};
-use crate::worker::retry::{now_millis, DEADLINE};
 
 /// RabbitMQ's direct reply-to pseudo-queue.
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";

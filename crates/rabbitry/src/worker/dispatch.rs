@@ -11,8 +11,10 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use super::handler::{BoxFuture, Context, FailureKind, HandlerError, Meta, Reply};
+#[cfg(feature = "http")]
+use super::http;
 use super::metrics::{Counted, WorkerMetrics};
-use super::{http, retry, ConsumerOptions, ErrorHandler, Route};
+use super::{retry, ConsumerOptions, ErrorHandler, Route};
 use crate::connection::stopped;
 use crate::consume::{Consumer, Delivery, Outcome};
 use crate::error::ErrorKind;
@@ -117,7 +119,7 @@ async fn handle_delivery<S: Clone + Send + Sync + 'static>(
         .get(retry::DEADLINE)
         .and_then(HeaderValue::as_i64)
     {
-        let late = retry::now_millis() - deadline;
+        let late = crate::clock::now_millis() - deadline;
         if late > 0 {
             tracing::Span::current().record("outcome", "expired");
             tracing::warn!(
@@ -171,6 +173,7 @@ async fn run_handler<S: Clone + Send + Sync + 'static>(
 ) -> std::result::Result<Reply, HandlerError> {
     let fut: BoxFuture<std::result::Result<Reply, HandlerError>> = match &rt.route {
         Route::Native(h) => h(ctx, state.clone()),
+        #[cfg(feature = "http")]
         Route::Http { service, base } => {
             let uri = http::request_path(base, &ctx.meta);
             let req = match http::to_request(uri, &ctx.meta, ctx.delivery.body.clone()) {

@@ -53,6 +53,7 @@ mod dispatch;
 
 pub mod dead;
 pub mod handler;
+#[cfg(feature = "http")]
 pub mod http;
 pub mod metrics;
 pub mod retry;
@@ -78,6 +79,7 @@ use crate::publish::{Producer, ProducerSettings};
 use crate::topology::Topology;
 use dispatch::ConsumerRuntime;
 use handler::BoxHandler;
+#[cfg(feature = "http")]
 use http::BoxService;
 use metrics::WorkerMetrics;
 
@@ -119,13 +121,18 @@ impl Default for ConsumerOptions {
 /// What handles a consumer's deliveries.
 pub(crate) enum Route<S> {
     Native(BoxHandler<S>),
-    Http { service: BoxService, base: String },
+    #[cfg(feature = "http")]
+    Http {
+        service: BoxService,
+        base: String,
+    },
 }
 
 impl<S> Clone for Route<S> {
     fn clone(&self) -> Self {
         match self {
             Route::Native(h) => Route::Native(h.clone()),
+            #[cfg(feature = "http")]
             Route::Http { service, base } => Route::Http {
                 service: service.clone(),
                 base: base.clone(),
@@ -137,7 +144,9 @@ impl<S> Clone for Route<S> {
 /// A handler as registered, before the worker starts.
 enum Target<S> {
     Native(BoxHandler<S>),
+    #[cfg(feature = "http")]
     Service(BoxService),
+    #[cfg(feature = "http")]
     Url(String),
 }
 
@@ -157,9 +166,11 @@ pub struct Worker<S = ()> {
     consumers: Vec<ConsumerSpec<S>>,
     site: Option<String>,
     user: Option<String>,
+    #[cfg(feature = "http")]
     prefix: String,
     shutdown_timeout: Duration,
     error_handlers: HashMap<String, ErrorHandler>,
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
     outbox: Option<crate::outbox::Outbox>,
     relay_conn: Option<Connection>,
     owned: Vec<Connection>,
@@ -193,9 +204,11 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
             consumers: Vec::new(),
             site: None,
             user: None,
+            #[cfg(feature = "http")]
             prefix: String::new(),
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             error_handlers: HashMap::new(),
+            #[cfg(any(feature = "sqlite", feature = "postgres"))]
             outbox: None,
             relay_conn: None,
             owned: Vec::new(),
@@ -223,6 +236,7 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
         self.add(settings, Target::Native(handler::boxed(handler)))
     }
 
+    #[cfg(feature = "http")]
     /// Consumes what `settings` describe and hands each delivery to a tower
     /// service (an axum `Router`) as
     /// `POST {prefix}/{connection}/{exchange}/{routing_key}[/{correlation_id}]`.
@@ -234,6 +248,7 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
         self.add(settings, Target::Service(http::boxed_service(service)))
     }
 
+    #[cfg(feature = "http")]
     /// Consumes what `settings` describe and forwards each delivery to the
     /// HTTP application at `url` (`http://host:port/path`), in any
     /// language. A URL that is not one is an error at
@@ -321,6 +336,7 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
         self
     }
 
+    #[cfg(feature = "http")]
     /// The path prefix of requests to tower services.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
@@ -348,6 +364,7 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
         self
     }
 
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
     /// Relays `outbox` on the worker's connection while the worker runs,
     /// and stops the relay at shutdown.
     pub fn with_outbox(mut self, outbox: crate::outbox::Outbox) -> Self {
@@ -355,12 +372,14 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
         self
     }
 
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
     /// The connection the outbox relay publishes on, when not the worker's.
     pub fn relay_on(mut self, conn: &Connection) -> Self {
         self.relay_conn = Some(conn.clone());
         self
     }
 
+    #[cfg(all(feature = "config", feature = "http"))]
     /// Connections the worker closes at shutdown (the configuration layer
     /// opens them for the worker it builds).
     pub(crate) fn owning(mut self, conns: Vec<Connection>) -> Self {
@@ -397,9 +416,11 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
             consumers,
             site,
             user,
+            #[cfg(feature = "http")]
             prefix,
             shutdown_timeout,
             error_handlers,
+            #[cfg(any(feature = "sqlite", feature = "postgres"))]
             outbox,
             relay_conn,
             owned,
@@ -419,10 +440,12 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
             } = spec;
             let route = match target {
                 Target::Native(h) => Route::Native(h),
+                #[cfg(feature = "http")]
                 Target::Service(service) => Route::Http {
                     service,
                     base: prefix.clone(),
                 },
+                #[cfg(feature = "http")]
                 Target::Url(url) => Route::Http {
                     service: http::url_client(options.timeout),
                     base: url,
@@ -478,6 +501,9 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
                 stop_rx.clone(),
             )));
         }
+        #[cfg(not(any(feature = "sqlite", feature = "postgres")))]
+        let _ = (&conn, relay_conn);
+        #[cfg(any(feature = "sqlite", feature = "postgres"))]
         let relay = match outbox {
             Some(outbox) => Some(
                 outbox
@@ -493,6 +519,7 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
             stop,
             tasks,
             metrics,
+            #[cfg(any(feature = "sqlite", feature = "postgres"))]
             relay,
             connections: owned,
             shutdown_timeout,
@@ -518,6 +545,7 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
             if c.options.concurrency == 0 {
                 return Err(err("concurrency must be at least 1".into()));
             }
+            #[cfg(feature = "http")]
             if let Target::Url(url) = &c.target {
                 http::check_url(url).map_err(err)?;
             }
@@ -539,6 +567,7 @@ pub struct RunningWorker {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     metrics: Arc<WorkerMetrics>,
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
     relay: Option<crate::outbox::Relay>,
     connections: Vec<Connection>,
     shutdown_timeout: Duration,
@@ -575,6 +604,7 @@ impl RunningWorker {
                 task.abort();
             }
         }
+        #[cfg(any(feature = "sqlite", feature = "postgres"))]
         if let Some(relay) = self.relay {
             // The relay finishes its current round (rows are deleted only
             // after their confirm, so nothing is lost either way).

@@ -7,26 +7,17 @@
 //! plugin is needed. After the last attempt the message goes to
 //! `<queue>.dead` with headers saying why.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
+
+use crate::clock::rfc3339;
 
 use crate::error::{Error, Result};
 use crate::message::{HeaderValue, Message, Properties};
 use crate::topology::{Queue, Topology};
 
-/// The attempt number of a retried message (1 is the first attempt).
-pub const ATTEMPT: &str = "x-rabbitry-attempt";
-/// Why the message failed, on dead letters.
-pub const ERROR: &str = "x-rabbitry-error";
-/// How many attempts were made, on dead letters.
-pub const ATTEMPTS: &str = "x-rabbitry-attempts";
-/// The exchange the message was first published to.
-pub const ORIGINAL_EXCHANGE: &str = "x-rabbitry-original-exchange";
-/// The routing key the message was first published with.
-pub const ORIGINAL_ROUTING_KEY: &str = "x-rabbitry-original-routing-key";
-/// When the message was dead-lettered (RFC 3339, UTC).
-pub const FAILED_AT: &str = "x-rabbitry-failed-at";
-/// The caller's deadline, epoch milliseconds: a request past it is not handled.
-pub const DEADLINE: &str = "x-rabbitry-deadline";
+pub use crate::headers::{
+    ATTEMPT, ATTEMPTS, DEADLINE, ERROR, FAILED_AT, ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY,
+};
 
 /// How a consumer's failed messages are retried: `attempts` in all (the
 /// first included), waiting `delays[i]` before retry `i + 1`; the last
@@ -271,38 +262,6 @@ pub fn for_replay(body: Vec<u8>, mut p: Properties) -> Option<Message> {
     })
 }
 
-/// Milliseconds since the epoch, now.
-pub fn now_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
-}
-
-/// Formats a time as RFC 3339 in UTC, to the millisecond.
-pub fn rfc3339(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,12 +307,5 @@ mod tests {
         assert_eq!(r.routing_key.as_deref(), Some("order.new"));
         assert!(r.properties.headers.is_empty());
         assert_eq!(attempt_of(&r.properties), 1);
-    }
-
-    #[test]
-    fn rfc3339_formats_known_instants() {
-        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        let t = UNIX_EPOCH + Duration::from_millis(1_795_799_302_123);
-        assert_eq!(rfc3339(t), "2026-11-27T17:08:22.123Z");
     }
 }

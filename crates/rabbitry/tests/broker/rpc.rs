@@ -350,6 +350,7 @@ async fn the_seed_flow_with_a_durable_reply_queue_survives_the_requester_restart
     // The requesting process: request and context in one transaction.
     let correlation_id = {
         let outbox = Outbox::connect(&db_url).await.unwrap();
+        durable::migrate(outbox.database()).await.unwrap();
         let Database::Sqlite(pool) = outbox.database() else {
             unreachable!()
         };

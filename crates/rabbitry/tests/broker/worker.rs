@@ -631,7 +631,7 @@ async fn expired_request_is_acked_without_handling_and_error_handler_takes_failu
     let producer = Producer::new(&conn, ProducerSettings::new(&exchange, ExchangeKind::Topic))
         .await
         .unwrap();
-    let past = rabbitry::worker::retry::now_millis() - 1_000;
+    let past = rabbitry::clock::now_millis() - 1_000;
     producer
         .publish(
             Message::new("x")

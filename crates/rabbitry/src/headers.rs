@@ -1,0 +1,18 @@
+//! The `x-rabbitry-*` header names: rabbitry's part of the wire format,
+//! read and written by the worker (retries, dead letters), the RPC client
+//! (deadlines) and any client in another language that wants to.
+
+/// The attempt number of a retried message (1 is the first attempt).
+pub const ATTEMPT: &str = "x-rabbitry-attempt";
+/// Why the message failed, on dead letters.
+pub const ERROR: &str = "x-rabbitry-error";
+/// How many attempts were made, on dead letters.
+pub const ATTEMPTS: &str = "x-rabbitry-attempts";
+/// The exchange the message was first published to.
+pub const ORIGINAL_EXCHANGE: &str = "x-rabbitry-original-exchange";
+/// The routing key the message was first published with.
+pub const ORIGINAL_ROUTING_KEY: &str = "x-rabbitry-original-routing-key";
+/// When the message was dead-lettered (RFC 3339, UTC).
+pub const FAILED_AT: &str = "x-rabbitry-failed-at";
+/// The caller's deadline, epoch milliseconds: a request past it is not handled.
+pub const DEADLINE: &str = "x-rabbitry-deadline";

@@ -1,0 +1,49 @@
+//! What each database gives the outbox: one private trait, implemented once
+//! per database in a file of its own (`sqlite.rs`, `postgres.rs`). The
+//! relay and the status report are written against it, so a third database
+//! is one new file and one `Database` variant.
+
+use std::future::Future;
+
+use super::relay::{BatchOutcome, Claimed, RelayOptions};
+use super::FailedRow;
+
+/// The outbox's view of one database's pool.
+pub(super) trait Backend: Clone + Send + Sync + 'static {
+    /// What a claim holds until its batch is finished: on PostgreSQL the
+    /// transaction whose row locks keep other relays off the rows.
+    type Held: Send + 'static;
+    /// How the database says a new row was committed, if it can.
+    type Listener: Send + 'static;
+    /// The database's name in errors.
+    const NAME: &'static str;
+
+    /// Creates the outbox and inbox tables if they do not exist.
+    fn migrate(&self) -> impl Future<Output = sqlx::Result<()>> + Send;
+
+    /// Pending rows, the oldest pending row's creation time, failed rows.
+    fn status(
+        &self,
+    ) -> impl Future<Output = sqlx::Result<(i64, Option<i64>, Vec<FailedRow>)>> + Send;
+
+    /// Claims the oldest pending rows that no other relay holds, in id
+    /// (commit) order.
+    fn claim(
+        &self,
+        options: &RelayOptions,
+    ) -> impl Future<Output = sqlx::Result<(Vec<Claimed>, Self::Held)>> + Send;
+
+    /// Deletes what was confirmed, marks what the broker refused as
+    /// failed, and gives back what got neither.
+    fn finish(
+        &self,
+        held: Self::Held,
+        outcome: &BatchOutcome,
+    ) -> impl Future<Output = sqlx::Result<()>> + Send;
+
+    /// Starts listening for commits, when the database can say.
+    fn listen(&self) -> impl Future<Output = Option<Self::Listener>> + Send;
+
+    /// Resolves at the next commit notification (never without one).
+    fn notified(listener: &mut Self::Listener) -> impl Future<Output = ()> + Send;
+}

@@ -1,0 +1,199 @@
+//! The outbox on PostgreSQL: several relays share the rows through row
+//! locks (`FOR UPDATE SKIP LOCKED`, held by the claim's transaction until
+//! its batch is confirmed), and an insert notifies listening relays
+//! (`pg_notify`, delivered when the writer's transaction commits).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
+use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
+
+use super::backend::Backend;
+use super::relay::{claimed_from, BatchOutcome, Claimed, RelayOptions};
+use super::{db_error, failed_row, OutboxExecutor, OutboxRow, NOTIFY_CHANNEL};
+use crate::clock::now_millis;
+use crate::error::Result;
+
+const SCHEMA: &str = "
+SELECT pg_advisory_xact_lock(7263551);
+CREATE TABLE IF NOT EXISTS rabbitry_outbox (
+    id BIGSERIAL PRIMARY KEY,
+    message_id TEXT NOT NULL UNIQUE,
+    exchange TEXT NOT NULL,
+    routing_key TEXT NOT NULL,
+    properties TEXT NOT NULL,
+    body BYTEA NOT NULL,
+    mandatory BOOLEAN NOT NULL DEFAULT FALSE,
+    created_at BIGINT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    lease_owner TEXT,
+    lease_until BIGINT
+);
+CREATE INDEX IF NOT EXISTS rabbitry_outbox_pending ON rabbitry_outbox (status, id);
+CREATE TABLE IF NOT EXISTS rabbitry_inbox (
+    consumer TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    processed_at BIGINT NOT NULL,
+    PRIMARY KEY (consumer, message_id)
+);
+";
+
+/// Opens `url`, trying one direct connection first: its error says what
+/// is wrong (refused, unknown database, authentication) where a pool would
+/// only time out.
+pub(super) async fn connect(url: &str) -> Result<PgPool> {
+    let named = |e: sqlx::Error| db_error(url, "cannot connect", e);
+    let opts = PgConnectOptions::from_str(url).map_err(named)?;
+    let probe = <PgConnection as sqlx::Connection>::connect_with(&opts)
+        .await
+        .map_err(named)?;
+    let _ = sqlx::Connection::close(probe).await;
+    PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(opts)
+        .await
+        .map_err(named)
+}
+
+fn claimed(r: &PgRow) -> sqlx::Result<Claimed> {
+    claimed_from(
+        r.try_get(0),
+        r.try_get(1),
+        r.try_get(2),
+        r.try_get(3),
+        r.try_get(4),
+        r.try_get(5),
+    )
+}
+
+impl Backend for PgPool {
+    type Held = Transaction<'static, Postgres>;
+    type Listener = PgListener;
+    const NAME: &'static str = "postgres";
+
+    async fn migrate(&self) -> sqlx::Result<()> {
+        // One transaction, with an advisory lock: processes that start
+        // together do not race to create the tables.
+        let mut tx = self.begin().await?;
+        sqlx::raw_sql(SCHEMA).execute(&mut *tx).await?;
+        tx.commit().await
+    }
+
+    async fn status(&self) -> sqlx::Result<(i64, Option<i64>, Vec<super::FailedRow>)> {
+        let r = sqlx::query(
+            "SELECT COUNT(*), MIN(created_at) FROM rabbitry_outbox WHERE status = 'pending'",
+        )
+        .fetch_one(self)
+        .await?;
+        let failed = sqlx::query(
+            "SELECT id, message_id, exchange, routing_key, last_error FROM rabbitry_outbox \
+             WHERE status = 'failed' ORDER BY id",
+        )
+        .fetch_all(self)
+        .await?;
+        Ok((
+            r.try_get(0)?,
+            r.try_get(1)?,
+            failed.iter().map(failed_row).collect(),
+        ))
+    }
+
+    async fn claim(&self, options: &RelayOptions) -> sqlx::Result<(Vec<Claimed>, Self::Held)> {
+        let mut tx = self.begin().await?;
+        let rows = sqlx::query(
+            "SELECT id, exchange, routing_key, properties, body, mandatory FROM rabbitry_outbox \
+             WHERE status = 'pending' ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(options.batch as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        let rows = rows.iter().map(claimed).collect::<sqlx::Result<Vec<_>>>()?;
+        Ok((rows, tx))
+    }
+
+    async fn finish(&self, mut tx: Self::Held, outcome: &BatchOutcome) -> sqlx::Result<()> {
+        sqlx::query("DELETE FROM rabbitry_outbox WHERE id = ANY($1)")
+            .bind(&outcome.sent)
+            .execute(&mut *tx)
+            .await?;
+        for (id, e) in &outcome.failed {
+            sqlx::query(
+                "UPDATE rabbitry_outbox SET status = 'failed', last_error = $2, attempts = attempts + 1 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(e)
+            .execute(&mut *tx)
+            .await?;
+        }
+        // Rows that got neither stay pending: committing releases their
+        // locks, and the next round takes them again.
+        tx.commit().await
+    }
+
+    async fn listen(&self) -> Option<PgListener> {
+        let mut l = match PgListener::connect_with(self).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "LISTEN failed; the relay will poll");
+                return None;
+            }
+        };
+        match l.listen(NOTIFY_CHANNEL).await {
+            Ok(()) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "LISTEN failed; the relay will poll");
+                None
+            }
+        }
+    }
+
+    async fn notified(listener: &mut PgListener) {
+        if listener.recv().await.is_err() {
+            // The listener reconnects by itself on the next recv; do not
+            // spin meanwhile.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+// On PostgreSQL the insert also notifies listening relays, in the same
+// round trip; the notification is delivered when (and only if) the
+// transaction commits.
+impl OutboxExecutor for PgConnection {
+    async fn insert_outbox(&mut self, row: &OutboxRow) -> Result<()> {
+        sqlx::query(
+            "WITH ins AS (INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, mandatory, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id) \
+             SELECT pg_notify('rabbitry_outbox', '') FROM ins",
+        )
+        .bind(&row.message_id)
+        .bind(&row.exchange)
+        .bind(&row.routing_key)
+        .bind(&row.properties)
+        .bind(&row.body)
+        .bind(row.mandatory)
+        .bind(now_millis())
+        .execute(&mut *self)
+        .await
+        .map_err(|e| db_error("postgres", "writing an outbox row", e))?;
+        Ok(())
+    }
+
+    async fn insert_inbox(&mut self, consumer: &str, message_id: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO rabbitry_inbox (consumer, message_id, processed_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (consumer, message_id) DO NOTHING",
+        )
+        .bind(consumer)
+        .bind(message_id)
+        .bind(now_millis())
+        .execute(&mut *self)
+        .await
+        .map_err(|e| db_error("postgres", "writing an inbox row", e))?;
+        Ok(done.rows_affected() == 1)
+    }
+}

@@ -1,0 +1,222 @@
+//! The outbox on SQLite, the embedded default: the file is opened in WAL
+//! mode; several relays share the rows through a lease (`lease_owner`,
+//! `lease_until`) taken and returned by one `UPDATE ... RETURNING`; other
+//! processes' commits are found by polling.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow};
+use sqlx::{Row, SqliteConnection, SqlitePool};
+
+use super::backend::Backend;
+use super::relay::{claimed_from, BatchOutcome, Claimed, RelayOptions};
+use super::{db_error, failed_row, FailedRow, OutboxExecutor, OutboxRow};
+use crate::clock::now_millis;
+use crate::connection::redact;
+use crate::error::{Error, ErrorKind, Result};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS rabbitry_outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT NOT NULL UNIQUE,
+    exchange TEXT NOT NULL,
+    routing_key TEXT NOT NULL,
+    properties TEXT NOT NULL,
+    body BLOB NOT NULL,
+    mandatory INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    lease_owner TEXT,
+    lease_until INTEGER
+);
+CREATE INDEX IF NOT EXISTS rabbitry_outbox_pending ON rabbitry_outbox (status, id);
+CREATE TABLE IF NOT EXISTS rabbitry_inbox (
+    consumer TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    processed_at INTEGER NOT NULL,
+    PRIMARY KEY (consumer, message_id)
+);
+";
+
+fn is_memory(url: &str) -> bool {
+    url.contains(":memory:") || url.contains("mode=memory")
+}
+
+/// Opens `url`; with `create` false, a file that does not exist is an
+/// error rather than a new empty database.
+pub(super) async fn connect(url: &str, create: bool) -> Result<SqlitePool> {
+    let named = |e: sqlx::Error| db_error(url, "cannot connect", e);
+    let opts = SqliteConnectOptions::from_str(url).map_err(named)?;
+    if !create && !is_memory(url) && !opts.get_filename().exists() {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "database {} does not exist ({}); create it with `rabbitry outbox migrate --database URL`",
+                redact(url),
+                opts.get_filename().display()
+            ),
+        ));
+    }
+    let opts = opts
+        .create_if_missing(create)
+        .journal_mode(SqliteJournalMode::Wal)
+        .busy_timeout(Duration::from_secs(10));
+    SqlitePoolOptions::new()
+        .max_connections(8)
+        .connect_with(opts)
+        .await
+        .map_err(named)
+}
+
+fn claimed(r: &SqliteRow) -> sqlx::Result<Claimed> {
+    claimed_from(
+        r.try_get(0),
+        r.try_get(1),
+        r.try_get(2),
+        r.try_get(3),
+        r.try_get(4),
+        r.try_get(5),
+    )
+}
+
+/// The ids as a JSON array, for `json_each`: one statement for a batch.
+fn id_list(ids: &[i64]) -> String {
+    serde_json::to_string(ids).unwrap_or_else(|_| "[]".into())
+}
+
+impl Backend for SqlitePool {
+    type Held = ();
+    type Listener = ();
+    const NAME: &'static str = "sqlite";
+
+    async fn migrate(&self) -> sqlx::Result<()> {
+        sqlx::raw_sql(SCHEMA).execute(self).await.map(drop)
+    }
+
+    async fn status(&self) -> sqlx::Result<(i64, Option<i64>, Vec<FailedRow>)> {
+        let r = sqlx::query(
+            "SELECT COUNT(*), MIN(created_at) FROM rabbitry_outbox WHERE status = 'pending'",
+        )
+        .fetch_one(self)
+        .await?;
+        let failed = sqlx::query(
+            "SELECT id, message_id, exchange, routing_key, last_error FROM rabbitry_outbox \
+             WHERE status = 'failed' ORDER BY id",
+        )
+        .fetch_all(self)
+        .await?;
+        Ok((
+            r.try_get(0)?,
+            r.try_get(1)?,
+            failed.iter().map(failed_row).collect(),
+        ))
+    }
+
+    async fn claim(&self, options: &RelayOptions) -> sqlx::Result<(Vec<Claimed>, ())> {
+        let now = now_millis();
+        let until = now + options.lease.as_millis() as i64;
+        // The lease names the relay and this claim.
+        let token = format!("{}:{}", options.owner, uuid::Uuid::new_v4().simple());
+        // One statement claims and returns exactly the leased rows.
+        let rows = sqlx::query(
+            "UPDATE rabbitry_outbox SET lease_owner = ?1, lease_until = ?2 WHERE id IN \
+             (SELECT id FROM rabbitry_outbox WHERE status = 'pending' \
+              AND (lease_until IS NULL OR lease_until < ?3) ORDER BY id LIMIT ?4) \
+             RETURNING id, exchange, routing_key, properties, body, mandatory",
+        )
+        .bind(&token)
+        .bind(until)
+        .bind(now)
+        .bind(options.batch as i64)
+        .fetch_all(self)
+        .await?;
+        let mut rows = rows.iter().map(claimed).collect::<sqlx::Result<Vec<_>>>()?;
+        // RETURNING does not promise an order; commit order is id order.
+        rows.sort_by_key(|c| c.id);
+        Ok((rows, ()))
+    }
+
+    async fn finish(&self, (): (), outcome: &BatchOutcome) -> sqlx::Result<()> {
+        let delete = "DELETE FROM rabbitry_outbox WHERE id IN (SELECT value FROM json_each(?1))";
+        if outcome.failed.is_empty() && outcome.transient.is_none() {
+            // The common case, all confirmed: one statement, no transaction.
+            sqlx::query(delete)
+                .bind(id_list(&outcome.sent))
+                .execute(self)
+                .await?;
+            return Ok(());
+        }
+        let mut tx = self.begin().await?;
+        sqlx::query(delete)
+            .bind(id_list(&outcome.sent))
+            .execute(&mut *tx)
+            .await?;
+        for (id, e) in &outcome.failed {
+            sqlx::query(
+                "UPDATE rabbitry_outbox SET status = 'failed', last_error = ?2, attempts = attempts + 1, \
+                 lease_owner = NULL, lease_until = NULL WHERE id = ?1",
+            )
+            .bind(id)
+            .bind(e)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if outcome.transient.is_some() {
+            // Not confirmed (broker away): give the rows back so the next
+            // round takes them again, first.
+            sqlx::query(
+                "UPDATE rabbitry_outbox SET lease_owner = NULL, lease_until = NULL \
+                 WHERE id IN (SELECT value FROM json_each(?1))",
+            )
+            .bind(id_list(&outcome.unconfirmed))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await
+    }
+
+    async fn listen(&self) -> Option<()> {
+        None
+    }
+
+    async fn notified((): &mut ()) {
+        std::future::pending().await
+    }
+}
+
+impl OutboxExecutor for SqliteConnection {
+    async fn insert_outbox(&mut self, row: &OutboxRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, mandatory, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )
+        .bind(&row.message_id)
+        .bind(&row.exchange)
+        .bind(&row.routing_key)
+        .bind(&row.properties)
+        .bind(&row.body)
+        .bind(row.mandatory)
+        .bind(now_millis())
+        .execute(&mut *self)
+        .await
+        .map_err(|e| db_error("sqlite", "writing an outbox row", e))?;
+        Ok(())
+    }
+
+    async fn insert_inbox(&mut self, consumer: &str, message_id: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO rabbitry_inbox (consumer, message_id, processed_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (consumer, message_id) DO NOTHING",
+        )
+        .bind(consumer)
+        .bind(message_id)
+        .bind(now_millis())
+        .execute(&mut *self)
+        .await
+        .map_err(|e| db_error("sqlite", "writing an inbox row", e))?;
+        Ok(done.rows_affected() == 1)
+    }
+}
