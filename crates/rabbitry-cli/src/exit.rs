@@ -6,20 +6,20 @@ use std::process::ExitCode;
 use rabbitry::ErrorKind;
 
 /// Something failed (the broker, the database, a refused publish...).
-pub const FAILURE: u8 = 1;
+pub(crate) const FAILURE: u8 = 1;
 /// Wrong flags, or a configuration that does not validate.
-pub const USAGE: u8 = 2;
+pub(crate) const USAGE: u8 = 2;
 /// A queue or database that was named does not exist.
-pub const NOT_FOUND: u8 = 3;
+pub(crate) const NOT_FOUND: u8 = 3;
 /// No answer in time (`rpc` without a reply).
-pub const TIMEOUT: u8 = 4;
+pub(crate) const TIMEOUT: u8 = 4;
 /// `declare --check` found differences.
-pub const DRIFT: u8 = 5;
+pub(crate) const DRIFT: u8 = 5;
 /// Interrupted by a second Ctrl-C before a clean stop.
-pub const INTERRUPTED: u8 = 130;
+pub(crate) const INTERRUPTED: u8 = 130;
 
 /// The table shown at the end of `rabbitry --help`.
-pub const HELP: &str = "\
+pub(crate) const HELP: &str = "\
 Exit codes:
   0    success (also when the reader of stdout went away, as with | head)
   1    failure: broker, database, refused or unroutable publish
@@ -31,7 +31,7 @@ Exit codes:
 
 /// Prints `err` once (each cause shown once) and maps it to its exit code.
 /// A closed stdout is not an error: the reader has what it wanted.
-pub fn report(err: &anyhow::Error) -> ExitCode {
+pub(crate) fn report(err: &anyhow::Error) -> ExitCode {
     if is_broken_pipe(err) {
         return ExitCode::SUCCESS;
     }
@@ -40,7 +40,7 @@ pub fn report(err: &anyhow::Error) -> ExitCode {
 }
 
 /// The exit code for an error.
-pub fn code_for(err: &anyhow::Error) -> u8 {
+pub(crate) fn code_for(err: &anyhow::Error) -> u8 {
     if is_broken_pipe(err) {
         return 0;
     }
@@ -83,7 +83,7 @@ fn message(err: &anyhow::Error) -> String {
 /// A usage error found after parsing (a flag combination, a missing file
 /// argument): exit code 2, like the parser's own.
 #[derive(Debug)]
-pub struct Usage(pub String);
+pub(crate) struct Usage(pub String);
 
 impl std::fmt::Display for Usage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -19,7 +19,7 @@ use crate::db::{self, db_err, with_db};
 use crate::names::{self, Names};
 
 /// What a web process needs.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Site {
     /// `a` or `b`.
     pub site: String,

@@ -114,7 +114,7 @@ pub fn topology(consumers: &[ConsumerSettings]) -> rabbitry::Topology {
 }
 
 /// What the site worker's handlers share.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct SiteWorker {
     /// `a` or `b`.
     pub site: String,
@@ -194,7 +194,7 @@ pub async fn on_result(
 }
 
 /// A `document.rendered` event.
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 pub struct Rendered {
     /// The site that rendered it.
     pub site: String,
@@ -238,7 +238,7 @@ pub async fn on_event(
 }
 
 /// The slow job's body.
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 pub struct Job {
     /// The document to count.
     pub document_id: String,
@@ -271,7 +271,7 @@ pub async fn on_job(
 }
 
 /// The seed's request body.
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 pub struct RenderRequest {
     /// What the PDF shows.
     pub title: String,

@@ -4,7 +4,8 @@
 //! caller can act on, a human-readable context naming the things involved
 //! (host, queue, exchange, config key), and the source error when there is
 //! one. [`Error::is_retryable`] answers the question every caller of a
-//! messaging library eventually asks.
+//! messaging library eventually asks. The message includes the cause, once;
+//! `source()` does not repeat it.
 
 use std::fmt;
 
@@ -100,6 +101,11 @@ impl Error {
         self.kind
     }
 
+    /// The underlying error, when there is one (it is also in the message).
+    pub fn cause(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+        self.source.as_deref()
+    }
+
     /// The message naming what was involved, without the kind's description.
     pub fn context(&self) -> &str {
         &self.context
@@ -148,13 +154,10 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
-            .as_deref()
-            .map(|e| e as &(dyn std::error::Error + 'static))
-    }
-}
+/// The cause is part of the message (`Display`), so `source()` does not
+/// return it again: a reporter that walks the chain (anyhow, the CLI)
+/// prints it once. [`Error::cause`] gives it to code that needs the value.
+impl std::error::Error for Error {}
 
 #[cfg(test)]
 mod tests {
@@ -165,6 +168,9 @@ mod tests {
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
         let e = Error::new(ErrorKind::Connect, "127.0.0.1:1").with_source(io);
         assert_eq!(e.to_string(), "connection failed: 127.0.0.1:1: refused");
+        // The cause is printed once: in the message, not again as source().
+        assert!(std::error::Error::source(&e).is_none());
+        assert_eq!(e.cause().unwrap().to_string(), "refused");
         assert!(e.is_retryable());
         assert!(!Error::config("x").is_retryable());
         assert!(!Error::new(ErrorKind::NotFound, "queue 'q'").is_retryable());

@@ -67,6 +67,7 @@ pub mod web;
 pub mod worker;
 
 mod amqp;
+mod channel;
 
 pub use codec::{Decoded, Serializer};
 #[cfg(feature = "config")]

@@ -15,7 +15,7 @@ use amqprs::channel::{
 use serde::{Deserialize, Serialize};
 
 use crate::amqp::to_table;
-use crate::connection::ChannelWatch;
+use crate::channel::ChannelWatch;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::Headers;
 

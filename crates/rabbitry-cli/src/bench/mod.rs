@@ -11,10 +11,10 @@ mod publishing;
 mod rpc;
 mod worker;
 
-pub use outbox::run_outbox;
+pub(crate) use outbox::run_outbox;
 use publishing::{end_to_end_case, publish_case};
-pub use rpc::run_rpc;
-pub use worker::run_worker;
+pub(crate) use rpc::run_rpc;
+pub(crate) use worker::run_worker;
 
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ const BODY: usize = 256;
 
 /// One scenario's result.
 #[derive(Debug, Clone, Serialize)]
-pub struct ScenarioResult {
+pub(crate) struct ScenarioResult {
     /// Scenario name.
     pub name: String,
     /// Messages per second with the raw client.
@@ -42,7 +42,7 @@ pub struct ScenarioResult {
 
 /// A latency measurement, in milliseconds.
 #[derive(Debug, Clone, Serialize)]
-pub struct LatencyResult {
+pub(crate) struct LatencyResult {
     /// What was measured.
     pub name: String,
     /// Median, raw client (when there is a raw equivalent).
@@ -57,7 +57,7 @@ pub struct LatencyResult {
 
 /// The whole run.
 #[derive(Debug, Clone, Serialize, Default)]
-pub struct Report {
+pub(crate) struct Report {
     /// Every throughput scenario, in order.
     pub scenarios: Vec<ScenarioResult>,
     /// Every latency measurement, in order.
@@ -65,7 +65,7 @@ pub struct Report {
 }
 
 /// The p-th percentile (0..=100) of `samples` in milliseconds.
-pub fn percentile(samples: &mut [Duration], p: f64) -> f64 {
+pub(crate) fn percentile(samples: &mut [Duration], p: f64) -> f64 {
     if samples.is_empty() {
         return 0.0;
     }
@@ -76,7 +76,7 @@ pub fn percentile(samples: &mut [Duration], p: f64) -> f64 {
 
 /// What to run.
 #[derive(Debug, Clone)]
-pub struct BenchOptions {
+pub(crate) struct BenchOptions {
     /// Broker URL.
     pub url: String,
     /// Messages per scenario run.
@@ -86,10 +86,10 @@ pub struct BenchOptions {
 }
 
 /// A named measurement, for progress output.
-pub type Progress<'a> = &'a (dyn Fn(&str) + Sync);
+pub(crate) type Progress<'a> = &'a (dyn Fn(&str) + Sync);
 
 /// Runs every scenario and returns the rates and ratios.
-pub async fn run(opts: &BenchOptions, progress: Progress<'_>) -> Result<Report> {
+pub(crate) async fn run(opts: &BenchOptions, progress: Progress<'_>) -> Result<Report> {
     let ep = Endpoint::parse(&opts.url)?;
     let raw = open_raw(&ep).await?;
     let mut settings = ConnectionSettings::new(&opts.url).name("rabbitry-bench");

@@ -14,7 +14,7 @@ use super::*;
 /// confirmed publishing (1,000 in flight) in the same run; and the
 /// commit-to-publish latency (commit to arrival at a consumer) of
 /// single-message transactions.
-pub async fn run_outbox(
+pub(crate) async fn run_outbox(
     opts: &BenchOptions,
     progress: Progress<'_>,
     url: &str,

@@ -18,7 +18,7 @@ use super::*;
 /// RPC: sequential round trips (p50, p99) and throughput with 64 calls in
 /// flight, through `RpcClient` and through raw
 /// amqprs doing the same (direct reply-to), against one raw responder.
-pub async fn run_rpc(
+pub(crate) async fn run_rpc(
     opts: &BenchOptions,
     progress: Progress<'_>,
 ) -> Result<(Vec<ScenarioResult>, Vec<LatencyResult>)> {

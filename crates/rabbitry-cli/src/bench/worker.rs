@@ -18,7 +18,7 @@ use super::*;
 /// Worker scenarios: the end-to-end rate through the worker with a native
 /// handler and with `service` (an axum `Router` in `rabbitry bench`),
 /// against raw consume with manual acks, same prefetch (500), same run.
-pub async fn run_worker<Svc, RB>(
+pub(crate) async fn run_worker<Svc, RB>(
     opts: &BenchOptions,
     progress: Progress<'_>,
     service: Svc,

@@ -11,7 +11,7 @@ use crate::exit::usage;
 
 /// Benchmark the gateway against raw amqprs on the same scenarios.
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Print {"scenarios":[...],"latencies":[...]} as JSON.
     #[arg(long)]
     json: bool,
@@ -33,7 +33,7 @@ pub struct Args {
 /// The benchmark's groups, for `--only`.
 const GROUPS: [&str; 4] = ["core", "worker", "outbox", "rpc"];
 
-pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
+pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     if let Some(bad) = args.only.iter().find(|o| !GROUPS.contains(&o.as_str())) {
         usage!(
             "--only: unknown group `{bad}`, expected one of: {}",

@@ -15,7 +15,7 @@ use super::Global;
 /// --ack each message is removed once its line has been written: lines a
 /// reader never reads (still in a pipe when `head` exits) are gone too.
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// The queue (it must exist; it is not declared).
     queue: String,
     /// Stop after this many messages; the broker hands over no more than this.
@@ -32,7 +32,7 @@ pub struct Args {
     requeue: bool,
 }
 
-pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
+pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     let timeout = args
         .timeout
         .as_deref()

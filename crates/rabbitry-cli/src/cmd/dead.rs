@@ -10,7 +10,7 @@ use super::Global;
 
 /// Dead letters of a queue (QUEUE or QUEUE.dead).
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     #[command(subcommand)]
     action: Action,
 }
@@ -34,7 +34,7 @@ enum Action {
     Purge { queue: String },
 }
 
-pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
+pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     let settings = global.settings()?;
     let conn = global.connect_default(&settings).await?;
     match args.action {

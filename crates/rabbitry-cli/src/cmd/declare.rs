@@ -10,7 +10,7 @@ use super::Global;
 
 /// Declare every exchange, queue and binding in the config file.
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Compare with the broker instead of declaring; exit 5 on drift.
     #[arg(long)]
     check: bool,
@@ -19,7 +19,7 @@ pub struct Args {
     site: Option<String>,
 }
 
-pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
+pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     if global.config.is_none() {
         usage!("declare needs a configuration file: rabbitry declare -c FILE");
     }

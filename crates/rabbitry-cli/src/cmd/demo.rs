@@ -14,7 +14,7 @@ use crate::exit::usage;
 
 /// Run two sites, their web processes and workers, and a PDF service.
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// The front door's address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -32,7 +32,7 @@ pub struct Args {
 
 /// One part of the demo (started by `rabbitry demo`).
 #[derive(clap::Args)]
-pub struct PartArgs {
+pub(crate) struct PartArgs {
     /// web, worker or service.
     part: String,
     #[arg(long)]
@@ -57,7 +57,7 @@ fn amqp_url(global: &Global) -> Result<String> {
         .clone())
 }
 
-pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
+pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     if let Some(db) = &args.database {
         if !(db.starts_with("postgres://") || db.starts_with("postgresql://")) {
             usage!(
@@ -108,7 +108,7 @@ fn print_welcome(addr: SocketAddr, instance: &str, n: &names::Names) -> std::io:
     )
 }
 
-pub async fn run_part(global: &Global, args: PartArgs) -> Result<ExitCode> {
+pub(crate) async fn run_part(global: &Global, args: PartArgs) -> Result<ExitCode> {
     let site = || {
         args.site
             .clone()

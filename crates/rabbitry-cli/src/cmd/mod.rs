@@ -1,16 +1,16 @@
 //! One module per subcommand, and what they share: loading settings
 //! (TOML, then environment, then flags) and opening connections.
 
-pub mod bench;
-pub mod consume;
-pub mod dead;
-pub mod declare;
-pub mod demo;
-pub mod outbox;
-pub mod publish;
-pub mod queues;
-pub mod rpc;
-pub mod worker;
+pub(crate) mod bench;
+pub(crate) mod consume;
+pub(crate) mod dead;
+pub(crate) mod declare;
+pub(crate) mod demo;
+pub(crate) mod outbox;
+pub(crate) mod publish;
+pub(crate) mod queues;
+pub(crate) mod rpc;
+pub(crate) mod worker;
 
 use std::path::PathBuf;
 
@@ -21,14 +21,14 @@ use rabbitry::{Connection, Settings};
 use crate::exit::usage;
 
 /// Flags every command takes.
-pub struct Global {
+pub(crate) struct Global {
     pub url: Option<String>,
     pub config: Option<PathBuf>,
 }
 
 impl Global {
     /// Settings from `-c FILE` (or empty), then `AMQP_URL`, then `--url`.
-    pub fn settings(&self) -> Result<Settings> {
+    pub(crate) fn settings(&self) -> Result<Settings> {
         let mut settings = match &self.config {
             Some(path) => {
                 let text = match std::fs::read(path) {
@@ -52,7 +52,7 @@ impl Global {
     /// [`Global::settings`] for a site: `${site}` replaced by `site` (or
     /// the config's `[worker] site`), and an error when a `${site}` is left
     /// with no site to put there.
-    pub fn settings_for_site(&self, site: Option<String>) -> Result<Settings> {
+    pub(crate) fn settings_for_site(&self, site: Option<String>) -> Result<Settings> {
         let mut settings = self.settings()?;
         if let Some(site) = site.or_else(|| settings.worker.site.clone()) {
             settings = settings.for_site(&site);
@@ -62,21 +62,21 @@ impl Global {
     }
 
     /// Opens the named connection from `settings`.
-    pub async fn connect(&self, settings: &Settings, name: &str) -> Result<Connection> {
+    pub(crate) async fn connect(&self, settings: &Settings, name: &str) -> Result<Connection> {
         let mut cs = settings.connection(name)?;
         cs.name = format!("rabbitry-cli.{name}");
         Ok(Connection::open(cs).await?)
     }
 
     /// Opens the default connection.
-    pub async fn connect_default(&self, settings: &Settings) -> Result<Connection> {
+    pub(crate) async fn connect_default(&self, settings: &Settings) -> Result<Connection> {
         self.connect(settings, DEFAULT_CONNECTION).await
     }
 }
 
 /// How log lines are written on stderr.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     /// Human-readable lines (coloured only on a terminal).
     Text,
     /// One JSON object per line.
@@ -86,7 +86,7 @@ pub enum LogFormat {
 /// Logs to stderr, filtered by `RABBITRY_LOG` (else `RUST_LOG`), which take
 /// `tracing` directives: `info`, `rabbitry=debug,amqprs=warn`... The
 /// default is `warn`. Colours only when stderr is a terminal.
-pub fn init_logging(format: LogFormat) {
+pub(crate) fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let directives = std::env::var("RABBITRY_LOG")
@@ -115,7 +115,7 @@ pub fn init_logging(format: LogFormat) {
 
 /// Waits for Ctrl-C or SIGTERM. After it, a second Ctrl-C or SIGTERM ends
 /// the process at once with exit code 130, whatever is still running.
-pub async fn shutdown_requested(what: &str) {
+pub(crate) async fn shutdown_requested(what: &str) {
     rabbitry::worker::shutdown_signal().await;
     eprintln!("{what}: stopping cleanly; press Ctrl-C again to stop at once");
     tokio::spawn(async {

@@ -10,7 +10,7 @@ use super::Global;
 
 /// The durable outbox.
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     #[command(subcommand)]
     action: Action,
 }
@@ -34,7 +34,7 @@ enum Action {
     },
 }
 
-pub async fn run(_global: &Global, args: Args) -> Result<ExitCode> {
+pub(crate) async fn run(_global: &Global, args: Args) -> Result<ExitCode> {
     match args.action {
         Action::Migrate { database } => {
             let db = Database::connect(&database).await?;

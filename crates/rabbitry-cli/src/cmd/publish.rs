@@ -12,7 +12,7 @@ use super::Global;
 
 /// Publish messages.
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Exchange ('' or none: the default exchange).
     #[arg(long)]
     exchange: Option<String>,
@@ -112,7 +112,7 @@ fn parse_header(h: &str) -> Result<(String, HeaderValue)> {
     Ok((k.to_owned(), HeaderValue::from(v)))
 }
 
-pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
+pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     let settings = global.settings()?;
     let (connection, mut ps) = match &args.producer {
         Some(name) => {

@@ -10,12 +10,12 @@ use super::Global;
 
 /// Show ready messages and consumers for queues (never creates one).
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Queue names; with -c and none given, every configured consumer's queue.
     queues: Vec<String>,
 }
 
-pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
+pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     let settings = global.settings()?;
     let mut queues = args.queues;
     if queues.is_empty() {

@@ -12,7 +12,7 @@ use super::Global;
 
 /// Send a request and print its reply.
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Exchange ('' or none: the default exchange).
     #[arg(long, default_value = "")]
     exchange: String,
@@ -36,7 +36,7 @@ pub struct Args {
     body: String,
 }
 
-pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
+pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     let timeout = rabbitry::config::parse_duration(&args.timeout)?;
     let settings = global.settings()?;
     let conn = global.connect_default(&settings).await?;

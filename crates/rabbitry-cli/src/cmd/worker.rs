@@ -11,7 +11,7 @@ use super::Global;
 
 /// Run the consuming server for a config file.
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Substituted for ${site} in queue names, routing keys and consumer names.
     #[arg(long)]
     site: Option<String>,
@@ -20,7 +20,7 @@ pub struct Args {
     metrics: Option<std::net::SocketAddr>,
 }
 
-pub async fn run(global: &Global, args: Args) -> Result<ExitCode> {
+pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     if global.config.is_none() {
         usage!("worker needs a configuration file: rabbitry worker -c FILE");
     }

@@ -12,7 +12,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 /// A running `rabbitry demo`.
-pub struct Demo {
+pub(crate) struct Demo {
     pub child: Child,
     pub base: String,
     pub instance: String,
@@ -22,12 +22,12 @@ pub struct Demo {
 impl Demo {
     /// Starts the demo on a free port with its own data dir, and the
     /// instance name it derives from that folder (as a user's demo does).
-    pub fn start() -> Demo {
+    pub(crate) fn start() -> Demo {
         Demo::start_with(&[])
     }
 
     /// [`Demo::start`] with extra flags and environment.
-    pub fn start_with(env: &[(&str, &str)]) -> Demo {
+    pub(crate) fn start_with(env: &[(&str, &str)]) -> Demo {
         let dir_name = format!(
             "rabbitry-demo-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..10]
@@ -70,7 +70,7 @@ impl Demo {
     }
 
     /// Stops the demo with SIGTERM and waits for it.
-    pub fn stop(mut self) -> std::process::ExitStatus {
+    pub(crate) fn stop(mut self) -> std::process::ExitStatus {
         Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
@@ -86,7 +86,7 @@ impl Demo {
     }
 
     /// The PIDs of one part's processes (`worker --site a`...).
-    pub fn part_pids(&self, pattern: &str) -> Vec<u32> {
+    pub(crate) fn part_pids(&self, pattern: &str) -> Vec<u32> {
         let out = Command::new("pgrep")
             .args([
                 "-f",
@@ -103,7 +103,7 @@ impl Demo {
 
 /// Prints what a stuck demo holds: each site's outbox, the instance's
 /// queues, and the dead letters of the results queues.
-pub async fn diagnose(demo: &Demo) {
+pub(crate) async fn diagnose(demo: &Demo) {
     let conn = rabbitry::Connection::open(rabbitry::ConnectionSettings::default())
         .await
         .unwrap();
@@ -159,7 +159,7 @@ pub async fn diagnose(demo: &Demo) {
 }
 
 /// Deletes every queue of a demo instance (after it stopped).
-pub async fn cleanup(instance: &str) {
+pub(crate) async fn cleanup(instance: &str) {
     let conn = rabbitry::Connection::open(rabbitry::ConnectionSettings::default())
         .await
         .unwrap();
@@ -194,7 +194,11 @@ impl Drop for Demo {
 }
 
 /// One HTTP request; returns the status and the body.
-pub async fn http(method: &str, url: &str, json: Option<serde_json::Value>) -> (u16, Vec<u8>) {
+pub(crate) async fn http(
+    method: &str,
+    url: &str,
+    json: Option<serde_json::Value>,
+) -> (u16, Vec<u8>) {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let body = json.map(|j| j.to_string()).unwrap_or_default();
     let req = hyper::Request::builder()
@@ -219,14 +223,14 @@ pub async fn http(method: &str, url: &str, json: Option<serde_json::Value>) -> (
 }
 
 /// GET a JSON document.
-pub async fn get_json(url: &str) -> serde_json::Value {
+pub(crate) async fn get_json(url: &str) -> serde_json::Value {
     let (status, body) = http("GET", url, None).await;
     assert_eq!(status, 200, "GET {url}: {}", String::from_utf8_lossy(&body));
     serde_json::from_slice(&body).unwrap()
 }
 
 /// Creates a document; returns its id.
-pub async fn create(base: &str, site: &str, title: &str) -> String {
+pub(crate) async fn create(base: &str, site: &str, title: &str) -> String {
     let (status, body) = http(
         "POST",
         &format!("{base}/sites/{site}/documents"),
@@ -240,7 +244,7 @@ pub async fn create(base: &str, site: &str, title: &str) -> String {
 }
 
 /// Waits until every listed document of `site` is rendered; returns them.
-pub async fn wait_rendered(
+pub(crate) async fn wait_rendered(
     base: &str,
     site: &str,
     ids: &[String],

@@ -10,7 +10,7 @@
 //! confirmed. At most one live socket exists per `Connection`.
 
 mod backoff;
-pub(crate) mod channel;
+
 mod endpoint;
 mod supervisor;
 
@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 
 pub use endpoint::{redact, Endpoint};
 
-pub(crate) use channel::{ChannelWatch, ConfirmSink, Events};
+pub(crate) use crate::channel::{ChannelWatch, ConfirmSink, Events};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::topology::{self, Topology};

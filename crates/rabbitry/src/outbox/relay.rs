@@ -26,10 +26,6 @@ pub struct RelayOptions {
     pub lease: Duration,
     /// This relay's name in leases.
     pub owner: String,
-    /// Test hook: stop after publishing a batch, before marking it, as a
-    /// relay killed at that moment would.
-    #[doc(hidden)]
-    pub crash_after_publish: bool,
 }
 
 impl Default for RelayOptions {
@@ -39,12 +35,12 @@ impl Default for RelayOptions {
             poll: Duration::from_millis(500),
             lease: Duration::from_secs(10),
             owner: format!("relay-{}", uuid::Uuid::new_v4().simple()),
-            crash_after_publish: false,
         }
     }
 }
 
 /// A running relay task.
+#[derive(Debug)]
 pub struct Relay {
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<()>>,
@@ -54,13 +50,6 @@ impl Relay {
     /// Stops after the current round; returns how the task ended.
     pub async fn stop(self) -> Result<()> {
         self.stop.send_replace(true);
-        self.task
-            .await
-            .map_err(|e| Error::new(ErrorKind::Closed, "relay task").with_source(e))?
-    }
-
-    /// Waits for the task to end by itself (only the test hook ends it).
-    pub async fn join(self) -> Result<()> {
         self.task
             .await
             .map_err(|e| Error::new(ErrorKind::Closed, "relay task").with_source(e))?
@@ -172,10 +161,6 @@ impl<B: Backend> RelayLoop<B> {
                 };
                 match result {
                     Ok(_) => failures = 0,
-                    Err(e) if options.crash_after_publish => {
-                        drain(&mut in_flight).await.ok();
-                        return Err(e);
-                    }
                     Err(e) => {
                         // Finish everything in flight, then start again
                         // from the oldest pending row, after a pause.
@@ -217,9 +202,6 @@ impl<B: Backend> RelayLoop<B> {
     /// stay pending, first in line.
     async fn finish(&self, held: B::Held, submitted: Submitted) -> Result<usize> {
         let outcome = submitted.confirmed().await;
-        if self.options.crash_after_publish {
-            return Err(crash());
-        }
         self.pool
             .finish(held, &outcome)
             .await
@@ -244,13 +226,6 @@ async fn drain(in_flight: &mut VecDeque<JoinHandle<Result<usize>>>) -> Result<()
         }
     }
     first
-}
-
-fn crash() -> Error {
-    Error::new(
-        ErrorKind::Closed,
-        "relay stopped after publishing (test hook)",
-    )
 }
 
 async fn wait_notification<B: Backend>(listener: &mut Option<B::Listener>) {

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::connection::channel::{CloseReason, Returned};
+use crate::channel::{CloseReason, Returned};
 use crate::connection::{lock, ConfirmSink, Connection};
 use crate::error::{Error, ErrorKind, Result};
 

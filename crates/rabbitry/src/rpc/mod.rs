@@ -30,9 +30,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::amqp::{from_basic, to_basic};
+use crate::channel::{CloseReason, Returned};
 use crate::clock::now_millis;
 use crate::codec::{decode_value, Decoded, Serializer};
-use crate::connection::channel::{CloseReason, Returned};
 use crate::connection::{lock, stopped, ConfirmSink, Connection};
 use crate::error::{Error, ErrorKind, Result};
 use crate::headers::DEADLINE;

@@ -234,7 +234,7 @@ impl<T: Serialize> IntoReply for Msgpack<T> {
 }
 
 /// Everything a handler can extract from.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Context {
     pub(crate) delivery: Arc<Delivery>,
     pub(crate) meta: Meta,

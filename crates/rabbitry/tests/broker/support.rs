@@ -11,12 +11,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 /// The broker under test.
-pub fn url() -> String {
+pub(crate) fn url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 /// A name no other test uses.
-pub fn unique(prefix: &str) -> String {
+pub(crate) fn unique(prefix: &str) -> String {
     format!(
         "test.{prefix}.{}",
         &uuid::Uuid::new_v4().simple().to_string()[..12]
@@ -24,7 +24,7 @@ pub fn unique(prefix: &str) -> String {
 }
 
 /// Settings for `url` with a quick backoff, named `name`.
-pub fn settings(url: &str, name: &str) -> ConnectionSettings {
+pub(crate) fn settings(url: &str, name: &str) -> ConnectionSettings {
     let mut s = ConnectionSettings::new(url).name(name);
     s.backoff_initial = Duration::from_millis(100);
     s.backoff_max = Duration::from_secs(1);
@@ -32,14 +32,14 @@ pub fn settings(url: &str, name: &str) -> ConnectionSettings {
 }
 
 /// A connection to the broker under test.
-pub async fn connect() -> Connection {
+pub(crate) async fn connect() -> Connection {
     Connection::open(settings(&url(), &unique("conn")))
         .await
         .expect("connect to the broker")
 }
 
 /// Waits for `f` to be true, polling every 20 ms, for at most `limit`.
-pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut f: F)
+pub(crate) async fn eventually<F, Fut>(limit: Duration, what: &str, mut f: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
@@ -59,14 +59,14 @@ where
 
 /// A TCP proxy to the broker. [`Proxy::cut`] drops every connection through
 /// it, as a network failure would.
-pub struct Proxy {
+pub(crate) struct Proxy {
     pub port: u16,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
 }
 
 impl Proxy {
-    pub async fn start() -> Proxy {
+    pub(crate) async fn start() -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
@@ -92,12 +92,12 @@ impl Proxy {
         }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
 
     /// Cuts every connection open through the proxy.
-    pub fn cut(&self) -> usize {
+    pub(crate) fn cut(&self) -> usize {
         let tasks: Vec<_> = self.conns.lock().unwrap().drain(..).collect();
         let n = tasks.len();
         for t in tasks {
@@ -116,7 +116,7 @@ impl Drop for Proxy {
 
 /// Closes the broker-side connection whose client-given name is `name`,
 /// with `rabbitmqctl close_connection`. Returns how many were closed.
-pub fn close_connection(name: &str) -> usize {
+pub(crate) fn close_connection(name: &str) -> usize {
     let out = Command::new("rabbitmqctl")
         .args(["list_connections", "-q", "pid", "client_properties"])
         .output()
@@ -139,7 +139,7 @@ pub fn close_connection(name: &str) -> usize {
 
 /// A PostgreSQL URL whose `search_path` is a fresh schema, so tests that
 /// share the database do not share outbox tables.
-pub async fn pg_url() -> String {
+pub(crate) async fn pg_url() -> String {
     let base = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let schema = format!("t_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
@@ -155,7 +155,7 @@ pub async fn pg_url() -> String {
 }
 
 /// A SQLite URL for a fresh file.
-pub fn sqlite_url() -> String {
+pub(crate) fn sqlite_url() -> String {
     let dir = std::env::temp_dir().join(unique("db"));
     std::fs::create_dir_all(&dir).unwrap();
     format!("sqlite://{}/outbox.db", dir.display())
