@@ -1,0 +1,132 @@
+//! The durable outbox with an axum app on SQLite: the web handler writes
+//! its order and the message that announces it in one database
+//! transaction; the relay publishes the message, confirmed, after the
+//! commit. A crash between the two can lose neither.
+//!
+//! ```sh
+//! cargo run -p rabbitry --example outbox_axum
+//! ```
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::Json;
+use rabbitry::outbox::{self, Database, Outbox, RelayOptions};
+use rabbitry::{Connection, ConnectionSettings, Consumer, ConsumerSettings, Message, Serializer};
+
+#[derive(Clone)]
+struct App {
+    outbox: Outbox,
+    pool: sqlx::SqlitePool,
+    queue: String,
+}
+
+#[derive(serde::Deserialize, serde::Serialize)]
+struct Order {
+    item: String,
+}
+
+/// `POST /orders`: the order row and its message, in one transaction.
+async fn create_order(State(app): State<App>, Json(order): Json<Order>) -> StatusCode {
+    let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = async {
+        let mut tx = app.pool.begin().await?;
+        sqlx::query("INSERT INTO orders (item) VALUES (?1)")
+            .bind(&order.item)
+            .execute(&mut *tx)
+            .await?;
+        let message = Message::encode(Serializer::Json, &order)?.routing_key(&app.queue);
+        outbox::publish(&mut *tx, message).await?;
+        app.outbox.commit(tx).await?; // commits, then wakes the relay at once
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => StatusCode::ACCEPTED,
+        Err(e) => {
+            eprintln!("order not taken: {e}");
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+    }
+}
+
+/// Serves the app, posts one order to it over HTTP, and returns the body
+/// of the message that arrived on the queue of `prefix`.
+pub async fn run(prefix: &str, database_dir: &std::path::Path) -> rabbitry::Result<String> {
+    let conn = Connection::open(ConnectionSettings::default()).await?;
+    let queue = format!("{prefix}.orders");
+    let url = format!("sqlite://{}/shop.db", database_dir.display());
+    let outbox = Outbox::connect(&url).await?; // creates the outbox tables
+    let Database::Sqlite(pool) = outbox.database().clone() else {
+        unreachable!("a sqlite:// URL gives a SQLite pool")
+    };
+    sqlx::raw_sql("CREATE TABLE IF NOT EXISTS orders (item TEXT NOT NULL)")
+        .execute(&pool)
+        .await
+        .map_err(|e| outbox::db_error(&url, "creating the orders table", e))?;
+    let mut consumer = Consumer::start(&conn, ConsumerSettings::new(&queue)).await?;
+    let relay = outbox.spawn_relay(&conn, RelayOptions::default()).await?;
+
+    let app = axum::Router::new()
+        .route("/orders", post(create_order))
+        .with_state(App {
+            outbox,
+            pool,
+            queue: queue.clone(),
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| {
+            rabbitry::Error::new(rabbitry::ErrorKind::Connect, "binding").with_source(e)
+        })?;
+    let addr = listener.local_addr().map_err(|e| {
+        rabbitry::Error::new(rabbitry::ErrorKind::Connect, "local address").with_source(e)
+    })?;
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    // A client posts an order (plain HTTP/1.1, to keep the example small).
+    let body = r#"{"item":"book"}"#;
+    let request = format!(
+        "POST /orders HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| {
+        rabbitry::Error::new(rabbitry::ErrorKind::Connect, "the app").with_source(e)
+    })?;
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+        .await
+        .map_err(|e| {
+            rabbitry::Error::new(rabbitry::ErrorKind::Connect, "posting").with_source(e)
+        })?;
+
+    let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| {
+            rabbitry::Error::new(rabbitry::ErrorKind::Timeout, "no message within 10 s")
+        })?;
+    let text = String::from_utf8_lossy(&delivery.body).into_owned();
+    println!("the relay published: {text}");
+    delivery.ack().await?;
+
+    server.abort();
+    relay.stop().await?;
+    consumer.cancel().await;
+    conn.delete_queue(&queue).await?;
+    conn.close().await;
+    Ok(text)
+}
+
+#[tokio::main]
+async fn main() -> rabbitry::Result<()> {
+    let dir = std::env::temp_dir().join(format!("rabbitry-example-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        rabbitry::Error::new(rabbitry::ErrorKind::Database, "creating the data folder")
+            .with_source(e)
+    })?;
+    run(&format!("example.{}", std::process::id()), &dir)
+        .await
+        .map(drop)
+}
