@@ -16,7 +16,7 @@ use rabbitry::{
 
 /// Publishes "ok", "bad" and "ok" to a queue of `prefix`, consumes them,
 /// rejects "bad" to a dead-letter queue, and returns (acked, dead-lettered).
-pub async fn run(prefix: &str) -> rabbitry::Result<(usize, u32)> {
+pub(crate) async fn run(prefix: &str) -> rabbitry::Result<(usize, u32)> {
     let conn = Connection::open(ConnectionSettings::default()).await?;
     let queue = format!("{prefix}.tasks");
     let dead = format!("{prefix}.tasks.dead");

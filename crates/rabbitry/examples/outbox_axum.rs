@@ -53,7 +53,7 @@ async fn create_order(State(app): State<App>, Json(order): Json<Order>) -> Statu
 
 /// Serves the app, posts one order to it over HTTP, and returns the body
 /// of the message that arrived on the queue of `prefix`.
-pub async fn run(prefix: &str, database_dir: &std::path::Path) -> rabbitry::Result<String> {
+pub(crate) async fn run(prefix: &str, database_dir: &std::path::Path) -> rabbitry::Result<String> {
     let conn = Connection::open(ConnectionSettings::default()).await?;
     let queue = format!("{prefix}.orders");
     let url = format!("sqlite://{}/shop.db", database_dir.display());

@@ -12,7 +12,7 @@ use rabbitry::{
 
 /// Publishes three orders to a queue of `prefix` and returns how many the
 /// queue holds, then shows what an unroutable message does.
-pub async fn run(prefix: &str) -> rabbitry::Result<u32> {
+pub(crate) async fn run(prefix: &str) -> rabbitry::Result<u32> {
     let conn = Connection::open(ConnectionSettings::default()).await?;
     let queue = format!("{prefix}.orders");
     let mut topology = Topology::default();

@@ -18,7 +18,7 @@ struct Sum {
 }
 
 /// Starts a responder on a queue of `prefix`, calls it, returns the answer.
-pub async fn run(prefix: &str) -> rabbitry::Result<i64> {
+pub(crate) async fn run(prefix: &str) -> rabbitry::Result<i64> {
     let conn = Connection::open(ConnectionSettings::default()).await?;
     let queue = format!("{prefix}.sums");
     // The responder: whatever the handler returns goes to `reply_to`.

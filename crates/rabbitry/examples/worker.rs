@@ -39,7 +39,7 @@ async fn save_order(
 
 /// Runs a worker with both kinds of handler on queues of `prefix`, sends
 /// two orders and two invoices, and returns how many were handled.
-pub async fn run(prefix: &str) -> rabbitry::Result<usize> {
+pub(crate) async fn run(prefix: &str) -> rabbitry::Result<usize> {
     let conn = Connection::open(ConnectionSettings::default()).await?;
     let shop = format!("{prefix}.shop");
     let handled = Arc::new(AtomicUsize::new(0));
