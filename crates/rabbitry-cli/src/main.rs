@@ -59,8 +59,10 @@ enum Command {
     /// The durable outbox: migrate, status.
     Outbox(cmd::outbox::Args),
     /// Run the seed's whole system: two sites, workers, a PDF service.
+    #[cfg(feature = "demo")]
     Demo(cmd::demo::Args),
     /// One part of the demo (started by `rabbitry demo`).
+    #[cfg(feature = "demo")]
     #[command(hide = true)]
     DemoPart(cmd::demo::PartArgs),
     /// Print a shell completion script: rabbitry completions bash > /etc/bash_completion.d/rabbitry
@@ -98,7 +100,9 @@ fn main() -> ExitCode {
             Command::Worker(args) => cmd::worker::run(&global, args).await,
             Command::Dead(args) => cmd::dead::run(&global, args).await,
             Command::Outbox(args) => cmd::outbox::run(&global, args).await,
+            #[cfg(feature = "demo")]
             Command::Demo(args) => cmd::demo::run(&global, args).await,
+            #[cfg(feature = "demo")]
             Command::DemoPart(args) => cmd::demo::run_part(&global, args).await,
             Command::Completions { shell } => completions(shell),
         }

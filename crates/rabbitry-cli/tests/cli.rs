@@ -26,10 +26,7 @@ fn text(b: &[u8]) -> String {
 }
 
 fn unique(prefix: &str) -> String {
-    format!(
-        "test.cli.{prefix}.{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    )
+    rabbitry_test_support::unique(&format!("cli.{prefix}"))
 }
 
 async fn raw() -> Connection {

@@ -4,49 +4,17 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::{create, wait_rendered, Demo};
-
-fn port_open() -> bool {
-    std::net::TcpStream::connect_timeout(
-        &"127.0.0.1:5672".parse().unwrap(),
-        Duration::from_millis(200),
-    )
-    .is_ok()
-}
-
-/// Starts the broker's app again when dropped, and waits for its port.
-struct StartAgain;
-
-impl Drop for StartAgain {
-    fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl").args(["start_app"]).status();
-        for _ in 0..300 {
-            if port_open() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
+use rabbitry_test_support::broker;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn documents_created_while_the_broker_is_down_are_rendered_after() {
     let demo = Demo::start();
     let base = demo.base.clone();
-    let guard = StartAgain;
-    let stopped = tokio::task::spawn_blocking(|| {
-        Command::new("rabbitmqctl")
-            .arg("stop_app")
-            .status()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(stopped.success());
-    assert!(!port_open(), "the broker is down");
+    let guard = tokio::task::spawn_blocking(broker::stop).await.unwrap();
+    assert!(!broker::port_open(), "the broker is down");
 
     // The web processes still accept documents: they only write the database.
     let mut ids = std::collections::BTreeMap::new();
@@ -61,7 +29,7 @@ async fn documents_created_while_the_broker_is_down_are_rendered_after() {
     tokio::task::spawn_blocking(move || drop(guard))
         .await
         .unwrap();
-    assert!(port_open(), "the broker is back");
+    assert!(broker::port_open(), "the broker is back");
     for (site, ids) in &ids {
         let docs = wait_rendered(&base, site, ids, Duration::from_secs(120)).await;
         assert!(docs.iter().all(|d| d["renders"] == 1), "{docs:?}");

@@ -32,10 +32,7 @@ fn text(b: &[u8]) -> String {
 }
 
 fn unique(prefix: &str) -> String {
-    format!(
-        "test.hard.{prefix}.{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    )
+    rabbitry_test_support::unique(&format!("hard.{prefix}"))
 }
 
 fn temp_file(name: &str, contents: &[u8]) -> std::path::PathBuf {

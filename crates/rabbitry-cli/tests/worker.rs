@@ -13,10 +13,7 @@ use rabbitry::{
 };
 
 fn unique(prefix: &str) -> String {
-    format!(
-        "test.cliw.{prefix}.{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    )
+    rabbitry_test_support::unique(&format!("cliw.{prefix}"))
 }
 
 async fn serve(app: Router) -> String {

@@ -1,11 +1,14 @@
 //! # rabbitry
 //!
 //! A messaging gateway for RabbitMQ: connections that recover, confirmed
-//! producers, consumers with explicit outcomes, serializers, and settings
-//! from TOML. It brings to Rust what collective.zamqp brought to Plone
-//! sites: hand long work to a worker, replace synchronous calls with
-//! request/reply, funnel writes through a one-at-a-time consumer, and
-//! integrate with services in any language.
+//! producers, consumers with explicit outcomes, a worker that handles
+//! messages like web requests, request/reply, and a durable outbox. It
+//! brings to Rust what collective.zamqp (the add-on that connected Plone
+//! sites to RabbitMQ) brought to Plone: hand long work to a worker,
+//! replace synchronous calls with request/reply, funnel writes through a
+//! one-at-a-time consumer, and integrate with services in any language.
+//!
+//! Runnable programs for each part are in the repository's `examples/`.
 //!
 //! ```no_run
 //! use rabbitry::{Connection, ConnectionSettings, Consumer, ConsumerSettings, ExchangeKind,
@@ -29,6 +32,24 @@
 //! # Ok(()) }
 //! ```
 //!
+//! ## Cargo features
+//!
+//! Each feature buys one capability; enable only what you use. Without
+//! any, rabbitry connects (and recovers), declares, publishes with
+//! confirms, consumes, and runs workers with native handlers and RPC.
+//!
+//! | feature | default | what it adds | what it pulls in |
+//! |---|:---:|---|---|
+//! | `sqlite` | yes | the durable `outbox`, the inbox and durable RPC replies on SQLite | sqlx with a bundled SQLite |
+//! | `postgres` | | the same on PostgreSQL, with `LISTEN/NOTIFY` wake-ups | sqlx's PostgreSQL driver |
+//! | `http` | yes | worker handlers that are tower services (an axum `Router`) or HTTP URLs; `web`'s publish-on-2xx layer | hyper, tower, http |
+//! | `config` | yes | `Settings` from TOML, and the worker a config file describes | toml |
+//!
+//! A producer-only service writes
+//! `rabbitry = { version = "0.1", default-features = false }`; an app that
+//! uses SQLite through another crate (rusqlite, another sqlx) turns
+//! `sqlite` off, since SQLite can be linked only once.
+//!
 //! ## Layout
 //!
 //! - [`connection`]: named connections and their recovery.
@@ -39,13 +60,13 @@
 //! - [`clock`]: epoch milliseconds and RFC 3339, as written into messages.
 //! - [`headers`]: the `x-rabbitry-*` header names.
 //! - [`message`]: properties and outgoing messages.
-//! - [`config`]: TOML settings, validated.
+//! - `config`: TOML settings, validated (feature `config`).
 //! - [`error`]: the one error type.
 //! - [`worker`]: the consuming server: handlers, retries, dead letters.
 //! - [`transaction`]: the unit of work, publishes at commit.
-//! - [`web`]: a tower layer: publish on 2xx only.
+//! - `web`: a tower layer: publish on 2xx only (feature `http`).
 //! - [`rpc`]: request/reply client, durable replies.
-//! - [`outbox`]: the durable outbox and the idempotent inbox (SQLite, PostgreSQL).
+//! - `outbox`: the durable outbox and the idempotent inbox (features `sqlite`, `postgres`).
 
 pub mod clock;
 pub mod codec;

@@ -2,44 +2,13 @@
 //! own test binary, which cargo runs after (never alongside) the others,
 //! and each holds a guard that starts the broker again even when it fails.
 
-use std::process::Command;
 use std::time::Duration;
 
 use rabbitry::outbox::{self, Database, Outbox, RelayOptions};
 use rabbitry::{
     Connection, ConnectionSettings, Consumer, ConsumerSettings, Message, Queue, Topology,
 };
-
-fn rabbitmqctl(args: &[&str]) {
-    let status = Command::new("rabbitmqctl")
-        .args(args)
-        .status()
-        .expect("run rabbitmqctl");
-    assert!(status.success(), "rabbitmqctl {args:?} failed");
-}
-
-fn port_open() -> bool {
-    std::net::TcpStream::connect_timeout(
-        &"127.0.0.1:5672".parse().unwrap(),
-        Duration::from_millis(200),
-    )
-    .is_ok()
-}
-
-/// Starts the broker's app again when dropped, and waits for its port.
-struct StartAgain;
-
-impl Drop for StartAgain {
-    fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl").args(["start_app"]).status();
-        for _ in 0..300 {
-            if port_open() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
+use rabbitry_test_support::broker;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_commits_while_the_broker_is_stopped_arrive_in_order_after() {
@@ -66,10 +35,7 @@ async fn outbox_commits_while_the_broker_is_stopped_arrive_in_order_after() {
         .await
         .unwrap();
 
-    let guard = StartAgain;
-    tokio::task::spawn_blocking(|| rabbitmqctl(&["stop_app"]))
-        .await
-        .unwrap();
+    let guard = tokio::task::spawn_blocking(broker::stop).await.unwrap();
     for _ in 0..100 {
         if !conn.is_connected() {
             break;
@@ -96,7 +62,7 @@ async fn outbox_commits_while_the_broker_is_stopped_arrive_in_order_after() {
     tokio::task::spawn_blocking(move || drop(guard))
         .await
         .unwrap();
-    assert!(port_open(), "the broker is back");
+    assert!(broker::port_open(), "the broker is back");
 
     let mut consumer = tokio::time::timeout(Duration::from_secs(60), async {
         loop {

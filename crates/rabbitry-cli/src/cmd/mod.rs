@@ -5,6 +5,7 @@ pub(crate) mod bench;
 pub(crate) mod consume;
 pub(crate) mod dead;
 pub(crate) mod declare;
+#[cfg(feature = "demo")]
 pub(crate) mod demo;
 pub(crate) mod outbox;
 pub(crate) mod publish;

@@ -135,6 +135,18 @@ impl Connection {
     /// connection. The first connection failing is an error (naming the
     /// host and saying "connection refused" or "access refused"); after
     /// that, losses are recovered in the background.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> rabbitry::Result<()> {
+    /// use std::time::Duration;
+    /// use rabbitry::{Connection, ConnectionSettings};
+    ///
+    /// let mut settings = ConnectionSettings::new("amqp://guest:guest@rabbit-1:5672/%2f").name("shop");
+    /// settings.urls.push("amqp://guest:guest@rabbit-2:5672/%2f".into()); // tried in turn
+    /// settings.recovery_timeout = Duration::from_secs(30); // how long a publish waits for recovery
+    /// let conn = Connection::open(settings).await?;
+    /// # conn.close().await; Ok(()) }
+    /// ```
     pub async fn open(settings: ConnectionSettings) -> Result<Connection> {
         if settings.urls.is_empty() {
             return Err(Error::config(format!(

@@ -155,6 +155,23 @@ impl std::fmt::Debug for Consumer {
 impl Consumer {
     /// Declares, sets QoS and starts consuming. A refused declaration is
     /// returned here, not retried.
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: rabbitry::Connection) -> rabbitry::Result<()> {
+    /// use rabbitry::{Consumer, ConsumerSettings, ExchangeKind, Outcome};
+    ///
+    /// let mut settings = ConsumerSettings::new("orders").bind("shop", ExchangeKind::Topic, &["order.*"]);
+    /// settings.prefetch_count = Some(10);
+    /// let mut orders = Consumer::start(&conn, settings).await?;
+    /// while let Some(delivery) = orders.next().await {
+    ///     let outcome = match delivery.decode::<serde_json::Value>() {
+    ///         Ok(_) => Outcome::Ack,
+    ///         Err(_) => Outcome::Reject, // dead-lettered if the queue says where
+    ///     };
+    ///     delivery.settle(outcome).await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn start(conn: &Connection, settings: ConsumerSettings) -> Result<Consumer> {
         let prefetch = settings
             .prefetch_count

@@ -189,6 +189,22 @@ pub trait OutboxExecutor: Send {
 /// Writes `message` to the outbox inside the caller's transaction
 /// (`&mut *tx`). Returns its message id. It is published after the
 /// transaction commits, by a relay.
+///
+/// ```no_run
+/// # #[cfg(feature = "sqlite")]
+/// # async fn demo(conn: rabbitry::Connection) -> rabbitry::Result<()> {
+/// use rabbitry::outbox::{self, Database, Outbox, RelayOptions};
+/// use rabbitry::Message;
+///
+/// let outbox = Outbox::connect("sqlite://shop.db").await?; // creates the tables
+/// let relay = outbox.spawn_relay(&conn, RelayOptions::default()).await?;
+/// let Database::Sqlite(pool) = outbox.database() else { unreachable!() };
+/// let mut tx = pool.begin().await.map_err(|e| outbox::db_error("shop.db", "begin", e))?;
+/// // ... the application's own writes in `tx` ...
+/// outbox::publish(&mut *tx, Message::new("order 7 paid").routing_key("orders.paid")).await?;
+/// outbox.commit(tx).await?; // the message exists if and only if the commit does
+/// # relay.stop().await }
+/// ```
 pub async fn publish<E: OutboxExecutor + ?Sized>(conn: &mut E, message: Message) -> Result<String> {
     let row = OutboxRow::from_message(message)?;
     conn.insert_outbox(&row).await?;

@@ -172,6 +172,20 @@ impl Producer {
     /// Errors: [`ErrorKind::Unroutable`](crate::ErrorKind::Unroutable) for
     /// a mandatory message no queue took, `Disconnected` when the
     /// connection did not come back within its recovery timeout.
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: rabbitry::Connection) -> rabbitry::Result<()> {
+    /// use rabbitry::{ExchangeKind, Message, Producer, ProducerSettings, Serializer};
+    ///
+    /// let tasks = Producer::new(&conn, ProducerSettings::new("service.tasks", ExchangeKind::Topic)).await?;
+    /// let request = Message::encode(Serializer::Msgpack, &serde_json::json!({"title": "Hello"}))?
+    ///     .routing_key("service.my_template")
+    ///     .correlation_id("3f45de0d")
+    ///     .reply_to("my_queue")
+    ///     .mandatory(true); // no queue for it: an error, not a silent drop
+    /// tasks.publish(request).await?; // the broker has it
+    /// # Ok(()) }
+    /// ```
     pub async fn publish(&self, message: Message) -> Result<()> {
         let outgoing = self.prepare(message)?;
         self.publisher.publish(outgoing).await

@@ -223,6 +223,20 @@ impl RpcClient {
     /// Sends `request` and waits for its reply, for `timeout` (or the
     /// client's). The message's exchange defaults to the client's; its
     /// correlation id, `reply_to` and deadline header are set here.
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: rabbitry::Connection) -> rabbitry::Result<()> {
+    /// use std::time::Duration;
+    /// use rabbitry::rpc::{RpcClient, RpcSettings};
+    /// use rabbitry::{Message, Serializer};
+    ///
+    /// let client = RpcClient::new(&conn, RpcSettings { exchange: "service.tasks".into(), ..RpcSettings::default() }).await?;
+    /// let request = Message::encode(Serializer::Msgpack, &serde_json::json!({"title": "Hello"}))?
+    ///     .routing_key("service.my_template");
+    /// let reply = client.call(request, Some(Duration::from_secs(5))).await?; // over direct reply-to
+    /// println!("{:?}: {} bytes", reply.properties.content_type, reply.body.len());
+    /// # Ok(()) }
+    /// ```
     pub async fn call(&self, mut request: Message, timeout: Option<Duration>) -> Result<Response> {
         let timeout = timeout.unwrap_or(self.settings.timeout);
         let route = self.current_route(timeout).await?;
