@@ -138,14 +138,20 @@ async fn consume_decodes_msgpack_and_json_from_another_client_and_shows_bad_bodi
     send("application/json", br#"{"n":[1,2,3]}"#.to_vec()).await;
     send("application/json", b"{not json".to_vec()).await;
     send("application/pdf", b"%PDF-1.4".to_vec()).await;
-    // A synchronous call on the same channel returns after the broker
-    // has processed the publishes before it.
-    let depth = ch
-        .queue_declare(QueueDeclareArguments::new(&queue).passive(true).finish())
-        .await
-        .unwrap()
-        .map(|(_, n, _)| n);
-    assert_eq!(depth, Some(4));
+    // The queue's count can lag the publishes a little: wait for all four.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let depth = ch
+            .queue_declare(QueueDeclareArguments::new(&queue).passive(true).finish())
+            .await
+            .unwrap()
+            .map(|(_, n, _)| n);
+        if depth == Some(4) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "depth {depth:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let out = rabbitry(&[
         "consume",

@@ -89,6 +89,7 @@ pub mod worker;
 
 mod amqp;
 mod channel;
+mod task;
 
 pub use codec::{Decoded, Serializer};
 #[cfg(feature = "config")]

@@ -1,4 +1,5 @@
-//! Capped exponential backoff with jitter, for reconnecting.
+//! Capped exponential backoff with jitter: the one delay policy of every
+//! restart loop (connections, consumers, the RPC reply reader, the relay).
 
 use std::time::Duration;
 
@@ -25,6 +26,11 @@ impl Backoff {
     fn ceiling(&self) -> Duration {
         let factor = 1u32.checked_shl(self.attempt.min(31)).unwrap_or(u32::MAX);
         self.initial.saturating_mul(factor).min(self.max)
+    }
+
+    /// Starts again from `initial` (after a success).
+    pub(crate) fn reset(&mut self) {
+        self.attempt = 0;
     }
 
     /// The next delay; each call doubles the ceiling until `max`.

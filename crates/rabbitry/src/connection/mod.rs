@@ -10,6 +10,7 @@
 //! confirmed. At most one live socket exists per `Connection`.
 
 mod backoff;
+pub(crate) use backoff::Backoff;
 
 mod endpoint;
 mod supervisor;
@@ -20,13 +21,13 @@ use std::time::Duration;
 
 use amqprs::channel::{Channel, QueueDeclareArguments, QueueDeleteArguments, QueuePurgeArguments};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 pub use endpoint::{redact, Endpoint};
 
 pub(crate) use crate::channel::{ChannelWatch, ConfirmSink, Events};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::task::Background;
 use crate::topology::{self, Topology};
 
 /// The URL used when none is configured: the local broker as guest.
@@ -110,8 +111,7 @@ struct Shared {
     endpoints: Vec<Endpoint>,
     link: watch::Sender<Link>,
     topology: Mutex<Topology>,
-    stop: watch::Sender<bool>,
-    supervisor: Mutex<Option<JoinHandle<()>>>,
+    supervisor: Mutex<Option<Background<()>>>,
 }
 
 /// A supervised, recovering connection. Cheap to clone; clones share the
@@ -165,16 +165,15 @@ impl Connection {
             conn: Some(conn),
             closed: false,
         });
-        let (stop, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             settings,
             endpoints,
             link,
             topology: Mutex::new(Topology::default()),
-            stop,
             supervisor: Mutex::new(None),
         });
-        let task = tokio::spawn(supervisor::run(Arc::downgrade(&shared)));
+        let weak = Arc::downgrade(&shared);
+        let task = Background::spawn(move |stop| supervisor::run(weak, stop));
         *lock(&shared.supervisor) = Some(task);
         tracing::info!(connection = %shared.settings.name, "connected");
         Ok(Connection { shared })
@@ -387,10 +386,9 @@ impl Connection {
 
     /// Closes the connection and stops recovering it.
     pub async fn close(&self) {
-        self.shared.stop.send_replace(true);
         let task = lock(&self.shared.supervisor).take();
         if let Some(task) = task {
-            let _ = task.await;
+            task.stop().await;
         }
     }
 
@@ -482,11 +480,6 @@ pub struct QueueStatus {
     pub messages: u32,
     /// Consumers attached.
     pub consumers: u32,
-}
-
-/// Waits until `stop` is set, or its sender is gone.
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 pub(crate) async fn close_quietly(channel: Channel) {

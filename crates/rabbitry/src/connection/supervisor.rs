@@ -8,8 +8,9 @@ use amqprs::connection::{Connection as AmqpConnection, OpenConnectionArguments};
 use amqprs::Close;
 
 use super::backoff::Backoff;
-use super::{close_quietly, stopped, ChannelWatch, ConnectionSettings, Endpoint, Events, Shared};
+use super::{close_quietly, ChannelWatch, ConnectionSettings, Endpoint, Events, Shared};
 use crate::error::{Error, ErrorKind, Result};
+use crate::task::CancellationToken;
 use crate::topology::{self, Topology};
 
 /// How long one TCP connect plus AMQP handshake may take.
@@ -192,11 +193,10 @@ async fn redeclare(conn: &AmqpConnection, topology: &Topology) -> Result<()> {
     res.map(|_| ())
 }
 
-pub(super) async fn run(shared: Weak<Shared>) {
+pub(super) async fn run(shared: Weak<Shared>, stop: CancellationToken) {
     loop {
         let Some(s) = shared.upgrade() else { return };
         let name = s.settings.name.clone();
-        let mut stop = s.stop.subscribe();
         let (conn, generation) = {
             let link = s.link.borrow();
             (link.conn.clone(), link.generation)
@@ -206,7 +206,7 @@ pub(super) async fn run(shared: Weak<Shared>) {
 
         let stopping = tokio::select! {
             _ = lost(&conn) => false,
-            _ = stopped(&mut stop) => true,
+            _ = stop.cancelled() => true,
         };
         if stopping {
             // Bounded: a close the broker does not answer must not hang.
@@ -236,7 +236,7 @@ pub(super) async fn run(shared: Weak<Shared>) {
             let delay = backoff.next_delay();
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
-                _ = stopped(&mut stop) => {
+                _ = stop.cancelled() => {
                     if let Some(s) = shared.upgrade() {
                         s.link.send_modify(|l| l.closed = true);
                     }

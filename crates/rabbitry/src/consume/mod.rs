@@ -15,15 +15,15 @@ use std::time::Duration;
 
 use amqprs::channel::ConsumerMessage;
 use amqprs::channel::{BasicCancelArguments, BasicConsumeArguments, BasicQosArguments, Channel};
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, oneshot};
 
 pub use delivery::{Acker, Delivery, Outcome};
 
 use crate::amqp::from_basic;
-use crate::connection::{close_quietly, stopped, Connection};
+use crate::connection::{close_quietly, Backoff, Connection};
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::Headers;
+use crate::task::{Background, CancellationToken};
 use crate::topology::{self, is_reserved, Exchange, ExchangeKind, Queue, Topology};
 
 /// How long stopping waits for the broker to confirm a cancel.
@@ -139,8 +139,7 @@ impl ConsumerSettings {
 /// A running consumer. Deliveries arrive through [`Consumer::next`].
 pub struct Consumer {
     rx: mpsc::Receiver<Delivery>,
-    stop: watch::Sender<bool>,
-    task: Option<JoinHandle<()>>,
+    task: Option<Background<()>>,
     queue: String,
 }
 
@@ -182,20 +181,14 @@ impl Consumer {
             prefetch as usize
         };
         let (tx, rx) = mpsc::channel(capacity);
-        let (stop, stop_rx) = watch::channel(false);
         let (started_tx, started_rx) = oneshot::channel();
-        let task = tokio::spawn(run(
-            conn.clone(),
-            settings,
-            prefetch,
-            tx,
-            stop_rx,
-            Some(started_tx),
-        ));
+        let conn = conn.clone();
+        let task = Background::spawn(move |stop| {
+            run(conn, settings, prefetch, tx, stop, Some(started_tx))
+        });
         match started_rx.await {
             Ok(Ok(queue)) => Ok(Consumer {
                 rx,
-                stop,
                 task: Some(task),
                 queue,
             }),
@@ -268,9 +261,8 @@ impl Consumer {
     /// with [`next`](Consumer::next) go back to the queue when the channel
     /// closes. Deliveries already taken can still be settled.
     pub async fn cancel(&mut self) {
-        self.stop.send_replace(true);
         if let Some(task) = self.task.take() {
-            let _ = task.await;
+            task.stop().await;
         }
         self.rx.close();
     }
@@ -284,12 +276,6 @@ impl futures_util::Stream for Consumer {
     }
 }
 
-impl Drop for Consumer {
-    fn drop(&mut self) {
-        self.stop.send_replace(true);
-    }
-}
-
 type Started = oneshot::Sender<Result<String>>;
 
 /// The consumer's life: (re)open, declare, consume, forward; repeat after
@@ -299,18 +285,18 @@ async fn run(
     settings: ConsumerSettings,
     prefetch: u16,
     tx: mpsc::Sender<Delivery>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
     mut started: Option<Started>,
 ) {
     let topology = settings.topology();
-    let mut failures = 0u32;
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
     loop {
-        if *stop.borrow() {
+        if stop.is_cancelled() {
             return;
         }
         let session = tokio::select! {
             s = open_session(&conn, &settings, &topology, prefetch) => s,
-            _ = stopped(&mut stop) => return,
+            _ = stop.cancelled() => return,
         };
         let (channel, queue, mut incoming, tag, generation) = match session {
             Ok(s) => s,
@@ -322,16 +308,15 @@ async fn run(
                 if err.kind() == ErrorKind::Closed {
                     return;
                 }
-                failures += 1;
-                let delay = Duration::from_millis(250 * u64::from(failures.min(20)));
+                let delay = backoff.next_delay();
                 tracing::warn!(queue = %settings.queue, error = %err, ?delay, "restarting consumer failed");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => continue,
-                    _ = stopped(&mut stop) => return,
+                    _ = stop.cancelled() => return,
                 }
             }
         };
-        failures = 0;
+        backoff.reset();
         if let Some(started) = started.take() {
             let _ = started.send(Ok(queue.clone()));
         } else {
@@ -347,7 +332,7 @@ async fn run(
                     }
                     None => break false,
                 },
-                _ = stopped(&mut stop) => break true,
+                _ = stop.cancelled() => break true,
             }
         };
         if stopped {

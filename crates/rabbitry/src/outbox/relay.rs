@@ -4,15 +4,16 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use super::backend::Backend;
 use super::{db_error, store, with_pool, Database, Outbox};
-use crate::connection::{stopped, Connection};
+use crate::connection::{Backoff, Connection};
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::Message;
 use crate::publish::{Confirmation, Producer, ProducerSettings};
+use crate::task::{Background, CancellationToken};
 
 /// How a relay works.
 #[derive(Debug, Clone)]
@@ -39,20 +40,20 @@ impl Default for RelayOptions {
     }
 }
 
-/// A running relay task.
+/// A running relay. Dropping it stops the relay after its current round
+/// (see [`Relay::stop`] to wait for that).
 #[derive(Debug)]
 pub struct Relay {
-    stop: watch::Sender<bool>,
-    task: JoinHandle<Result<()>>,
+    task: Background<Result<()>>,
 }
 
 impl Relay {
     /// Stops after the current round; returns how the task ended.
     pub async fn stop(self) -> Result<()> {
-        self.stop.send_replace(true);
         self.task
+            .stop()
             .await
-            .map_err(|e| Error::new(ErrorKind::Closed, "relay task").with_source(e))?
+            .unwrap_or_else(|| Err(Error::new(ErrorKind::Closed, "the relay task panicked")))
     }
 }
 
@@ -76,7 +77,6 @@ impl Outbox {
             },
         )
         .await?;
-        let (stop, stop_rx) = watch::channel(false);
         let task = with_pool!(&self.db, |pool| {
             let looping = RelayLoop {
                 pool: pool.clone(),
@@ -84,9 +84,9 @@ impl Outbox {
                 wake: self.wake.clone(),
                 options,
             };
-            tokio::spawn(looping.run(producer, stop_rx))
+            Background::spawn(move |stop| looping.run(producer, stop))
         });
-        Ok(Relay { stop, task })
+        Ok(Relay { task })
     }
 }
 
@@ -110,16 +110,16 @@ impl<B: Backend> Clone for RelayLoop<B> {
 }
 
 impl<B: Backend> RelayLoop<B> {
-    async fn run(self, producer: Producer, mut stop: watch::Receiver<bool>) -> Result<()> {
+    async fn run(self, producer: Producer, stop: CancellationToken) -> Result<()> {
         let options = self.options.clone();
         let mut listener = self.pool.listen().await;
-        let mut failures = 0u32;
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         // Batches published and waiting for their confirms, oldest first.
         // The next batch is claimed and published while the previous one
         // is being confirmed, so the broker always has work.
         let mut in_flight: VecDeque<JoinHandle<Result<usize>>> = VecDeque::new();
         loop {
-            if *stop.borrow() {
+            if stop.is_cancelled() {
                 drain(&mut in_flight).await?;
                 return Ok(());
             }
@@ -132,12 +132,11 @@ impl<B: Backend> RelayLoop<B> {
             let claimed = match self.claim().await {
                 Ok(c) => c,
                 Err(e) => {
-                    failures += 1;
-                    let delay = Duration::from_millis(200 * u64::from(failures.min(25)));
+                    let delay = backoff.next_delay();
                     tracing::warn!(error = %e, ?delay, "claiming outbox rows failed");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => continue,
-                        _ = stopped(&mut stop) => return drain(&mut in_flight).await,
+                        _ = stop.cancelled() => return drain(&mut in_flight).await,
                     }
                 }
             };
@@ -160,17 +159,16 @@ impl<B: Backend> RelayLoop<B> {
                     None => Ok(0),
                 };
                 match result {
-                    Ok(_) => failures = 0,
+                    Ok(_) => backoff.reset(),
                     Err(e) => {
                         // Finish everything in flight, then start again
                         // from the oldest pending row, after a pause.
                         drain(&mut in_flight).await.ok();
-                        failures += 1;
-                        let delay = Duration::from_millis(200 * u64::from(failures.min(25)));
+                        let delay = backoff.next_delay();
                         tracing::warn!(error = %e, ?delay, "relay round failed; rows stay pending");
                         tokio::select! {
                             _ = tokio::time::sleep(delay) => continue,
-                            _ = stopped(&mut stop) => return Ok(()),
+                            _ = stop.cancelled() => return Ok(()),
                         }
                     }
                 }
@@ -183,7 +181,7 @@ impl<B: Backend> RelayLoop<B> {
                 _ = &mut notified => {}
                 _ = wait_notification::<B>(&mut listener) => {}
                 _ = tokio::time::sleep(options.poll) => {}
-                _ = stopped(&mut stop) => return Ok(()),
+                _ = stop.cancelled() => return Ok(()),
             }
         }
     }

@@ -17,12 +17,12 @@ use std::time::Duration;
 use amqprs::channel::{BasicPublishArguments, Channel, ConfirmSelectArguments};
 use amqprs::BasicProperties;
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::channel::{CloseReason, Returned};
 use crate::connection::{lock, ConfirmSink, Connection};
 use crate::error::{Error, ErrorKind, Result};
+use crate::task::{Background, CancellationToken};
 
 /// A message ready for the wire.
 #[derive(Debug)]
@@ -217,7 +217,8 @@ pub(crate) struct Publisher {
     conn: Connection,
     permits: Arc<Semaphore>,
     tx: mpsc::Sender<Publish>,
-    task: Mutex<Option<JoinHandle<()>>>,
+    /// The actor; it ends when the publisher is dropped.
+    _task: Background<()>,
 }
 
 impl Publisher {
@@ -240,12 +241,12 @@ impl Publisher {
         };
         actor.install().await?;
         let (tx, rx) = mpsc::channel(max_in_flight.clamp(1, 4096));
-        let task = tokio::spawn(actor.run(rx));
+        let task = Background::spawn(move |stop| actor.run(rx, stop));
         Ok(Arc::new(Publisher {
             conn: conn.clone(),
             permits: Arc::new(Semaphore::new(max_in_flight.max(1))),
             tx,
-            task: Mutex::new(Some(task)),
+            _task: task,
         }))
     }
 
@@ -310,14 +311,6 @@ impl Confirmation {
     }
 }
 
-impl Drop for Publisher {
-    fn drop(&mut self) {
-        if let Some(task) = lock(&self.task).take() {
-            task.abort();
-        }
-    }
-}
-
 /// The publishing task's state.
 struct Actor {
     conn: Connection,
@@ -342,7 +335,7 @@ impl Actor {
             && self.conn.generation() == self.generation
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Publish>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Publish>, stop: CancellationToken) {
         let mut links = self.conn.links();
         let mut tick = tokio::time::interval(RECOVERY_POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -363,6 +356,7 @@ impl Actor {
                 }
                 r = links.changed() => if r.is_err() { return },
                 _ = tick.tick(), if !live => {}
+                _ = stop.cancelled() => return,
             }
         }
     }

@@ -27,16 +27,16 @@ use amqprs::channel::{BasicConsumeArguments, BasicPublishArguments, Channel, Con
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
 
 use crate::amqp::{from_basic, to_basic};
 use crate::channel::{CloseReason, Returned};
 use crate::clock::now_millis;
 use crate::codec::{decode_value, Decoded, Serializer};
-use crate::connection::{lock, stopped, ConfirmSink, Connection};
+use crate::connection::{lock, Backoff, ConfirmSink, Connection};
 use crate::error::{Error, ErrorKind, Result};
 use crate::headers::DEADLINE;
 use crate::message::{HeaderValue, Message, Properties};
+use crate::task::{Background, CancellationToken};
 use crate::topology::{Queue, Topology};
 
 /// RabbitMQ's direct reply-to pseudo-queue.
@@ -161,16 +161,8 @@ pub struct RpcClient {
     conn: Connection,
     calls: Arc<Mutex<Calls>>,
     route: watch::Receiver<Option<Route>>,
-    _task: Arc<TaskGuard>,
-}
-
-struct TaskGuard(JoinHandle<()>, watch::Sender<bool>);
-
-impl Drop for TaskGuard {
-    fn drop(&mut self) {
-        self.1.send_replace(true);
-        self.0.abort();
-    }
+    /// The reply reader; it stops when the last clone of the client goes.
+    _task: Arc<Background<()>>,
 }
 
 impl std::fmt::Debug for RpcClient {
@@ -187,24 +179,19 @@ impl RpcClient {
     pub async fn new(conn: &Connection, settings: RpcSettings) -> Result<RpcClient> {
         let calls: Arc<Mutex<Calls>> = Arc::default();
         let (route_tx, route_rx) = watch::channel(None);
-        let (stop_tx, stop_rx) = watch::channel(false);
         let first = open_route(conn, &settings, &calls).await?;
         let (route, incoming) = first;
         route_tx.send_replace(Some(route));
-        let task = tokio::spawn(run(
-            conn.clone(),
-            settings.clone(),
-            calls.clone(),
-            route_tx,
-            incoming,
-            stop_rx,
-        ));
+        let task = {
+            let (conn, settings, calls) = (conn.clone(), settings.clone(), calls.clone());
+            Background::spawn(move |stop| run(conn, settings, calls, route_tx, incoming, stop))
+        };
         Ok(RpcClient {
             settings: Arc::new(settings),
             conn: conn.clone(),
             calls,
             route: route_rx,
-            _task: Arc::new(TaskGuard(task, stop_tx)),
+            _task: Arc::new(task),
         })
     }
 
@@ -374,13 +361,14 @@ async fn run(
     calls: Arc<Mutex<Calls>>,
     route: watch::Sender<Option<Route>>,
     mut incoming: Incoming,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         loop {
             let m = tokio::select! {
                 m = incoming.recv() => m,
-                _ = stopped(&mut stop) => return,
+                _ = stop.cancelled() => return,
             };
             let Some(m) = m else { break };
             let properties = m
@@ -413,9 +401,9 @@ async fn run(
             ),
         );
         // Reopen on the next live socket.
-        let mut delay = Duration::from_millis(100);
+        backoff.reset();
         loop {
-            if *stop.borrow() {
+            if stop.is_cancelled() {
                 return;
             }
             match open_route(&conn, &settings, &calls).await {
@@ -426,12 +414,12 @@ async fn run(
                 }
                 Err(e) if e.kind() == ErrorKind::Closed => return,
                 Err(e) => {
-                    tracing::warn!(error = %e, "reopening the RPC channel failed");
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, ?delay, "reopening the RPC channel failed");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = stopped(&mut stop) => return,
+                        _ = stop.cancelled() => return,
                     }
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         }

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
@@ -15,11 +15,11 @@ use super::handler::{BoxFuture, Context, FailureKind, HandlerError, Meta, Reply}
 use super::http;
 use super::metrics::{Counted, WorkerMetrics};
 use super::{retry, ConsumerOptions, ErrorHandler, Route};
-use crate::connection::stopped;
 use crate::consume::{Consumer, Delivery, Outcome};
 use crate::error::ErrorKind;
 use crate::message::{HeaderValue, Message};
 use crate::publish::Producer;
+use crate::task::CancellationToken;
 use crate::transaction::UnitOfWork;
 
 /// Everything one consumer's deliveries are handled with.
@@ -43,7 +43,7 @@ pub(super) async fn consume_loop<S: Clone + Send + Sync + 'static>(
     state: S,
     mut consumer: Consumer,
     concurrency: usize,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(concurrency));
     let mut inflight = JoinSet::new();
@@ -52,12 +52,12 @@ pub(super) async fn consume_loop<S: Clone + Send + Sync + 'static>(
         // delivery started.
         let permit = tokio::select! {
             biased;
-            _ = stopped(&mut stop) => break,
+            _ = stop.cancelled() => break,
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
         };
         let delivery = tokio::select! {
             biased;
-            _ = stopped(&mut stop) => break,
+            _ = stop.cancelled() => break,
             d = consumer.next() => d,
         };
         let Some(delivery) = delivery else { break };
@@ -66,7 +66,7 @@ pub(super) async fn consume_loop<S: Clone + Send + Sync + 'static>(
             tokio::pin!(work);
             tokio::select! {
                 _ = &mut work => {}
-                _ = stopped(&mut stop) => {
+                _ = stop.cancelled() => {
                     // Stop consuming before this handler's ack goes out, so
                     // that the broker sends nothing more to this worker.
                     consumer.cancel().await;

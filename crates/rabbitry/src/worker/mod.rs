@@ -63,9 +63,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
-
 pub use handler::{
     Body, BoxError, BoxFuture, Context, FailureKind, FromContext, Handler, HandlerError, IntoReply,
     Json, Meta, Msg, Msgpack, Reply, ResultExt, State,
@@ -76,6 +73,7 @@ use crate::connection::Connection;
 use crate::consume::{Consumer, ConsumerSettings, Delivery};
 use crate::error::{Error, Result};
 use crate::publish::{Producer, ProducerSettings};
+use crate::task::{Background, CancellationToken};
 use crate::topology::Topology;
 use dispatch::ConsumerRuntime;
 use handler::BoxHandler;
@@ -426,7 +424,7 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
             owned,
         } = self;
         let error_handlers = Arc::new(error_handlers);
-        let (stop, stop_rx) = watch::channel(false);
+        let stop = CancellationToken::new();
         let mut tasks = Vec::new();
         let metrics = Arc::new(WorkerMetrics::default());
         // One reply producer per connection, shared by its consumers.
@@ -493,13 +491,10 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
                 user: user.clone(),
                 error_handlers: error_handlers.clone(),
             });
-            tasks.push(tokio::spawn(dispatch::consume_loop(
-                runtime,
-                state.clone(),
-                consumer,
-                concurrency,
-                stop_rx.clone(),
-            )));
+            let state = state.clone();
+            tasks.push(Background::spawn_with(stop.child_token(), move |stop| {
+                dispatch::consume_loop(runtime, state, consumer, concurrency, stop)
+            }));
         }
         #[cfg(not(any(feature = "sqlite", feature = "postgres")))]
         let _ = (&conn, relay_conn);
@@ -564,8 +559,8 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
 
 /// A started worker.
 pub struct RunningWorker {
-    stop: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+    stop: CancellationToken,
+    tasks: Vec<Background<()>>,
     metrics: Arc<WorkerMetrics>,
     #[cfg(any(feature = "sqlite", feature = "postgres"))]
     relay: Option<crate::outbox::Relay>,
@@ -593,15 +588,14 @@ impl RunningWorker {
     /// [`Worker::new`] stay open: they are the caller's). Deliveries not
     /// started go back to their queues.
     pub async fn shutdown(self) {
-        self.stop.send_replace(true);
+        self.stop.cancel();
         let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
-        for mut task in self.tasks {
-            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+        for task in self.tasks {
+            if task.stop_within(deadline).await.is_err() {
                 tracing::warn!(
                     timeout = ?self.shutdown_timeout,
                     "handlers still running at the shutdown deadline; their messages will be redelivered"
                 );
-                task.abort();
             }
         }
         #[cfg(any(feature = "sqlite", feature = "postgres"))]
