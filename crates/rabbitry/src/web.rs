@@ -20,7 +20,7 @@ use http::{Request, Response, StatusCode};
 use tower::{Layer, Service};
 
 use crate::transaction::UnitOfWork;
-use crate::worker::BoxFuture;
+use futures_util::future::BoxFuture;
 
 /// Wraps a service in [`PublishOnSuccess`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -58,7 +58,7 @@ where
 {
     type Response = Response<RB>;
     type Error = S::Error;
-    type Future = BoxFuture<Result<Response<RB>, S::Error>>;
+    type Future = BoxFuture<'static, Result<Response<RB>, S::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
