@@ -6,7 +6,6 @@
 use std::future::Future;
 
 use super::relay::{BatchOutcome, Claimed, RelayOptions};
-use super::FailedRow;
 
 /// The outbox's view of one database's pool.
 pub(super) trait Backend: Clone + Send + Sync + 'static {
@@ -20,11 +19,6 @@ pub(super) trait Backend: Clone + Send + Sync + 'static {
 
     /// Creates the outbox and inbox tables if they do not exist.
     fn migrate(&self) -> impl Future<Output = sqlx::Result<()>> + Send;
-
-    /// Pending rows, the oldest pending row's creation time, failed rows.
-    fn status(
-        &self,
-    ) -> impl Future<Output = sqlx::Result<(i64, Option<i64>, Vec<FailedRow>)>> + Send;
 
     /// Claims the oldest pending rows that no other relay holds, in id
     /// (commit) order.

@@ -299,8 +299,28 @@ impl Outbox {
 
     /// The backlog, the oldest pending age and the failed rows.
     pub async fn status(&self) -> Result<OutboxStatus> {
-        let (pending, oldest, failed) = with_pool!(&self.db, |pool| pool.status().await)
-            .map_err(|e| db_error(&self.url, "reading the outbox", e))?;
+        // The same SQL on every database.
+        let (pending, oldest, failed) = with_pool!(&self.db, |pool| {
+            let r = sqlx::query(
+                "SELECT COUNT(*), MIN(created_at) FROM rabbitry_outbox WHERE status = 'pending'",
+            )
+            .fetch_one(pool)
+            .await;
+            let failed = sqlx::query(
+                "SELECT id, message_id, exchange, routing_key, last_error FROM rabbitry_outbox \
+                 WHERE status = 'failed' ORDER BY id",
+            )
+            .fetch_all(pool)
+            .await;
+            r.and_then(|r| {
+                Ok((
+                    r.try_get::<i64, _>(0)?,
+                    r.try_get::<Option<i64>, _>(1)?,
+                    failed?.iter().map(failed_row).collect::<Vec<_>>(),
+                ))
+            })
+        })
+        .map_err(|e| db_error(&self.url, "reading the outbox", e))?;
         Ok(OutboxStatus {
             pending,
             oldest_pending_ms: oldest.map(|t| now_millis() - t),
@@ -309,7 +329,7 @@ impl Outbox {
     }
 }
 
-pub(super) fn failed_row<R: Row>(r: &R) -> FailedRow
+fn failed_row<R: Row>(r: &R) -> FailedRow
 where
     usize: sqlx::ColumnIndex<R>,
     for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,

@@ -11,7 +11,7 @@ use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
 
 use super::backend::Backend;
 use super::relay::{claimed_from, BatchOutcome, Claimed, RelayOptions};
-use super::{db_error, failed_row, OutboxExecutor, OutboxRow, NOTIFY_CHANNEL};
+use super::{db_error, OutboxExecutor, OutboxRow, NOTIFY_CHANNEL};
 use crate::clock::now_millis;
 use crate::error::Result;
 
@@ -81,25 +81,6 @@ impl Backend for PgPool {
         let mut tx = self.begin().await?;
         sqlx::raw_sql(SCHEMA).execute(&mut *tx).await?;
         tx.commit().await
-    }
-
-    async fn status(&self) -> sqlx::Result<(i64, Option<i64>, Vec<super::FailedRow>)> {
-        let r = sqlx::query(
-            "SELECT COUNT(*), MIN(created_at) FROM rabbitry_outbox WHERE status = 'pending'",
-        )
-        .fetch_one(self)
-        .await?;
-        let failed = sqlx::query(
-            "SELECT id, message_id, exchange, routing_key, last_error FROM rabbitry_outbox \
-             WHERE status = 'failed' ORDER BY id",
-        )
-        .fetch_all(self)
-        .await?;
-        Ok((
-            r.try_get(0)?,
-            r.try_get(1)?,
-            failed.iter().map(failed_row).collect(),
-        ))
     }
 
     async fn claim(&self, options: &RelayOptions) -> sqlx::Result<(Vec<Claimed>, Self::Held)> {

@@ -11,7 +11,7 @@ use sqlx::{Row, SqliteConnection, SqlitePool};
 
 use super::backend::Backend;
 use super::relay::{claimed_from, BatchOutcome, Claimed, RelayOptions};
-use super::{db_error, failed_row, FailedRow, OutboxExecutor, OutboxRow};
+use super::{db_error, OutboxExecutor, OutboxRow};
 use crate::clock::now_millis;
 use crate::connection::redact;
 use crate::error::{Error, ErrorKind, Result};
@@ -94,25 +94,6 @@ impl Backend for SqlitePool {
 
     async fn migrate(&self) -> sqlx::Result<()> {
         sqlx::raw_sql(SCHEMA).execute(self).await.map(drop)
-    }
-
-    async fn status(&self) -> sqlx::Result<(i64, Option<i64>, Vec<FailedRow>)> {
-        let r = sqlx::query(
-            "SELECT COUNT(*), MIN(created_at) FROM rabbitry_outbox WHERE status = 'pending'",
-        )
-        .fetch_one(self)
-        .await?;
-        let failed = sqlx::query(
-            "SELECT id, message_id, exchange, routing_key, last_error FROM rabbitry_outbox \
-             WHERE status = 'failed' ORDER BY id",
-        )
-        .fetch_all(self)
-        .await?;
-        Ok((
-            r.try_get(0)?,
-            r.try_get(1)?,
-            failed.iter().map(failed_row).collect(),
-        ))
     }
 
     async fn claim(&self, options: &RelayOptions) -> sqlx::Result<(Vec<Claimed>, ())> {

@@ -9,6 +9,17 @@ use rabbitry::{
 
 use crate::support::{connect, eventually, unique};
 
+/// Waits until `queue` holds nothing: every message was acked, once.
+async fn drained(conn: &rabbitry::Connection, queue: &str) {
+    eventually(Duration::from_secs(5), "the queue drained", || async {
+        conn.queue_status(queue)
+            .await
+            .unwrap()
+            .is_some_and(|s| s.messages == 0)
+    })
+    .await;
+}
+
 async fn next(c: &mut Consumer) -> rabbitry::Delivery {
     tokio::time::timeout(Duration::from_secs(5), c.next())
         .await
@@ -132,17 +143,7 @@ async fn a_second_settle_is_refused_and_the_channel_stays_open() {
     assert!(!c.redelivered);
     c.ack().await.unwrap();
     consumer.cancel().await;
-    eventually(Duration::from_secs(5), "the queue empty", || {
-        let conn = conn.clone();
-        let queue = queue.clone();
-        async move {
-            conn.queue_status(&queue)
-                .await
-                .unwrap()
-                .is_some_and(|s| s.messages == 0)
-        }
-    })
-    .await;
+    drained(&conn, &queue).await;
     conn.delete_queue(&queue).await.unwrap();
 }
 
@@ -205,16 +206,6 @@ async fn a_consumer_is_a_stream_and_run_hands_over_each_delivery() {
     assert!(handled.is_ok(), "run handed over both deliveries");
     assert_eq!(*seen.lock().unwrap(), ["2", "3"]);
     consumer.cancel().await;
-    eventually(Duration::from_secs(5), "every message acked once", || {
-        let conn = conn.clone();
-        let queue = queue.clone();
-        async move {
-            conn.queue_status(&queue)
-                .await
-                .unwrap()
-                .is_some_and(|s| s.messages == 0)
-        }
-    })
-    .await;
+    drained(&conn, &queue).await;
     conn.delete_queue(&queue).await.unwrap();
 }
