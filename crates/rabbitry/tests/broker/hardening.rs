@@ -130,7 +130,7 @@ async fn a_raw_client_on_direct_reply_to_gets_the_workers_reply() {
         0,
         "a delivered direct reply is not counted as unroutable"
     );
-    raw.close().await.unwrap();
+    let _ = raw.close().await;
     running.shutdown().await;
     cleanup(&conn, &queue, &[&tasks, &results]).await;
 }
@@ -491,7 +491,7 @@ async fn headers_from_another_client_reach_an_http_app_readably() {
         Some("a%0D%0AX-Injected: 1")
     );
     assert!(h.get("x-injected").is_none());
-    raw.close().await.unwrap();
+    let _ = raw.close().await;
     running.shutdown().await;
     cleanup(&conn, &queue, &[&tasks]).await;
 }
