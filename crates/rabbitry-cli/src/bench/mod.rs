@@ -1,9 +1,10 @@
 //! The benchmark behind `rabbitry bench`: the raw AMQP client and the
 //! gateway, on the same scenarios, in the same process and run.
 //!
-//! Each scenario runs raw, gateway, raw, gateway, and keeps each side's best
-//! rate, so one noisy moment does not decide the ratio. Bodies are 256
-//! bytes. The raw side uses `amqprs` directly with the least code that does
+//! Each scenario runs raw, gateway, raw, gateway... and reports each side's
+//! median rate, the spread of its rounds (a ratio whose rounds disagree by
+//! more than 15 % is flagged as unstable), and the process's CPU time per
+//! 100,000 messages. Bodies are 256 bytes. The raw side uses `amqprs` directly with the least code that does
 //! the same work; the gateway side uses [`Producer`] and [`Consumer`].
 
 mod outbox;
@@ -27,17 +28,131 @@ use rabbitry::{Error, ErrorKind, Result};
 
 const BODY: usize = 256;
 
-/// One scenario's result.
+/// One scenario's result: each side's median rate over the rounds, how
+/// much the rounds disagree, and the client's CPU time per 100,000
+/// messages.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct ScenarioResult {
     /// Scenario name.
     pub name: String,
-    /// Messages per second with the raw client.
+    /// Messages per second with the raw client (median of the rounds).
     pub raw_msgs_per_s: f64,
-    /// Messages per second through the gateway.
+    /// Messages per second through the gateway (median of the rounds).
     pub gateway_msgs_per_s: f64,
-    /// gateway / raw.
+    /// gateway / raw, of the medians.
     pub ratio: f64,
+    /// (fastest − slowest) / median of the raw rounds.
+    pub raw_spread: f64,
+    /// (fastest − slowest) / median of the gateway rounds.
+    pub gateway_spread: f64,
+    /// CPU seconds (user + system, this process) per 100,000 messages,
+    /// raw client (median).
+    pub raw_cpu_s_per_100k: f64,
+    /// The same through the gateway.
+    pub gateway_cpu_s_per_100k: f64,
+    /// Rounds per side.
+    pub rounds: usize,
+    /// Whether both sides' rounds agree within [`STABLE_SPREAD`]; an
+    /// unstable ratio is flagged, not reported as a result.
+    pub stable: bool,
+}
+
+/// The largest spread of a side's rounds for its ratio to count as a
+/// result: 15 %.
+pub(crate) const STABLE_SPREAD: f64 = 0.15;
+
+/// CPU time this process has used, every thread, user and system: fields
+/// 14 and 15 of `/proc/self/stat`, in the kernel's fixed 100 ticks per
+/// second. Zero where there is no `/proc`.
+pub(crate) fn cpu_time() -> Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return Duration::ZERO;
+    };
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // `rest` starts at field 3, so utime (14) and stime (15) are 11 and 12.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// Each side's rounds of one scenario, raw and gateway interleaved.
+#[derive(Debug, Default)]
+pub(crate) struct Rounds {
+    rates: [Vec<f64>; 2],
+    cpu_per_100k: [Vec<f64>; 2],
+}
+
+impl Rounds {
+    /// Runs `work`, which handles `messages` and returns how long that
+    /// took, as one round of the raw side or the gateway's.
+    pub(crate) async fn measure(
+        &mut self,
+        gateway: bool,
+        messages: usize,
+        work: impl std::future::Future<Output = Result<Duration>>,
+    ) -> Result<()> {
+        let cpu = cpu_time();
+        let took = work.await?;
+        self.record(gateway, messages, took, cpu_time().saturating_sub(cpu));
+        Ok(())
+    }
+
+    /// Records one round measured elsewhere.
+    pub(crate) fn record(&mut self, gateway: bool, messages: usize, took: Duration, cpu: Duration) {
+        let side = usize::from(gateway);
+        self.rates[side].push(messages as f64 / took.as_secs_f64().max(1e-9));
+        self.cpu_per_100k[side].push(cpu.as_secs_f64() * 100_000.0 / messages.max(1) as f64);
+    }
+
+    /// The scenario's result.
+    pub(crate) fn result(&self, name: impl Into<String>) -> ScenarioResult {
+        let round2 = |x: f64| (x * 100.0).round() / 100.0;
+        let [raw, gateway] = [&self.rates[0], &self.rates[1]].map(|r| median_of(r));
+        let [raw_spread, gateway_spread] = [&self.rates[0], &self.rates[1]].map(|r| spread(r));
+        let [raw_cpu, gateway_cpu] =
+            [&self.cpu_per_100k[0], &self.cpu_per_100k[1]].map(|c| median_of(c));
+        ScenarioResult {
+            name: name.into(),
+            raw_msgs_per_s: raw.round(),
+            gateway_msgs_per_s: gateway.round(),
+            ratio: round2(gateway / raw.max(1e-9)),
+            raw_spread: round2(raw_spread),
+            gateway_spread: round2(gateway_spread),
+            raw_cpu_s_per_100k: round2(raw_cpu),
+            gateway_cpu_s_per_100k: round2(gateway_cpu),
+            rounds: self.rates[0].len().min(self.rates[1].len()),
+            stable: raw_spread <= STABLE_SPREAD && gateway_spread <= STABLE_SPREAD,
+        }
+    }
+}
+
+/// The median of `xs` (0 for none).
+fn median_of(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// (largest − smallest) / median: how much the rounds disagree.
+fn spread(xs: &[f64]) -> f64 {
+    let m = median_of(xs);
+    if xs.is_empty() || m == 0.0 {
+        return 0.0;
+    }
+    let (lo, hi) = xs
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+    (hi - lo) / m
 }
 
 /// A latency measurement, in milliseconds.
@@ -81,7 +196,7 @@ pub(crate) struct BenchOptions {
     pub url: String,
     /// Messages per scenario run.
     pub messages: usize,
-    /// Rounds per side (best is kept).
+    /// Rounds per side (the median is reported).
     pub rounds: usize,
 }
 
@@ -126,26 +241,19 @@ pub(crate) async fn run(opts: &BenchOptions, progress: Progress<'_>) -> Result<R
         ),
     ];
     for (name, case) in &cases {
-        let mut best = [0f64; 2];
+        let mut rounds = Rounds::default();
         for round in 0..opts.rounds.max(1) {
-            for (side, gateway) in [(0, false), (1, true)] {
+            for gateway in [false, true] {
                 progress(&format!(
                     "{name}: {} round {}",
                     if gateway { "gateway" } else { "raw" },
                     round + 1
                 ));
-                let took = case(gateway).await?;
-                let rate = n as f64 / took.as_secs_f64();
-                best[side] = best[side].max(rate);
+                rounds.measure(gateway, n, case(gateway)).await?;
                 purge(&raw, &queue).await?;
             }
         }
-        scenarios.push(ScenarioResult {
-            name: (*name).to_owned(),
-            raw_msgs_per_s: best[0].round(),
-            gateway_msgs_per_s: best[1].round(),
-            ratio: (best[1] / best[0] * 100.0).round() / 100.0,
-        });
+        scenarios.push(rounds.result(*name));
     }
     drop(cases);
     let _ = setup.queue_delete(QueueDeleteArguments::new(&queue)).await;
@@ -203,4 +311,47 @@ fn median(samples: &[Duration]) -> Duration {
     let mut s = samples.to_vec();
     s.sort();
     s.get(s.len() / 2).copied().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_report_medians_spreads_and_stability() {
+        let mut r = Rounds::default();
+        let secs = Duration::from_secs;
+        for (raw, gw) in [(10, 20), (11, 21), (9, 19)] {
+            r.record(false, 1000, Duration::from_millis(raw * 10), secs(1));
+            r.record(true, 1000, Duration::from_millis(gw * 10), secs(2));
+        }
+        let s = r.result("x");
+        assert_eq!(s.raw_msgs_per_s, 10_000.0);
+        assert_eq!(s.gateway_msgs_per_s, 5_000.0);
+        assert_eq!(s.ratio, 0.5);
+        assert_eq!(s.rounds, 3);
+        assert_eq!(s.raw_cpu_s_per_100k, 100.0);
+        assert_eq!(s.gateway_cpu_s_per_100k, 200.0);
+        assert!(s.raw_spread > 0.15 && !s.stable, "{s:?}");
+
+        let mut steady = Rounds::default();
+        for _ in 0..3 {
+            steady.record(false, 100, secs(1), secs(0));
+            steady.record(true, 100, secs(1), secs(0));
+        }
+        let s = steady.result("y");
+        assert!(s.stable && s.raw_spread == 0.0, "{s:?}");
+    }
+
+    #[test]
+    fn cpu_time_grows_with_work() {
+        let before = cpu_time();
+        let mut x = 0u64;
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_millis(50) {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        }
+        assert!(x != 1);
+        assert!(cpu_time() > before, "the busy loop used CPU time");
+    }
 }

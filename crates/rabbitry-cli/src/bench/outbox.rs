@@ -33,14 +33,15 @@ pub(crate) async fn run_outbox(
     gw.declare_once(&topology).await?;
     let outbox = Outbox::connect(url).await?;
     let n = opts.messages;
-    let mut best = [0f64; 2];
+    let mut rounds = Rounds::default();
     for round in 0..opts.rounds.max(1) {
         progress(&format!(
             "outbox {label}: direct confirmed publish, round {}",
             round + 1
         ));
-        let took = publish_case(&raw, &gw, &queue, n, true, true).await?;
-        best[0] = best[0].max(n as f64 / took.as_secs_f64());
+        rounds
+            .measure(false, n, publish_case(&raw, &gw, &queue, n, true, true))
+            .await?;
         purge(&raw, &queue).await?;
 
         progress(&format!(
@@ -49,6 +50,7 @@ pub(crate) async fn run_outbox(
         ));
         let relay = outbox.spawn_relay(&gw, RelayOptions::default()).await?;
         let start = Instant::now();
+        let cpu = cpu_time();
         let row = || Message::new(vec![b'x'; BODY]).routing_key(&queue);
         for _ in 0..n.div_ceil(100) {
             match outbox.database() {
@@ -75,16 +77,16 @@ pub(crate) async fn run_outbox(
             }
         }
         wait_for_depth(&raw, &queue, n.div_ceil(100) * 100).await?;
-        best[1] = best[1].max((n.div_ceil(100) * 100) as f64 / start.elapsed().as_secs_f64());
+        rounds.record(
+            true,
+            n.div_ceil(100) * 100,
+            start.elapsed(),
+            cpu_time().saturating_sub(cpu),
+        );
         relay.stop().await?;
         purge(&raw, &queue).await?;
     }
-    let throughput = ScenarioResult {
-        name: format!("outbox_{label}_vs_direct_confirmed"),
-        raw_msgs_per_s: best[0].round(),
-        gateway_msgs_per_s: best[1].round(),
-        ratio: (best[1] / best[0] * 100.0).round() / 100.0,
-    };
+    let throughput = rounds.result(format!("outbox_{label}_vs_direct_confirmed"));
 
     progress(&format!("outbox {label}: commit-to-publish latency"));
     let relay = outbox.spawn_relay(&gw, RelayOptions::default()).await?;

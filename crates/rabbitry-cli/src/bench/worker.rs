@@ -46,31 +46,35 @@ where
         ("worker_native_handler", true),
         ("worker_axum_router", false),
     ] {
-        let mut best = [0f64; 2];
+        let mut rounds = Rounds::default();
         for round in 0..opts.rounds.max(1) {
             progress(&format!("{name}: raw round {}", round + 1));
-            let took = end_to_end_case(&raw, &raw_publisher, &gw, &queue, n, false).await?;
-            best[0] = best[0].max(n as f64 / took.as_secs_f64());
+            rounds
+                .measure(
+                    false,
+                    n,
+                    end_to_end_case(&raw, &raw_publisher, &gw, &queue, n, false),
+                )
+                .await?;
             purge(&raw, &queue).await?;
             progress(&format!("{name}: gateway round {}", round + 1));
-            let took = worker_case(
-                &opts.url,
-                &raw_publisher,
-                &queue,
-                n,
-                native,
-                service.clone(),
-            )
-            .await?;
-            best[1] = best[1].max(n as f64 / took.as_secs_f64());
+            rounds
+                .measure(
+                    true,
+                    n,
+                    worker_case(
+                        &opts.url,
+                        &raw_publisher,
+                        &queue,
+                        n,
+                        native,
+                        service.clone(),
+                    ),
+                )
+                .await?;
             purge(&raw, &queue).await?;
         }
-        out.push(ScenarioResult {
-            name: name.to_owned(),
-            raw_msgs_per_s: best[0].round(),
-            gateway_msgs_per_s: best[1].round(),
-            ratio: (best[1] / best[0] * 100.0).round() / 100.0,
-        });
+        out.push(rounds.result(name));
     }
     for q in [queue.clone(), format!("{queue}.dead")] {
         let _ = gw.delete_queue(&q).await;

@@ -18,8 +18,8 @@ pub(crate) struct Args {
     /// Messages per scenario run.
     #[arg(long, default_value_t = 20_000)]
     messages: usize,
-    /// Rounds per side; the best of each is kept.
-    #[arg(long, default_value_t = 2)]
+    /// Rounds per side, raw and gateway interleaved; the median is reported.
+    #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Groups to run: core, worker, outbox, rpc (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "core,worker,outbox,rpc")]
@@ -110,19 +110,42 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         outln!("{}", serde_json::to_string(&report)?)?;
     } else {
         outln!(
-            "{:<44} {:>12} {:>12} {:>7}",
-            "scenario",
+            "{:<44} {:>10} {:>10} {:>9} {:>13} {:>15}",
+            "scenario (median of rounds)",
             "raw msg/s",
             "gateway",
-            "ratio"
+            "ratio",
+            "spread raw/gw",
+            "CPU-s/100k r/gw"
         )?;
         for s in &report.scenarios {
+            // A ratio whose rounds disagree is not a result: say so.
+            let ratio = if s.stable {
+                format!("{:.2}", s.ratio)
+            } else {
+                format!("{:.2}?", s.ratio)
+            };
             outln!(
-                "{:<44} {:>12} {:>12} {:>7.2}",
+                "{:<44} {:>10} {:>10} {:>9} {:>13} {:>15}",
                 s.name,
                 s.raw_msgs_per_s,
                 s.gateway_msgs_per_s,
-                s.ratio
+                ratio,
+                format!(
+                    "{:.0}%/{:.0}%",
+                    s.raw_spread * 100.0,
+                    s.gateway_spread * 100.0
+                ),
+                format!(
+                    "{:.2}/{:.2}",
+                    s.raw_cpu_s_per_100k, s.gateway_cpu_s_per_100k
+                )
+            )?;
+        }
+        if report.scenarios.iter().any(|s| !s.stable) {
+            outln!(
+                "? unstable: a side's rounds disagree by more than {:.0}%; rerun with more --rounds",
+                bench::STABLE_SPREAD * 100.0
             )?;
         }
         if !report.latencies.is_empty() {
