@@ -209,7 +209,11 @@ pub(crate) async fn run(opts: &BenchOptions, progress: Progress<'_>) -> Result<R
     let raw = open_raw(&ep).await?;
     let mut settings = ConnectionSettings::new(&opts.url).name("rabbitry-bench");
     settings.heartbeat = 60;
-    let gw = Connection::open(settings).await?;
+    let gw = Connection::open(settings.clone()).await?;
+    // The second connection of each side, for publishing apart from
+    // consuming, as RabbitMQ advises.
+    let raw_publisher = open_raw(&ep).await?;
+    let gw_publisher = Connection::open(settings.name("rabbitry-bench-publisher")).await?;
     let queue = format!(
         "rabbitry.bench.{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
@@ -237,7 +241,21 @@ pub(crate) async fn run(opts: &BenchOptions, progress: Progress<'_>) -> Result<R
         ),
         (
             "end_to_end_manual_ack_prefetch_500",
-            Box::new(|gateway| Box::pin(end_to_end_case(&raw, &raw, &gw, &queue, n, gateway))),
+            Box::new(|gateway| Box::pin(end_to_end_case(&raw, &raw, &gw, &gw, &queue, n, gateway))),
+        ),
+        (
+            "end_to_end_two_connections",
+            Box::new(|gateway| {
+                Box::pin(end_to_end_case(
+                    &raw,
+                    &raw_publisher,
+                    &gw,
+                    &gw_publisher,
+                    &queue,
+                    n,
+                    gateway,
+                ))
+            }),
         ),
     ];
     for (name, case) in &cases {
@@ -257,7 +275,9 @@ pub(crate) async fn run(opts: &BenchOptions, progress: Progress<'_>) -> Result<R
     }
     drop(cases);
     let _ = setup.queue_delete(QueueDeleteArguments::new(&queue)).await;
+    let _ = raw_publisher.close().await;
     let _ = raw.close().await;
+    gw_publisher.close().await;
     gw.close().await;
     Ok(Report {
         scenarios,

@@ -162,6 +162,7 @@ pub(super) async fn end_to_end_case(
     raw: &RawConnection,
     raw_publisher: &RawConnection,
     gw: &Connection,
+    gw_publisher: &Connection,
     queue: &str,
     n: usize,
     gateway: bool,
@@ -175,7 +176,7 @@ pub(super) async fn end_to_end_case(
         ps.durable = false;
         ps.confirms = false;
         ps.message_ids = false;
-        let producer = Producer::new(gw, ps).await?;
+        let producer = Producer::new(gw_publisher, ps).await?;
         let start = Instant::now();
         let publisher = tokio::spawn(async move {
             for _ in 0..n {
