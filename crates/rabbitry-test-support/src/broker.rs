@@ -85,3 +85,13 @@ impl Drop for StartAgain {
         }
     }
 }
+
+/// Whether the broker has a connection whose client-given name is `name`
+/// (`rabbitmqctl list_connections`).
+pub fn has_connection(name: &str) -> bool {
+    let out = Command::new("rabbitmqctl")
+        .args(["list_connections", "-q", "client_properties"])
+        .output()
+        .expect("run rabbitmqctl");
+    String::from_utf8_lossy(&out.stdout).contains(&format!("\"{name}\""))
+}

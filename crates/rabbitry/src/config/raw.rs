@@ -38,6 +38,7 @@ pub(super) struct RawConnection {
     pub(super) recovery_timeout: Option<String>,
     pub(super) backoff_initial: Option<String>,
     pub(super) backoff_max: Option<String>,
+    pub(super) separate_publishing: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]

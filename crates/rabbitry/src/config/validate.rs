@@ -114,6 +114,7 @@ fn connection_section(at: &At<'_>, name: &str, c: RawConnection) -> Result<Conne
     cs.urls = urls;
     cs.heartbeat = c.heartbeat.unwrap_or(cs.heartbeat);
     cs.prefetch_count = c.prefetch_count.unwrap_or(0);
+    cs.separate_publishing = c.separate_publishing.unwrap_or(cs.separate_publishing);
     cs.recovery_timeout = at.duration(
         c.recovery_timeout.as_ref(),
         &format!("{path}.recovery_timeout"),

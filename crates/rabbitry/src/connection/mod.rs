@@ -51,6 +51,12 @@ pub struct ConnectionSettings {
     /// How long an operation waits for the connection to come back before
     /// failing with [`ErrorKind::Disconnected`].
     pub recovery_timeout: Duration,
+    /// Publish on a connection of its own (`{name}.publish`, opened when
+    /// the first producer starts, recovered the same way), as RabbitMQ
+    /// advises: flow control on publishers then cannot stall the acks of
+    /// consumers, and the two do not queue behind each other on one socket.
+    /// `false` keeps one connection, for brokers that limit connections.
+    pub separate_publishing: bool,
 }
 
 impl ConnectionSettings {
@@ -65,6 +71,7 @@ impl ConnectionSettings {
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             recovery_timeout: Duration::from_secs(30),
+            separate_publishing: true,
         }
     }
 
@@ -94,6 +101,7 @@ impl fmt::Debug for ConnectionSettings {
             .field("backoff_initial", &self.backoff_initial)
             .field("backoff_max", &self.backoff_max)
             .field("recovery_timeout", &self.recovery_timeout)
+            .field("separate_publishing", &self.separate_publishing)
             .finish()
     }
 }
@@ -112,6 +120,8 @@ struct Shared {
     link: watch::Sender<Link>,
     topology: Mutex<Topology>,
     supervisor: Mutex<Option<Background<()>>>,
+    /// The connection producers publish on, once the first one starts.
+    publishing: tokio::sync::OnceCell<Connection>,
 }
 
 /// A supervised, recovering connection. Cheap to clone; clones share the
@@ -171,6 +181,7 @@ impl Connection {
             link,
             topology: Mutex::new(Topology::default()),
             supervisor: Mutex::new(None),
+            publishing: tokio::sync::OnceCell::new(),
         });
         let weak = Arc::downgrade(&shared);
         let task = Background::spawn(move |stop| supervisor::run(weak, stop));
@@ -384,8 +395,31 @@ impl Connection {
         Ok(out)
     }
 
-    /// Closes the connection and stops recovering it.
+    /// The connection producers publish on: a second connection,
+    /// `{name}.publish`, opened on first use, or this one when
+    /// [`ConnectionSettings::separate_publishing`] is off.
+    pub(crate) async fn publishing(&self) -> Result<Connection> {
+        if !self.shared.settings.separate_publishing {
+            return Ok(self.clone());
+        }
+        self.shared
+            .publishing
+            .get_or_try_init(|| async {
+                let mut settings = self.shared.settings.clone();
+                settings.name = format!("{}.publish", settings.name);
+                settings.separate_publishing = false;
+                Connection::open(settings).await
+            })
+            .await
+            .cloned()
+    }
+
+    /// Closes the connection (and its publishing connection) and stops
+    /// recovering it.
     pub async fn close(&self) {
+        if let Some(publishing) = self.shared.publishing.get() {
+            Box::pin(publishing.close()).await;
+        }
         let task = lock(&self.shared.supervisor).take();
         if let Some(task) = task {
             task.stop().await;

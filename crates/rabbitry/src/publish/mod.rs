@@ -148,7 +148,12 @@ impl Producer {
         if !topology.is_empty() {
             conn.declare(&topology).await?;
         }
-        let publisher = Publisher::open(conn, settings.confirms, settings.max_in_flight).await?;
+        // Publishing has a connection of its own unless the settings say
+        // otherwise; the exchange is declared (and remembered) above, on
+        // the main one.
+        let publishing = conn.publishing().await?;
+        let publisher =
+            Publisher::open(&publishing, settings.confirms, settings.max_in_flight).await?;
         Ok(Producer {
             settings: Arc::new(settings),
             publisher,

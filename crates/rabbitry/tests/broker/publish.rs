@@ -7,7 +7,7 @@ use rabbitry::{
     ProducerSettings, Serializer,
 };
 
-use crate::support::{connect, unique};
+use crate::support::{connect, eventually, unique};
 
 #[tokio::test]
 async fn confirmed_publish_arrives_with_producer_defaults() {
@@ -149,4 +149,55 @@ async fn publish_to_a_missing_exchange_fails_and_the_producer_recovers() {
     assert_eq!(&d.body[..], b"after");
     d.ack().await.unwrap();
     conn.delete_queue(&queue).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producers_publish_on_a_connection_of_their_own_unless_told_not_to() {
+    use rabbitry_test_support::broker::has_connection;
+    for separate in [true, false] {
+        let name = unique(if separate { "two" } else { "one" });
+        let mut settings = crate::support::settings(&crate::support::url(), &name);
+        settings.separate_publishing = separate;
+        let conn = rabbitry::Connection::open(settings).await.unwrap();
+        let queue = unique("sep");
+        let mut consumer =
+            rabbitry::Consumer::start(&conn, rabbitry::ConsumerSettings::new(&queue))
+                .await
+                .unwrap();
+        let producer = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
+            .await
+            .unwrap();
+        producer.publish(Message::new("across")).await.unwrap();
+        let d = tokio::time::timeout(Duration::from_secs(5), consumer.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&d.body[..], b"across");
+        d.ack().await.unwrap();
+        let publish_name = format!("{name}.publish");
+        let (n, p) = (name.clone(), publish_name.clone());
+        let seen = tokio::task::spawn_blocking(move || (has_connection(&n), has_connection(&p)))
+            .await
+            .unwrap();
+        assert_eq!(seen, (true, separate), "main and publishing connections");
+        consumer.cancel().await;
+        conn.delete_queue(&queue).await.unwrap();
+        conn.close().await;
+        // Closing the connection closes its publishing connection too.
+        if separate {
+            eventually(
+                Duration::from_secs(10),
+                "the publishing connection closed",
+                || {
+                    let p = publish_name.clone();
+                    async move {
+                        !tokio::task::spawn_blocking(move || has_connection(&p))
+                            .await
+                            .unwrap()
+                    }
+                },
+            )
+            .await;
+        }
+    }
 }
