@@ -17,6 +17,40 @@
 //! outbox's stable message ids this gives exactly-once effects on top of
 //! at-least-once delivery.
 
+/// Implements [`OutboxExecutor`] for one database's connection type; each
+/// database's file gives only its SQL.
+macro_rules! outbox_executor {
+    ($conn:ty, $db:literal, insert = $insert:literal, inbox = $inbox:literal $(,)?) => {
+        impl OutboxExecutor for $conn {
+            async fn insert_outbox(&mut self, row: &OutboxRow) -> Result<()> {
+                sqlx::query($insert)
+                    .bind(&row.message_id)
+                    .bind(&row.exchange)
+                    .bind(&row.routing_key)
+                    .bind(&row.properties)
+                    .bind(&row.body)
+                    .bind(row.mandatory)
+                    .bind(now_millis())
+                    .execute(&mut *self)
+                    .await
+                    .map_err(|e| db_error($db, "writing an outbox row", e))?;
+                Ok(())
+            }
+
+            async fn insert_inbox(&mut self, consumer: &str, message_id: &str) -> Result<bool> {
+                let done = sqlx::query($inbox)
+                    .bind(consumer)
+                    .bind(message_id)
+                    .bind(now_millis())
+                    .execute(&mut *self)
+                    .await
+                    .map_err(|e| db_error($db, "writing an inbox row", e))?;
+                Ok(done.rows_affected() == 1)
+            }
+        }
+    };
+}
+
 mod backend;
 #[cfg(feature = "postgres")]
 mod postgres;

@@ -144,37 +144,12 @@ impl Backend for PgPool {
 // On PostgreSQL the insert also notifies listening relays, in the same
 // round trip; the notification is delivered when (and only if) the
 // transaction commits.
-impl OutboxExecutor for PgConnection {
-    async fn insert_outbox(&mut self, row: &OutboxRow) -> Result<()> {
-        sqlx::query(
-            "WITH ins AS (INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, mandatory, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id) \
-             SELECT pg_notify('rabbitry_outbox', '') FROM ins",
-        )
-        .bind(&row.message_id)
-        .bind(&row.exchange)
-        .bind(&row.routing_key)
-        .bind(&row.properties)
-        .bind(&row.body)
-        .bind(row.mandatory)
-        .bind(now_millis())
-        .execute(&mut *self)
-        .await
-        .map_err(|e| db_error("postgres", "writing an outbox row", e))?;
-        Ok(())
-    }
-
-    async fn insert_inbox(&mut self, consumer: &str, message_id: &str) -> Result<bool> {
-        let done = sqlx::query(
-            "INSERT INTO rabbitry_inbox (consumer, message_id, processed_at) VALUES ($1, $2, $3) \
+outbox_executor!(
+    PgConnection,
+    "postgres",
+    insert = "WITH ins AS (INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, mandatory, created_at) \
+              VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id) \
+              SELECT pg_notify('rabbitry_outbox', '') FROM ins",
+    inbox = "INSERT INTO rabbitry_inbox (consumer, message_id, processed_at) VALUES ($1, $2, $3) \
              ON CONFLICT (consumer, message_id) DO NOTHING",
-        )
-        .bind(consumer)
-        .bind(message_id)
-        .bind(now_millis())
-        .execute(&mut *self)
-        .await
-        .map_err(|e| db_error("postgres", "writing an inbox row", e))?;
-        Ok(done.rows_affected() == 1)
-    }
-}
+);

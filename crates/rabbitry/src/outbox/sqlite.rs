@@ -168,36 +168,11 @@ impl Backend for SqlitePool {
     }
 }
 
-impl OutboxExecutor for SqliteConnection {
-    async fn insert_outbox(&mut self, row: &OutboxRow) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, mandatory, created_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )
-        .bind(&row.message_id)
-        .bind(&row.exchange)
-        .bind(&row.routing_key)
-        .bind(&row.properties)
-        .bind(&row.body)
-        .bind(row.mandatory)
-        .bind(now_millis())
-        .execute(&mut *self)
-        .await
-        .map_err(|e| db_error("sqlite", "writing an outbox row", e))?;
-        Ok(())
-    }
-
-    async fn insert_inbox(&mut self, consumer: &str, message_id: &str) -> Result<bool> {
-        let done = sqlx::query(
-            "INSERT INTO rabbitry_inbox (consumer, message_id, processed_at) VALUES (?1, ?2, ?3) \
+outbox_executor!(
+    SqliteConnection,
+    "sqlite",
+    insert = "INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, mandatory, created_at) \
+              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    inbox = "INSERT INTO rabbitry_inbox (consumer, message_id, processed_at) VALUES (?1, ?2, ?3) \
              ON CONFLICT (consumer, message_id) DO NOTHING",
-        )
-        .bind(consumer)
-        .bind(message_id)
-        .bind(now_millis())
-        .execute(&mut *self)
-        .await
-        .map_err(|e| db_error("sqlite", "writing an inbox row", e))?;
-        Ok(done.rows_affected() == 1)
-    }
-}
+);
