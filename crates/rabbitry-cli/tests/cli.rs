@@ -512,7 +512,7 @@ fn bench_json_reports_medians_spreads_and_cpu_per_scenario() {
         "bench",
         "--json",
         "--only",
-        "core",
+        "core,http",
         "--messages",
         "300",
         "--rounds",
@@ -521,7 +521,13 @@ fn bench_json_reports_medians_spreads_and_cpu_per_scenario() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let scenarios = report["scenarios"].as_array().unwrap();
-    assert_eq!(scenarios.len(), 4, "{report}");
+    assert_eq!(scenarios.len(), 5, "{report}");
+    assert!(
+        scenarios
+            .iter()
+            .any(|s| s["name"] == "worker_http_dispatch_keep_alive"),
+        "{report}"
+    );
     for s in scenarios {
         for key in [
             "raw_msgs_per_s",

@@ -7,11 +7,13 @@
 //! 100,000 messages. Bodies are 256 bytes. The raw side uses `amqprs` directly with the least code that does
 //! the same work; the gateway side uses [`Producer`] and [`Consumer`].
 
+mod http;
 mod outbox;
 mod publishing;
 mod rpc;
 mod worker;
 
+pub(crate) use http::run_http;
 pub(crate) use outbox::run_outbox;
 use publishing::{end_to_end_case, publish_case};
 pub(crate) use rpc::run_rpc;

@@ -21,8 +21,12 @@ pub(crate) struct Args {
     /// Rounds per side, raw and gateway interleaved; the median is reported.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Groups to run: core, worker, outbox, rpc (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "core,worker,outbox,rpc")]
+    /// Groups to run: core, worker, http, outbox, rpc (comma-separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "core,worker,http,outbox,rpc"
+    )]
     only: Vec<String>,
     /// Databases for the outbox group (default: a temporary SQLite file and
     /// postgres://postgres@127.0.0.1:5432/test).
@@ -31,7 +35,7 @@ pub(crate) struct Args {
 }
 
 /// The benchmark's groups, for `--only`.
-const GROUPS: [&str; 4] = ["core", "worker", "outbox", "rpc"];
+const GROUPS: [&str; 5] = ["core", "worker", "http", "outbox", "rpc"];
 
 pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     if let Some(bad) = args.only.iter().find(|o| !GROUPS.contains(&o.as_str())) {
@@ -97,6 +101,11 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
                 ),
             }
         }
+    }
+    if wants("http") {
+        report
+            .scenarios
+            .push(bench::run_http(&opts, &progress).await?);
     }
     if wants("rpc") {
         let (scenarios, latencies) = bench::run_rpc(&opts, &progress).await?;
