@@ -431,7 +431,7 @@ async fn rpc_against_another_client_and_a_clean_timeout() {
     assert!(!out.status.success());
     let err = text(&out.stderr);
     assert!(err.contains("timed out after 500ms"), "{err}");
-    assert!(!err.contains("panicked"));
+    assert!(!err.contains("panicked"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(5));
     delete(&conn, &queue).await;
 }

@@ -206,6 +206,9 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
+    // The publisher's task stops when the producer goes, before the
+    // connections close.
+    drop(producer);
     conn.close().await;
     match failed {
         Some(err) => {

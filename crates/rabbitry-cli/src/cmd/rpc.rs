@@ -56,6 +56,9 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     )?
     .routing_key(&args.routing_key);
     let reply = client.call(request, Some(timeout)).await;
+    // The client's reply reader stops when the client goes; closing the
+    // connection then lets it finish before the runtime shuts down.
+    drop(client);
     conn.close().await;
     // A timeout exits with 4 (see `rabbitry --help`).
     let reply = reply?;
