@@ -100,6 +100,16 @@ async fn eventually_depth(ch: &Channel, queue: &str, want: u32) {
     }
 }
 
+/// Deletes the test's queues and closes the raw connection. Closing can
+/// race amqprs' own channel teardown, which must not fail the test: the
+/// queues are gone by then.
+async fn finish(conn: Connection, ch: &Channel, queues: &[&str]) {
+    for q in queues {
+        ch.queue_delete(QueueDeleteArguments::new(q)).await.unwrap();
+    }
+    let _ = conn.close().await;
+}
+
 /// Runs rabbitry with a stdout that its reader closes after `lines` lines,
 /// as `| head -n LINES` does. Returns the exit status and stderr.
 fn with_reader_gone(args: &[&str], lines: usize) -> (Option<i32>, String) {
@@ -163,11 +173,7 @@ async fn consume_into_head_removes_nothing_and_ack_removes_only_what_was_printed
         serde_json::from_str(text(&out.stdout).lines().next().unwrap()).unwrap();
     assert_eq!(first["body"], "message 0", "in order, from the head");
 
-    ch.queue_delete(QueueDeleteArguments::new(&queue))
-        .await
-        .unwrap();
-    // Closing can race amqprs' own channel teardown; the queues are gone already.
-    let _ = conn.close().await;
+    finish(conn, &ch, &[&queue]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -202,11 +208,7 @@ async fn a_closed_stdout_ends_every_printing_command_quietly() {
     // Nothing was lost by the peeks.
     eventually_depth(&ch, &queue, 50).await;
     eventually_depth(&ch, &dead, 50).await;
-    for q in [&queue, &dead] {
-        ch.queue_delete(QueueDeleteArguments::new(q)).await.unwrap();
-    }
-    // Closing can race amqprs' own channel teardown; the queues are gone already.
-    let _ = conn.close().await;
+    finish(conn, &ch, &[&queue, &dead]).await;
 }
 
 /// Every subcommand with hostile values: huge and non-finite durations,
@@ -436,11 +438,7 @@ async fn exit_codes_have_one_meaning_each_and_are_documented() {
             .code(),
         Some(5)
     );
-    ch.queue_delete(QueueDeleteArguments::new(&queue))
-        .await
-        .unwrap();
-    // Closing can race amqprs' own channel teardown; the queues are gone already.
-    let _ = conn.close().await;
+    finish(conn, &ch, &[&queue]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -477,11 +475,7 @@ async fn publish_sends_json_as_json_and_anything_else_as_text_by_default() {
         (Some("application/json".into()), r#"{"title": "Hi"}"#.into()),
         "the body goes as it was typed"
     );
-    ch.queue_delete(QueueDeleteArguments::new(&queue))
-        .await
-        .unwrap();
-    // Closing can race amqprs' own channel teardown; the queues are gone already.
-    let _ = conn.close().await;
+    finish(conn, &ch, &[&queue]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -518,11 +512,7 @@ async fn rpc_prints_the_reply_body_alone_on_stdout() {
     assert_eq!(text(&out.stdout), "pong\n");
     assert!(text(&out.stderr).contains("content-type: text/plain"));
     responder.await.unwrap();
-    ch.queue_delete(QueueDeleteArguments::new(&queue))
-        .await
-        .unwrap();
-    // Closing can race amqprs' own channel teardown; the queues are gone already.
-    let _ = conn.close().await;
+    finish(conn, &ch, &[&queue]).await;
 }
 
 #[test]
