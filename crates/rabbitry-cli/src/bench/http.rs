@@ -7,9 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use amqprs::channel::{
-    BasicAckArguments, BasicConsumeArguments, BasicPublishArguments, BasicQosArguments,
-};
+use amqprs::channel::{BasicAckArguments, BasicPublishArguments};
 use amqprs::connection::Connection as RawConnection;
 use amqprs::BasicProperties;
 use axum::body::Bytes;
@@ -22,7 +20,9 @@ use rabbitry::connection::{Connection, ConnectionSettings, Endpoint};
 use rabbitry::worker::{Retry, Worker};
 use rabbitry::{ConsumerSettings, Error, ErrorKind, Result};
 
-use super::{open_raw, purge, raw_err, BenchOptions, Progress, Rounds, ScenarioResult, BODY};
+use super::{
+    open_raw, purge, raw_consume, raw_err, BenchOptions, Progress, Rounds, ScenarioResult, BODY,
+};
 
 /// The app both sides call: it answers 200 and counts.
 struct App {
@@ -134,18 +134,7 @@ async fn publish(raw: &RawConnection, queue: &str, n: usize) -> Result<()> {
 /// the ack: what the worker does, written directly.
 async fn raw_dispatch(raw: &RawConnection, queue: &str, n: usize, url: &str) -> Result<Duration> {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let ch = raw.open_channel(None).await.map_err(raw_err)?;
-    ch.basic_qos(BasicQosArguments::new(0, 500, false))
-        .await
-        .map_err(raw_err)?;
-    let (tag, mut rx) = ch
-        .basic_consume_rx(
-            BasicConsumeArguments::new(queue, "")
-                .manual_ack(true)
-                .finish(),
-        )
-        .await
-        .map_err(raw_err)?;
+    let (ch, tag, mut rx) = raw_consume(raw, queue).await?;
     let start = Instant::now();
     for _ in 0..n {
         let m = rx

@@ -301,6 +301,31 @@ async fn open_raw(ep: &Endpoint) -> Result<RawConnection> {
     })
 }
 
+/// Raw consume with manual acks and a prefetch of 500, as every raw side
+/// of the benchmark consumes: the channel, the consumer tag, the messages.
+async fn raw_consume(
+    raw: &RawConnection,
+    queue: &str,
+) -> Result<(
+    amqprs::channel::Channel,
+    String,
+    tokio::sync::mpsc::UnboundedReceiver<amqprs::channel::ConsumerMessage>,
+)> {
+    let ch = raw.open_channel(None).await.map_err(raw_err)?;
+    ch.basic_qos(amqprs::channel::BasicQosArguments::new(0, 500, false))
+        .await
+        .map_err(raw_err)?;
+    let (tag, rx) = ch
+        .basic_consume_rx(
+            amqprs::channel::BasicConsumeArguments::new(queue, "")
+                .manual_ack(true)
+                .finish(),
+        )
+        .await
+        .map_err(raw_err)?;
+    Ok((ch, tag, rx))
+}
+
 async fn purge(raw: &RawConnection, queue: &str) -> Result<()> {
     let ch = raw.open_channel(None).await.map_err(raw_err)?;
     ch.queue_purge(amqprs::channel::QueuePurgeArguments::new(queue))

@@ -54,26 +54,8 @@ pub(crate) async fn run_outbox(
         let row = || Message::new(vec![b'x'; BODY]).routing_key(&queue);
         for _ in 0..n.div_ceil(100) {
             match outbox.database() {
-                Database::Sqlite(pool) => {
-                    let mut tx = pool
-                        .begin()
-                        .await
-                        .map_err(|e| outbox::db_error(label, "bench", e))?;
-                    for _ in 0..100 {
-                        outbox::publish(&mut *tx, row()).await?;
-                    }
-                    outbox.commit(tx).await?;
-                }
-                Database::Postgres(pool) => {
-                    let mut tx = pool
-                        .begin()
-                        .await
-                        .map_err(|e| outbox::db_error(label, "bench", e))?;
-                    for _ in 0..100 {
-                        outbox::publish(&mut *tx, row()).await?;
-                    }
-                    outbox.commit(tx).await?;
-                }
+                Database::Sqlite(pool) => enqueue_100(&outbox, pool, label, &row).await?,
+                Database::Postgres(pool) => enqueue_100(&outbox, pool, label, &row).await?,
             }
         }
         wait_for_depth(&raw, &queue, n.div_ceil(100) * 100).await?;
@@ -137,4 +119,25 @@ pub(crate) async fn run_outbox(
     let _ = raw.close().await;
     gw.close().await;
     Ok((throughput, latency))
+}
+
+/// One transaction of 100 outbox rows, committed through the outbox (which
+/// wakes the relay), on either database.
+async fn enqueue_100<DB: sqlx::Database>(
+    outbox: &rabbitry::outbox::Outbox,
+    pool: &sqlx::Pool<DB>,
+    label: &str,
+    row: &impl Fn() -> Message,
+) -> Result<()>
+where
+    DB::Connection: rabbitry::outbox::OutboxExecutor,
+{
+    let mut tx = pool
+        .begin()
+        .await
+        .map_err(|e| rabbitry::outbox::db_error(label, "bench", e))?;
+    for _ in 0..100 {
+        rabbitry::outbox::publish(&mut *tx, row()).await?;
+    }
+    outbox.commit(tx).await
 }

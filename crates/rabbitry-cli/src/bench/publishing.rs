@@ -6,10 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use amqprs::callbacks::ChannelCallback;
-use amqprs::channel::{
-    BasicAckArguments, BasicConsumeArguments, BasicPublishArguments, BasicQosArguments, Channel,
-    ConfirmSelectArguments,
-};
+use amqprs::channel::{BasicAckArguments, BasicPublishArguments, Channel, ConfirmSelectArguments};
 use amqprs::connection::Connection as RawConnection;
 use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, Nack, Return};
 use tokio::sync::{Notify, Semaphore};
@@ -198,18 +195,7 @@ pub(super) async fn end_to_end_case(
         consumer.cancel().await;
         return Ok(took);
     }
-    let cch = raw.open_channel(None).await.map_err(raw_err)?;
-    cch.basic_qos(BasicQosArguments::new(0, 500, false))
-        .await
-        .map_err(raw_err)?;
-    let (tag, mut rx) = cch
-        .basic_consume_rx(
-            BasicConsumeArguments::new(queue, "")
-                .manual_ack(true)
-                .finish(),
-        )
-        .await
-        .map_err(raw_err)?;
+    let (cch, tag, mut rx) = raw_consume(raw, queue).await?;
     let pch = raw_publisher.open_channel(None).await.map_err(raw_err)?;
     let queue_owned = queue.to_owned();
     let start = Instant::now();
