@@ -13,13 +13,12 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::Json;
-use rabbitry::outbox::{self, Database, Outbox, RelayOptions};
+use rabbitry::outbox::{self, Outbox, RelayOptions};
 use rabbitry::{Connection, ConnectionSettings, Consumer, ConsumerSettings, Message, Serializer};
 
 #[derive(Clone)]
 struct App {
     outbox: Outbox,
-    pool: sqlx::SqlitePool,
     queue: String,
 }
 
@@ -31,14 +30,14 @@ struct Order {
 /// `POST /orders`: the order row and its message, in one transaction.
 async fn create_order(State(app): State<App>, Json(order): Json<Order>) -> StatusCode {
     let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = async {
-        let mut tx = app.pool.begin().await?;
+        let mut tx = app.outbox.begin::<sqlx::Sqlite>().await?;
         sqlx::query("INSERT INTO orders (item) VALUES (?1)")
             .bind(&order.item)
             .execute(&mut *tx)
             .await?;
         let message = Message::encode(Serializer::Json, &order)?.routing_key(&app.queue);
-        outbox::publish(&mut *tx, message).await?;
-        app.outbox.commit(tx).await?; // commits, then wakes the relay at once
+        tx.publish(message)?; // staged; written in this transaction at commit
+        tx.commit().await?; // writes, commits, then wakes the relay at once
         Ok(())
     }
     .await;
@@ -58,13 +57,12 @@ pub(crate) async fn run(prefix: &str, database_dir: &std::path::Path) -> rabbitr
     let queue = format!("{prefix}.orders");
     let url = format!("sqlite://{}/shop.db", database_dir.display());
     let outbox = Outbox::connect(&url).await?; // creates the outbox tables
-    let Database::Sqlite(pool) = outbox.database().clone() else {
-        unreachable!("a sqlite:// URL gives a SQLite pool")
-    };
+    let mut tx = outbox.begin::<sqlx::Sqlite>().await?;
     sqlx::raw_sql("CREATE TABLE IF NOT EXISTS orders (item TEXT NOT NULL)")
-        .execute(&pool)
+        .execute(&mut *tx)
         .await
         .map_err(|e| outbox::db_error(&url, "creating the orders table", e))?;
+    tx.commit().await?;
     let mut consumer = Consumer::start(&conn, ConsumerSettings::new(&queue)).await?;
     let relay = outbox.spawn_relay(&conn, RelayOptions::default()).await?;
 
@@ -72,7 +70,6 @@ pub(crate) async fn run(prefix: &str, database_dir: &std::path::Path) -> rabbitr
         .route("/orders", post(create_order))
         .with_state(App {
             outbox,
-            pool,
             queue: queue.clone(),
         });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -20,8 +20,37 @@
 /// Implements [`OutboxExecutor`] for one database's connection type; each
 /// database's file gives only its SQL.
 macro_rules! outbox_executor {
-    ($conn:ty, $db:literal, insert = $insert:literal, inbox = $inbox:literal $(,)?) => {
+    (
+        $conn:ty,
+        $db:ty,
+        $name:literal,
+        insert = $insert:literal,
+        insert_rows = ($rows_head:literal, $rows_tail:literal),
+        inbox = $inbox:literal $(,)?
+    ) => {
         impl OutboxExecutor for $conn {
+            async fn insert_outbox_rows(&mut self, rows: &[OutboxRow]) -> Result<()> {
+                let now = now_millis();
+                for chunk in rows.chunks(super::ROWS_PER_INSERT) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new($rows_head);
+                    q.push_values(chunk, |mut b, row| {
+                        b.push_bind(&row.message_id)
+                            .push_bind(&row.exchange)
+                            .push_bind(&row.routing_key)
+                            .push_bind(&row.properties)
+                            .push_bind(&row.body)
+                            .push_bind(row.mandatory)
+                            .push_bind(now);
+                    });
+                    q.push($rows_tail);
+                    q.build()
+                        .execute(&mut *self)
+                        .await
+                        .map_err(|e| db_error($name, "writing outbox rows", e))?;
+                }
+                Ok(())
+            }
+
             async fn insert_outbox(&mut self, row: &OutboxRow) -> Result<()> {
                 sqlx::query($insert)
                     .bind(&row.message_id)
@@ -33,7 +62,7 @@ macro_rules! outbox_executor {
                     .bind(now_millis())
                     .execute(&mut *self)
                     .await
-                    .map_err(|e| db_error($db, "writing an outbox row", e))?;
+                    .map_err(|e| db_error($name, "writing an outbox row", e))?;
                 Ok(())
             }
 
@@ -44,7 +73,7 @@ macro_rules! outbox_executor {
                     .bind(now_millis())
                     .execute(&mut *self)
                     .await
-                    .map_err(|e| db_error($db, "writing an inbox row", e))?;
+                    .map_err(|e| db_error($name, "writing an inbox row", e))?;
                 Ok(done.rows_affected() == 1)
             }
         }
@@ -58,6 +87,7 @@ mod relay;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 mod store;
+mod transaction;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -66,6 +96,11 @@ use sqlx::Row;
 use tokio::sync::Notify;
 
 pub use relay::{Relay, RelayOptions};
+pub use transaction::{OutboxDatabase, Transaction};
+
+/// Rows per multi-row `INSERT`: 7 parameters each stays well under
+/// SQLite's 32,766 and PostgreSQL's 65,535.
+const ROWS_PER_INSERT: usize = 500;
 
 use crate::clock::now_millis;
 use crate::connection::redact;
@@ -212,6 +247,9 @@ impl OutboxRow {
 pub trait OutboxExecutor: Send {
     /// Inserts an outbox row.
     fn insert_outbox(&mut self, row: &OutboxRow) -> impl Future<Output = Result<()>> + Send;
+    /// Inserts outbox rows in order, several per statement.
+    fn insert_outbox_rows(&mut self, rows: &[OutboxRow])
+        -> impl Future<Output = Result<()>> + Send;
     /// Inserts an inbox row; `false` when it was already there.
     fn insert_inbox(
         &mut self,

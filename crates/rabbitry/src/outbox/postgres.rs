@@ -19,7 +19,7 @@ const SCHEMA: &str = "
 SELECT pg_advisory_xact_lock(7263551);
 CREATE TABLE IF NOT EXISTS rabbitry_outbox (
     id BIGSERIAL PRIMARY KEY,
-    message_id TEXT NOT NULL UNIQUE,
+    message_id TEXT NOT NULL,
     exchange TEXT NOT NULL,
     routing_key TEXT NOT NULL,
     properties TEXT NOT NULL,
@@ -32,6 +32,9 @@ CREATE TABLE IF NOT EXISTS rabbitry_outbox (
     lease_owner TEXT,
     lease_until BIGINT
 );
+-- Earlier versions made message ids UNIQUE: an index that every insert and
+-- delete paid for, and that nothing reads.
+ALTER TABLE rabbitry_outbox DROP CONSTRAINT IF EXISTS rabbitry_outbox_message_id_key;
 CREATE INDEX IF NOT EXISTS rabbitry_outbox_pending ON rabbitry_outbox (status, id);
 CREATE TABLE IF NOT EXISTS rabbitry_inbox (
     consumer TEXT NOT NULL,
@@ -146,10 +149,16 @@ impl Backend for PgPool {
 // transaction commits.
 outbox_executor!(
     PgConnection,
+    sqlx::Postgres,
     "postgres",
     insert = "WITH ins AS (INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, mandatory, created_at) \
               VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id) \
               SELECT pg_notify('rabbitry_outbox', '') FROM ins",
+    // Several rows, one notification.
+    insert_rows = (
+        "WITH ins AS (INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, mandatory, created_at) ",
+        "RETURNING id) SELECT pg_notify('rabbitry_outbox', '') FROM (SELECT 1 FROM ins LIMIT 1) AS one"
+    ),
     inbox = "INSERT INTO rabbitry_inbox (consumer, message_id, processed_at) VALUES ($1, $2, $3) \
              ON CONFLICT (consumer, message_id) DO NOTHING",
 );

@@ -72,7 +72,7 @@ impl Outbox {
                 name: "outbox-relay".into(),
                 auto_declare: false,
                 message_ids: false,
-                max_in_flight: options.batch.max(1),
+                max_in_flight: 2 * options.batch.max(1),
                 ..ProducerSettings::default()
             },
         )

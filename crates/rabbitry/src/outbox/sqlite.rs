@@ -19,7 +19,7 @@ use crate::error::{Error, ErrorKind, Result};
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS rabbitry_outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    message_id TEXT NOT NULL UNIQUE,
+    message_id TEXT NOT NULL,
     exchange TEXT NOT NULL,
     routing_key TEXT NOT NULL,
     properties TEXT NOT NULL,
@@ -63,7 +63,8 @@ pub(super) async fn connect(url: &str, create: bool) -> Result<SqlitePool> {
     let opts = opts
         .create_if_missing(create)
         .journal_mode(SqliteJournalMode::Wal)
-        .busy_timeout(Duration::from_secs(10));
+        .busy_timeout(Duration::from_secs(10))
+        .pragma("mmap_size", "268435456");
     SqlitePoolOptions::new()
         .max_connections(8)
         .connect_with(opts)
@@ -170,9 +171,14 @@ impl Backend for SqlitePool {
 
 outbox_executor!(
     SqliteConnection,
+    sqlx::Sqlite,
     "sqlite",
     insert = "INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, mandatory, created_at) \
               VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    insert_rows = (
+        "INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, mandatory, created_at) ",
+        ""
+    ),
     inbox = "INSERT INTO rabbitry_inbox (consumer, message_id, processed_at) VALUES (?1, ?2, ?3) \
              ON CONFLICT (consumer, message_id) DO NOTHING",
 );

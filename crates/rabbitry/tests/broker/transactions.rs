@@ -208,6 +208,99 @@ async fn outbox_on_postgres_publishes_exactly_the_committed_messages_in_order() 
     outbox_commit_and_rollback(pg_url().await).await;
 }
 
+/// Messages staged in an outbox transaction: written at commit in one
+/// statement per 500, in order, together with the application's own row;
+/// nothing from a rollback or a dropped transaction.
+async fn staged_messages<DB: outbox::OutboxDatabase>(url: String)
+where
+    DB::Connection: outbox::OutboxExecutor,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+{
+    let conn = connect().await;
+    let (queue, _) = queue_producer(&conn).await;
+    let outbox = Outbox::connect(&url).await.unwrap();
+    let mut tx = outbox.begin::<DB>().await.unwrap();
+    sqlx::raw_sql("CREATE TABLE orders (v TEXT NOT NULL)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let relay = outbox
+        .spawn_relay(&conn, RelayOptions::default())
+        .await
+        .unwrap();
+    let mut rolled_back = outbox.begin::<DB>().await.unwrap();
+    sqlx::raw_sql("INSERT INTO orders VALUES ('rolled back')")
+        .execute(&mut *rolled_back)
+        .await
+        .unwrap();
+    rolled_back
+        .publish(Message::new("rolled back").routing_key(&queue))
+        .unwrap();
+    rolled_back.rollback().await.unwrap();
+    let mut dropped = outbox.begin::<DB>().await.unwrap();
+    dropped
+        .publish(Message::new("dropped").routing_key(&queue))
+        .unwrap();
+    drop(dropped);
+
+    // More than one statement's worth (500 rows), beside the app's row.
+    let mut tx = outbox.begin::<DB>().await.unwrap();
+    sqlx::raw_sql("INSERT INTO orders VALUES ('paid')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..1_200 {
+        ids.push(
+            tx.publish(Message::new(format!("m{i}")).routing_key(&queue))
+                .unwrap(),
+        );
+    }
+    assert_eq!(tx.staged(), 1_200);
+    let err = tx.publish(Message::new("no routing key")).unwrap_err();
+    assert!(err.to_string().contains("routing key"), "{err}");
+    tx.commit().await.unwrap();
+
+    let expected: Vec<String> = (0..1_200).map(|i| format!("m{i}")).collect();
+    assert_eq!(read_bodies(&conn, &queue, 1_200).await, expected);
+    let rows: Vec<String> = match outbox.database() {
+        Database::Sqlite(pool) => sqlx::query_scalar("SELECT v FROM orders")
+            .fetch_all(pool)
+            .await
+            .unwrap(),
+        Database::Postgres(pool) => sqlx::query_scalar("SELECT v FROM orders")
+            .fetch_all(pool)
+            .await
+            .unwrap(),
+    };
+    assert_eq!(rows, ["paid"], "the app's row committed with its messages");
+    assert_eq!(
+        ids.iter().collect::<std::collections::HashSet<_>>().len(),
+        1_200
+    );
+    relay.stop().await.unwrap();
+    conn.delete_queue(&queue).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staged_outbox_messages_on_sqlite_are_written_at_commit_in_order() {
+    staged_messages::<sqlx::Sqlite>(sqlite_url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staged_outbox_messages_on_postgres_are_written_at_commit_in_order() {
+    staged_messages::<sqlx::Postgres>(pg_url().await).await;
+}
+
+#[tokio::test]
+async fn an_outbox_transaction_on_the_wrong_database_says_which_it_is_on() {
+    let outbox = Outbox::connect(&sqlite_url()).await.unwrap();
+    let err = outbox.begin::<sqlx::Postgres>().await.unwrap_err();
+    assert!(err.to_string().contains("not on postgres"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unroutable_outbox_message_is_marked_failed_not_retried() {
     let conn = connect().await;
