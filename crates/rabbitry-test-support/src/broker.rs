@@ -95,3 +95,17 @@ pub fn has_connection(name: &str) -> bool {
         .expect("run rabbitmqctl");
     String::from_utf8_lossy(&out.stdout).contains(&format!("\"{name}\""))
 }
+
+/// The heartbeat (seconds) the broker agreed with the connection whose
+/// client-given name is `name`, as `rabbitmqctl` reports it.
+pub fn connection_heartbeat(name: &str) -> Option<u32> {
+    let out = Command::new("rabbitmqctl")
+        .args(["list_connections", "-q", "timeout", "client_properties"])
+        .output()
+        .expect("run rabbitmqctl");
+    let quoted = format!("\"{name}\"");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|line| line.contains(&quoted))
+        .and_then(|line| line.split_whitespace().next()?.parse().ok())
+}

@@ -1,6 +1,8 @@
-//! Broker addresses: parsing `amqp://user:password@host:port/vhost`.
+//! Broker addresses: parsing `amqp://user:password@host:port/vhost?query`,
+//! with the query string of RabbitMQ's URI specification.
 
 use std::fmt;
+use std::time::Duration;
 
 use crate::error::{Error, Result};
 
@@ -17,6 +19,87 @@ pub struct Endpoint {
     pub password: String,
     /// Virtual host, `/` unless given (`%2f` in the URL).
     pub vhost: String,
+    /// What the URL's query string sets.
+    pub options: UrlOptions,
+}
+
+/// The query string of an AMQP URL, as in RabbitMQ's URI specification:
+/// `?heartbeat=10&connection_timeout=5000&auth_mechanism=external`.
+/// Unset values fall back to the connection's settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UrlOptions {
+    /// `heartbeat`: seconds; 0 turns heartbeats off.
+    pub heartbeat: Option<u16>,
+    /// `connection_timeout`: milliseconds to wait for the broker's answer.
+    pub connection_timeout: Option<Duration>,
+    /// `auth_mechanism`: `plain` (the default), `amqplain` or `external`
+    /// (the broker authenticates the client by its TLS certificate).
+    pub auth_mechanism: Option<AuthMechanism>,
+}
+
+/// How the client authenticates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthMechanism {
+    /// User name and password, in the clear (inside TLS where it matters).
+    Plain,
+    /// User name and password, in AMQP's own table encoding.
+    AmqPlain,
+    /// Nothing sent: the broker identifies the client by its TLS
+    /// certificate.
+    External,
+}
+
+impl UrlOptions {
+    /// Parses `heartbeat=10&connection_timeout=5000`; an unknown key or a
+    /// bad value is an error that names it and the URL.
+    fn parse(query: &str, url: &str) -> Result<UrlOptions> {
+        let mut options = UrlOptions::default();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = percent_decode(value)?;
+            let bad = |expected: &str| {
+                Error::config(format!(
+                    "`{}`: `{key}={value}` in the query string: expected {expected}",
+                    redact(url)
+                ))
+            };
+            match key {
+                "heartbeat" => {
+                    options.heartbeat = Some(value.parse().map_err(|_| bad("seconds, 0 to 65535"))?)
+                }
+                "connection_timeout" => {
+                    let ms: u64 = value.parse().map_err(|_| bad("milliseconds"))?;
+                    if ms == 0 {
+                        return Err(bad("milliseconds, more than 0"));
+                    }
+                    options.connection_timeout = Some(Duration::from_millis(ms));
+                }
+                "auth_mechanism" => {
+                    options.auth_mechanism = Some(match value.to_ascii_lowercase().as_str() {
+                        "plain" => AuthMechanism::Plain,
+                        "amqplain" => AuthMechanism::AmqPlain,
+                        "external" => AuthMechanism::External,
+                        _ => return Err(bad("plain, amqplain or external")),
+                    })
+                }
+                "channel_max" | "frame_max" => {
+                    return Err(Error::config(format!(
+                        "`{}`: `{key}` in the query string cannot be applied: the client \
+                         (amqprs) always takes the broker's {key}; set it on the broker",
+                        redact(url)
+                    )))
+                }
+                _ => {
+                    return Err(Error::config(format!(
+                        "`{}`: unknown key `{key}` in the query string; known: heartbeat, \
+                         connection_timeout, auth_mechanism",
+                        redact(url)
+                    )))
+                }
+            }
+        }
+        Ok(options)
+    }
 }
 
 impl Endpoint {
@@ -36,6 +119,11 @@ impl Endpoint {
                 redact(url)
             )));
         };
+        let (rest, query) = match rest.split_once('?') {
+            Some((rest, query)) => (rest, query),
+            None => (rest, ""),
+        };
+        let options = UrlOptions::parse(query, url)?;
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], Some(&rest[i + 1..])),
             None => (rest, None),
@@ -72,6 +160,7 @@ impl Endpoint {
             user,
             password,
             vhost,
+            options,
         })
     }
 
@@ -160,6 +249,39 @@ mod tests {
         assert_eq!((e.user.as_str(), e.vhost.as_str()), ("guest", "/"));
         assert!(Endpoint::parse("http://x").is_err());
         assert!(Endpoint::parse("amqp://h:notaport/").is_err());
+    }
+
+    #[test]
+    fn the_query_string_sets_options_not_the_vhost() {
+        let e = Endpoint::parse(
+            "amqp://h/%2f?heartbeat=10&connection_timeout=2500&auth_mechanism=EXTERNAL",
+        )
+        .unwrap();
+        assert_eq!(e.vhost, "/");
+        assert_eq!(
+            e.options,
+            UrlOptions {
+                heartbeat: Some(10),
+                connection_timeout: Some(Duration::from_millis(2500)),
+                auth_mechanism: Some(AuthMechanism::External),
+            }
+        );
+        let e = Endpoint::parse("amqp://h?heartbeat=0").unwrap();
+        assert_eq!((e.vhost.as_str(), e.options.heartbeat), ("/", Some(0)));
+        for (url, says) in [
+            ("amqp://h/v?heartbeat=often", "`heartbeat=often`"),
+            ("amqp://h/v?heartbeat=70000", "seconds, 0 to 65535"),
+            ("amqp://h/v?connection_timeout=0", "more than 0"),
+            (
+                "amqp://h/v?auth_mechanism=kerberos",
+                "plain, amqplain or external",
+            ),
+            ("amqp://h/v?hearbeat=10", "unknown key `hearbeat`"),
+            ("amqp://h/v?frame_max=4096", "takes the broker's frame_max"),
+        ] {
+            let err = Endpoint::parse(url).unwrap_err().to_string();
+            assert!(err.contains(says), "{url}: {err}");
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ use std::time::Duration;
 use amqprs::channel::{Channel, QueueDeclareArguments, QueueDeleteArguments, QueuePurgeArguments};
 use tokio::sync::watch;
 
-pub use endpoint::{redact, Endpoint};
+pub use endpoint::{redact, AuthMechanism, Endpoint, UrlOptions};
 
 pub(crate) use crate::channel::{ChannelWatch, ConfirmSink, Events};
 

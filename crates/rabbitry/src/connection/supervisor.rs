@@ -5,10 +5,13 @@ use std::time::Duration;
 
 use amqprs::callbacks::ConnectionCallback;
 use amqprs::connection::{Connection as AmqpConnection, OpenConnectionArguments};
+use amqprs::security::SecurityCredentials;
 use amqprs::Close;
 
 use super::backoff::Backoff;
-use super::{close_quietly, ChannelWatch, ConnectionSettings, Endpoint, Events, Shared};
+use super::{
+    close_quietly, AuthMechanism, ChannelWatch, ConnectionSettings, Endpoint, Events, Shared,
+};
 use crate::error::{Error, ErrorKind, Result};
 use crate::task::CancellationToken;
 use crate::topology::{self, Topology};
@@ -40,18 +43,25 @@ pub(super) async fn connect_any(
 }
 
 async fn connect(settings: &ConnectionSettings, ep: &Endpoint) -> Result<AmqpConnection> {
+    let credentials = match ep.options.auth_mechanism.unwrap_or(AuthMechanism::Plain) {
+        AuthMechanism::Plain => SecurityCredentials::new_plain(&ep.user, &ep.password),
+        AuthMechanism::AmqPlain => SecurityCredentials::new_amqplain(&ep.user, &ep.password),
+        AuthMechanism::External => SecurityCredentials::new_external(),
+    };
     let args = OpenConnectionArguments::new(&ep.host, ep.port, &ep.user, &ep.password)
         .virtual_host(&ep.vhost)
-        .heartbeat(settings.heartbeat)
+        .credentials(credentials)
+        .heartbeat(ep.options.heartbeat.unwrap_or(settings.heartbeat))
         .connection_name(&settings.name)
         .finish();
-    let conn = match tokio::time::timeout(CONNECT_TIMEOUT, AmqpConnection::open(&args)).await {
+    let timeout = ep.options.connection_timeout.unwrap_or(CONNECT_TIMEOUT);
+    let conn = match tokio::time::timeout(timeout, AmqpConnection::open(&args)).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(err)) => return Err(classify(ep, err)),
         Err(_) => {
             return Err(Error::new(
                 ErrorKind::Connect,
-                format!("{}: no answer within {CONNECT_TIMEOUT:?}", ep.address()),
+                format!("{}: no answer within {timeout:?}", ep.address()),
             ))
         }
     };

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rabbitry::{
-    Connection, Consumer, ConsumerSettings, ErrorKind, Message, Producer, ProducerSettings,
+    Connection, ConnectionSettings, Consumer, ConsumerSettings, ErrorKind, Message, Producer,
+    ProducerSettings,
 };
 
 use crate::support::{close_connection, connect, eventually, settings, unique, Proxy};
@@ -247,4 +248,16 @@ async fn publish_while_disconnected_waits_a_bounded_time_then_fails() {
     assert!(err.to_string().contains("did not recover"), "{err}");
     eprintln!("failed after {:?}", started.elapsed());
     conn.close().await;
+}
+
+#[tokio::test]
+async fn the_url_query_string_sets_the_heartbeat_the_broker_sees() {
+    let name = unique("heartbeat");
+    let url = format!("{}?heartbeat=7", rabbitry_test_support::broker::url());
+    let conn = Connection::open(ConnectionSettings::new(&url).name(&name))
+        .await
+        .unwrap();
+    let seen = rabbitry_test_support::broker::connection_heartbeat(&name);
+    conn.close().await;
+    assert_eq!(seen, Some(7), "the broker's view of {name}");
 }
