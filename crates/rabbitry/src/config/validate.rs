@@ -113,7 +113,9 @@ fn connection_section(at: &At<'_>, name: &str, c: RawConnection) -> Result<Conne
     let mut cs = ConnectionSettings::new(DEFAULT_URL).name(name);
     cs.urls = urls;
     cs.heartbeat = c.heartbeat.unwrap_or(cs.heartbeat);
-    cs.prefetch_count = c.prefetch_count.unwrap_or(0);
+    cs.prefetch_count = c
+        .prefetch_count
+        .unwrap_or(crate::connection::DEFAULT_PREFETCH);
     cs.separate_publishing = c.separate_publishing.unwrap_or(cs.separate_publishing);
     cs.recovery_timeout = at.duration(
         c.recovery_timeout.as_ref(),

@@ -33,6 +33,12 @@ use crate::topology::{self, Topology};
 /// The URL used when none is configured: the local broker as guest.
 pub const DEFAULT_URL: &str = "amqp://guest:guest@localhost:5672/%2f";
 
+/// Unacknowledged deliveries a plain consumer holds when nothing else is
+/// set: enough to keep a consumer busy over a network round trip, and
+/// bounded, so that a backlog stays on the broker rather than in one
+/// process. A worker's consumers hold as many as their concurrency.
+pub const DEFAULT_PREFETCH: u16 = 250;
+
 /// Settings for one named connection.
 #[derive(Clone)]
 pub struct ConnectionSettings {
@@ -42,7 +48,9 @@ pub struct ConnectionSettings {
     pub urls: Vec<String>,
     /// Heartbeat interval in seconds; 0 turns heartbeats off.
     pub heartbeat: u16,
-    /// Default prefetch for consumers on this connection (0: unlimited).
+    /// Default prefetch for consumers on this connection:
+    /// [`DEFAULT_PREFETCH`] unless set; 0 means unlimited, which lets a
+    /// slow consumer hold a whole backlog in memory.
     pub prefetch_count: u16,
     /// First reconnect delay.
     pub backoff_initial: Duration,
@@ -60,14 +68,14 @@ pub struct ConnectionSettings {
 }
 
 impl ConnectionSettings {
-    /// Settings for `url` with the defaults: heartbeat 60 s, backoff 1 s to
-    /// 60 s, a 30 s recovery timeout.
+    /// Settings for `url` with the defaults: heartbeat 60 s, prefetch
+    /// [`DEFAULT_PREFETCH`], backoff 1 s to 60 s, a 30 s recovery timeout.
     pub fn new(url: impl Into<String>) -> Self {
         ConnectionSettings {
             name: "default".to_owned(),
             urls: vec![url.into()],
             heartbeat: 60,
-            prefetch_count: 0,
+            prefetch_count: DEFAULT_PREFETCH,
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             recovery_timeout: Duration::from_secs(30),

@@ -209,3 +209,49 @@ async fn a_consumer_is_a_stream_and_run_hands_over_each_delivery() {
     drained(&conn, &queue).await;
     conn.delete_queue(&queue).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_consumer_holds_at_most_the_default_prefetch() {
+    let conn = connect().await;
+    let queue = unique("prefetch");
+    let mut topo = Topology::default();
+    topo.queue(Queue::durable(&queue));
+    conn.declare(&topo).await.unwrap();
+    let producer = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
+        .await
+        .unwrap();
+    for i in 0..400 {
+        producer.publish(Message::new(i.to_string())).await.unwrap();
+    }
+    let default = rabbitry::connection::DEFAULT_PREFETCH;
+    let mut consumer = Consumer::start(&conn, ConsumerSettings::new(&queue))
+        .await
+        .unwrap();
+    // Held, never acked: the broker keeps the rest ready.
+    let mut held = Vec::new();
+    for _ in 0..default {
+        held.push(next(&mut consumer).await);
+    }
+    eventually(
+        Duration::from_secs(5),
+        "the rest to stay ready on the broker",
+        || async {
+            conn.queue_status(&queue)
+                .await
+                .unwrap()
+                .is_some_and(|s| s.messages == 400 - u32::from(default))
+        },
+    )
+    .await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), consumer.next())
+            .await
+            .is_err(),
+        "a delivery beyond the prefetch of {default}"
+    );
+    for d in held {
+        d.ack().await.unwrap();
+    }
+    consumer.cancel().await;
+    conn.delete_queue(&queue).await.unwrap();
+}
