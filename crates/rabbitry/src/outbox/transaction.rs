@@ -32,7 +32,6 @@ where
 impl OutboxDatabase for sqlx::Sqlite {
     const NAME: &'static str = "sqlite";
     fn pool(db: &Database) -> Option<&sqlx::Pool<Self>> {
-        #[allow(irrefutable_let_patterns)]
         match db {
             Database::Sqlite(pool) => Some(pool),
             #[allow(unreachable_patterns)]
