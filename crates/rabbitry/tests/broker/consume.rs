@@ -20,6 +20,35 @@ async fn drained(conn: &rabbitry::Connection, queue: &str) {
     .await;
 }
 
+/// Waits until the broker keeps `ready` messages of `queue` back, then
+/// checks that the consumer gets nothing more meanwhile (`extra` says what
+/// an extra delivery would mean).
+async fn held_back(
+    conn: &rabbitry::Connection,
+    consumer: &mut Consumer,
+    queue: &str,
+    ready: u32,
+    extra: &str,
+) {
+    eventually(
+        Duration::from_secs(5),
+        &format!("{ready} messages ready"),
+        || async {
+            conn.queue_status(queue)
+                .await
+                .unwrap()
+                .is_some_and(|s| s.messages == ready)
+        },
+    )
+    .await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), consumer.next())
+            .await
+            .is_err(),
+        "{extra}"
+    );
+}
+
 async fn next(c: &mut Consumer) -> rabbitry::Delivery {
     tokio::time::timeout(Duration::from_secs(5), c.next())
         .await
@@ -93,16 +122,14 @@ async fn prefetch_caps_unacknowledged_deliveries() {
     let a = consumer.next().await.unwrap();
     let b = consumer.next().await.unwrap();
     // With two unacked, the broker holds the other three back.
-    eventually(Duration::from_secs(5), "3 messages ready", || async {
-        conn.queue_status(&queue).await.unwrap().unwrap().messages == 3
-    })
+    held_back(
+        &conn,
+        &mut consumer,
+        &queue,
+        3,
+        "no third delivery while two are unacked",
+    )
     .await;
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), consumer.next())
-            .await
-            .is_err(),
-        "no third delivery while two are unacked"
-    );
     a.ack().await.unwrap();
     let c = tokio::time::timeout(Duration::from_secs(5), consumer.next())
         .await
@@ -232,23 +259,14 @@ async fn a_plain_consumer_holds_at_most_the_default_prefetch() {
     for _ in 0..default {
         held.push(next(&mut consumer).await);
     }
-    eventually(
-        Duration::from_secs(5),
-        "the rest to stay ready on the broker",
-        || async {
-            conn.queue_status(&queue)
-                .await
-                .unwrap()
-                .is_some_and(|s| s.messages == 400 - u32::from(default))
-        },
+    held_back(
+        &conn,
+        &mut consumer,
+        &queue,
+        400 - u32::from(default),
+        &format!("a delivery beyond the prefetch of {default}"),
     )
     .await;
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), consumer.next())
-            .await
-            .is_err(),
-        "a delivery beyond the prefetch of {default}"
-    );
     for d in held {
         d.ack().await.unwrap();
     }
