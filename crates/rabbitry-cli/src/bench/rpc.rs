@@ -44,15 +44,7 @@ pub(crate) async fn run_rpc(
         progress(&format!("rpc: raw sequential, round {}", round + 1));
         let cpu = cpu_time();
         let samples = raw_rpc_sequential(&raw, &queue, calls).await?;
-        sequential.record(
-            false,
-            calls,
-            samples.iter().sum(),
-            cpu_time().saturating_sub(cpu),
-        );
-        if best_seq[0].is_empty() || median(&samples) < median(&best_seq[0]) {
-            best_seq[0] = samples;
-        }
+        record_sequential(&mut sequential, &mut best_seq, false, samples, cpu);
         progress(&format!("rpc: gateway sequential, round {}", round + 1));
         let cpu = cpu_time();
         let mut samples = Vec::with_capacity(calls);
@@ -63,15 +55,7 @@ pub(crate) async fn run_rpc(
                 .await?;
             samples.push(start.elapsed());
         }
-        sequential.record(
-            true,
-            calls,
-            samples.iter().sum(),
-            cpu_time().saturating_sub(cpu),
-        );
-        if best_seq[1].is_empty() || median(&samples) < median(&best_seq[1]) {
-            best_seq[1] = samples;
-        }
+        record_sequential(&mut sequential, &mut best_seq, true, samples, cpu);
         progress(&format!("rpc: raw 64 in flight, round {}", round + 1));
         windowed
             .measure(
@@ -87,7 +71,7 @@ pub(crate) async fn run_rpc(
         for _ in 0..calls * 4 {
             if set.len() >= 64 {
                 if let Some(r) = set.join_next().await {
-                    r.map_err(|e| Error::new(ErrorKind::Closed, "bench task").with_source(e))??;
+                    joined(r)?;
                 }
             }
             let client = client.clone();
@@ -95,7 +79,7 @@ pub(crate) async fn run_rpc(
             set.spawn(async move { client.call(m, None).await.map(|_| ()) });
         }
         while let Some(r) = set.join_next().await {
-            r.map_err(|e| Error::new(ErrorKind::Closed, "bench task").with_source(e))??;
+            joined(r)?;
         }
         windowed.record(
             true,
@@ -121,6 +105,33 @@ pub(crate) async fn run_rpc(
     let _ = raw.close().await;
     gw.close().await;
     Ok((scenarios, latencies))
+}
+
+/// Records one sequential round of `samples` round trips (its rate from
+/// their sum, its CPU since `cpu_before`), and keeps the samples as the
+/// side's best round if their median is the lowest so far.
+fn record_sequential(
+    rounds: &mut Rounds,
+    best: &mut [Vec<Duration>; 2],
+    gateway: bool,
+    samples: Vec<Duration>,
+    cpu_before: Duration,
+) {
+    rounds.record(
+        gateway,
+        samples.len(),
+        samples.iter().sum(),
+        cpu_time().saturating_sub(cpu_before),
+    );
+    let best = &mut best[usize::from(gateway)];
+    if best.is_empty() || median(&samples) < median(best) {
+        *best = samples;
+    }
+}
+
+/// The result of one call task in flight.
+fn joined(r: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
+    r.map_err(|e| Error::new(ErrorKind::Closed, "bench task").with_source(e))?
 }
 
 /// A responder written with the raw client: echoes each request to its
