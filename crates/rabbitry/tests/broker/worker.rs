@@ -678,3 +678,60 @@ async fn expired_request_is_acked_without_handling_and_error_handler_takes_failu
     );
     cleanup(&conn, &queue, &exchange).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_deleted_under_a_running_worker_is_declared_again_and_consumed() {
+    let conn = connect().await;
+    let queue = unique("deleted");
+    let exchange = unique("ex");
+    let handled = Arc::new(AtomicUsize::new(0));
+    let running = worker(&conn, handled.clone())
+        .consumer(
+            orders(&queue, &exchange),
+            |State(handled): State<Arc<AtomicUsize>>| async move {
+                handled.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, HandlerError>(())
+            },
+        )
+        .retry(retry3())
+        .start()
+        .await
+        .unwrap();
+    let producer = Producer::new(&conn, ProducerSettings::new(&exchange, ExchangeKind::Topic))
+        .await
+        .unwrap();
+    let publish = || async {
+        producer
+            .publish(Message::new("x").routing_key("order.1"))
+            .await
+            .unwrap()
+    };
+    publish().await;
+    eventually(Duration::from_secs(5), "the first message handled", || async {
+        handled.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // Deleted by someone else: the broker cancels the worker's consumer.
+    let other = connect().await;
+    other.delete_queue(&queue).await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the queue declared again, with its consumer",
+        || async {
+            other
+                .queue_status(&queue)
+                .await
+                .unwrap()
+                .is_some_and(|s| s.consumers == 1)
+        },
+    )
+    .await;
+    publish().await;
+    eventually(Duration::from_secs(5), "the next message handled", || async {
+        handled.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    running.shutdown().await;
+    other.close().await;
+    cleanup(&conn, &queue, &exchange).await;
+}
