@@ -296,24 +296,29 @@ async fn dead_list_and_replay_from_the_command_line() {
         metrics.contains("rabbitry_handlers_in_flight{consumer=\"jobs\"} 0"),
         "{metrics}"
     );
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(wait_exit(&mut child, Duration::from_secs(15))
-        .await
-        .success());
-    for q in [queue.clone(), dead, format!("{queue}.retry.100ms")] {
+    assert!(terminate(&mut child).await.success());
+    delete_queues(&conn, &queue).await;
+}
+
+/// Deletes the queue of the tests' worker config and its dead-letter and
+/// delay queues.
+async fn delete_queues(conn: &Connection, queue: &str) {
+    for q in [
+        queue.to_owned(),
+        format!("{queue}.dead"),
+        format!("{queue}.retry.100ms"),
+    ] {
         conn.delete_queue(&q).await.unwrap();
     }
 }
 
-fn cleanup_names(queue: &str) -> [String; 3] {
-    [
-        queue.to_owned(),
-        format!("{queue}.dead"),
-        format!("{queue}.retry.100ms"),
-    ]
+/// Sends SIGTERM to the worker and waits (up to 15 s) for it to exit.
+async fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    wait_exit(child, Duration::from_secs(15)).await
 }
 
 /// Reads a child's stderr on a thread; the lines so far are in the vector.
@@ -364,14 +369,8 @@ async fn the_log_of_a_dead_lettered_delivery_says_dead_letter() {
     assert!(dead.contains("outcome=\"dead-letter\""), "{dead}");
     let retry = log.iter().find(|l| l.contains("will retry")).unwrap();
     assert!(retry.contains("outcome=\"retry\""), "{retry}");
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    wait_exit(&mut child, Duration::from_secs(15)).await;
-    for q in cleanup_names(&queue) {
-        conn.delete_queue(&q).await.unwrap();
-    }
+    terminate(&mut child).await;
+    delete_queues(&conn, &queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -439,7 +438,111 @@ async fn a_second_ctrl_c_stops_the_worker_at_once() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(back, "the interrupted message went back to the queue");
-    for q in cleanup_names(&queue) {
-        conn.delete_queue(&q).await.unwrap();
+    delete_queues(&conn, &queue).await;
+}
+
+/// A message whose handling kills the worker process, every time. On a
+/// quorum queue with `delivery_limit = 3` the broker stops delivering it
+/// after its limit and dead-letters it to `.dead`, with the reason; the
+/// messages behind it are handled by the next worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_that_kills_the_worker_ends_in_dead_after_its_delivery_limit() {
+    let conn = connect().await;
+    let queue = unique("poison");
+    let poison_hits = Arc::new(AtomicUsize::new(0));
+    let handled = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let app = {
+        let (poison_hits, handled) = (poison_hits.clone(), handled.clone());
+        Router::new().fallback(move |body: String| {
+            let (poison_hits, handled) = (poison_hits.clone(), handled.clone());
+            async move {
+                if body == "poison" {
+                    poison_hits.fetch_add(1, Ordering::SeqCst);
+                    // Never answers: the test kills the worker meanwhile,
+                    // as a crash (OOM, segfault) would.
+                    std::future::pending::<()>().await;
+                }
+                handled.lock().unwrap().push(body);
+                StatusCode::OK
+            }
+        })
+    };
+    let dir = std::env::temp_dir().join(unique("cfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("worker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[consumers.jobs]\nqueue = \"{queue}\"\nhandler = \"{}\"\nqueue_type = \"quorum\"\ndelivery_limit = 3\ntimeout = \"1h\"\nretry = {{ attempts = 2, delays = [\"100ms\"] }}\n",
+            serve(app).await
+        ),
+    )
+    .unwrap();
+    let mut child = worker(&config, &[]);
+    wait_consuming(&conn, &queue).await;
+    let producer = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
+        .await
+        .unwrap();
+    for body in ["poison", "after-1", "after-2"] {
+        producer.publish(Message::new(body)).await.unwrap();
     }
+    let mut kills = 0;
+    loop {
+        // This worker took the poison (once per worker), or the rest.
+        wait_for(
+            Duration::from_secs(20),
+            "the poison or the rest handled",
+            || poison_hits.load(Ordering::SeqCst) > kills || handled.lock().unwrap().len() == 2,
+        )
+        .await;
+        if handled.lock().unwrap().len() == 2 {
+            break;
+        }
+        Command::new("kill")
+            .args(["-KILL", &child.id().to_string()])
+            .status()
+            .unwrap();
+        let _ = wait_exit(&mut child, Duration::from_secs(5)).await;
+        kills += 1;
+        assert!(
+            kills <= 6,
+            "the poison was delivered {kills} times; the limit is 3"
+        );
+        child = worker(&config, &[]);
+    }
+    println!("the worker was killed {kills} times by the poison message");
+    assert!(kills >= 3, "killed only {kills} times before the limit");
+    assert_eq!(*handled.lock().unwrap(), ["after-1", "after-2"]);
+
+    // In `.dead`, with the broker's reason, as `rabbitry dead list` shows.
+    wait_for(Duration::from_secs(10), "the dead letter", || {
+        let out = Command::new(env!("CARGO_BIN_EXE_rabbitry"))
+            .args(["dead", "list", &queue])
+            .env_remove("AMQP_URL")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("delivery limit")
+    })
+    .await;
+    let out = Command::new(env!("CARGO_BIN_EXE_rabbitry"))
+        .args(["dead", "list", &queue])
+        .env_remove("AMQP_URL")
+        .output()
+        .unwrap();
+    let letter: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .expect("one dead letter"),
+    )
+    .unwrap();
+    assert!(
+        letter["error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("'{queue}'")),
+        "{letter}"
+    );
+    assert!(terminate(&mut child).await.success());
+    delete_queues(&conn, &queue).await;
 }

@@ -108,7 +108,7 @@ pub fn topology(consumers: &[ConsumerSettings]) -> rabbitry::Topology {
     let mut t = rabbitry::Topology::default();
     for c in consumers {
         t.merge(&c.topology());
-        t.merge(&retry::topology(&c.queue, &Retry::default()));
+        t.merge(&retry::topology(&c.queue, None, &Retry::default()));
     }
     t
 }

@@ -109,3 +109,21 @@ pub fn connection_heartbeat(name: &str) -> Option<u32> {
         .find(|line| line.contains(&quoted))
         .and_then(|line| line.split_whitespace().next()?.parse().ok())
 }
+
+/// A queue's type and arguments as `rabbitmqctl list_queues` prints them
+/// (`quorum`, `[{"x-queue-type","quorum"},...]`), if the queue exists.
+pub fn queue_type_and_arguments(queue: &str) -> Option<(String, String)> {
+    let out = Command::new("rabbitmqctl")
+        .args(["list_queues", "-q", "name", "type", "arguments"])
+        .output()
+        .expect("run rabbitmqctl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split('\t');
+            (fields.next()? == queue).then(|| {
+                let kind = fields.next().unwrap_or_default().to_owned();
+                (kind, fields.next().unwrap_or_default().to_owned())
+            })
+        })
+}

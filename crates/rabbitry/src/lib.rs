@@ -99,7 +99,7 @@ pub use consume::{Acker, Consumer, ConsumerSettings, Delivery, Outcome};
 pub use error::{Error, ErrorKind, Result};
 pub use message::{HeaderValue, Headers, Message, Properties};
 pub use publish::{Producer, ProducerSettings};
-pub use topology::{Exchange, ExchangeKind, Queue, Topology};
+pub use topology::{Exchange, ExchangeKind, Queue, QueueType, Topology};
 pub use transaction::UnitOfWork;
 pub use worker::Worker;
 

@@ -76,6 +76,68 @@ impl FromStr for ExchangeKind {
     }
 }
 
+/// The queue argument that names a queue's type.
+pub const QUEUE_TYPE: &str = "x-queue-type";
+
+/// A queue's type, as RabbitMQ knows it (`x-queue-type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QueueType {
+    /// One node holds the queue: fast, and gone while that node is down.
+    Classic,
+    /// Replicated over a majority of a cluster's nodes (Raft); the type
+    /// RabbitMQ recommends for data that must survive a node.
+    Quorum,
+    /// An append-only log that consumers read from an offset.
+    Stream,
+}
+
+impl QueueType {
+    /// Every type, in the order error messages list them.
+    pub const ALL: [QueueType; 3] = [QueueType::Classic, QueueType::Quorum, QueueType::Stream];
+
+    /// The name RabbitMQ uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+            QueueType::Stream => "stream",
+        }
+    }
+
+    /// The type `arguments` ask for, if they name one RabbitMQ knows.
+    pub fn of(arguments: &Headers) -> Option<QueueType> {
+        let name = arguments.get(QUEUE_TYPE)?.as_str()?;
+        QueueType::ALL.into_iter().find(|t| t.as_str() == name)
+    }
+
+    /// Sets `arguments` to ask for this type.
+    pub fn set(self, arguments: &mut Headers) {
+        arguments.insert(QUEUE_TYPE.into(), self.as_str().into());
+    }
+}
+
+impl fmt::Display for QueueType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for QueueType {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        QueueType::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| {
+                Error::config(format!(
+                    "unknown queue type `{s}`, expected one of: {}",
+                    QueueType::ALL.map(QueueType::as_str).join(", ")
+                ))
+            })
+    }
+}
+
 /// Whether a name belongs to the broker (`amq.*`, or the default exchange).
 pub fn is_reserved(name: &str) -> bool {
     name.is_empty() || name.starts_with("amq.")
@@ -135,6 +197,17 @@ impl Queue {
             auto_delete: false,
             arguments: Headers::new(),
         }
+    }
+
+    /// A durable quorum queue: replicated over the cluster's nodes.
+    pub fn quorum(name: impl Into<String>) -> Self {
+        Queue::durable(name).queue_type(QueueType::Quorum)
+    }
+
+    /// Asks for `kind` (the `x-queue-type` argument).
+    pub fn queue_type(mut self, kind: QueueType) -> Self {
+        kind.set(&mut self.arguments);
+        self
     }
 
     /// A transient queue that belongs to this connection alone.

@@ -459,6 +459,43 @@ arguments = { "x-queue-type" = "quorum" }
     }
 
     #[test]
+    fn queue_type_and_delivery_limit_are_read_and_checked() {
+        let s = Settings::from_toml(
+            "[consumers.c]\nqueue=\"q\"\nqueue_type=\"quorum\"\ndelivery_limit=3\n",
+            "f.toml",
+        )
+        .unwrap();
+        let c = &s.consumers["c"];
+        assert_eq!(
+            crate::QueueType::of(&c.consumer.arguments),
+            Some(crate::QueueType::Quorum)
+        );
+        assert_eq!(c.options.delivery_limit, Some(3));
+        for (toml, path, says) in [
+            (
+                "queue_type=\"mirrored\"",
+                "consumers.c.queue_type",
+                "expected one of: classic, quorum, stream",
+            ),
+            (
+                "delivery_limit=3",
+                "consumers.c.delivery_limit",
+                "needs queue_type = quorum",
+            ),
+            (
+                "queue_type=\"quorum\"\ndelivery_limit=0",
+                "consumers.c.delivery_limit",
+                "at least 1",
+            ),
+        ] {
+            let e = Settings::from_toml(&format!("[consumers.c]\nqueue=\"q\"\n{toml}\n"), "f.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(path) && e.contains(says), "{toml}: {e}");
+        }
+    }
+
+    #[test]
     fn amqp_url_overrides_the_default_connection() {
         let mut s = Settings::from_toml(EXAMPLE, "f").unwrap();
         s.apply_env(|k| (k == "AMQP_URL").then(|| "amqp://other:5673".to_owned()));

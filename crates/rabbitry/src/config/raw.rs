@@ -86,6 +86,8 @@ pub(super) struct RawConsumer {
     pub(super) auto_delete: Option<bool>,
     pub(super) auto_declare: Option<bool>,
     pub(super) arguments: Option<toml::Table>,
+    pub(super) queue_type: Option<String>,
+    pub(super) delivery_limit: Option<u32>,
     pub(super) prefetch_count: Option<u16>,
     pub(super) handler: Option<String>,
     pub(super) retry: Option<RawRetry>,

@@ -16,6 +16,7 @@ use crate::consume::ConsumerSettings;
 use crate::error::{Error, Result};
 use crate::message::HeaderValue;
 use crate::publish::ProducerSettings;
+use crate::topology::QueueType;
 use crate::worker::{ConsumerOptions, Retry};
 
 fn toml_to_header(v: &toml::Value) -> HeaderValue {
@@ -224,7 +225,7 @@ fn consumer_section(
         Some(OneOrMany::Many(ks)) => ks,
     };
     let defaults = ConsumerSettings::default();
-    let consumer = ConsumerSettings {
+    let mut consumer = ConsumerSettings {
         name: name.to_owned(),
         queue,
         exchange: c.exchange.unwrap_or_default(),
@@ -242,6 +243,16 @@ fn consumer_section(
             .collect(),
         prefetch_count: c.prefetch_count,
     };
+    if let Some(kind) = &c.queue_type {
+        let kind: QueueType = kind
+            .parse()
+            .map_err(|e: Error| at.err(&format!("{path}.queue_type"), e.context()))?;
+        consumer = consumer.queue_type(kind);
+    }
+    if let Some(limit) = c.delivery_limit {
+        crate::worker::retry::check_delivery_limit(QueueType::of(&consumer.arguments), limit)
+            .map_err(|m| at.err(&format!("{path}.delivery_limit"), m))?;
+    }
     let options = ConsumerOptions {
         retry: retry_section(at, &format!("{path}.retry"), c.retry)?,
         concurrency: c.concurrency.unwrap_or(settings.worker.concurrency),
@@ -251,6 +262,7 @@ fn consumer_section(
             crate::worker::DEFAULT_TIMEOUT,
         )?,
         reply_exchange: c.reply_exchange.unwrap_or_default(),
+        delivery_limit: c.delivery_limit,
     };
     Ok(ConsumerConfig {
         connection,

@@ -24,7 +24,11 @@ use crate::connection::{close_quietly, Backoff, Connection};
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::Headers;
 use crate::task::{Background, CancellationToken};
-use crate::topology::{self, is_reserved, Exchange, ExchangeKind, Queue, Topology};
+use crate::topology::{self, is_reserved, Exchange, ExchangeKind, Queue, QueueType, Topology};
+
+/// The most unacknowledged deliveries a consumer of a quorum queue holds:
+/// every one is tracked by the queue's Raft log on each replica.
+pub const QUORUM_MAX_PREFETCH: u16 = 2_000;
 
 /// How long stopping waits for the broker to confirm a cancel.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -88,6 +92,14 @@ impl ConsumerSettings {
     /// Names the consumer (in logs, metrics and its consumer tag).
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
+        self
+    }
+
+    /// Declares the queue as `kind` (the `x-queue-type` argument):
+    /// `QueueType::Quorum` for a queue that must survive the loss of a
+    /// cluster node.
+    pub fn queue_type(mut self, kind: QueueType) -> Self {
+        kind.set(&mut self.arguments);
         self
     }
 
@@ -172,9 +184,14 @@ impl Consumer {
     /// # Ok(()) }
     /// ```
     pub async fn start(conn: &Connection, settings: ConsumerSettings) -> Result<Consumer> {
-        let prefetch = settings
+        let mut prefetch = settings
             .prefetch_count
             .unwrap_or(conn.settings().prefetch_count);
+        if QueueType::of(&settings.arguments) == Some(QueueType::Quorum)
+            && (prefetch == 0 || prefetch > QUORUM_MAX_PREFETCH)
+        {
+            prefetch = QUORUM_MAX_PREFETCH;
+        }
         let capacity = if prefetch == 0 {
             256
         } else {

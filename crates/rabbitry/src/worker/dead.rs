@@ -64,7 +64,7 @@ pub async fn list(conn: &Connection, queue: &str, limit: usize) -> Result<Vec<De
         let Some((_, props, body)) = got else { break };
         let p = from_basic(&props);
         out.push(DeadLetter {
-            error: header_str(&p, retry::ERROR),
+            error: retry::dead_reason(&p),
             attempts: p.headers.get(retry::ATTEMPTS).and_then(HeaderValue::as_i64),
             original_exchange: header_str(&p, retry::ORIGINAL_EXCHANGE),
             original_routing_key: header_str(&p, retry::ORIGINAL_ROUTING_KEY),

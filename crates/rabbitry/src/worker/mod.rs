@@ -74,7 +74,7 @@ use crate::consume::{Consumer, ConsumerSettings, Delivery};
 use crate::error::{Error, Result};
 use crate::publish::{Producer, ProducerSettings};
 use crate::task::{Background, CancellationToken};
-use crate::topology::Topology;
+use crate::topology::{QueueType, Topology};
 use dispatch::ConsumerRuntime;
 use handler::BoxHandler;
 #[cfg(feature = "http")]
@@ -103,6 +103,10 @@ pub struct ConsumerOptions {
     /// The exchange replies go through (empty: the default exchange).
     /// Replies to direct reply-to always use the default exchange.
     pub reply_exchange: String,
+    /// On a quorum queue: after this many deliveries that were never
+    /// settled (the process died handling them), the broker dead-letters
+    /// the message to `<queue>.dead` instead of delivering it again.
+    pub delivery_limit: Option<u32>,
 }
 
 impl Default for ConsumerOptions {
@@ -112,6 +116,7 @@ impl Default for ConsumerOptions {
             concurrency: 1,
             timeout: DEFAULT_TIMEOUT,
             reply_exchange: String::new(),
+            delivery_limit: None,
         }
     }
 }
@@ -153,6 +158,27 @@ struct ConsumerSpec<S> {
     target: Target<S>,
     options: ConsumerOptions,
     conn: Connection,
+}
+
+impl<S> ConsumerSpec<S> {
+    /// The consumer's settings as declared: with the queue arguments its
+    /// delivery limit adds.
+    fn declared(&self) -> ConsumerSettings {
+        let mut settings = self.settings.clone();
+        if let Some(limit) = self.options.delivery_limit {
+            retry::limit_deliveries(&mut settings.arguments, &settings.queue, limit);
+        }
+        settings
+    }
+
+    /// Its dead-letter and delay queues, of its queue's type.
+    fn retry_topology(&self) -> Topology {
+        retry::topology(
+            &self.settings.queue,
+            QueueType::of(&self.settings.arguments),
+            &self.options.retry,
+        )
+    }
 }
 
 /// A worker being built: consumers with their handlers and options, and
@@ -292,6 +318,17 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
         self
     }
 
+    /// The delivery limit of the consumer added last, whose queue must be
+    /// a quorum queue ([`ConsumerSettings::queue_type`]): a message whose
+    /// handling killed the process `limit` times goes to `<queue>.dead`.
+    ///
+    /// # Panics
+    /// When no consumer was added yet.
+    pub fn delivery_limit(mut self, limit: u32) -> Self {
+        self.last("delivery_limit").options.delivery_limit = Some(limit);
+        self
+    }
+
     /// The exchange the replies of the consumer added last go through.
     ///
     /// # Panics
@@ -390,8 +427,8 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
     pub fn topology(&self) -> Topology {
         let mut t = Topology::default();
         for c in &self.consumers {
-            t.merge(&c.settings.topology());
-            t.merge(&retry::topology(&c.settings.queue, &c.options.retry));
+            t.merge(&c.declared().topology());
+            t.merge(&c.retry_topology());
         }
         t
     }
@@ -430,6 +467,8 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
         // One reply producer per connection, shared by its consumers.
         let mut replies: Vec<(Connection, Producer)> = Vec::new();
         for spec in consumers {
+            let declared = spec.declared();
+            let spec_retry_topology = spec.retry_topology();
             let ConsumerSpec {
                 settings,
                 target,
@@ -463,10 +502,8 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
                     p
                 }
             };
-            consumer_conn
-                .declare(&retry::topology(&settings.queue, &options.retry))
-                .await?;
-            let mut cs = settings.clone();
+            consumer_conn.declare(&spec_retry_topology).await?;
+            let mut cs = declared;
             cs.prefetch_count = Some(
                 cs.prefetch_count
                     .unwrap_or(options.concurrency.min(usize::from(u16::MAX)) as u16),
@@ -539,6 +576,15 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
                 .map_err(|e| err(e.context().to_owned()))?;
             if c.options.concurrency == 0 {
                 return Err(err("concurrency must be at least 1".into()));
+            }
+            let kind = QueueType::of(&c.settings.arguments);
+            if kind == Some(QueueType::Stream) {
+                return Err(err(
+                    "a worker cannot consume a stream queue (its messages are read from an offset, not settled one by one); use a Consumer".into(),
+                ));
+            }
+            if let Some(limit) = c.options.delivery_limit {
+                retry::check_delivery_limit(kind, limit).map_err(err)?;
             }
             #[cfg(feature = "http")]
             if let Target::Url(url) = &c.target {

@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 use crate::clock::rfc3339;
 
 use crate::error::{Error, Result};
-use crate::message::{HeaderValue, Message, Properties};
-use crate::topology::{Queue, Topology};
+use crate::message::{HeaderValue, Headers, Message, Properties};
+use crate::topology::{Queue, QueueType, Topology};
 
 pub use crate::headers::{
     ATTEMPT, ATTEMPTS, DEADLINE, ERROR, FAILED_AT, ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY,
@@ -132,24 +132,115 @@ pub fn delay_for(policy: &Retry, retry: u32) -> Duration {
         .unwrap_or(Duration::from_secs(1))
 }
 
-/// The dead-letter and delay queues a consumer of `queue` needs.
-pub fn topology(queue: &str, policy: &Retry) -> Topology {
+/// Where the broker says a message it dead-lettered first died, and why
+/// (`delivery_limit`, `expired`, `rejected`, `maxlen`).
+pub const FIRST_DEATH_QUEUE: &str = "x-first-death-queue";
+/// See [`FIRST_DEATH_QUEUE`].
+pub const FIRST_DEATH_REASON: &str = "x-first-death-reason";
+/// Every header the broker adds when it dead-letters a message.
+const BROKER_DEATH: [&str; 7] = [
+    "x-death",
+    FIRST_DEATH_QUEUE,
+    FIRST_DEATH_REASON,
+    "x-first-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+    "x-last-death-exchange",
+];
+
+/// Why a dead letter is dead: the worker's error header, or else what the
+/// broker says of a message it dead-lettered itself.
+pub fn dead_reason(p: &Properties) -> Option<String> {
+    let get = |k: &str| p.headers.get(k).and_then(HeaderValue::as_str);
+    if let Some(error) = get(ERROR) {
+        return Some(error.to_owned());
+    }
+    let reason = get(FIRST_DEATH_REASON)?;
+    let queue = get(FIRST_DEATH_QUEUE).unwrap_or("?");
+    Some(match reason {
+        "delivery_limit" => format!(
+            "dead-lettered by the broker from '{queue}': delivered more times than its delivery limit without being settled (its handler may crash the worker process)"
+        ),
+        other => format!("dead-lettered by the broker from '{queue}': {other}"),
+    })
+}
+
+/// The dead-letter and delay queues a consumer of `queue` needs, of the
+/// same type as `queue` (`kind`). For a quorum queue they are quorum queues
+/// too, and the delay queues dead-letter back `at-least-once`: the broker
+/// keeps a message until the queue it goes back to has confirmed it, so a
+/// node lost in between loses nothing.
+pub fn topology(queue: &str, kind: Option<QueueType>, policy: &Retry) -> Topology {
+    let quorum = kind == Some(QueueType::Quorum);
+    let of_kind = |name: String| {
+        if quorum {
+            Queue::quorum(name)
+        } else {
+            Queue::durable(name)
+        }
+    };
     let mut t = Topology::default();
-    t.queue(Queue::durable(dead_queue(queue)));
+    t.queue(of_kind(dead_queue(queue)));
     for retry in 1..policy.attempts {
         let delay = delay_for(policy, retry);
-        let mut q = Queue::durable(retry_queue(queue, delay));
+        let mut q = of_kind(retry_queue(queue, delay));
         q.arguments.insert(
             "x-message-ttl".into(),
             HeaderValue::Int(delay.as_millis() as i64),
         );
-        q.arguments
-            .insert("x-dead-letter-exchange".into(), HeaderValue::from(""));
-        q.arguments
-            .insert("x-dead-letter-routing-key".into(), HeaderValue::from(queue));
+        dead_letter_to(&mut q.arguments, queue, quorum);
         t.queue(q);
     }
     t
+}
+
+/// Queue arguments that dead-letter to `target` through the default
+/// exchange; on a quorum queue, at least once (which RabbitMQ allows only
+/// with `x-overflow = reject-publish`).
+fn dead_letter_to(arguments: &mut Headers, target: &str, quorum: bool) {
+    arguments.insert("x-dead-letter-exchange".into(), HeaderValue::from(""));
+    arguments.insert(
+        "x-dead-letter-routing-key".into(),
+        HeaderValue::from(target),
+    );
+    if quorum {
+        arguments.insert(
+            "x-dead-letter-strategy".into(),
+            HeaderValue::from("at-least-once"),
+        );
+        arguments.insert("x-overflow".into(), HeaderValue::from("reject-publish"));
+    }
+}
+
+/// The consumer's own queue arguments for a delivery limit: after `limit`
+/// deliveries that were never settled (the worker process died while
+/// handling them, again and again), the broker dead-letters the message to
+/// `<queue>.dead`, at least once, instead of redelivering it forever. Only
+/// quorum queues count deliveries; [`check_delivery_limit`] says so.
+pub fn limit_deliveries(arguments: &mut Headers, queue: &str, limit: u32) {
+    // Positive only: on RabbitMQ 3.x a negative limit means "dead-letter
+    // after the first delivery".
+    arguments.insert(
+        "x-delivery-limit".into(),
+        HeaderValue::Int(i64::from(limit)),
+    );
+    dead_letter_to(arguments, &dead_queue(queue), true);
+}
+
+/// Whether a delivery limit can apply to a queue of `kind`.
+pub fn check_delivery_limit(
+    kind: Option<QueueType>,
+    limit: u32,
+) -> std::result::Result<(), String> {
+    if limit == 0 {
+        return Err("delivery_limit must be at least 1".into());
+    }
+    if kind != Some(QueueType::Quorum) {
+        return Err(
+            "delivery_limit needs queue_type = quorum: only quorum queues count deliveries".into(),
+        );
+    }
+    Ok(())
 }
 
 /// The attempt number carried by a message (1 when absent).
@@ -241,8 +332,13 @@ pub fn for_replay(body: Vec<u8>, mut p: Properties) -> Option<Message> {
             .and_then(HeaderValue::as_str)
             .map(str::to_owned)
     };
-    let exchange = get(ORIGINAL_EXCHANGE)?;
-    let routing_key = get(ORIGINAL_ROUTING_KEY)?;
+    // The worker's own dead letters carry their route; a message the
+    // broker dead-lettered (a delivery limit) goes back to the queue it
+    // died in, through the default exchange.
+    let (exchange, routing_key) = match (get(ORIGINAL_EXCHANGE), get(ORIGINAL_ROUTING_KEY)) {
+        (Some(exchange), Some(routing_key)) => (exchange, routing_key),
+        _ => (String::new(), get(FIRST_DEATH_QUEUE)?),
+    };
     for k in [
         ATTEMPT,
         ERROR,
@@ -250,7 +346,10 @@ pub fn for_replay(body: Vec<u8>, mut p: Properties) -> Option<Message> {
         ORIGINAL_EXCHANGE,
         ORIGINAL_ROUTING_KEY,
         FAILED_AT,
-    ] {
+    ]
+    .into_iter()
+    .chain(BROKER_DEATH)
+    {
         p.headers.remove(k);
     }
     Some(Message {
@@ -285,7 +384,7 @@ mod tests {
             .is_err());
         assert_eq!(delay_for(&p, 1), Duration::from_secs(1));
         assert_eq!(delay_for(&p, 3), Duration::from_secs(5));
-        let t = topology("q", &p);
+        let t = topology("q", None, &p);
         let names: Vec<_> = t.queues.iter().map(|q| q.name.as_str()).collect();
         assert_eq!(names, ["q.dead", "q.retry.1s", "q.retry.5s"]);
     }
@@ -307,5 +406,37 @@ mod tests {
         assert_eq!(r.routing_key.as_deref(), Some("order.new"));
         assert!(r.properties.headers.is_empty());
         assert_eq!(attempt_of(&r.properties), 1);
+    }
+
+    #[test]
+    fn a_message_the_broker_dead_lettered_says_why_and_replays_to_its_queue() {
+        let mut p = Properties::default();
+        for (k, v) in [
+            (FIRST_DEATH_QUEUE, "orders"),
+            (FIRST_DEATH_REASON, "delivery_limit"),
+            ("x-first-death-exchange", ""),
+        ] {
+            p.headers.insert(k.into(), HeaderValue::from(v));
+        }
+        p.headers
+            .insert("x-death".into(), HeaderValue::Array(Vec::new()));
+        let why = dead_reason(&p).unwrap();
+        assert!(
+            why.contains("'orders'") && why.contains("delivery limit"),
+            "{why}"
+        );
+        let r = for_replay(b"x".to_vec(), p).unwrap();
+        assert_eq!(r.exchange.as_deref(), Some(""));
+        assert_eq!(r.routing_key.as_deref(), Some("orders"));
+        assert!(
+            r.properties.headers.is_empty(),
+            "{:?}",
+            r.properties.headers
+        );
+        assert_eq!(
+            for_replay(b"x".to_vec(), Properties::default()).map(|m| m.routing_key),
+            None,
+            "no route at all: left in place"
+        );
     }
 }

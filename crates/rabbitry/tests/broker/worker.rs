@@ -707,9 +707,11 @@ async fn a_queue_deleted_under_a_running_worker_is_declared_again_and_consumed()
             .unwrap()
     };
     publish().await;
-    eventually(Duration::from_secs(5), "the first message handled", || async {
-        handled.load(Ordering::SeqCst) == 1
-    })
+    eventually(
+        Duration::from_secs(5),
+        "the first message handled",
+        || async { handled.load(Ordering::SeqCst) == 1 },
+    )
     .await;
     // Deleted by someone else: the broker cancels the worker's consumer.
     let other = connect().await;
@@ -727,11 +729,114 @@ async fn a_queue_deleted_under_a_running_worker_is_declared_again_and_consumed()
     )
     .await;
     publish().await;
-    eventually(Duration::from_secs(5), "the next message handled", || async {
-        handled.load(Ordering::SeqCst) == 2
-    })
+    eventually(
+        Duration::from_secs(5),
+        "the next message handled",
+        || async { handled.load(Ordering::SeqCst) == 2 },
+    )
     .await;
     running.shutdown().await;
     other.close().await;
     cleanup(&conn, &queue, &exchange).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_consumer_gets_quorum_retry_and_dead_queues_that_dead_letter_at_least_once() {
+    use rabbitry::QueueType;
+    use rabbitry_test_support::broker::queue_type_and_arguments;
+    let conn = connect().await;
+    let queue = unique("quorum");
+    let exchange = unique("ex");
+    let seen = Seen::default();
+    let running = worker(&conn, seen.clone())
+        .consumer(
+            orders(&queue, &exchange).queue_type(QueueType::Quorum),
+            |State(seen): State<Seen>, meta: Meta| async move {
+                // Fails twice, through both delay queues, then succeeds.
+                if seen.record("q", &meta.attempt.to_string()) < 3 {
+                    return Err(HandlerError::retry("not yet"));
+                }
+                Ok(())
+            },
+        )
+        .retry(retry3())
+        .delivery_limit(3)
+        .start()
+        .await
+        .unwrap();
+    let info =
+        |name: &str| queue_type_and_arguments(name).unwrap_or_else(|| panic!("no queue {name}"));
+    let (kind, args) = info(&queue);
+    assert_eq!(kind, "quorum", "{args}");
+    for expected in [
+        "{\"x-delivery-limit\",3}".to_owned(),
+        format!("{{\"x-dead-letter-routing-key\",\"{queue}.dead\"}}"),
+        "{\"x-dead-letter-strategy\",\"at-least-once\"}".to_owned(),
+        "{\"x-overflow\",\"reject-publish\"}".to_owned(),
+    ] {
+        assert!(
+            args.contains(&expected),
+            "{queue}: {expected} not in {args}"
+        );
+    }
+    assert_eq!(info(&format!("{queue}.dead")).0, "quorum");
+    for delay in ["100ms", "200ms"] {
+        let name = format!("{queue}.retry.{delay}");
+        let (kind, args) = info(&name);
+        assert_eq!(kind, "quorum", "{name}: {args}");
+        for expected in [
+            format!("{{\"x-dead-letter-routing-key\",\"{queue}\"}}"),
+            "{\"x-dead-letter-strategy\",\"at-least-once\"}".to_owned(),
+            "{\"x-overflow\",\"reject-publish\"}".to_owned(),
+        ] {
+            assert!(args.contains(&expected), "{name}: {expected} not in {args}");
+        }
+    }
+    let producer = Producer::new(&conn, ProducerSettings::new(&exchange, ExchangeKind::Topic))
+        .await
+        .unwrap();
+    producer
+        .publish(Message::new("x").routing_key("order.1"))
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "three attempts, through the quorum delay queues",
+        || async { seen.count("q") == 3 },
+    )
+    .await;
+    assert_eq!(seen.attempts("q"), ["1", "2", "3"]);
+    running.shutdown().await;
+    cleanup(&conn, &queue, &exchange).await;
+}
+
+#[tokio::test]
+async fn a_delivery_limit_needs_a_quorum_queue_and_a_worker_refuses_streams() {
+    use rabbitry::QueueType;
+    let conn = connect().await;
+    let queue = unique("limit");
+    let handler = |_: Meta| async { Ok::<_, HandlerError>(()) };
+    let err = worker(&conn, ())
+        .consumer(ConsumerSettings::new(&queue), handler)
+        .delivery_limit(3)
+        .start()
+        .await
+        .expect_err("a classic queue with a delivery limit");
+    assert!(
+        err.to_string().contains("needs queue_type = quorum"),
+        "{err}"
+    );
+    let err = worker(&conn, ())
+        .consumer(
+            ConsumerSettings::new(&queue).queue_type(QueueType::Stream),
+            handler,
+        )
+        .start()
+        .await
+        .expect_err("a stream");
+    assert!(err.to_string().contains("cannot consume a stream"), "{err}");
+    assert!(
+        conn.queue_status(&queue).await.unwrap().is_none(),
+        "nothing declared for a refused worker"
+    );
 }
