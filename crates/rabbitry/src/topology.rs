@@ -299,6 +299,29 @@ impl Topology {
     pub fn is_empty(&self) -> bool {
         self.exchanges.is_empty() && self.queues.is_empty() && self.bindings.is_empty()
     }
+
+    /// Each exchange, queue and binding as a topology of its own, in
+    /// declaration order, so that one the broker refuses does not stop the
+    /// others. A topology with a server-named queue stays whole: its
+    /// bindings need the name the queue gets.
+    pub(crate) fn entities(&self) -> Vec<Topology> {
+        if self.queues.iter().any(|q| q.name.is_empty()) {
+            return vec![self.clone()];
+        }
+        let exchanges = self.exchanges.iter().map(|e| Topology {
+            exchanges: vec![e.clone()],
+            ..Topology::default()
+        });
+        let queues = self.queues.iter().map(|q| Topology {
+            queues: vec![q.clone()],
+            ..Topology::default()
+        });
+        let bindings = self.bindings.iter().map(|b| Topology {
+            bindings: vec![b.clone()],
+            ..Topology::default()
+        });
+        exchanges.chain(queues).chain(bindings).collect()
+    }
 }
 
 pub(crate) fn exchange_args(e: &Exchange, passive: bool) -> ExchangeDeclareArguments {

@@ -16,6 +16,7 @@ mod endpoint;
 mod supervisor;
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -130,6 +131,8 @@ struct Shared {
     supervisor: Mutex<Option<Background<()>>>,
     /// The connection producers publish on, once the first one starts.
     publishing: tokio::sync::OnceCell<Connection>,
+    /// Declarations the broker refused during recoveries.
+    refused_declarations: AtomicU64,
 }
 
 /// A supervised, recovering connection. Cheap to clone; clones share the
@@ -190,6 +193,7 @@ impl Connection {
             topology: Mutex::new(Topology::default()),
             supervisor: Mutex::new(None),
             publishing: tokio::sync::OnceCell::new(),
+            refused_declarations: AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&shared);
         let task = Background::spawn(move |stop| supervisor::run(weak, stop));
@@ -242,6 +246,14 @@ impl Connection {
         let names = self.declare_once(topology).await?;
         lock(&self.shared.topology).merge(topology);
         Ok(names)
+    }
+
+    /// How many declarations the broker refused while this connection
+    /// recovered (a queue whose home node is down, a conflicting
+    /// declaration). Each was logged and is retried on its own; everything
+    /// else on the connection resumed.
+    pub fn refused_declarations(&self) -> u64 {
+        self.shared.refused_declarations.load(Ordering::Relaxed)
     }
 
     /// Declares `topology` once without remembering it.

@@ -1,5 +1,6 @@
 //! The supervisor task: notices a lost socket and makes a new one.
 
+use std::sync::atomic::Ordering;
 use std::sync::Weak;
 use std::time::Duration;
 
@@ -180,11 +181,41 @@ async fn lost(conn: &AmqpConnection) {
 }
 
 /// Declares the remembered topology on a fresh socket, before anyone else
-/// uses it.
-async fn redeclare(conn: &AmqpConnection, topology: &Topology) -> Result<()> {
-    if topology.is_empty() {
-        return Ok(());
+/// uses it, entity by entity: one the broker refuses (its home node is
+/// down, a conflicting declaration) is logged and returned, and the rest is
+/// declared all the same, so one unavailable queue does not keep every
+/// other consumer of the connection down. Fails only when the socket does.
+async fn redeclare(conn: &AmqpConnection, name: &str, topology: &Topology) -> Result<Topology> {
+    let mut refused = Topology::default();
+    let mut open: Option<(amqprs::channel::Channel, ChannelWatch)> = None;
+    for entity in topology.entities() {
+        let (channel, watch) = match open.take() {
+            Some(c) => c,
+            None => recovery_channel(conn).await?,
+        };
+        match topology::declare(&channel, &watch, &entity).await {
+            Ok(_) => open = Some((channel, watch)),
+            Err(err) if err.kind() == ErrorKind::Disconnected => {
+                close_quietly(channel).await;
+                return Err(err);
+            }
+            Err(err) => {
+                // The broker closed this channel; the next entity gets a
+                // new one.
+                tracing::warn!(connection = %name, error = %err, "declaration refused during recovery; retrying it on its own");
+                refused.merge(&entity);
+            }
+        }
     }
+    if let Some((channel, _)) = open {
+        close_quietly(channel).await;
+    }
+    Ok(refused)
+}
+
+async fn recovery_channel(
+    conn: &AmqpConnection,
+) -> Result<(amqprs::channel::Channel, ChannelWatch)> {
     let channel = conn.open_channel(None).await.map_err(|e| {
         Error::new(ErrorKind::Disconnected, "opening a channel for recovery").with_source(e)
     })?;
@@ -198,9 +229,29 @@ async fn redeclare(conn: &AmqpConnection, topology: &Topology) -> Result<()> {
         .map_err(|e| {
             Error::new(ErrorKind::Disconnected, "registering a callback").with_source(e)
         })?;
-    let res = topology::declare(&channel, &watch, topology).await;
-    close_quietly(channel).await;
-    res.map(|_| ())
+    Ok((channel, watch))
+}
+
+/// Declares what the broker refused during a recovery again, with backoff,
+/// until it is all declared or the socket goes (the next recovery then
+/// declares everything again).
+fn retry_refused(conn: AmqpConnection, name: String, mut refused: Topology, mut backoff: Backoff) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(backoff.next_delay()).await;
+            if !conn.is_open() {
+                return;
+            }
+            match redeclare(&conn, &name, &refused).await {
+                Ok(still) if still.is_empty() => {
+                    tracing::info!(connection = %name, "refused declarations are declared now");
+                    return;
+                }
+                Ok(still) => refused = still,
+                Err(_) => return,
+            }
+        }
+    });
 }
 
 pub(super) async fn run(shared: Weak<Shared>, stop: CancellationToken) {
@@ -256,8 +307,8 @@ pub(super) async fn run(shared: Weak<Shared>, stop: CancellationToken) {
             let Some(s) = shared.upgrade() else { return };
             let remembered = super::lock(&s.topology).clone();
             let attempt = match connect_any(&s.settings, &s.endpoints).await {
-                Ok(conn) => match redeclare(&conn, &remembered).await {
-                    Ok(()) => Ok(conn),
+                Ok(conn) => match redeclare(&conn, &name, &remembered).await {
+                    Ok(refused) => Ok((conn, refused)),
                     Err(err) => {
                         let _ = conn.close().await;
                         Err(err)
@@ -266,7 +317,17 @@ pub(super) async fn run(shared: Weak<Shared>, stop: CancellationToken) {
                 Err(err) => Err(err),
             };
             match attempt {
-                Ok(conn) => {
+                Ok((conn, refused)) => {
+                    if !refused.is_empty() {
+                        let n = refused.entities().len() as u64;
+                        s.refused_declarations.fetch_add(n, Ordering::Relaxed);
+                        retry_refused(
+                            conn.clone(),
+                            name.clone(),
+                            refused,
+                            Backoff::new(s.settings.backoff_initial, s.settings.backoff_max),
+                        );
+                    }
                     s.link.send_modify(|l| {
                         l.generation += 1;
                         l.conn = Some(conn);

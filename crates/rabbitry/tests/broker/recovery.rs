@@ -12,7 +12,7 @@ use rabbitry::{
     ProducerSettings,
 };
 
-use crate::support::{close_connection, connect, eventually, settings, unique, Proxy};
+use crate::support::{close_connection, connect, eventually, settings, unique, url, Proxy};
 
 /// Reads `queue` until every id in `expected` was seen; returns how many
 /// deliveries that took.
@@ -260,4 +260,60 @@ async fn the_url_query_string_sets_the_heartbeat_the_broker_sees() {
     let seen = rabbitry_test_support::broker::connection_heartbeat(&name);
     conn.close().await;
     assert_eq!(seen, Some(7), "the broker's view of {name}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_refused_queue_at_recovery_does_not_keep_the_other_consumers_down() {
+    let name = unique("entities");
+    let conn = Connection::open(settings(&url(), &name)).await.unwrap();
+    let other = connect().await;
+    let (refused, consumed) = (unique("refused"), unique("consumed"));
+    let mut remembered = rabbitry::Topology::default();
+    remembered.queue(rabbitry::Queue::durable(&refused));
+    conn.declare(&remembered).await.unwrap();
+    let mut consumer = Consumer::start(&conn, ConsumerSettings::new(&consumed))
+        .await
+        .unwrap();
+    // Someone else redeclares the remembered queue with other arguments:
+    // from now on the broker refuses the connection's declaration of it.
+    other.delete_queue(&refused).await.unwrap();
+    let mut conflicting = rabbitry::Topology::default();
+    let mut q = rabbitry::Queue::durable(&refused);
+    q.arguments
+        .insert("x-message-ttl".into(), rabbitry::HeaderValue::Int(60_000));
+    conflicting.queue(q);
+    other.declare_once(&conflicting).await.unwrap();
+
+    assert!(close_connection(&name) >= 1, "cut {name}");
+    eventually(
+        Duration::from_secs(15),
+        "the connection recovered",
+        || async { conn.generation() >= 2 },
+    )
+    .await;
+    let producer = Producer::new(&other, ProducerSettings::default().routing_key(&consumed))
+        .await
+        .unwrap();
+    producer.publish(Message::new("after")).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .expect("the other consumer resumed despite the refused queue")
+        .unwrap();
+    assert_eq!(&d.body[..], b"after");
+    d.ack().await.unwrap();
+    assert!(conn.refused_declarations() >= 1);
+
+    // Once the conflict is gone, the refused queue is declared by itself.
+    other.delete_queue(&refused).await.unwrap();
+    eventually(
+        Duration::from_secs(15),
+        "the refused queue declared again",
+        || async { other.queue_status(&refused).await.unwrap().is_some() },
+    )
+    .await;
+    consumer.cancel().await;
+    other.delete_queue(&refused).await.unwrap();
+    other.delete_queue(&consumed).await.unwrap();
+    conn.close().await;
+    other.close().await;
 }
