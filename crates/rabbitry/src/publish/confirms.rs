@@ -7,8 +7,10 @@
 //! broker acks it. When the socket is lost, the task opens a channel on the
 //! new socket and sends every pending message again, in its original order,
 //! before any new message goes out; messages that arrive meanwhile wait, up
-//! to the connection's recovery timeout. The number of messages waiting for
-//! a confirm is capped by a semaphore: that is the backpressure.
+//! to the connection's recovery timeout. A message the broker nacks is
+//! published again shortly after, until that same timeout has passed since
+//! its first nack. The number of messages waiting for a confirm is capped
+//! by a semaphore: that is the backpressure.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -77,7 +79,15 @@ struct Entry {
     message: Arc<Outgoing>,
     done: oneshot::Sender<Result<()>>,
     returned: Option<String>,
+    /// When the broker first nacked it, if it did.
+    nacked_since: Option<Instant>,
 }
+
+/// How long after a nack a message is published again. A nack means the
+/// broker could not take the message just then (a quorum queue electing a
+/// leader, a full queue with `reject-publish`), so it is tried again soon,
+/// until the connection's recovery timeout has passed since the first.
+const RENACK_DELAY: Duration = Duration::from_millis(100);
 
 #[derive(Default)]
 struct Pending {
@@ -86,12 +96,37 @@ struct Pending {
     entries: BTreeMap<u64, Entry>,
 }
 
+impl Entry {
+    fn new(message: Arc<Outgoing>, done: oneshot::Sender<Result<()>>) -> Entry {
+        Entry {
+            message,
+            done,
+            returned: None,
+            nacked_since: None,
+        }
+    }
+}
+
+/// Sleeps until `when`, or forever without one.
+async fn sleep_until_some(when: Option<Instant>) {
+    match when {
+        Some(when) => tokio::time::sleep_until(when).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The pending table, shared with the channel callback.
 #[derive(Default)]
 struct Tracker {
     pending: Mutex<Pending>,
     /// Signalled when the broker closes the publishing channel.
     channel_closed: Notify,
+    /// Nacked messages to publish again, each when it is due.
+    nacked: Mutex<VecDeque<(Entry, Instant)>>,
+    /// Signalled when a message is nacked.
+    nack_arrived: Notify,
+    /// How long a nacked message is published again before it fails.
+    nack_bound: Duration,
 }
 
 impl Tracker {
@@ -110,22 +145,40 @@ impl Tracker {
                 p.entries.remove(&tag).into_iter().collect()
             }
         };
-        for e in settled {
-            let result = match (acked, e.returned) {
+        let now = Instant::now();
+        for mut e in settled {
+            let result = match (acked, e.returned.take()) {
                 (true, None) => Ok(()),
                 (true, Some(reason)) => Err(Error::new(
                     ErrorKind::Unroutable,
                     format!("{}: {reason}", e.message.describe()),
                 )),
-                (false, _) => Err(Error::new(ErrorKind::Nacked, e.message.describe())),
+                (false, _) => {
+                    let since = *e.nacked_since.get_or_insert(now);
+                    if now.duration_since(since) < self.nack_bound {
+                        tracing::debug!(message = %e.message.describe(), "nacked; publishing it again");
+                        lock(&self.nacked).push_back((e, now + RENACK_DELAY));
+                        self.nack_arrived.notify_one();
+                        continue;
+                    }
+                    Err(Error::new(
+                        ErrorKind::Nacked,
+                        format!(
+                            "{}: nacked by the broker each time for {:?}",
+                            e.message.describe(),
+                            self.nack_bound
+                        ),
+                    ))
+                }
             };
             let _ = e.done.send(result);
         }
     }
 
-    /// Fails every pending entry with an error made by `why`.
+    /// Fails every pending (or nacked, waiting to go again) entry that
+    /// `keep` does not keep, with an error made by `why`.
     fn fail_where(&self, keep: impl Fn(&Outgoing) -> bool, why: impl Fn(&Outgoing) -> Error) {
-        let failed: Vec<Entry> = {
+        let mut failed: Vec<Entry> = {
             let mut p = lock(&self.pending);
             let (failed, kept): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(&mut p.entries)
                 .into_iter()
@@ -133,6 +186,14 @@ impl Tracker {
             p.entries = kept;
             failed.into_values().collect()
         };
+        {
+            let mut nacked = lock(&self.nacked);
+            let (gone, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut *nacked)
+                .into_iter()
+                .partition(|(e, _)| !keep(&e.message));
+            *nacked = kept;
+            failed.extend(gone.into_iter().map(|(e, _)| e));
+        }
         for e in failed {
             let err = why(&e.message);
             let _ = e.done.send(Err(err));
@@ -232,7 +293,10 @@ impl Publisher {
         let mut actor = Actor {
             conn: conn.clone(),
             confirms,
-            tracker: Arc::default(),
+            tracker: Arc::new(Tracker {
+                nack_bound: conn.settings().recovery_timeout,
+                ..Tracker::default()
+            }),
             channel: None,
             generation: 0,
             next_tag: 1,
@@ -345,11 +409,17 @@ impl Actor {
                 self.recover().await;
             }
             let live = self.channel_live();
+            if live {
+                self.publish_nacked_again().await;
+            }
+            let next_nacked = lock(&tracker.nacked).front().map(|(_, due)| *due);
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     Some(p) => self.handle(p).await,
                     None => return,
                 },
+                _ = tracker.nack_arrived.notified() => {}
+                _ = sleep_until_some(next_nacked), if live => {}
                 _ = tracker.channel_closed.notified() => {
                     // Do not spin on a channel the broker keeps closing.
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -379,27 +449,38 @@ impl Actor {
             let _ = p.done.send(res);
             return;
         }
-        self.send_tracked(&channel, message, p.done).await;
+        self.send_tracked(&channel, Entry::new(message, p.done))
+            .await;
     }
 
-    async fn send_tracked(
-        &mut self,
-        channel: &Channel,
-        message: Arc<Outgoing>,
-        done: oneshot::Sender<Result<()>>,
-    ) {
+    async fn send_tracked(&mut self, channel: &Channel, entry: Entry) {
         let tag = self.next_tag;
         self.next_tag += 1;
-        lock(&self.tracker.pending).entries.insert(
-            tag,
-            Entry {
-                message: message.clone(),
-                done,
-                returned: None,
-            },
-        );
+        let message = entry.message.clone();
+        lock(&self.tracker.pending).entries.insert(tag, entry);
         // A failed send leaves the entry pending: recovery resends it.
         let _ = message.send(channel).await;
+    }
+
+    /// Publishes again the nacked messages that are due, in nack order.
+    async fn publish_nacked_again(&mut self) {
+        let Some(channel) = self.channel.clone() else {
+            return;
+        };
+        let now = Instant::now();
+        loop {
+            let due = {
+                let mut nacked = lock(&self.tracker.nacked);
+                match nacked.front() {
+                    Some((_, due)) if *due <= now => nacked.pop_front().map(|(e, _)| e),
+                    _ => None,
+                }
+            };
+            match due {
+                Some(entry) => self.send_tracked(&channel, entry).await,
+                None => return,
+            }
+        }
     }
 
     /// With no usable channel: note when it was lost, fail what waited too
@@ -495,7 +576,7 @@ impl Actor {
         let waiting: Vec<_> = self.waiting.drain(..).collect();
         for (m, done, _) in waiting {
             if self.confirms {
-                self.send_tracked(&channel, m, done).await;
+                self.send_tracked(&channel, Entry::new(m, done)).await;
             } else {
                 let res = m.send(&channel).await.map_err(|e| {
                     Error::new(

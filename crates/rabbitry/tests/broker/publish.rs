@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use rabbitry::{
     Consumer, ConsumerSettings, ErrorKind, ExchangeKind, Message, Outcome, Producer,
-    ProducerSettings, Serializer,
+    ProducerSettings, Queue, Serializer, Topology,
 };
 
 use crate::support::{connect, eventually, unique};
@@ -200,4 +200,76 @@ async fn producers_publish_on_a_connection_of_their_own_unless_told_not_to() {
             .await;
         }
     }
+}
+
+/// A queue that holds one message and nacks publishes beyond it.
+async fn full_queue(conn: &rabbitry::Connection) -> String {
+    let queue = unique("full");
+    let mut q = Queue::durable(&queue);
+    q.arguments
+        .insert("x-max-length".into(), rabbitry::HeaderValue::Int(1));
+    q.arguments
+        .insert("x-overflow".into(), "reject-publish".into());
+    let mut t = Topology::default();
+    t.queue(q);
+    conn.declare(&t).await.unwrap();
+    queue
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nacked_publish_is_published_again_until_the_broker_takes_it() {
+    let conn = connect().await;
+    let queue = full_queue(&conn).await;
+    let producer = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
+        .await
+        .unwrap();
+    producer.publish(Message::new("first")).await.unwrap();
+    // The queue is full: the broker nacks this one until there is room.
+    let second = tokio::spawn({
+        let producer = producer.clone();
+        async move { producer.publish(Message::new("second")).await }
+    });
+    let mut cs = ConsumerSettings::new(&queue);
+    cs.auto_declare = false;
+    let mut consumer = Consumer::start(&conn, cs).await.unwrap();
+    let mut bodies = Vec::new();
+    for _ in 0..2 {
+        let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("a delivery")
+            .unwrap();
+        bodies.push(String::from_utf8(d.body.to_vec()).unwrap());
+        d.ack().await.unwrap();
+    }
+    assert_eq!(bodies, ["first", "second"]);
+    second
+        .await
+        .unwrap()
+        .expect("the nacked publish succeeded once there was room");
+    consumer.cancel().await;
+    conn.delete_queue(&queue).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_nacked_past_the_recovery_timeout_fails_to_the_caller() {
+    let mut settings =
+        rabbitry::ConnectionSettings::new(crate::support::url()).name(unique("nack"));
+    settings.recovery_timeout = Duration::from_millis(500);
+    let conn = rabbitry::Connection::open(settings).await.unwrap();
+    let queue = full_queue(&conn).await;
+    let producer = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
+        .await
+        .unwrap();
+    producer.publish(Message::new("first")).await.unwrap();
+    let err = producer
+        .publish(Message::new("second"))
+        .await
+        .expect_err("never room for it");
+    assert_eq!(err.kind(), rabbitry::ErrorKind::Nacked, "{err}");
+    assert!(
+        err.to_string().contains("nacked by the broker each time"),
+        "{err}"
+    );
+    conn.delete_queue(&queue).await.unwrap();
+    conn.close().await;
 }
