@@ -4,9 +4,11 @@
 //! - [`eventually`]: wait for a condition, with a limit, never a sleep;
 //! - [`Proxy`]: a TCP proxy to the broker whose connections can be cut;
 //! - [`broker`]: the broker under test and its own tools (`rabbitmqctl`);
+//! - [`cluster`]: the three-node cluster of `scripts/cluster`;
 //! - [`db`]: fresh SQLite files and PostgreSQL schemas.
 
 pub mod broker;
+pub mod cluster;
 pub mod db;
 mod proxy;
 

@@ -171,6 +171,14 @@ impl Producer {
             .await
     }
 
+    /// Messages this producer has sent again so far: those unconfirmed
+    /// when its connection was lost (sent again after the reconnect, with
+    /// the same message id, so a consumer may see them twice), and those
+    /// the broker nacked.
+    pub fn republished(&self) -> u64 {
+        self.publisher.republished()
+    }
+
     /// Publishes a message, filling in what it leaves out from the
     /// settings. Returns once the broker confirmed it (with confirms on).
     ///
