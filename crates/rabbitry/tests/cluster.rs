@@ -148,3 +148,102 @@ async fn confirmed_publishing_survives_killing_the_connected_node_and_the_leader
     conn.delete_queue(&queue).await.unwrap();
     conn.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_node_stops_only_the_queues_it_holds() {
+    use rabbitry::worker::{HandlerError, Meta, State, Worker};
+    use rabbitry::QueueType;
+    let _serial = SERIAL.lock().await;
+    let _cluster = cluster::start();
+    let urls = cluster::urls();
+    // A classic queue homed on node 2, and a quorum queue led by node 2:
+    // both declared over a connection to it.
+    let on_two = Connection::open(ConnectionSettings::new(&urls[1]).name(unique("cluster.two")))
+        .await
+        .unwrap();
+    let (quorum, classic) = (unique("qq"), unique("classic"));
+    let mut t = Topology::default();
+    t.queue(Queue::durable(&classic));
+    t.queue(Queue::quorum(&quorum));
+    on_two.declare_once(&t).await.unwrap();
+    on_two.close().await;
+
+    // A worker on node 1 consumes both.
+    let conn = Connection::open(settings(&unique("cluster.worker")))
+        .await
+        .unwrap();
+    let handled: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let handler = |State(handled): State<Arc<std::sync::Mutex<Vec<String>>>>, meta: Meta| async move {
+        handled.lock().unwrap().push(meta.queue.clone());
+        Ok::<_, HandlerError>(())
+    };
+    let running = Worker::new(&conn, handled.clone())
+        .consumer(
+            ConsumerSettings::new(&quorum).queue_type(QueueType::Quorum),
+            handler,
+        )
+        .consumer(ConsumerSettings::new(&classic), handler)
+        .start()
+        .await
+        .unwrap();
+    let producer = Producer::new(&conn, ProducerSettings::default())
+        .await
+        .unwrap();
+    let count = |queue: &str| {
+        handled
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|q| q.as_str() == queue)
+            .count()
+    };
+
+    assert_eq!(cluster::leader(&quorum), Some(2), "the quorum queue's leader");
+    cluster::kill(2);
+    let killed_at = Instant::now();
+    producer
+        .publish(Message::new("q").routing_key(&quorum))
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the quorum queue consumed with node 2 down",
+        || async { count(&quorum) == 1 },
+    )
+    .await;
+    println!(
+        "quorum queue consumed {:?} after node 2 died",
+        killed_at.elapsed()
+    );
+
+    cluster::revive(2);
+    let revived_at = Instant::now();
+    // Routed to the classic queue once it is back; until then its
+    // publishes are refused, and published again.
+    producer
+        .publish(Message::new("c").routing_key(&classic).mandatory(true))
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the classic queue's consumer back with node 2",
+        || async { count(&classic) == 1 },
+    )
+    .await;
+    println!(
+        "classic queue consumed {:?} after node 2 came back",
+        revived_at.elapsed()
+    );
+    running.shutdown().await;
+    for q in [&quorum, &classic] {
+        for name in [
+            q.to_string(),
+            format!("{q}.dead"),
+            format!("{q}.retry.1s"),
+            format!("{q}.retry.5s"),
+        ] {
+            let _ = conn.delete_queue(&name).await;
+        }
+    }
+    conn.close().await;
+}
