@@ -198,7 +198,11 @@ async fn a_dead_node_stops_only_the_queues_it_holds() {
             .count()
     };
 
-    assert_eq!(cluster::leader(&quorum), Some(2), "the quorum queue's leader");
+    assert_eq!(
+        cluster::leader(&quorum),
+        Some(2),
+        "the quorum queue's leader"
+    );
     cluster::kill(2);
     let killed_at = Instant::now();
     producer
@@ -246,4 +250,135 @@ async fn a_dead_node_stops_only_the_queues_it_holds() {
         }
     }
     conn.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_an_inbox_has_each_effect_once_across_node_deaths() {
+    use rabbitry::outbox::{self, Database, Outbox};
+    use rabbitry::worker::{HandlerError, Meta, State, Worker};
+    use rabbitry::QueueType;
+    const PER_STEP: usize = 1_000;
+    let _serial = SERIAL.lock().await;
+    let _cluster = cluster::start();
+    let queue = unique("qq.work");
+    let name = unique("cluster.worker");
+    let conn = Connection::open(settings(&name)).await.unwrap();
+    let observer = Connection::open(settings(&unique("cluster.observer")))
+        .await
+        .unwrap();
+    let db = Outbox::connect(&rabbitry_test_support::db::sqlite_url())
+        .await
+        .unwrap();
+    let Database::Sqlite(pool) = db.database().clone() else {
+        unreachable!()
+    };
+    sqlx::raw_sql("CREATE TABLE effects (message_id TEXT NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // The handler's effect and its inbox row commit together; a
+    // redelivered duplicate finds its inbox row and does nothing.
+    let handler = |State(pool): State<sqlx::SqlitePool>, meta: Meta| async move {
+        let id = meta.properties.message_id.clone().unwrap_or_default();
+        let mut tx = pool.begin().await?;
+        if outbox::inbox_claim(&mut *tx, "work", &id).await? {
+            sqlx::query("INSERT INTO effects (message_id) VALUES (?1)")
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok::<_, HandlerError>(())
+    };
+    let running = Worker::new(&conn, pool.clone())
+        .consumer(
+            ConsumerSettings::new(&queue).queue_type(QueueType::Quorum),
+            handler,
+        )
+        .start()
+        .await
+        .unwrap();
+    let producer = Producer::new(&observer, ProducerSettings::default().routing_key(&queue))
+        .await
+        .unwrap();
+    let effects = || async {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM effects")
+            .fetch_one(&pool)
+            .await
+            .unwrap() as usize
+    };
+    let mut published = 0;
+    for round in 1..=3 {
+        for target in ["connected", "leader"] {
+            for _ in 0..PER_STEP {
+                producer
+                    .publish(Message::new("x").message_id(format!("m-{published:05}")))
+                    .await
+                    .unwrap();
+                published += 1;
+            }
+            // Kill while the worker works through the new messages.
+            let node = match target {
+                "connected" => cluster::node_of(&name).expect("the worker's node"),
+                _ => cluster::leader(&queue).expect("the queue's leader"),
+            };
+            cluster::kill(node);
+            let killed_at = Instant::now();
+            // A message published after the kill is handled: the worker
+            // consumes again.
+            producer
+                .publish(Message::new("x").message_id(format!("m-{published:05}")))
+                .await
+                .unwrap();
+            published += 1;
+            eventually(Duration::from_secs(60), "consumption resumed", || async {
+                effects().await >= published
+            })
+            .await;
+            let resumed = killed_at.elapsed();
+            // The broker's count can read 0 for a moment after a kill, and
+            // a quorum queue counts a dead node's consumer until it is back.
+            let counted = || async {
+                observer
+                    .queue_status(&queue)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map_or(0, |s| s.consumers)
+            };
+            eventually(
+                Duration::from_secs(20),
+                "the broker to count the worker's consumer",
+                || async { counted().await >= 1 },
+            )
+            .await;
+            let consumers = counted().await;
+            println!(
+                "round {round}: killed node {node} ({target}); consuming again after {resumed:?}; \
+                 the broker counts {consumers} consumer(s)"
+            );
+            cluster::revive(node);
+        }
+    }
+    eventually(Duration::from_secs(60), "every message handled", || async {
+        effects().await >= published
+    })
+    .await;
+    let distinct: i64 = sqlx::query_scalar("SELECT COUNT(DISTINCT message_id) FROM effects")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(distinct as usize, published, "every message had its effect");
+    assert_eq!(effects().await, published, "each effect exactly once");
+    running.shutdown().await;
+    for q in [
+        queue.clone(),
+        format!("{queue}.dead"),
+        format!("{queue}.retry.1s"),
+        format!("{queue}.retry.5s"),
+    ] {
+        let _ = observer.delete_queue(&q).await;
+    }
+    conn.close().await;
+    observer.close().await;
 }
