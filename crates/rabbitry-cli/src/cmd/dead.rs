@@ -37,9 +37,17 @@ enum Action {
 pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     let settings = global.settings()?;
     let conn = global.connect_default(&settings).await?;
-    match args.action {
+    // Closed on every path, errors included: a command that ends with work
+    // in flight on its socket races the runtime's shutdown.
+    let result = act(&conn, args.action).await;
+    conn.close().await;
+    result.map(|()| ExitCode::SUCCESS)
+}
+
+async fn act(conn: &rabbitry::Connection, action: Action) -> Result<()> {
+    match action {
         Action::List { queue, count } => {
-            let letters = dead::list(&conn, &queue, count).await?;
+            let letters = dead::list(conn, &queue, count).await?;
             for l in &letters {
                 outln!("{}", serde_json::to_string(l)?)?;
             }
@@ -50,17 +58,16 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
             );
         }
         Action::Replay { queue, count } => {
-            let n = dead::replay(&conn, &queue, count.unwrap_or(usize::MAX)).await?;
+            let n = dead::replay(conn, &queue, count.unwrap_or(usize::MAX)).await?;
             eprintln!(
                 "replayed {n} message(s) from {}",
                 dead::dead_queue_of(&queue)
             );
         }
         Action::Purge { queue } => {
-            let n = dead::purge(&conn, &queue).await?;
+            let n = dead::purge(conn, &queue).await?;
             eprintln!("purged {n} message(s) from {}", dead::dead_queue_of(&queue));
         }
     }
-    conn.close().await;
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }

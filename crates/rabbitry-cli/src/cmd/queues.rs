@@ -30,19 +30,25 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         usage!("name queues, or give -c FILE with consumers");
     }
     let conn = global.connect_default(&settings).await?;
-    let width = queues.iter().map(String::len).max().unwrap_or(5).max(5);
-    outln!("{:<width$}  {:>9}  {:>9}", "queue", "ready", "consumers")?;
-    let mut missing = 0;
-    for q in &queues {
-        match conn.queue_status(q).await? {
-            Some(s) => outln!("{q:<width$}  {:>9}  {:>9}", s.messages, s.consumers)?,
-            None => {
-                missing += 1;
-                outln!("{q:<width$}  {:>9}  {:>9}", "missing", "-")?;
+    // Closed on every path, errors included (see `dead`).
+    let result: Result<usize> = async {
+        let width = queues.iter().map(String::len).max().unwrap_or(5).max(5);
+        outln!("{:<width$}  {:>9}  {:>9}", "queue", "ready", "consumers")?;
+        let mut missing = 0;
+        for q in &queues {
+            match conn.queue_status(q).await? {
+                Some(s) => outln!("{q:<width$}  {:>9}  {:>9}", s.messages, s.consumers)?,
+                None => {
+                    missing += 1;
+                    outln!("{q:<width$}  {:>9}  {:>9}", "missing", "-")?;
+                }
             }
         }
+        Ok(missing)
     }
+    .await;
     conn.close().await;
+    let missing = result?;
     Ok(if missing > 0 {
         ExitCode::from(crate::exit::NOT_FOUND)
     } else {
