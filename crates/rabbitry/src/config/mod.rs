@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::connection::{Connection, ConnectionSettings, DEFAULT_URL};
+use crate::connection::{redact, Connection, ConnectionSettings, DEFAULT_URL};
 mod raw;
 mod validate;
 
@@ -126,10 +126,22 @@ impl Settings {
     /// default connection (creating it when absent).
     pub fn apply_env(&mut self, lookup: impl Fn(&str) -> Option<String>) {
         if let Some(url) = lookup("AMQP_URL").filter(|u| !u.is_empty()) {
-            self.connections
+            let from_file = self.connections.contains_key(DEFAULT_CONNECTION);
+            let conn = self
+                .connections
                 .entry(DEFAULT_CONNECTION.into())
-                .or_insert_with(|| ConnectionSettings::default().name(DEFAULT_CONNECTION))
-                .urls = vec![url];
+                .or_insert_with(|| ConnectionSettings::default().name(DEFAULT_CONNECTION));
+            if from_file && conn.urls != [url.clone()] {
+                // Said out loud: a test once ran against another broker
+                // because AMQP_URL silently replaced a three-node list.
+                tracing::warn!(
+                    connection = DEFAULT_CONNECTION,
+                    replaced = ?conn.urls.iter().map(|u| redact(u)).collect::<Vec<_>>(),
+                    by = %redact(&url),
+                    "AMQP_URL replaces the URLs the configuration gives"
+                );
+            }
+            conn.urls = vec![url];
         }
     }
 

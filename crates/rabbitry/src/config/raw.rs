@@ -39,6 +39,7 @@ pub(super) struct RawConnection {
     pub(super) backoff_initial: Option<String>,
     pub(super) backoff_max: Option<String>,
     pub(super) separate_publishing: Option<bool>,
+    pub(super) keep_url_order: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]

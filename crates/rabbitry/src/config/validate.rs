@@ -118,6 +118,7 @@ fn connection_section(at: &At<'_>, name: &str, c: RawConnection) -> Result<Conne
         .prefetch_count
         .unwrap_or(crate::connection::DEFAULT_PREFETCH);
     cs.separate_publishing = c.separate_publishing.unwrap_or(cs.separate_publishing);
+    cs.keep_url_order = c.keep_url_order.unwrap_or(cs.keep_url_order);
     cs.recovery_timeout = at.duration(
         c.recovery_timeout.as_ref(),
         &format!("{path}.recovery_timeout"),

@@ -45,8 +45,12 @@ pub const DEFAULT_PREFETCH: u16 = 250;
 pub struct ConnectionSettings {
     /// The connection's name, shown in the broker's management tools.
     pub name: String,
-    /// Broker URLs, tried in order on each (re)connect.
+    /// Broker URLs: the nodes of a cluster, tried in a new random order on
+    /// each (re)connect, so that clients spread over the nodes (see
+    /// `keep_url_order`).
     pub urls: Vec<String>,
+    /// Try `urls` in the order given, first to last, instead.
+    pub keep_url_order: bool,
     /// Heartbeat interval in seconds; 0 turns heartbeats off.
     pub heartbeat: u16,
     /// Default prefetch for consumers on this connection:
@@ -75,6 +79,7 @@ impl ConnectionSettings {
         ConnectionSettings {
             name: "default".to_owned(),
             urls: vec![url.into()],
+            keep_url_order: false,
             heartbeat: 60,
             prefetch_count: DEFAULT_PREFETCH,
             backoff_initial: Duration::from_secs(1),
@@ -180,6 +185,12 @@ impl Connection {
             .iter()
             .map(|u| Endpoint::parse(u))
             .collect::<Result<Vec<_>>>()?;
+        tracing::info!(
+            connection = %settings.name,
+            nodes = ?endpoints.iter().map(Endpoint::address).collect::<Vec<_>>(),
+            order = if settings.keep_url_order { "as given" } else { "shuffled on each connect" },
+            "connecting"
+        );
         let conn = supervisor::connect_any(&settings, &endpoints).await?;
         let (link, _) = watch::channel(Link {
             generation: 1,

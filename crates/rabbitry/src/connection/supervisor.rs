@@ -24,14 +24,19 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// client's failure notification was sent before anyone listened.
 const POLL: Duration = Duration::from_millis(500);
 
-/// Tries each endpoint once, in order; returns the first that connects, or
-/// the last error.
+/// Tries each endpoint once, in a new random order each time unless the
+/// settings keep the given order; returns the first that connects, or the
+/// last error.
 pub(super) async fn connect_any(
     settings: &ConnectionSettings,
     endpoints: &[Endpoint],
 ) -> Result<AmqpConnection> {
+    let mut order: Vec<&Endpoint> = endpoints.iter().collect();
+    if !settings.keep_url_order {
+        shuffle(&mut order);
+    }
     let mut last = None;
-    for ep in endpoints {
+    for ep in order {
         match connect(settings, ep).await {
             Ok(conn) => return Ok(conn),
             Err(err) => {
@@ -177,6 +182,17 @@ async fn lost(conn: &AmqpConnection) {
             _ = &mut listen => return,
             _ = tick.tick() => if !conn.is_open() { return },
         }
+    }
+}
+
+/// Shuffles `items` with the process's random hasher keys: spreading the
+/// clients of a cluster over its nodes needs no stronger randomness.
+fn shuffle<T>(items: &mut [T]) {
+    use std::hash::{BuildHasher, RandomState};
+    let state = RandomState::new();
+    for i in (1..items.len()).rev() {
+        let j = (state.hash_one(i) % (i as u64 + 1)) as usize;
+        items.swap(i, j);
     }
 }
 

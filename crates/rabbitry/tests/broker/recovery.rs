@@ -317,3 +317,42 @@ async fn one_refused_queue_at_recovery_does_not_keep_the_other_consumers_down() 
     conn.close().await;
     other.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn urls_are_tried_in_a_random_order_unless_told_to_keep_it() {
+    // Two ways to the same broker: directly, and through a proxy that
+    // counts the connections it carries.
+    let proxy = Proxy::start().await;
+    let open_all = |keep_url_order: bool| {
+        let proxy_url = proxy.url();
+        async move {
+            let mut conns = Vec::new();
+            for _ in 0..20 {
+                let mut s = settings(&proxy_url, &unique("order"));
+                s.urls = vec![proxy_url.clone(), url()];
+                s.keep_url_order = keep_url_order;
+                s.separate_publishing = false;
+                conns.push(Connection::open(s).await.unwrap());
+            }
+            conns
+        }
+    };
+    let kept = open_all(true).await;
+    assert_eq!(
+        proxy.cut(),
+        20,
+        "in the given order, the first URL each time"
+    );
+    for c in kept {
+        c.close().await;
+    }
+    let shuffled = open_all(false).await;
+    let through_proxy = proxy.cut();
+    assert!(
+        (1..20).contains(&through_proxy),
+        "shuffled, both URLs are used: {through_proxy} of 20 went to the first"
+    );
+    for c in shuffled {
+        c.close().await;
+    }
+}
