@@ -141,11 +141,15 @@ fn retry3() -> Retry {
 }
 
 async fn cleanup(conn: &Connection, queue: &str, exchange: &str) {
+    // The tests' retry queues, and those of the default policy (workers
+    // built from a configuration file).
     for q in [
         queue.to_owned(),
         format!("{queue}.dead"),
         format!("{queue}.retry.100ms"),
         format!("{queue}.retry.200ms"),
+        format!("{queue}.retry.1s"),
+        format!("{queue}.retry.5s"),
     ] {
         conn.delete_queue(&q).await.unwrap();
     }
