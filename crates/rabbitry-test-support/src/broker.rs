@@ -46,9 +46,8 @@ pub fn close_connection(name: &str) -> usize {
         .output()
         .expect("run rabbitmqctl");
     let text = String::from_utf8_lossy(&out.stdout);
-    let needle = format!("\"{name}\"");
     let mut closed = 0;
-    for line in text.lines().filter(|l| l.contains(&needle)) {
+    for line in text.lines().filter(|l| names(l, name)) {
         let pid = line.split('\t').next().unwrap_or_default().trim();
         let status = Command::new("rabbitmqctl")
             .args(["close_connection", pid, "closed by a rabbitry test"])
@@ -93,7 +92,30 @@ pub fn has_connection(name: &str) -> bool {
         .args(["list_connections", "-q", "client_properties"])
         .output()
         .expect("run rabbitmqctl");
-    String::from_utf8_lossy(&out.stdout).contains(&format!("\"{name}\""))
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| names(l, name))
+}
+
+/// Whether a line of `rabbitmqctl list_connections` holds the connection
+/// `name`: rabbitry shows it as `name (process, pid N)`, other clients as
+/// given.
+fn names(line: &str, name: &str) -> bool {
+    line.contains(&format!("\"{name}\"")) || line.contains(&format!("\"{name} ("))
+}
+
+/// The full client-provided name of the broker's connection `name`
+/// (`shop (worker, pid 4242)` for rabbitry's connection `shop`).
+pub fn connection_name(name: &str) -> Option<String> {
+    let out = Command::new("rabbitmqctl")
+        .args(["list_connections", "-q", "client_properties"])
+        .output()
+        .expect("run rabbitmqctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let start = format!("{{\"connection_name\",\"{name}");
+    let at = text.find(&start)? + start.len() - name.len();
+    let rest = &text[at..];
+    Some(rest[..rest.find('"')?].to_owned())
 }
 
 /// The heartbeat (seconds) the broker agreed with the connection whose
@@ -103,10 +125,9 @@ pub fn connection_heartbeat(name: &str) -> Option<u32> {
         .args(["list_connections", "-q", "timeout", "client_properties"])
         .output()
         .expect("run rabbitmqctl");
-    let quoted = format!("\"{name}\"");
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .find(|line| line.contains(&quoted))
+        .find(|line| names(line, name))
         .and_then(|line| line.split_whitespace().next()?.parse().ok())
 }
 

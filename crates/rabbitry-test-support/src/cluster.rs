@@ -66,3 +66,29 @@ pub fn leader(queue: &str) -> Option<u8> {
 pub fn node_of(name: &str) -> Option<u8> {
     run(&["connection", name])?.parse().ok()
 }
+
+/// A file the script made in the cluster's TLS folder: `ca.pem`,
+/// `client.pem`, `client.key`, `other-ca.pem`, ...
+pub fn tls_file(name: &str) -> PathBuf {
+    let base = std::env::var_os("RABBITRY_CLUSTER_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp/rabbitry-cluster"));
+    base.join("tls").join(name)
+}
+
+/// The `amqps://` URL of node `n` reached as `host` (the nodes'
+/// certificate names `localhost` only), with `query` appended.
+pub fn tls_url(n: u8, host: &str, query: &str) -> String {
+    format!(
+        "amqps://guest:guest@{host}:{}/%2f?{query}",
+        5690 + u16::from(n)
+    )
+}
+
+/// What `rabbitmqctl ARGS` prints against node `n`, or `None` when it fails.
+pub fn ctl(n: u8, args: &[&str]) -> Option<String> {
+    let n = n.to_string();
+    let mut all = vec!["ctl", n.as_str()];
+    all.extend_from_slice(args);
+    run(&all)
+}

@@ -20,6 +20,10 @@ pub enum ErrorKind {
     Connect,
     /// The broker refused the credentials or the virtual host.
     AccessRefused,
+    /// The TLS handshake failed: the broker's certificate is not trusted or
+    /// not valid for its name, the port does not speak TLS, or the broker
+    /// refused the client certificate.
+    Tls,
     /// The connection was lost and did not come back within the allowed time.
     Disconnected,
     /// The broker refused a declaration (for example `PRECONDITION_FAILED`:
@@ -55,6 +59,7 @@ impl ErrorKind {
         match self {
             ErrorKind::Connect => "connection failed",
             ErrorKind::AccessRefused => "access refused",
+            ErrorKind::Tls => "TLS handshake failed",
             ErrorKind::Disconnected => "disconnected",
             ErrorKind::Declare => "declaration refused",
             ErrorKind::Channel => "channel closed by broker",

@@ -436,6 +436,39 @@ arguments = { "x-queue-type" = "quorum" }
     }
 
     #[test]
+    fn a_connection_takes_a_tls_table() {
+        let text = "[connections.default]\nurl = \"amqps://rabbit/%2f\"\n\
+                    tls = { ca_file = \"/etc/ca.pem\", cert_file = \"c.pem\", key_file = \"k.pem\", \
+                    server_name = \"rabbit.internal\" }\n";
+        let s = Settings::from_toml(text, "app.toml").unwrap();
+        let tls = &s.connections["default"].tls;
+        assert_eq!(
+            tls.ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
+        assert_eq!(tls.key_file.as_deref(), Some(std::path::Path::new("k.pem")));
+        assert_eq!(tls.server_name.as_deref(), Some("rabbit.internal"));
+        assert!(!tls.danger_skip_verification);
+        for (table, says) in [
+            ("{ cafile = \"x\" }", "unknown field `cafile`"),
+            (
+                "{ cert_file = \"c.pem\" }",
+                "set both `cert_file` and `key_file`",
+            ),
+            ("{ verify = false }", "danger_skip_verification"),
+        ] {
+            let text = format!("[connections.default]\ntls = {table}\n");
+            let e = Settings::from_toml(&text, "app.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("connections.default.tls") && e.contains(says),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
     fn unknown_exchange_type_and_serializer_list_valid_values() {
         let e = Settings::from_toml("[producers.p]\nexchange_type = \"fan\"\n", "f.toml")
             .unwrap_err()

@@ -40,6 +40,17 @@ pub(super) struct RawConnection {
     pub(super) backoff_max: Option<String>,
     pub(super) separate_publishing: Option<bool>,
     pub(super) keep_url_order: Option<bool>,
+    pub(super) tls: Option<RawTls>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    pub(super) ca_file: Option<String>,
+    pub(super) cert_file: Option<String>,
+    pub(super) key_file: Option<String>,
+    pub(super) server_name: Option<String>,
+    pub(super) danger_skip_verification: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]

@@ -119,6 +119,21 @@ fn connection_section(at: &At<'_>, name: &str, c: RawConnection) -> Result<Conne
         .unwrap_or(crate::connection::DEFAULT_PREFETCH);
     cs.separate_publishing = c.separate_publishing.unwrap_or(cs.separate_publishing);
     cs.keep_url_order = c.keep_url_order.unwrap_or(cs.keep_url_order);
+    if let Some(tls) = c.tls {
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            return Err(at.err(
+                &format!("{path}.tls"),
+                "set both `cert_file` and `key_file` (mutual TLS), or neither",
+            ));
+        }
+        cs.tls = crate::connection::TlsSettings {
+            ca_file: tls.ca_file.map(Into::into),
+            cert_file: tls.cert_file.map(Into::into),
+            key_file: tls.key_file.map(Into::into),
+            server_name: tls.server_name,
+            danger_skip_verification: tls.danger_skip_verification.unwrap_or(false),
+        };
+    }
     cs.recovery_timeout = at.duration(
         c.recovery_timeout.as_ref(),
         &format!("{path}.recovery_timeout"),

@@ -1,9 +1,12 @@
-//! Broker addresses: parsing `amqp://user:password@host:port/vhost?query`,
-//! with the query string of RabbitMQ's URI specification.
+//! Broker addresses: parsing `amqp://user:password@host:port/vhost?query`
+//! and `amqps://...`, with the query string of RabbitMQ's URI
+//! specification.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use super::TlsSettings;
 use crate::error::{Error, Result};
 
 /// One broker address, parsed from an AMQP URL.
@@ -11,8 +14,10 @@ use crate::error::{Error, Result};
 pub struct Endpoint {
     /// Host name or address.
     pub host: String,
-    /// TCP port, 5672 unless given.
+    /// TCP port: 5672 unless given, 5671 for `amqps://`.
     pub port: u16,
+    /// `amqps://`: the connection is made over TLS.
+    pub tls: bool,
     /// User name, `guest` unless given.
     pub user: String,
     /// Password, `guest` unless given. Never printed.
@@ -24,8 +29,10 @@ pub struct Endpoint {
 }
 
 /// The query string of an AMQP URL, as in RabbitMQ's URI specification:
-/// `?heartbeat=10&connection_timeout=5000&auth_mechanism=external`.
-/// Unset values fall back to the connection's settings.
+/// `?heartbeat=10&connection_timeout=5000&auth_mechanism=external`, and for
+/// `amqps://` also `cacertfile`, `certfile`, `keyfile`,
+/// `server_name_indication` and `verify`. Unset values fall back to the
+/// connection's settings.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UrlOptions {
     /// `heartbeat`: seconds; 0 turns heartbeats off.
@@ -35,6 +42,13 @@ pub struct UrlOptions {
     /// `auth_mechanism`: `plain` (the default), `amqplain` or `external`
     /// (the broker authenticates the client by its TLS certificate).
     pub auth_mechanism: Option<AuthMechanism>,
+    /// `cacertfile`, `certfile`, `keyfile` and `server_name_indication`:
+    /// override the connection's [`TlsSettings`] for this URL (its
+    /// `danger_skip_verification` is not used here; see `verify`).
+    pub tls: TlsSettings,
+    /// `verify`: `verify_peer` (`Some(true)`) or `verify_none`
+    /// (`Some(false)`, which turns certificate verification off).
+    pub verify: Option<bool>,
 }
 
 /// How the client authenticates.
@@ -82,6 +96,17 @@ impl UrlOptions {
                         _ => return Err(bad("plain, amqplain or external")),
                     })
                 }
+                "cacertfile" => options.tls.ca_file = Some(PathBuf::from(value)),
+                "certfile" => options.tls.cert_file = Some(PathBuf::from(value)),
+                "keyfile" => options.tls.key_file = Some(PathBuf::from(value)),
+                "server_name_indication" => options.tls.server_name = Some(value),
+                "verify" => {
+                    options.verify = Some(match value.as_str() {
+                        "verify_peer" => true,
+                        "verify_none" => false,
+                        _ => return Err(bad("verify_peer or verify_none")),
+                    })
+                }
                 "channel_max" | "frame_max" => {
                     return Err(Error::config(format!(
                         "`{}`: `{key}` in the query string cannot be applied: the client \
@@ -92,7 +117,8 @@ impl UrlOptions {
                 _ => {
                     return Err(Error::config(format!(
                         "`{}`: unknown key `{key}` in the query string; known: heartbeat, \
-                         connection_timeout, auth_mechanism",
+                         connection_timeout, auth_mechanism, and for amqps:// cacertfile, \
+                         certfile, keyfile, server_name_indication, verify",
                         redact(url)
                     )))
                 }
@@ -103,19 +129,23 @@ impl UrlOptions {
 }
 
 impl Endpoint {
-    /// Parses an `amqp://` URL. `amqps://` needs TLS, which this build does
-    /// not include, and is refused with a clear error.
+    /// Parses an `amqp://` or `amqps://` URL. A build without the `tls`
+    /// feature refuses `amqps://` with an error that says so.
     pub fn parse(url: &str) -> Result<Endpoint> {
-        let rest = if let Some(rest) = url.strip_prefix("amqp://") {
-            rest
-        } else if url.starts_with("amqps://") {
-            return Err(Error::config(format!(
-                "`{}`: amqps:// (TLS) is not supported by this build",
-                redact(url)
-            )));
+        let (rest, tls) = if let Some(rest) = url.strip_prefix("amqp://") {
+            (rest, false)
+        } else if let Some(rest) = url.strip_prefix("amqps://") {
+            if !cfg!(feature = "tls") {
+                return Err(Error::config(format!(
+                    "`{}`: amqps:// (TLS) needs rabbitry's `tls` cargo feature, which this build \
+                     leaves out",
+                    redact(url)
+                )));
+            }
+            (rest, true)
         } else {
             return Err(Error::config(format!(
-                "`{}`: expected a URL starting with amqp://",
+                "`{}`: expected a URL starting with amqp:// or amqps://",
                 redact(url)
             )));
         };
@@ -124,6 +154,12 @@ impl Endpoint {
             None => (rest, ""),
         };
         let options = UrlOptions::parse(query, url)?;
+        if !tls && (options.tls != TlsSettings::default() || options.verify.is_some()) {
+            return Err(Error::config(format!(
+                "`{}`: TLS options in the query string of a plain amqp:// URL; use amqps://",
+                redact(url)
+            )));
+        }
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], Some(&rest[i + 1..])),
             None => (rest, None),
@@ -146,7 +182,7 @@ impl Endpoint {
                     .map_err(|_| Error::config(format!("`{}`: invalid port `{p}`", redact(url))))?;
                 (h, port)
             }
-            _ => (hostport, 5672),
+            _ => (hostport, if tls { 5671 } else { 5672 }),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let host = if host.is_empty() { "localhost" } else { host };
@@ -157,6 +193,7 @@ impl Endpoint {
         Ok(Endpoint {
             host: host.to_owned(),
             port,
+            tls,
             user,
             password,
             vhost,
@@ -179,9 +216,10 @@ impl fmt::Debug for Endpoint {
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let vhost = self.vhost.replace('/', "%2f");
+        let scheme = if self.tls { "amqps" } else { "amqp" };
         write!(
             f,
-            "amqp://{}:***@{}:{}/{}",
+            "{scheme}://{}:***@{}:{}/{}",
             self.user, self.host, self.port, vhost
         )
     }
@@ -264,6 +302,7 @@ mod tests {
                 heartbeat: Some(10),
                 connection_timeout: Some(Duration::from_millis(2500)),
                 auth_mechanism: Some(AuthMechanism::External),
+                ..UrlOptions::default()
             }
         );
         let e = Endpoint::parse("amqp://h?heartbeat=0").unwrap();
@@ -278,10 +317,54 @@ mod tests {
             ),
             ("amqp://h/v?hearbeat=10", "unknown key `hearbeat`"),
             ("amqp://h/v?frame_max=4096", "takes the broker's frame_max"),
+            ("amqp://h/v?cacertfile=/ca.pem", "use amqps://"),
+            ("amqps://h/v?verify=maybe", "verify_peer or verify_none"),
         ] {
             let err = Endpoint::parse(url).unwrap_err().to_string();
             assert!(err.contains(says), "{url}: {err}");
         }
+    }
+
+    #[test]
+    fn amqps_urls_carry_their_tls_options() {
+        let e = Endpoint::parse(
+            "amqps://u:p@rabbit/%2f?cacertfile=%2Fetc%2Fca.pem&certfile=/c.pem&keyfile=/k.pem\
+             &server_name_indication=rabbit.internal&verify=verify_none",
+        )
+        .unwrap();
+        assert!(e.tls);
+        assert_eq!((e.port, e.vhost.as_str()), (5671, "/"));
+        assert_eq!(
+            e.options.tls,
+            TlsSettings {
+                ca_file: Some("/etc/ca.pem".into()),
+                cert_file: Some("/c.pem".into()),
+                key_file: Some("/k.pem".into()),
+                server_name: Some("rabbit.internal".into()),
+                danger_skip_verification: false,
+            }
+        );
+        assert_eq!(e.options.verify, Some(false));
+        assert!(e.to_string().starts_with("amqps://u:***@rabbit:5671/"));
+        // The URL's options win over the connection's; verify_none turns
+        // verification off, verify_peer on.
+        let base = TlsSettings {
+            ca_file: Some("/other.pem".into()),
+            server_name: Some("other".into()),
+            danger_skip_verification: false,
+            ..TlsSettings::default()
+        };
+        let merged = base.with_url(&e.options);
+        assert_eq!(merged.ca_file, Some("/etc/ca.pem".into()));
+        assert_eq!(merged.server_name.as_deref(), Some("rabbit.internal"));
+        assert!(merged.danger_skip_verification);
+        let plain = Endpoint::parse("amqps://rabbit?verify=verify_peer").unwrap();
+        let skipping = TlsSettings {
+            danger_skip_verification: true,
+            ..TlsSettings::default()
+        };
+        assert!(!skipping.with_url(&plain.options).danger_skip_verification);
+        assert_eq!(Endpoint::parse("amqps://rabbit:5691").unwrap().port, 5691);
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub(crate) use backoff::Backoff;
 
 mod endpoint;
 mod supervisor;
+mod tls;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +25,7 @@ use amqprs::channel::{Channel, QueueDeclareArguments, QueueDeleteArguments, Queu
 use tokio::sync::watch;
 
 pub use endpoint::{redact, AuthMechanism, Endpoint, UrlOptions};
+pub use tls::TlsSettings;
 
 pub(crate) use crate::channel::{ChannelWatch, ConfirmSink, Events};
 
@@ -43,7 +45,8 @@ pub const DEFAULT_PREFETCH: u16 = 250;
 /// Settings for one named connection.
 #[derive(Clone)]
 pub struct ConnectionSettings {
-    /// The connection's name, shown in the broker's management tools.
+    /// The connection's name. The broker shows it, with the process's name
+    /// and id, as the client-provided name: `shop (worker, pid 4242)`.
     pub name: String,
     /// Broker URLs: the nodes of a cluster, tried in a new random order on
     /// each (re)connect, so that clients spread over the nodes (see
@@ -51,6 +54,9 @@ pub struct ConnectionSettings {
     pub urls: Vec<String>,
     /// Try `urls` in the order given, first to last, instead.
     pub keep_url_order: bool,
+    /// TLS settings for the `amqps://` URLs: CA file, client certificate,
+    /// server name. The system's root certificates when left default.
+    pub tls: TlsSettings,
     /// Heartbeat interval in seconds; 0 turns heartbeats off.
     pub heartbeat: u16,
     /// Default prefetch for consumers on this connection:
@@ -80,6 +86,7 @@ impl ConnectionSettings {
             name: "default".to_owned(),
             urls: vec![url.into()],
             keep_url_order: false,
+            tls: TlsSettings::default(),
             heartbeat: 60,
             prefetch_count: DEFAULT_PREFETCH,
             backoff_initial: Duration::from_secs(1),
@@ -110,6 +117,8 @@ impl fmt::Debug for ConnectionSettings {
                 "urls",
                 &self.urls.iter().map(|u| redact(u)).collect::<Vec<_>>(),
             )
+            .field("keep_url_order", &self.keep_url_order)
+            .field("tls", &self.tls)
             .field("heartbeat", &self.heartbeat)
             .field("prefetch_count", &self.prefetch_count)
             .field("backoff_initial", &self.backoff_initial)

@@ -54,16 +54,49 @@ async fn connect(settings: &ConnectionSettings, ep: &Endpoint) -> Result<AmqpCon
         AuthMechanism::AmqPlain => SecurityCredentials::new_amqplain(&ep.user, &ep.password),
         AuthMechanism::External => SecurityCredentials::new_external(),
     };
-    let args = OpenConnectionArguments::new(&ep.host, ep.port, &ep.user, &ep.password)
-        .virtual_host(&ep.vhost)
+    let mut args = OpenConnectionArguments::new(&ep.host, ep.port, &ep.user, &ep.password);
+    args.virtual_host(&ep.vhost)
         .credentials(credentials)
         .heartbeat(ep.options.heartbeat.unwrap_or(settings.heartbeat))
-        .connection_name(&settings.name)
-        .finish();
+        .connection_name(&client_provided_name(&settings.name));
+    #[cfg(feature = "tls")]
+    let handshake = if ep.tls {
+        let handshake = super::tls::Handshake::new(&settings.tls.with_url(&ep.options), ep)?;
+        args.tls_adaptor(handshake.adaptor.clone());
+        Some(handshake)
+    } else {
+        None
+    };
+    let failed = |err: amqprs::error::Error| {
+        #[cfg(feature = "tls")]
+        if let Some(handshake) = &handshake {
+            if let Some(err) = handshake.rejected(ep) {
+                return err;
+            }
+            if let Some(explained) = super::tls::explain(ep, &err.to_string()) {
+                return explained.with_source(err);
+            }
+        }
+        classify(ep, err)
+    };
     let timeout = ep.options.connection_timeout.unwrap_or(CONNECT_TIMEOUT);
     let conn = match tokio::time::timeout(timeout, AmqpConnection::open(&args)).await {
         Ok(Ok(conn)) => conn,
-        Ok(Err(err)) => return Err(classify(ep, err)),
+        Ok(Err(err)) => {
+            let err = failed(err);
+            if !ep.tls && err.kind() == ErrorKind::AccessRefused && !speaks_amqp(ep).await {
+                return Err(Error::new(
+                    ErrorKind::Connect,
+                    format!(
+                        "{}: the port does not answer in plain AMQP; if it is a TLS port \
+                         (usually 5671), use amqps://",
+                        ep.address()
+                    ),
+                )
+                .with_source(err));
+            }
+            return Err(err);
+        }
         Err(_) => {
             return Err(Error::new(
                 ErrorKind::Connect,
@@ -75,8 +108,38 @@ async fn connect(settings: &ConnectionSettings, ep: &Endpoint) -> Result<AmqpCon
         name: settings.name.clone(),
     })
     .await
-    .map_err(|e| classify(ep, e))?;
+    .map_err(failed)?;
     Ok(conn)
+}
+
+/// Whether `ep`'s port answers an AMQP protocol header with an AMQP frame.
+/// Asked when the socket closed during the handshake, which a broker does
+/// both to a refused login and, on a TLS port, to a client that does not
+/// speak TLS.
+async fn speaks_amqp(ep: &Endpoint) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let mut socket = tokio::net::TcpStream::connect((ep.host.as_str(), ep.port)).await?;
+        socket.write_all(b"AMQP\x00\x00\x09\x01").await?;
+        let mut first = [0u8; 1];
+        socket.read_exact(&mut first).await?;
+        // 1 is an AMQP method frame (connection.start); a TLS port sends
+        // an alert record (21) or closes.
+        Ok::<_, std::io::Error>(first[0] == 1)
+    };
+    // Unsure means yes: the login error stands.
+    (tokio::time::timeout(Duration::from_secs(2), probe).await).map_or(true, |r| r.unwrap_or(false))
+}
+
+/// The name the broker shows for a connection: the connection's own name,
+/// then the process's name and id, so that `rabbitmqctl list_connections`
+/// and the management UI tell the processes of a deployment apart.
+pub(crate) fn client_provided_name(name: &str) -> String {
+    let process = std::env::current_exe()
+        .ok()
+        .and_then(|path| Some(path.file_name()?.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "rabbitry".to_owned());
+    format!("{name} ({process}, pid {})", std::process::id())
 }
 
 /// Names the host and says plainly what happened.

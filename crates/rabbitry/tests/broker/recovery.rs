@@ -258,8 +258,16 @@ async fn the_url_query_string_sets_the_heartbeat_the_broker_sees() {
         .await
         .unwrap();
     let seen = rabbitry_test_support::broker::connection_heartbeat(&name);
+    let shown = rabbitry_test_support::broker::connection_name(&name);
     conn.close().await;
     assert_eq!(seen, Some(7), "the broker's view of {name}");
+    // The broker shows the process beside the connection's name.
+    let exe = std::env::current_exe().unwrap();
+    let process = exe.file_name().unwrap().to_string_lossy();
+    assert_eq!(
+        shown,
+        Some(format!("{name} ({process}, pid {})", std::process::id()))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

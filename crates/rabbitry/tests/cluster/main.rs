@@ -14,6 +14,8 @@ use rabbitry::{
 };
 use rabbitry_test_support::{cluster, eventually, unique};
 
+mod tls;
+
 /// The tests share one cluster: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
