@@ -147,6 +147,9 @@ struct Shared {
     publishing: tokio::sync::OnceCell<Connection>,
     /// Declarations the broker refused during recoveries.
     refused_declarations: AtomicU64,
+    /// Consumers the broker cancelled (their queue deleted, or its node
+    /// gone) while the channel stayed open.
+    cancelled_consumers: AtomicU64,
 }
 
 /// A supervised, recovering connection. Cheap to clone; clones share the
@@ -214,6 +217,7 @@ impl Connection {
             supervisor: Mutex::new(None),
             publishing: tokio::sync::OnceCell::new(),
             refused_declarations: AtomicU64::new(0),
+            cancelled_consumers: AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&shared);
         let task = Background::spawn(move |stop| supervisor::run(weak, stop));
@@ -274,6 +278,19 @@ impl Connection {
     /// else on the connection resumed.
     pub fn refused_declarations(&self) -> u64 {
         self.shared.refused_declarations.load(Ordering::Relaxed)
+    }
+
+    /// How many times the broker cancelled a consumer on this connection:
+    /// its queue was deleted, or the node holding it went down. Each was
+    /// logged; the consumer declared its queue again and resumed.
+    pub fn cancelled_consumers(&self) -> u64 {
+        self.shared.cancelled_consumers.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_cancelled_consumer(&self) {
+        self.shared
+            .cancelled_consumers
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Declares `topology` once without remembering it.

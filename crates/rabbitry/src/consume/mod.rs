@@ -363,6 +363,17 @@ async fn run(
             // which happens when the last delivery holding it is dropped.
             return;
         }
+        if channel.is_open() {
+            // The deliveries ended with the channel still open: the broker
+            // sent basic.cancel. Consume again at once; the declarations
+            // bring a deleted queue back.
+            conn.count_cancelled_consumer();
+            tracing::warn!(
+                queue = %queue,
+                "the broker cancelled the consumer (queue deleted, or its node down); \
+                 declaring and consuming again"
+            );
+        }
         close_quietly(channel).await;
         // The channel ended: wait for a new socket, or (if the socket is
         // fine and only the channel went) retry after a pause.

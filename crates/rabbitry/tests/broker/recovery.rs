@@ -308,6 +308,11 @@ async fn one_refused_queue_at_recovery_does_not_keep_the_other_consumers_down() 
         .expect("the other consumer resumed despite the refused queue")
         .unwrap();
     assert_eq!(&d.body[..], b"after");
+    assert_eq!(
+        conn.cancelled_consumers(),
+        0,
+        "a lost connection is not a broker's cancel"
+    );
     d.ack().await.unwrap();
     assert!(conn.refused_declarations() >= 1);
 

@@ -719,6 +719,7 @@ async fn a_queue_deleted_under_a_running_worker_is_declared_again_and_consumed()
     .await;
     // Deleted by someone else: the broker cancels the worker's consumer.
     let other = connect().await;
+    assert_eq!(conn.cancelled_consumers(), 0);
     other.delete_queue(&queue).await.unwrap();
     eventually(
         Duration::from_secs(10),
@@ -732,6 +733,7 @@ async fn a_queue_deleted_under_a_running_worker_is_declared_again_and_consumed()
         },
     )
     .await;
+    assert_eq!(conn.cancelled_consumers(), 1, "counted once");
     publish().await;
     eventually(
         Duration::from_secs(5),

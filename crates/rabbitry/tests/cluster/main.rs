@@ -171,9 +171,9 @@ async fn a_dead_node_stops_only_the_queues_it_holds() {
     on_two.close().await;
 
     // A worker on node 1 consumes both.
-    let conn = Connection::open(settings(&unique("cluster.worker")))
-        .await
-        .unwrap();
+    let mut on_one = settings(&unique("cluster.worker"));
+    on_one.keep_url_order = true;
+    let conn = Connection::open(on_one).await.unwrap();
     let handled: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
     let handler = |State(handled): State<Arc<std::sync::Mutex<Vec<String>>>>, meta: Meta| async move {
         handled.lock().unwrap().push(meta.queue.clone());
@@ -237,8 +237,13 @@ async fn a_dead_node_stops_only_the_queues_it_holds() {
     )
     .await;
     println!(
-        "classic queue consumed {:?} after node 2 came back",
-        revived_at.elapsed()
+        "classic queue consumed {:?} after node 2 came back; the broker cancelled {} consumers",
+        revived_at.elapsed(),
+        conn.cancelled_consumers()
+    );
+    assert!(
+        conn.cancelled_consumers() >= 1,
+        "the broker cancelled the classic queue's consumer when its node died"
     );
     running.shutdown().await;
     for q in [&quorum, &classic] {
