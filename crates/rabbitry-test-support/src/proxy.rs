@@ -2,7 +2,9 @@
 
 use std::sync::{Arc, Mutex};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::broker;
@@ -16,6 +18,7 @@ pub struct Proxy {
     pub port: u16,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
+    held: watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -26,17 +29,37 @@ impl Proxy {
         let upstream_addr = broker::address();
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let tracked = conns.clone();
+        let (held, holding) = watch::channel(false);
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((mut client, _)) = listener.accept().await else {
                     return;
                 };
                 let upstream_addr = upstream_addr.clone();
+                let mut holding = holding.clone();
                 let task = tokio::spawn(async move {
-                    let Ok(mut upstream) = TcpStream::connect(&upstream_addr).await else {
+                    let Ok(upstream) = TcpStream::connect(&upstream_addr).await else {
                         return;
                     };
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    let (mut from_client, mut to_client) = client.split();
+                    let (mut from_broker, mut to_broker) = upstream.into_split();
+                    let up = tokio::io::copy(&mut from_client, &mut to_broker);
+                    let down = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = from_broker.read(&mut buf).await?;
+                            if n == 0 {
+                                return Ok::<_, std::io::Error>(());
+                            }
+                            // Held: keep the bytes until released.
+                            let _ = holding.wait_for(|held| !*held).await;
+                            to_client.write_all(&buf[..n]).await?;
+                        }
+                    };
+                    tokio::select! {
+                        _ = up => {}
+                        _ = down => {}
+                    }
                 });
                 tracked.lock().unwrap().push(task);
             }
@@ -45,12 +68,24 @@ impl Proxy {
             port,
             conns,
             accept,
+            held,
         }
     }
 
     /// The AMQP URL through the proxy (guest/guest, vhost `/`).
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Holds back everything the broker sends through the proxy until
+    /// [`Proxy::release`]; the clients' bytes still reach the broker.
+    pub fn hold(&self) {
+        self.held.send_replace(true);
+    }
+
+    /// Lets the held bytes, and what follows, through again.
+    pub fn release(&self) {
+        self.held.send_replace(false);
     }
 
     /// Cuts every connection open through the proxy; returns how many.

@@ -69,6 +69,7 @@ pub(super) struct RawProducer {
     pub(super) mandatory: Option<bool>,
     pub(super) confirms: Option<bool>,
     pub(super) max_in_flight: Option<usize>,
+    pub(super) confirm_timeout: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -179,6 +179,11 @@ fn producer_section(
         mandatory: p.mandatory.unwrap_or(defaults.mandatory),
         confirms: p.confirms.unwrap_or(defaults.confirms),
         max_in_flight: p.max_in_flight.unwrap_or(defaults.max_in_flight),
+        confirm_timeout: at.duration(
+            p.confirm_timeout.as_ref(),
+            &format!("producers.{name}.confirm_timeout"),
+            defaults.confirm_timeout,
+        )?,
         message_ids: true,
     };
     Ok(ProducerConfig {

@@ -82,6 +82,9 @@ struct Entry {
     returned: Option<String>,
     /// When the broker first nacked it, if it did.
     nacked_since: Option<Instant>,
+    /// When it was first sent, and when last.
+    first_sent: Instant,
+    sent: Instant,
 }
 
 /// How long after a nack a message is published again. A nack means the
@@ -105,11 +108,14 @@ struct Pending {
 
 impl Entry {
     fn new(message: Arc<Outgoing>, done: oneshot::Sender<Result<()>>) -> Entry {
+        let now = Instant::now();
         Entry {
             message,
             done,
             returned: None,
             nacked_since: None,
+            first_sent: now,
+            sent: now,
         }
     }
 }
@@ -132,8 +138,11 @@ struct Tracker {
     nacked: Mutex<VecDeque<(Entry, Instant)>>,
     /// Signalled when a message is nacked.
     nack_arrived: Notify,
-    /// How long a nacked message is published again before it fails.
+    /// How long a nacked, or unconfirmed, message is published again
+    /// before it fails: the connection's recovery timeout.
     nack_bound: Duration,
+    /// How long a confirm may take before the message is sent again.
+    confirm_timeout: Duration,
     /// Messages sent again: after a reconnect, or after a nack.
     republished: AtomicU64,
     /// Since when the channel has nacked and not acked anything.
@@ -309,12 +318,15 @@ impl Publisher {
         conn: &Connection,
         confirms: bool,
         max_in_flight: usize,
+        confirm_timeout: Duration,
     ) -> Result<Arc<Publisher>> {
         let mut actor = Actor {
             conn: conn.clone(),
             confirms,
             tracker: Arc::new(Tracker {
                 nack_bound: conn.settings().recovery_timeout,
+                // Never a busy loop of re-publishing.
+                confirm_timeout: confirm_timeout.max(Duration::from_millis(100)),
                 ..Tracker::default()
             }),
             channel: None,
@@ -368,7 +380,8 @@ impl Publisher {
     }
 
     /// Messages sent again so far: those still unconfirmed when the
-    /// connection was lost, and those the broker nacked.
+    /// connection was lost, those the broker nacked, and those whose
+    /// confirm took longer than the confirm timeout.
     pub(crate) fn republished(&self) -> u64 {
         self.tracker.republished.load(Ordering::Relaxed)
     }
@@ -449,8 +462,10 @@ impl Actor {
             let live = self.channel_live();
             if live {
                 self.publish_nacked_again().await;
+                self.publish_unconfirmed_again().await;
             }
             let next_nacked = lock(&tracker.nacked).front().map(|(_, due)| *due);
+            let next_timeout = self.next_confirm_timeout();
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     Some(p) => self.handle(p).await,
@@ -458,6 +473,7 @@ impl Actor {
                 },
                 _ = tracker.nack_arrived.notified() => {}
                 _ = sleep_until_some(next_nacked), if live => {}
+                _ = sleep_until_some(next_timeout), if live => {}
                 _ = tracker.channel_closed.notified() => {
                     // Do not spin on a channel the broker keeps closing.
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -528,6 +544,62 @@ impl Actor {
         }
     }
 
+    /// When the oldest unconfirmed message times out. Tags grow with each
+    /// send, so the first entry is the one sent longest ago.
+    fn next_confirm_timeout(&self) -> Option<Instant> {
+        let p = lock(&self.tracker.pending);
+        let (_, first) = p.entries.first_key_value()?;
+        Some(first.sent + self.tracker.confirm_timeout)
+    }
+
+    /// Sends again, with new tags, the messages whose confirm is overdue:
+    /// a late confirm of the old copy then settles nothing, and the new
+    /// copy's settles the caller. One that has waited the whole recovery
+    /// timeout fails instead.
+    async fn publish_unconfirmed_again(&mut self) {
+        let Some(channel) = self.channel.clone() else {
+            return;
+        };
+        let now = Instant::now();
+        let (timeout, bound) = (self.tracker.confirm_timeout, self.tracker.nack_bound);
+        let overdue: Vec<Entry> = {
+            let mut p = lock(&self.tracker.pending);
+            let late: Vec<u64> = p
+                .entries
+                .iter()
+                .take_while(|(_, e)| e.sent + timeout <= now)
+                .map(|(tag, _)| *tag)
+                .collect();
+            late.iter().filter_map(|t| p.entries.remove(t)).collect()
+        };
+        if overdue.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            connection = %self.conn.name(),
+            count = overdue.len(),
+            ?timeout,
+            "no confirm within the confirm timeout; publishing again with the same message ids"
+        );
+        for mut entry in overdue {
+            if now.duration_since(entry.first_sent) >= bound {
+                let err = Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "{}: not confirmed by the broker within {bound:?}, though sent again \
+                         every {timeout:?}",
+                        entry.message.describe()
+                    ),
+                );
+                let _ = entry.done.send(Err(err));
+                continue;
+            }
+            entry.sent = now;
+            self.tracker.republished.fetch_add(1, Ordering::Relaxed);
+            self.send_tracked(&channel, entry).await;
+        }
+    }
+
     /// With no usable channel: note when it was lost, fail what waited too
     /// long, and try to open a new one on a live socket.
     async fn recover(&mut self) {
@@ -595,7 +667,9 @@ impl Actor {
             p.epoch = epoch;
             let old = std::mem::take(&mut p.entries);
             let mut out = Vec::with_capacity(old.len());
-            for (i, (_, e)) in old.into_iter().enumerate() {
+            let now = Instant::now();
+            for (i, (_, mut e)) in old.into_iter().enumerate() {
+                e.sent = now;
                 out.push(e.message.clone());
                 p.entries.insert(i as u64 + 1, e);
             }

@@ -8,6 +8,7 @@
 mod confirms;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -19,6 +20,12 @@ use crate::message::{Message, PERSISTENT, TRANSIENT};
 use crate::topology::{is_reserved, Exchange, ExchangeKind, Topology};
 
 pub use confirms::Confirmation;
+
+/// How long a confirm may take before the message is published again.
+/// Long enough for a busy broker, short enough to notice a confirm lost
+/// with a cluster node (RabbitMQ elects a quorum queue's new leader within
+/// a second or two).
+pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) use confirms::{Outgoing, Publisher};
 
 /// How a producer publishes. Defaults follow collective.zamqp: the default
@@ -52,6 +59,11 @@ pub struct ProducerSettings {
     pub confirms: bool,
     /// At most this many messages wait for a confirm at once.
     pub max_in_flight: usize,
+    /// A message whose confirm has not come after this long is published
+    /// again, with the same message id (a duplicate, never a loss); after
+    /// the connection's recovery timeout it fails. 10 s unless set; at
+    /// least 100 ms.
+    pub confirm_timeout: Duration,
     /// Give each message a UUID `message_id` when it has none.
     pub message_ids: bool,
 }
@@ -72,6 +84,7 @@ impl Default for ProducerSettings {
             mandatory: false,
             confirms: true,
             max_in_flight: 1024,
+            confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
             message_ids: true,
         }
     }
@@ -152,8 +165,13 @@ impl Producer {
         // otherwise; the exchange is declared (and remembered) above, on
         // the main one.
         let publishing = conn.publishing().await?;
-        let publisher =
-            Publisher::open(&publishing, settings.confirms, settings.max_in_flight).await?;
+        let publisher = Publisher::open(
+            &publishing,
+            settings.confirms,
+            settings.max_in_flight,
+            settings.confirm_timeout,
+        )
+        .await?;
         Ok(Producer {
             settings: Arc::new(settings),
             publisher,

@@ -273,3 +273,94 @@ async fn a_publish_nacked_past_the_recovery_timeout_fails_to_the_caller() {
     conn.delete_queue(&queue).await.unwrap();
     conn.close().await;
 }
+
+/// A producer through a proxy, whose confirms the test can hold back.
+async fn stalled_producer(
+    proxy: &rabbitry_test_support::Proxy,
+    recovery_timeout: Duration,
+) -> (rabbitry::Connection, Producer, String) {
+    let mut settings = rabbitry::ConnectionSettings::new(proxy.url()).name(unique("stall"));
+    settings.recovery_timeout = recovery_timeout;
+    let conn = rabbitry::Connection::open(settings).await.unwrap();
+    let queue = unique("stall");
+    let mut t = Topology::default();
+    t.queue(Queue::durable(&queue));
+    conn.declare(&t).await.unwrap();
+    let mut ps = ProducerSettings::default().routing_key(&queue);
+    ps.confirm_timeout = Duration::from_millis(300);
+    let producer = Producer::new(&conn, ps).await.unwrap();
+    (conn, producer, queue)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirm_that_does_not_come_in_time_publishes_the_message_again() {
+    let proxy = rabbitry_test_support::Proxy::start().await;
+    let (conn, producer, queue) = stalled_producer(&proxy, Duration::from_secs(30)).await;
+    // The broker gets the message, but its confirm is held back.
+    proxy.hold();
+    let publishing = tokio::spawn({
+        let producer = producer.clone();
+        async move {
+            producer
+                .publish(Message::new("once").message_id("m-1"))
+                .await
+        }
+    });
+    eventually(
+        Duration::from_secs(10),
+        "published again after the confirm timeout",
+        || async { producer.republished() >= 1 },
+    )
+    .await;
+    proxy.release();
+    publishing
+        .await
+        .unwrap()
+        .expect("confirmed once the confirms came through");
+
+    // Duplicates, never a loss: every copy is the same message.
+    let copies = 1 + producer.republished() as usize;
+    let direct = connect().await;
+    let mut cs = ConsumerSettings::new(&queue);
+    cs.auto_declare = false;
+    let mut consumer = Consumer::start(&direct, cs).await.unwrap();
+    for _ in 0..copies {
+        let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("each copy delivered")
+            .unwrap();
+        assert_eq!(
+            (&d.body[..], d.properties.message_id.as_deref()),
+            (&b"once"[..], Some("m-1"))
+        );
+        d.ack().await.unwrap();
+    }
+    consumer.cancel().await;
+    let left = direct.queue_status(&queue).await.unwrap().unwrap().messages;
+    assert_eq!(left, 0, "{copies} copies, no more");
+    direct.delete_queue(&queue).await.unwrap();
+    conn.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_never_confirmed_fails_after_the_recovery_timeout() {
+    let proxy = rabbitry_test_support::Proxy::start().await;
+    let (_conn, producer, queue) = stalled_producer(&proxy, Duration::from_secs(1)).await;
+    proxy.hold();
+    let err = tokio::time::timeout(
+        Duration::from_secs(20),
+        producer.publish(Message::new("lost confirm")),
+    )
+    .await
+    .expect("the publish fails within its bound")
+    .expect_err("no confirm ever comes");
+    assert_eq!(err.kind(), rabbitry::ErrorKind::Timeout, "{err}");
+    assert!(
+        err.to_string()
+            .contains("not confirmed by the broker within 1s"),
+        "{err}"
+    );
+    assert!(producer.republished() >= 1);
+    proxy.cut();
+    connect().await.delete_queue(&queue).await.unwrap();
+}
