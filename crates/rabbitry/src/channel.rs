@@ -27,12 +27,22 @@ pub(crate) struct CloseReason {
 }
 
 /// Remembers the broker's reason for closing one channel.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub(crate) struct ChannelWatch {
     reason: Arc<Mutex<Option<CloseReason>>>,
+    /// The broker's version, as its `connection.start` gave it.
+    pub(crate) server_version: Arc<str>,
 }
 
 impl ChannelWatch {
+    /// A watch for a channel on a broker of `server_version`.
+    pub(crate) fn on(server_version: &str) -> ChannelWatch {
+        ChannelWatch {
+            reason: Arc::default(),
+            server_version: server_version.into(),
+        }
+    }
+
     /// The broker's reason, once it closed the channel.
     pub(crate) fn reason(&self) -> Option<CloseReason> {
         self.reason

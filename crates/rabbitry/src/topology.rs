@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::amqp::to_table;
 use crate::channel::ChannelWatch;
 use crate::error::{Error, ErrorKind, Result};
-use crate::message::Headers;
+use crate::message::{HeaderValue, Headers};
 
 /// The type of an exchange.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -363,6 +363,7 @@ pub(crate) async fn declare(
     }
     let mut names = Vec::with_capacity(topology.queues.len());
     for q in &topology.queues {
+        check_for_server(q, &watch.server_version)?;
         let declared = channel
             .queue_declare(queue_args(q, false))
             .await
@@ -397,9 +398,53 @@ pub(crate) async fn declare(
     Ok(names)
 }
 
+/// The RabbitMQ major version in `version` (`3.10.8` is 3).
+fn major(version: &str) -> Option<u32> {
+    version.split('.').next()?.parse().ok()
+}
+
+/// Refuses what means something else on the broker's version than it
+/// does on others: a negative `x-delivery-limit` is "unlimited" on
+/// RabbitMQ 4 but "dead-letter after the first delivery" on 3.x, so it is
+/// never sent to a 3.x broker.
+fn check_for_server(q: &Queue, server_version: &str) -> Result<()> {
+    let limit = q
+        .arguments
+        .get("x-delivery-limit")
+        .and_then(HeaderValue::as_i64);
+    match (limit, major(server_version)) {
+        (Some(limit), Some(major)) if limit < 0 && major < 4 => Err(Error::new(
+            ErrorKind::Declare,
+            format!(
+                "queue '{}': x-delivery-limit {limit} is not sent to RabbitMQ {server_version}: \
+                 before 4.0 a negative limit dead-letters every message after its first \
+                 delivery; leave it out for no limit",
+                q.name
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_negative_delivery_limit_is_refused_before_rabbitmq_4() {
+        let mut q = Queue::quorum("q");
+        q.arguments
+            .insert("x-delivery-limit".into(), HeaderValue::Int(-1));
+        let e = check_for_server(&q, "3.10.8").unwrap_err().to_string();
+        assert!(
+            e.contains("queue 'q'") && e.contains("RabbitMQ 3.10.8"),
+            "{e}"
+        );
+        assert!(check_for_server(&q, "4.1.0").is_ok());
+        q.arguments
+            .insert("x-delivery-limit".into(), HeaderValue::Int(5));
+        assert!(check_for_server(&q, "3.10.8").is_ok());
+    }
 
     #[test]
     fn reserved_names_are_never_added() {

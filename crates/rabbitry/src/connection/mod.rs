@@ -280,6 +280,14 @@ impl Connection {
         self.shared.refused_declarations.load(Ordering::Relaxed)
     }
 
+    /// The broker's product and version (`RabbitMQ 3.10.8`), as the node
+    /// it is connected to announced them; `None` while disconnected.
+    pub fn server(&self) -> Option<String> {
+        let link = self.shared.link.borrow();
+        let props = link.conn.as_ref()?.server_properties();
+        Some(format!("{} {}", props.product(), props.version()))
+    }
+
     /// How many times the broker cancelled a consumer on this connection:
     /// its queue was deleted, or the node holding it went down. Each was
     /// logged; the consumer declared its queue again and resumed.
@@ -535,7 +543,7 @@ impl Connection {
             )
             .with_source(e)
         })?;
-        let watch = ChannelWatch::default();
+        let watch = ChannelWatch::on(conn.server_properties().version());
         channel
             .register_callback(Events {
                 watch: watch.clone(),

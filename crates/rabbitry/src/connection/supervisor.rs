@@ -109,6 +109,13 @@ async fn connect(settings: &ConnectionSettings, ep: &Endpoint) -> Result<AmqpCon
     })
     .await
     .map_err(failed)?;
+    let server = conn.server_properties();
+    tracing::info!(
+        connection = %settings.name,
+        node = %ep,
+        server = %format_args!("{} {}", server.product(), server.version()),
+        "connected to node"
+    );
     Ok(conn)
 }
 
@@ -298,7 +305,7 @@ async fn recovery_channel(
     let channel = conn.open_channel(None).await.map_err(|e| {
         Error::new(ErrorKind::Disconnected, "opening a channel for recovery").with_source(e)
     })?;
-    let watch = ChannelWatch::default();
+    let watch = ChannelWatch::on(conn.server_properties().version());
     channel
         .register_callback(Events {
             watch: watch.clone(),

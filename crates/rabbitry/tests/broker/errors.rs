@@ -63,3 +63,34 @@ async fn conflicting_declaration_names_the_queue_and_argument_without_reconnecti
     assert!(conn.is_connected());
     conn.delete_queue(&name).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_negative_delivery_limit_is_not_sent_to_a_3x_broker() {
+    let conn = connect().await;
+    let server = conn.server().expect("connected");
+    assert!(server.starts_with("RabbitMQ "), "{server}");
+    let version = server.trim_start_matches("RabbitMQ ");
+    let queue = unique("limit");
+    let mut q = Queue::quorum(&queue);
+    q.arguments
+        .insert("x-delivery-limit".into(), rabbitry::HeaderValue::Int(-1));
+    let mut t = Topology::default();
+    t.queue(q);
+    let result = conn.declare_once(&t).await;
+    if version.starts_with("3.") {
+        let e = result.expect_err("refused before it reaches the broker");
+        assert_eq!(e.kind(), ErrorKind::Declare);
+        assert!(
+            e.to_string().contains(&format!("RabbitMQ {version}")),
+            "{e}"
+        );
+        assert!(
+            conn.queue_status(&queue).await.unwrap().is_none(),
+            "nothing declared"
+        );
+    } else {
+        result.expect("unlimited on RabbitMQ 4");
+        conn.delete_queue(&queue).await.unwrap();
+    }
+    conn.close().await;
+}
