@@ -247,6 +247,52 @@ fn wrong_credentials_and_host_give_clear_errors_without_panic() {
 }
 
 #[test]
+fn each_connection_logs_its_nodes_and_where_they_came_from() {
+    let dir = std::env::temp_dir().join(unique("cfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("nodes.toml");
+    std::fs::write(
+        &file,
+        "[connections.default]\nurls = [\"amqp://guest:guest@127.0.0.1:5672/%2f\", \"amqp://guest:guest@localhost:5672/%2f\"]\n",
+    )
+    .unwrap();
+    let run = |env_url: Option<&str>, flag: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rabbitry"));
+        cmd.env_remove("AMQP_URL").env("RABBITRY_LOG", "info");
+        if let Some(url) = env_url {
+            cmd.env("AMQP_URL", url);
+        }
+        cmd.arg("-c").arg(&file);
+        if let Some(url) = flag {
+            cmd.args(["--url", url]);
+        }
+        let out = cmd.args(["queues", "no-such-queue"]).output().unwrap();
+        text(&out.stderr)
+    };
+    let err = run(None, None);
+    assert!(
+        err.contains("nodes.toml")
+            && err.contains("127.0.0.1:5672")
+            && err.contains("localhost:5672"),
+        "{err}"
+    );
+    assert!(!err.contains("replaces"), "{err}");
+    let other = "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=30";
+    let err = run(Some(other), None);
+    assert!(
+        err.contains("AMQP_URL replaces the URLs the configuration gives"),
+        "{err}"
+    );
+    assert!(err.contains("from=AMQP_URL"), "{err}");
+    let err = run(None, Some(other));
+    assert!(
+        err.contains("--url replaces the URLs the configuration gives")
+            && err.contains("from=--url"),
+        "{err}"
+    );
+}
+
+#[test]
 fn config_errors_name_file_key_and_valid_values() {
     let dir = std::env::temp_dir().join(unique("cfg"));
     std::fs::create_dir_all(&dir).unwrap();

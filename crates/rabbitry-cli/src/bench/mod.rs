@@ -7,12 +7,14 @@
 //! 100,000 messages. Bodies are 256 bytes. The raw side uses `amqprs` directly with the least code that does
 //! the same work; the gateway side uses [`Producer`] and [`Consumer`].
 
+mod cluster;
 mod http;
 mod outbox;
 mod publishing;
 mod rpc;
 mod worker;
 
+pub(crate) use cluster::run_cluster;
 pub(crate) use http::run_http;
 pub(crate) use outbox::run_outbox;
 use publishing::{end_to_end_case, publish_case};
@@ -179,6 +181,8 @@ pub(crate) struct Report {
     pub scenarios: Vec<ScenarioResult>,
     /// Every latency measurement, in order.
     pub latencies: Vec<LatencyResult>,
+    /// Failover times on the cluster, when that group ran.
+    pub failovers: Vec<cluster::FailoverResult>,
 }
 
 /// The p-th percentile (0..=100) of `samples` in milliseconds.
@@ -207,6 +211,40 @@ pub(crate) type Progress<'a> = &'a (dyn Fn(&str) + Sync);
 
 /// Runs every scenario and returns the rates and ratios.
 pub(crate) async fn run(opts: &BenchOptions, progress: Progress<'_>) -> Result<Report> {
+    let scenarios = run_cases(opts, progress, &Cases::all()).await?;
+    Ok(Report {
+        scenarios,
+        ..Report::default()
+    })
+}
+
+/// Which publishing and end-to-end scenarios to run, on what queue.
+pub(crate) struct Cases {
+    /// Prefixed to each scenario's name.
+    pub prefix: &'static str,
+    /// The queue is a quorum queue (a classic one otherwise).
+    pub quorum: bool,
+    /// Publishing without confirms, and end to end on one connection.
+    pub single_connection_cases: bool,
+}
+
+impl Cases {
+    fn all() -> Cases {
+        Cases {
+            prefix: "",
+            quorum: false,
+            single_connection_cases: true,
+        }
+    }
+}
+
+/// Runs the publishing and end-to-end scenarios `cases` selects against
+/// `opts.url`: raw and gateway interleaved, round by round.
+pub(crate) async fn run_cases(
+    opts: &BenchOptions,
+    progress: Progress<'_>,
+    cases: &Cases,
+) -> Result<Vec<ScenarioResult>> {
     let ep = Endpoint::parse(&opts.url)?;
     let raw = open_raw(&ep).await?;
     let mut settings = ConnectionSettings::new(&opts.url).name("rabbitry-bench");
@@ -221,8 +259,18 @@ pub(crate) async fn run(opts: &BenchOptions, progress: Progress<'_>) -> Result<R
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
     let setup = raw.open_channel(None).await.map_err(raw_err)?;
+    let mut declare = QueueDeclareArguments::new(&queue);
+    declare.durable(true);
+    if cases.quorum {
+        let mut arguments = amqprs::FieldTable::new();
+        arguments.insert(
+            "x-queue-type".try_into().expect("a short name"),
+            amqprs::FieldValue::S("quorum".try_into().expect("a short value")),
+        );
+        declare.arguments(arguments);
+    }
     setup
-        .queue_declare(QueueDeclareArguments::new(&queue).durable(true).finish())
+        .queue_declare(declare.finish())
         .await
         .map_err(raw_err)?;
 
@@ -232,21 +280,25 @@ pub(crate) async fn run(opts: &BenchOptions, progress: Progress<'_>) -> Result<R
         dyn Fn(bool) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Duration>> + 'r>>
             + 'r,
     >;
-    let cases: Vec<(&str, Run<'_>)> = vec![
+    let mut all: Vec<(&str, bool, Run<'_>)> = vec![
         (
             "publish_transient_no_confirms",
+            true,
             Box::new(|gateway| Box::pin(publish_case(&raw, &gw, &queue, n, gateway, false))),
         ),
         (
             "publish_persistent_confirms_1000_in_flight",
+            false,
             Box::new(|gateway| Box::pin(publish_case(&raw, &gw, &queue, n, gateway, true))),
         ),
         (
             "end_to_end_manual_ack_prefetch_500",
+            true,
             Box::new(|gateway| Box::pin(end_to_end_case(&raw, &raw, &gw, &gw, &queue, n, gateway))),
         ),
         (
             "end_to_end_two_connections",
+            false,
             Box::new(|gateway| {
                 Box::pin(end_to_end_case(
                     &raw,
@@ -260,7 +312,9 @@ pub(crate) async fn run(opts: &BenchOptions, progress: Progress<'_>) -> Result<R
             }),
         ),
     ];
-    for (name, case) in &cases {
+    all.retain(|(_, single, _)| cases.single_connection_cases || !single);
+    for (name, _, case) in &all {
+        let name = format!("{}{name}", cases.prefix);
         let mut rounds = Rounds::default();
         for round in 0..opts.rounds.max(1) {
             for gateway in [false, true] {
@@ -273,18 +327,15 @@ pub(crate) async fn run(opts: &BenchOptions, progress: Progress<'_>) -> Result<R
                 purge(&raw, &queue).await?;
             }
         }
-        scenarios.push(rounds.result(*name));
+        scenarios.push(rounds.result(name));
     }
-    drop(cases);
+    drop(all);
     let _ = setup.queue_delete(QueueDeleteArguments::new(&queue)).await;
     let _ = raw_publisher.close().await;
     let _ = raw.close().await;
     gw_publisher.close().await;
     gw.close().await;
-    Ok(Report {
-        scenarios,
-        latencies: Vec::new(),
-    })
+    Ok(scenarios)
 }
 
 fn raw_err(e: amqprs::error::Error) -> Error {

@@ -21,7 +21,10 @@ pub(crate) struct Args {
     /// Rounds per side, raw and gateway interleaved; the median is reported.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Groups to run: core, worker, http, outbox, rpc (comma-separated).
+    /// Groups to run: core, worker, http, outbox, rpc, and cluster, which
+    /// needs the local three-node cluster of scripts/cluster (it is started
+    /// and stopped again when down) and is not in the default set
+    /// (comma-separated).
     #[arg(
         long,
         value_delimiter = ',',
@@ -32,10 +35,18 @@ pub(crate) struct Args {
     /// postgres://postgres@127.0.0.1:5432/test).
     #[arg(long = "database")]
     databases: Vec<String>,
+    /// The cluster group's script: `start`, `stop`, `status`, `kill N`,
+    /// `revive N`, `connection NAME`, as scripts/cluster does them.
+    #[arg(long, default_value = "scripts/cluster")]
+    cluster_script: std::path::PathBuf,
+    /// Failover rounds of the cluster group: the median and the worst are
+    /// reported.
+    #[arg(long, default_value_t = 5)]
+    failover_rounds: usize,
 }
 
 /// The benchmark's groups, for `--only`.
-const GROUPS: [&str; 5] = ["core", "worker", "http", "outbox", "rpc"];
+const GROUPS: [&str; 6] = ["core", "worker", "http", "outbox", "rpc", "cluster"];
 
 pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     if let Some(bad) = args.only.iter().find(|o| !GROUPS.contains(&o.as_str())) {
@@ -112,6 +123,13 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         report.scenarios.extend(scenarios);
         report.latencies.extend(latencies);
     }
+    if wants("cluster") {
+        let (scenarios, failovers) =
+            bench::run_cluster(&opts, &progress, &args.cluster_script, args.failover_rounds)
+                .await?;
+        report.scenarios.extend(scenarios);
+        report.failovers.extend(failovers);
+    }
     if tty {
         eprint!("\r\x1b[2K");
     }
@@ -119,7 +137,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         outln!("{}", serde_json::to_string(&report)?)?;
     } else {
         outln!(
-            "{:<44} {:>10} {:>10} {:>9} {:>13} {:>15}",
+            "{:<58} {:>10} {:>10} {:>9} {:>13} {:>15}",
             "scenario (median of rounds)",
             "raw msg/s",
             "gateway",
@@ -135,7 +153,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
                 format!("{:.2}?", s.ratio)
             };
             outln!(
-                "{:<44} {:>10} {:>10} {:>9} {:>13} {:>15}",
+                "{:<58} {:>10} {:>10} {:>9} {:>13} {:>15}",
                 s.name,
                 s.raw_msgs_per_s,
                 s.gateway_msgs_per_s,
@@ -175,6 +193,23 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
                     l.name,
                     raw,
                     format!("{:.3}/{:.3}", l.gateway_p50_ms, l.gateway_p99_ms)
+                )?;
+            }
+        }
+        if !report.failovers.is_empty() {
+            outln!()?;
+            outln!(
+                "{:<44} {:>12} {:>12}",
+                "failover, gateway (ms)",
+                "median",
+                "worst"
+            )?;
+            for f in &report.failovers {
+                outln!(
+                    "{:<44} {:>12.1} {:>12.1}",
+                    format!("{} ({} rounds)", f.name, f.rounds),
+                    f.median_ms,
+                    f.worst_ms
                 )?;
             }
         }

@@ -45,7 +45,7 @@ impl Global {
         };
         settings.apply_env(|k| std::env::var(k).ok());
         if let Some(url) = &self.url {
-            settings.apply_env(|k| (k == "AMQP_URL").then(|| url.clone()));
+            settings.replace_url(url.clone(), "--url");
         }
         Ok(settings)
     }

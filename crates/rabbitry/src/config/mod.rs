@@ -126,23 +126,33 @@ impl Settings {
     /// default connection (creating it when absent).
     pub fn apply_env(&mut self, lookup: impl Fn(&str) -> Option<String>) {
         if let Some(url) = lookup("AMQP_URL").filter(|u| !u.is_empty()) {
-            let from_file = self.connections.contains_key(DEFAULT_CONNECTION);
-            let conn = self
-                .connections
-                .entry(DEFAULT_CONNECTION.into())
-                .or_insert_with(|| ConnectionSettings::default().name(DEFAULT_CONNECTION));
-            if from_file && conn.urls != [url.clone()] {
-                // Said out loud: a test once ran against another broker
-                // because AMQP_URL silently replaced a three-node list.
-                tracing::warn!(
-                    connection = DEFAULT_CONNECTION,
-                    replaced = ?conn.urls.iter().map(|u| redact(u)).collect::<Vec<_>>(),
-                    by = %redact(&url),
-                    "AMQP_URL replaces the URLs the configuration gives"
-                );
-            }
-            conn.urls = vec![url];
+            self.replace_url(url, "AMQP_URL");
         }
+    }
+
+    /// Makes `url` the default connection's only URL (creating the
+    /// connection when absent), noting `source` (`AMQP_URL`, `--url`) as
+    /// where it came from. Replacing URLs a file gave is logged as a
+    /// warning.
+    pub fn replace_url(&mut self, url: String, source: &str) {
+        let from_file = self.connections.contains_key(DEFAULT_CONNECTION);
+        let conn = self
+            .connections
+            .entry(DEFAULT_CONNECTION.into())
+            .or_insert_with(|| ConnectionSettings::default().name(DEFAULT_CONNECTION));
+        if from_file && conn.urls != [url.clone()] {
+            // Said out loud: a test once ran against another broker
+            // because AMQP_URL silently replaced a three-node list.
+            tracing::warn!(
+                connection = DEFAULT_CONNECTION,
+                replaced = ?conn.urls.iter().map(|u| redact(u)).collect::<Vec<_>>(),
+                from = %conn.urls_from,
+                by = %redact(&url),
+                "{source} replaces the URLs the configuration gives"
+            );
+        }
+        conn.urls = vec![url];
+        conn.urls_from = source.to_owned();
     }
 
     /// The connection called `name`; `default` always exists.
@@ -151,7 +161,9 @@ impl Settings {
             return Ok(c.clone());
         }
         if name == DEFAULT_CONNECTION {
-            return Ok(ConnectionSettings::new(DEFAULT_URL).name(DEFAULT_CONNECTION));
+            let mut c = ConnectionSettings::new(DEFAULT_URL).name(DEFAULT_CONNECTION);
+            c.urls_from = "the default URL".to_owned();
+            return Ok(c);
         }
         Err(Error::config(format!(
             "no connection named '{name}' (known: {})",
@@ -542,10 +554,18 @@ arguments = { "x-queue-type" = "quorum" }
 
     #[test]
     fn amqp_url_overrides_the_default_connection() {
-        let mut s = Settings::from_toml(EXAMPLE, "f").unwrap();
+        let mut s = Settings::from_toml(EXAMPLE, "f.toml").unwrap();
+        assert_eq!(s.connections["default"].urls_from, "f.toml");
         s.apply_env(|k| (k == "AMQP_URL").then(|| "amqp://other:5673".to_owned()));
         assert_eq!(s.connections["default"].urls, ["amqp://other:5673"]);
+        assert_eq!(s.connections["default"].urls_from, "AMQP_URL");
+        s.replace_url("amqp://third".into(), "--url");
+        assert_eq!(s.connections["default"].urls_from, "--url");
         let mut empty = Settings::default();
+        assert_eq!(
+            empty.connection("default").unwrap().urls_from,
+            "the default URL"
+        );
         empty.apply_env(|_| Some("amqp://h".into()));
         assert_eq!(empty.connection("default").unwrap().urls, ["amqp://h"]);
     }

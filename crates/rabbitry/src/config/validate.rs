@@ -113,6 +113,7 @@ fn connection_section(at: &At<'_>, name: &str, c: RawConnection) -> Result<Conne
     }
     let mut cs = ConnectionSettings::new(DEFAULT_URL).name(name);
     cs.urls = urls;
+    cs.urls_from = at.source.to_owned();
     cs.heartbeat = c.heartbeat.unwrap_or(cs.heartbeat);
     cs.prefetch_count = c
         .prefetch_count

@@ -54,6 +54,9 @@ pub struct ConnectionSettings {
     pub urls: Vec<String>,
     /// Try `urls` in the order given, first to last, instead.
     pub keep_url_order: bool,
+    /// Where `urls` came from, for the log: a configuration file's name,
+    /// `AMQP_URL`, `--url`; `code` unless set.
+    pub urls_from: String,
     /// TLS settings for the `amqps://` URLs: CA file, client certificate,
     /// server name. The system's root certificates when left default.
     pub tls: TlsSettings,
@@ -86,6 +89,7 @@ impl ConnectionSettings {
             name: "default".to_owned(),
             urls: vec![url.into()],
             keep_url_order: false,
+            urls_from: "code".to_owned(),
             tls: TlsSettings::default(),
             heartbeat: 60,
             prefetch_count: DEFAULT_PREFETCH,
@@ -118,6 +122,7 @@ impl fmt::Debug for ConnectionSettings {
                 &self.urls.iter().map(|u| redact(u)).collect::<Vec<_>>(),
             )
             .field("keep_url_order", &self.keep_url_order)
+            .field("urls_from", &self.urls_from)
             .field("tls", &self.tls)
             .field("heartbeat", &self.heartbeat)
             .field("prefetch_count", &self.prefetch_count)
@@ -200,6 +205,7 @@ impl Connection {
         tracing::info!(
             connection = %settings.name,
             nodes = ?endpoints.iter().map(Endpoint::address).collect::<Vec<_>>(),
+            from = %settings.urls_from,
             order = if settings.keep_url_order { "as given" } else { "shuffled on each connect" },
             "connecting"
         );
