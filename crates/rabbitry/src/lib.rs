@@ -44,6 +44,7 @@
 //! | `postgres` | | the same on PostgreSQL, with `LISTEN/NOTIFY` wake-ups | sqlx's PostgreSQL driver |
 //! | `http` | yes | worker handlers that are tower services (an axum `Router`) or HTTP URLs; `web`'s publish-on-2xx layer | hyper, tower, http |
 //! | `config` | yes | `Settings` from TOML, and the worker a config file describes | toml |
+//! | `tls` | yes | `amqps://` URLs: system roots or a CA file, mutual TLS, EXTERNAL login | rustls on the `ring` provider, rustls-native-certs |
 //!
 //! A producer-only service writes
 //! `rabbitry = { version = "0.1", default-features = false }`; an app that
