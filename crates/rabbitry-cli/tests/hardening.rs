@@ -321,7 +321,14 @@ fn hostile_values_never_panic() {
         (vec!["--url", "amqp://[::1", "queues", &q], None),
         (vec!["--url", "amqp://h:99999/", "queues", &q], Some(2)),
         (vec!["--url", "amqp://%zz@h/", "queues", &q], Some(2)),
-        (vec!["--url", "amqps://localhost", "queues", &q], Some(2)),
+        (
+            vec!["--url", "amqps://localhost?verify=sometimes", "queues", &q],
+            Some(2),
+        ),
+        (
+            vec!["--url", "amqp://localhost?cacertfile=/ca.pem", "queues", &q],
+            Some(2),
+        ),
         (
             vec!["outbox", "status", "--database", "mysql://h/db"],
             Some(2),
