@@ -65,6 +65,9 @@ pub(crate) struct ScenarioResult {
 /// result: 15 %.
 pub(crate) const STABLE_SPREAD: f64 = 0.15;
 
+/// The longest one round may take.
+const ROUND_LIMIT: Duration = Duration::from_secs(600);
+
 /// CPU time this process has used, every thread, user and system: fields
 /// 14 and 15 of `/proc/self/stat`, in the kernel's fixed 100 ticks per
 /// second. Zero where there is no `/proc`.
@@ -102,7 +105,16 @@ impl Rounds {
         work: impl std::future::Future<Output = Result<Duration>>,
     ) -> Result<()> {
         let cpu = cpu_time();
-        let took = work.await?;
+        // The raw client waits for ever for confirms of a connection that
+        // died; a round that takes this long has lost its broker.
+        let took = tokio::time::timeout(ROUND_LIMIT, work)
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Timeout,
+                    format!("a round did not finish within {ROUND_LIMIT:?}: was the broker (or a node) lost?"),
+                )
+            })??;
         self.record(gateway, messages, took, cpu_time().saturating_sub(cpu));
         Ok(())
     }
