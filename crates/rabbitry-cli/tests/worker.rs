@@ -208,7 +208,7 @@ async fn dead_list_and_replay_from_the_command_line() {
         .unwrap()
         .port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
-    let mut child = worker(&config, &["--metrics", &metrics_addr]);
+    let mut child = worker(&config, &["--admin", &metrics_addr]);
     wait_consuming(&conn, &queue).await;
     let producer = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
         .await
@@ -295,6 +295,28 @@ async fn dead_list_and_replay_from_the_command_line() {
     assert!(
         metrics.contains("rabbitry_handlers_in_flight{consumer=\"jobs\"} 0"),
         "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains("rabbitry_handler_duration_seconds_bucket{consumer=\"jobs\",le=\"+Inf\"} 2"),
+        "{metrics}"
+    );
+    // The same listener answers the probes and the status.
+    let get = |path: &str| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&metrics_addr).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    };
+    assert!(get("/livez").starts_with("HTTP/1.0 200"));
+    let ready = get("/readyz");
+    assert!(ready.starts_with("HTTP/1.0 200"), "{ready}");
+    let status = get("/api/status");
+    assert!(
+        status.contains("\"name\":\"jobs\"") && status.contains("\"attached\":true"),
+        "{status}"
     );
     assert!(terminate(&mut child).await.success());
     delete_queues(&conn, &queue).await;

@@ -44,6 +44,7 @@
 //! | `postgres` | | the same on PostgreSQL, with `LISTEN/NOTIFY` wake-ups | sqlx's PostgreSQL driver |
 //! | `http` | yes | worker handlers that are tower services (an axum `Router`) or HTTP URLs; `web`'s publish-on-2xx layer | hyper, tower, http |
 //! | `config` | yes | `Settings` from TOML, and the worker a config file describes | toml |
+//! | `admin` | | `admin::Admin`: Prometheus `/metrics`, `/livez`, `/readyz`, status and dead letters as an axum `Router` | axum, metrics-exporter-prometheus |
 //! | `tls` | yes | `amqps://` URLs: system roots or a CA file, mutual TLS, EXTERNAL login | rustls on the `ring` provider, rustls-native-certs |
 //!
 //! A producer-only service writes
@@ -69,6 +70,8 @@
 //! - [`rpc`]: request/reply client, durable replies.
 //! - `outbox`: the durable outbox and the idempotent inbox (features `sqlite`, `postgres`).
 
+#[cfg(feature = "admin")]
+pub mod admin;
 pub mod clock;
 pub mod codec;
 #[cfg(feature = "config")]
@@ -78,6 +81,7 @@ pub mod consume;
 pub mod error;
 pub mod headers;
 pub mod message;
+pub mod meters;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub mod outbox;
 pub mod publish;

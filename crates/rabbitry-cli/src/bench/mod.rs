@@ -285,6 +285,18 @@ pub(crate) async fn run_cases(
         .queue_declare(declare.finish())
         .await
         .map_err(raw_err)?;
+    if cases.quorum {
+        // A new quorum queue may nack its first publishes while it elects
+        // a leader: wait until it takes one (the gateway publishes a
+        // nacked message again), so that no round starts before.
+        let producer = rabbitry::Producer::new(
+            &gw,
+            rabbitry::ProducerSettings::default().routing_key(&queue),
+        )
+        .await?;
+        producer.publish(rabbitry::Message::new("warm-up")).await?;
+        purge(&raw, &queue).await?;
+    }
 
     let n = opts.messages;
     let mut scenarios = Vec::new();

@@ -28,6 +28,18 @@ struct RawConfirms {
     target: u64,
 }
 
+impl RawConfirms {
+    fn settle(&self, tag: u64, multiple: bool) {
+        let prev = self.acked.load(Ordering::Relaxed);
+        let now = if multiple { tag } else { prev + 1 };
+        self.acked.store(now, Ordering::Relaxed);
+        self.permits.add_permits(now.saturating_sub(prev) as usize);
+        if now >= self.target {
+            self.done.notify_one();
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl ChannelCallback for RawConfirms {
     async fn close(
@@ -52,19 +64,17 @@ impl ChannelCallback for RawConfirms {
         Ok(active)
     }
     async fn publish_ack(&mut self, _: &Channel, ack: Ack) {
-        let prev = self.acked.load(Ordering::Relaxed);
-        let now = if ack.mutiple() {
-            ack.delivery_tag()
-        } else {
-            prev + 1
-        };
-        self.acked.store(now, Ordering::Relaxed);
-        self.permits.add_permits((now - prev) as usize);
-        if now >= self.target {
-            self.done.notify_one();
-        }
+        self.settle(ack.delivery_tag(), ack.mutiple());
     }
-    async fn publish_nack(&mut self, _: &Channel, _: Nack) {}
+    /// A nack settles too, or the round would wait for ever; it is logged,
+    /// since the broker did not take the message.
+    async fn publish_nack(&mut self, _: &Channel, nack: Nack) {
+        tracing::warn!(
+            tag = nack.delivery_tag(),
+            "bench: the broker nacked a raw publish"
+        );
+        self.settle(nack.delivery_tag(), nack.multiple());
+    }
     async fn publish_return(&mut self, _: &Channel, _: Return, _: BasicProperties, _: Vec<u8>) {}
 }
 

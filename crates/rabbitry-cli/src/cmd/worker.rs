@@ -15,9 +15,12 @@ pub(crate) struct Args {
     /// Substituted for ${site} in queue names, routing keys and consumer names.
     #[arg(long)]
     site: Option<String>,
-    /// Serve Prometheus metrics at http://ADDR/metrics.
-    #[arg(long, value_name = "ADDR")]
-    metrics: Option<std::net::SocketAddr>,
+    /// Serve the admin routes at http://ADDR: /metrics (Prometheus), /livez,
+    /// /readyz, /api/status, /api/dead/QUEUE and its replay and purge
+    /// (which need RABBITRY_ADMIN_TOKEN). Use a loopback address unless
+    /// the network is trusted.
+    #[arg(long, value_name = "ADDR", alias = "metrics")]
+    admin: Option<std::net::SocketAddr>,
 }
 
 pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
@@ -25,31 +28,20 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         usage!("worker needs a configuration file: rabbitry worker -c FILE");
     }
     let settings = global.settings_for_site(args.site)?;
+    if args.admin.is_some() {
+        // Before any connection or consumer makes its metric handles.
+        rabbitry::admin::install_prometheus();
+    }
     let worker = settings.forwarding_worker().await?;
     let running = worker.start().await?;
-    let metrics_server = match args.metrics {
+    let admin_server = match args.admin {
         Some(addr) => {
-            let metrics = running.metrics();
-            let app = axum::Router::new().route(
-                "/metrics",
-                axum::routing::get(move || {
-                    let metrics = metrics.clone();
-                    async move {
-                        (
-                            [(
-                                axum::http::header::CONTENT_TYPE,
-                                "text/plain; version=0.0.4",
-                            )],
-                            metrics.render(),
-                        )
-                    }
-                }),
-            );
+            let app = rabbitry::admin::Admin::new().worker(&running).router();
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
-                .with_context(|| format!("binding the metrics address {addr}"))?;
+                .with_context(|| format!("binding the admin address {addr}"))?;
             eprintln!(
-                "worker: metrics at http://{}/metrics",
+                "worker: admin at http://{}/ (metrics, livez, readyz, api/status)",
                 listener.local_addr()?
             );
             Some(tokio::spawn(async move {
@@ -60,7 +52,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     };
     eprintln!("worker: consuming; Ctrl-C or SIGTERM stops it cleanly");
     super::shutdown_requested("worker").await;
-    if let Some(server) = metrics_server {
+    if let Some(server) = admin_server {
         server.abort();
     }
     running.shutdown().await;

@@ -155,6 +155,7 @@ struct Shared {
     /// Consumers the broker cancelled (their queue deleted, or its node
     /// gone) while the channel stayed open.
     cancelled_consumers: AtomicU64,
+    meters: crate::meters::ConnectionMeters,
 }
 
 /// A supervised, recovering connection. Cheap to clone; clones share the
@@ -210,6 +211,7 @@ impl Connection {
             "connecting"
         );
         let conn = supervisor::connect_any(&settings, &endpoints).await?;
+        let settings_name = settings.name.clone();
         let (link, _) = watch::channel(Link {
             generation: 1,
             conn: Some(conn),
@@ -224,7 +226,9 @@ impl Connection {
             publishing: tokio::sync::OnceCell::new(),
             refused_declarations: AtomicU64::new(0),
             cancelled_consumers: AtomicU64::new(0),
+            meters: crate::meters::ConnectionMeters::new(&settings_name),
         });
+        shared.meters.up.set(1.0);
         let weak = Arc::downgrade(&shared);
         let task = Background::spawn(move |stop| supervisor::run(weak, stop));
         *lock(&shared.supervisor) = Some(task);
@@ -305,6 +309,7 @@ impl Connection {
         self.shared
             .cancelled_consumers
             .fetch_add(1, Ordering::Relaxed);
+        self.shared.meters.consumers_cancelled.increment(1);
     }
 
     /// Declares `topology` once without remembering it.

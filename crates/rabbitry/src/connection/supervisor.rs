@@ -375,6 +375,7 @@ pub(super) async fn run(shared: Weak<Shared>, stop: CancellationToken) {
         drop(conn);
         let Some(s) = shared.upgrade() else { return };
         s.link.send_modify(|l| l.conn = None);
+        s.meters.up.set(0.0);
         tracing::warn!(connection = %name, generation, "connection lost; recovering");
         let mut backoff = Backoff::new(s.settings.backoff_initial, s.settings.backoff_max);
         drop(s);
@@ -407,6 +408,7 @@ pub(super) async fn run(shared: Weak<Shared>, stop: CancellationToken) {
                     if !refused.is_empty() {
                         let n = refused.entities().len() as u64;
                         s.refused_declarations.fetch_add(n, Ordering::Relaxed);
+                        s.meters.declarations_refused.increment(n);
                         retry_refused(
                             conn.clone(),
                             name.clone(),
@@ -418,6 +420,8 @@ pub(super) async fn run(shared: Weak<Shared>, stop: CancellationToken) {
                         l.generation += 1;
                         l.conn = Some(conn);
                     });
+                    s.meters.up.set(1.0);
+                    s.meters.reconnects.increment(1);
                     tracing::info!(connection = %name, generation = generation + 1, "recovered");
                     break;
                 }

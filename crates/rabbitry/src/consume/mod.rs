@@ -10,6 +10,8 @@
 mod delivery;
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -153,6 +155,25 @@ pub struct Consumer {
     rx: mpsc::Receiver<Delivery>,
     task: Option<Background<()>>,
     queue: String,
+    attachment: Attachment,
+}
+
+/// Whether a consumer is attached to its queue now: set once the broker
+/// accepted `basic.consume`, cleared when the channel or the consumer
+/// ends, set again when it resumes. Cheap to clone and to read; readiness
+/// probes hold one.
+#[derive(Debug, Clone, Default)]
+pub struct Attachment(Arc<AtomicBool>);
+
+impl Attachment {
+    /// Whether the consumer is attached.
+    pub fn is_attached(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, attached: bool) {
+        self.0.store(attached, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Consumer {
@@ -200,14 +221,25 @@ impl Consumer {
         let (tx, rx) = mpsc::channel(capacity);
         let (started_tx, started_rx) = oneshot::channel();
         let conn = conn.clone();
+        let attachment = Attachment::default();
+        let attached = attachment.clone();
         let task = Background::spawn(move |stop| {
-            run(conn, settings, prefetch, tx, stop, Some(started_tx))
+            run(
+                conn,
+                settings,
+                prefetch,
+                tx,
+                stop,
+                Some(started_tx),
+                attached,
+            )
         });
         match started_rx.await {
             Ok(Ok(queue)) => Ok(Consumer {
                 rx,
                 task: Some(task),
                 queue,
+                attachment,
             }),
             Ok(Err(err)) => Err(err),
             Err(_) => Err(Error::new(ErrorKind::Closed, "consumer task ended")),
@@ -218,6 +250,11 @@ impl Consumer {
     /// changes after recovery for such queues).
     pub fn queue(&self) -> &str {
         &self.queue
+    }
+
+    /// Whether it is attached to its queue now, as a handle to keep.
+    pub fn attachment(&self) -> Attachment {
+        self.attachment.clone()
     }
 
     /// The next delivery, or `None` once the consumer has stopped. The
@@ -304,6 +341,7 @@ async fn run(
     tx: mpsc::Sender<Delivery>,
     stop: CancellationToken,
     mut started: Option<Started>,
+    attached: Attachment,
 ) {
     let topology = settings.topology();
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
@@ -334,6 +372,7 @@ async fn run(
             }
         };
         backoff.reset();
+        attached.set(true);
         if let Some(started) = started.take() {
             let _ = started.send(Ok(queue.clone()));
         } else {
@@ -352,6 +391,7 @@ async fn run(
                 _ = stop.cancelled() => break true,
             }
         };
+        attached.set(false);
         if stopped {
             // Bounded: stopping must not hang on a broker that does not answer.
             let cancel = channel.basic_cancel(BasicCancelArguments::new(&tag));

@@ -129,7 +129,6 @@ async fn sleep_until_some(when: Option<Instant>) {
 }
 
 /// The pending table, shared with the channel callback.
-#[derive(Default)]
 struct Tracker {
     pending: Mutex<Pending>,
     /// Signalled when the broker closes the publishing channel.
@@ -147,6 +146,7 @@ struct Tracker {
     republished: AtomicU64,
     /// Since when the channel has nacked and not acked anything.
     nacking_since: Mutex<Option<Instant>>,
+    meters: crate::meters::PublishMeters,
 }
 
 impl Tracker {
@@ -173,6 +173,17 @@ impl Tracker {
             } else {
                 streak.get_or_insert(now);
             }
+        }
+        let settled_n = settled.len() as u64;
+        if acked {
+            self.meters.confirms.increment(settled_n);
+            for e in &settled {
+                self.meters
+                    .confirm_duration
+                    .record(now.duration_since(e.first_sent).as_secs_f64());
+            }
+        } else {
+            self.meters.nacks.increment(settled_n);
         }
         for mut e in settled {
             let result = match (acked, e.returned.take()) {
@@ -262,6 +273,7 @@ impl ConfirmSink for EpochSink {
             .find(|e| e.message.mandatory && e.message.message_id.as_deref() == Some(&id))
         {
             e.returned = Some(text);
+            self.tracker.meters.returns.increment(1);
         }
     }
 
@@ -324,10 +336,16 @@ impl Publisher {
             conn: conn.clone(),
             confirms,
             tracker: Arc::new(Tracker {
+                pending: Mutex::default(),
+                channel_closed: Notify::new(),
+                nacked: Mutex::default(),
+                nack_arrived: Notify::new(),
                 nack_bound: conn.settings().recovery_timeout,
                 // Never a busy loop of re-publishing.
                 confirm_timeout: confirm_timeout.max(Duration::from_millis(100)),
-                ..Tracker::default()
+                republished: AtomicU64::new(0),
+                nacking_since: Mutex::default(),
+                meters: crate::meters::PublishMeters::new(conn.name()),
             }),
             channel: None,
             generation: 0,
@@ -486,6 +504,7 @@ impl Actor {
     }
 
     async fn handle(&mut self, p: Publish) {
+        self.tracker.meters.publishes.increment(1);
         let message = Arc::new(p.message);
         if !self.channel_live() {
             self.waiting.push_back((message, p.done, p.deadline));
@@ -537,6 +556,7 @@ impl Actor {
             match due {
                 Some(entry) => {
                     self.tracker.republished.fetch_add(1, Ordering::Relaxed);
+                    self.tracker.meters.republished.increment(1);
                     self.send_tracked(&channel, entry).await
                 }
                 None => return,
@@ -596,6 +616,7 @@ impl Actor {
             }
             entry.sent = now;
             self.tracker.republished.fetch_add(1, Ordering::Relaxed);
+            self.tracker.meters.republished.increment(1);
             self.send_tracked(&channel, entry).await;
         }
     }
@@ -686,6 +707,10 @@ impl Actor {
         self.tracker
             .republished
             .fetch_add(resend.len() as u64, Ordering::Relaxed);
+        self.tracker
+            .meters
+            .republished
+            .increment(resend.len() as u64);
         for m in &resend {
             if let Err(e) = m.send(&channel).await {
                 // Lost again already: the next recovery resends them.

@@ -13,7 +13,7 @@ use tracing::Instrument;
 use super::handler::{BoxFuture, Context, FailureKind, HandlerError, Meta, Reply};
 #[cfg(feature = "http")]
 use super::http;
-use super::metrics::{Counted, WorkerMetrics};
+use super::metrics::{ConsumerMeter, Counted};
 use super::{retry, ConsumerOptions, ErrorHandler, Route};
 use crate::consume::{Consumer, Delivery, Outcome};
 use crate::error::ErrorKind;
@@ -26,7 +26,7 @@ use crate::transaction::UnitOfWork;
 pub(super) struct ConsumerRuntime<S> {
     pub(super) name: String,
     pub(super) queue: String,
-    pub(super) metrics: Arc<WorkerMetrics>,
+    pub(super) metrics: Arc<ConsumerMeter>,
     pub(super) connection: String,
     pub(super) options: ConsumerOptions,
     pub(super) route: Route<S>,
@@ -126,7 +126,7 @@ async fn handle_delivery<S: Clone + Send + Sync + 'static>(
                 late_ms = late,
                 "request expired before it was handled; acked without handling"
             );
-            rt.metrics.count(&rt.name, Counted::Expired);
+            rt.metrics.count(Counted::Expired);
             settle_or_log(&d, Outcome::Ack).await;
             return;
         }
@@ -151,10 +151,10 @@ async fn handle_delivery<S: Clone + Send + Sync + 'static>(
         unit: unit.clone(),
     };
     let started = std::time::Instant::now();
-    let running = rt.metrics.start(&rt.name);
+    let running = rt.metrics.start();
     let result = run_handler(rt, state, ctx).await;
     drop(running);
-    rt.metrics.handled(&rt.name, started.elapsed());
+    rt.metrics.handled(started.elapsed());
     match result {
         Ok(reply) => succeed(rt, &delivery, attempt, &unit, reply).await,
         Err(err) => {
@@ -254,7 +254,7 @@ async fn succeed<S>(
                     error = %e,
                     "the reply was not routed to any queue; it is dropped and the request acked"
                 );
-                rt.metrics.reply_unroutable(&rt.name);
+                rt.metrics.reply_unroutable();
             }
             Err(e) => {
                 let err = HandlerError::retry(format!(
@@ -265,7 +265,7 @@ async fn succeed<S>(
         }
     }
     tracing::Span::current().record("outcome", "ack");
-    rt.metrics.count(&rt.name, Counted::Ack);
+    rt.metrics.count(Counted::Ack);
     settle_or_log(d, Outcome::Ack).await;
 }
 
@@ -287,7 +287,7 @@ async fn fail<S>(rt: &ConsumerRuntime<S>, d: &Arc<Delivery>, attempt: u32, err: 
     if err.kind() == FailureKind::Conflict {
         tracing::Span::current().record("outcome", "requeue");
         tracing::info!(error = %err, "conflict; requeued");
-        rt.metrics.count(&rt.name, Counted::Requeue);
+        rt.metrics.count(Counted::Requeue);
         settle_or_log(d, Outcome::Requeue).await;
         return;
     }
@@ -296,7 +296,7 @@ async fn fail<S>(rt: &ConsumerRuntime<S>, d: &Arc<Delivery>, attempt: u32, err: 
         tracing::Span::current().record("outcome", "error-handler");
         tracing::error!(error = %err, attempt, "handler failed; passed to the error handler of exchange '{exchange}'");
         on_error(d.clone(), err).await;
-        rt.metrics.count(&rt.name, Counted::ErrorHandler);
+        rt.metrics.count(Counted::ErrorHandler);
         settle_or_log(d, Outcome::Ack).await;
         return;
     }
@@ -333,13 +333,13 @@ async fn fail<S>(rt: &ConsumerRuntime<S>, d: &Arc<Delivery>, attempt: u32, err: 
             } else {
                 Counted::DeadLetter
             };
-            rt.metrics.count(&rt.name, counted);
+            rt.metrics.count(counted);
             settle_or_log(d, Outcome::Ack).await
         }
         Err(e) => {
             tracing::Span::current().record("outcome", "requeue");
             tracing::error!(error = %e, "could not move the failed message; requeueing it");
-            rt.metrics.count(&rt.name, Counted::Requeue);
+            rt.metrics.count(Counted::Requeue);
             settle_or_log(d, Outcome::Requeue).await;
         }
     }

@@ -1,16 +1,18 @@
-//! What a worker has done, as counters in the Prometheus text format.
+//! What a worker has done: per consumer, deliveries by outcome, handler
+//! duration, handlers in flight and unroutable replies.
 //!
-//! Per consumer: deliveries by outcome, handler time (a sum and a count),
-//! and the handlers running now. `rabbitry worker --metrics ADDR` serves
-//! [`WorkerMetrics::render`] at `/metrics`.
+//! Each count goes two ways: to the [`metrics`] facade, so that whatever
+//! recorder the application installed (the Prometheus one of
+//! `rabbitry::admin`, or its own) exports it, and to an atomic the worker
+//! reads back ([`WorkerMetrics::outcomes`]). The handles are resolved once
+//! per consumer when the worker starts: a delivery costs atomic increments,
+//! no lock and no allocation. A recorder must be installed before the
+//! worker starts for the facade's side to be recorded.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
-
-use crate::connection::lock;
 
 /// How a delivery ended, as counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -30,7 +32,17 @@ pub enum Counted {
 }
 
 impl Counted {
-    fn label(self) -> &'static str {
+    const ALL: [Counted; 6] = [
+        Counted::Ack,
+        Counted::Requeue,
+        Counted::Retry,
+        Counted::DeadLetter,
+        Counted::Expired,
+        Counted::ErrorHandler,
+    ];
+
+    /// The `outcome` label.
+    pub fn label(self) -> &'static str {
         match self {
             Counted::Ack => "ack",
             Counted::Requeue => "requeue",
@@ -42,158 +54,117 @@ impl Counted {
     }
 }
 
-#[derive(Default)]
-struct ConsumerMetrics {
-    outcomes: BTreeMap<Counted, u64>,
-    handler_seconds: f64,
-    handled: u64,
-    replies_unroutable: u64,
+/// One consumer's meters: facade handles and the atomics read back.
+pub(crate) struct ConsumerMeter {
+    outcomes: [(metrics::Counter, AtomicU64); 6],
+    handler: (metrics::Histogram, AtomicU64),
+    in_flight: metrics::Gauge,
+    unroutable: (metrics::Counter, AtomicU64),
 }
 
-/// A worker's counters. Shared by its consumers; cheap to read.
+impl ConsumerMeter {
+    fn new(consumer: &str) -> ConsumerMeter {
+        let consumer = consumer.to_owned();
+        ConsumerMeter {
+            outcomes: Counted::ALL.map(|c| {
+                let counter = metrics::counter!(
+                    "rabbitry_deliveries_total",
+                    "consumer" => consumer.clone(),
+                    "outcome" => c.label()
+                );
+                (counter, AtomicU64::new(0))
+            }),
+            handler: (
+                metrics::histogram!(
+                    "rabbitry_handler_duration_seconds",
+                    "consumer" => consumer.clone()
+                ),
+                AtomicU64::new(0),
+            ),
+            in_flight: metrics::gauge!("rabbitry_handlers_in_flight", "consumer" => consumer.clone()),
+            unroutable: (
+                metrics::counter!("rabbitry_replies_unroutable_total", "consumer" => consumer),
+                AtomicU64::new(0),
+            ),
+        }
+    }
+
+    /// A handler starts: in flight until the guard is dropped.
+    pub(crate) fn start(self: &Arc<Self>) -> InFlight {
+        self.in_flight.increment(1.0);
+        InFlight(self.clone())
+    }
+
+    pub(crate) fn handled(&self, took: Duration) {
+        self.handler.0.record(took.as_secs_f64());
+        self.handler.1.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count(&self, outcome: Counted) {
+        let (counter, n) = &self.outcomes[outcome as usize];
+        counter.increment(1);
+        n.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn reply_unroutable(&self) {
+        self.unroutable.0.increment(1);
+        self.unroutable.1.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Takes a handler off the in-flight gauge when dropped.
+pub(crate) struct InFlight(Arc<ConsumerMeter>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.decrement(1.0);
+    }
+}
+
+/// A worker's meters, by consumer name.
 #[derive(Default)]
 pub struct WorkerMetrics {
-    consumers: Mutex<BTreeMap<String, ConsumerMetrics>>,
-    in_flight: Mutex<BTreeMap<String, std::sync::Arc<AtomicI64>>>,
+    consumers: BTreeMap<String, Arc<ConsumerMeter>>,
 }
 
 impl std::fmt::Debug for WorkerMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("WorkerMetrics")
-    }
-}
-
-/// Decrements a consumer's in-flight gauge when dropped.
-pub(crate) struct InFlight(std::sync::Arc<AtomicI64>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        f.debug_struct("WorkerMetrics")
+            .field("consumers", &self.consumers.keys().collect::<Vec<_>>())
+            .finish()
     }
 }
 
 impl WorkerMetrics {
-    pub(crate) fn start(&self, consumer: &str) -> InFlight {
-        let gauge = lock(&self.in_flight)
-            .entry(consumer.to_owned())
-            .or_default()
-            .clone();
-        gauge.fetch_add(1, Ordering::Relaxed);
-        InFlight(gauge)
-    }
-
-    pub(crate) fn handled(&self, consumer: &str, took: Duration) {
-        let mut c = lock(&self.consumers);
-        let m = c.entry(consumer.to_owned()).or_default();
-        m.handler_seconds += took.as_secs_f64();
-        m.handled += 1;
-    }
-
-    pub(crate) fn count(&self, consumer: &str, outcome: Counted) {
-        *lock(&self.consumers)
-            .entry(consumer.to_owned())
-            .or_default()
-            .outcomes
-            .entry(outcome)
-            .or_default() += 1;
-    }
-
-    pub(crate) fn reply_unroutable(&self, consumer: &str) {
-        lock(&self.consumers)
-            .entry(consumer.to_owned())
-            .or_default()
-            .replies_unroutable += 1;
+    /// The meter of consumer `name`, made on first use (at start).
+    pub(crate) fn consumer(&mut self, name: &str) -> Arc<ConsumerMeter> {
+        self.consumers
+            .entry(name.to_owned())
+            .or_insert_with(|| Arc::new(ConsumerMeter::new(name)))
+            .clone()
     }
 
     /// How many replies of `consumer`'s handlers no queue took (their
     /// `reply_to` queue did not exist).
     pub fn replies_unroutable(&self, consumer: &str) -> u64 {
-        lock(&self.consumers)
+        self.consumers
             .get(consumer)
-            .map_or(0, |m| m.replies_unroutable)
+            .map_or(0, |m| m.unroutable.1.load(Ordering::Relaxed))
+    }
+
+    /// How many times `consumer`'s handler ran (retries included).
+    pub fn handler_runs(&self, consumer: &str) -> u64 {
+        self.consumers
+            .get(consumer)
+            .map_or(0, |m| m.handler.1.load(Ordering::Relaxed))
     }
 
     /// How many deliveries of `consumer` ended with `outcome`.
     pub fn outcomes(&self, consumer: &str, outcome: Counted) -> u64 {
-        lock(&self.consumers)
-            .get(consumer)
-            .and_then(|m| m.outcomes.get(&outcome).copied())
-            .unwrap_or(0)
+        self.consumers.get(consumer).map_or(0, |m| {
+            m.outcomes[outcome as usize].1.load(Ordering::Relaxed)
+        })
     }
-
-    /// Everything, in the Prometheus text exposition format.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        let consumers = lock(&self.consumers);
-        let _ = writeln!(
-            out,
-            "# HELP rabbitry_deliveries_total Deliveries handled, by consumer and outcome."
-        );
-        let _ = writeln!(out, "# TYPE rabbitry_deliveries_total counter");
-        for (name, m) in consumers.iter() {
-            for (outcome, n) in &m.outcomes {
-                let _ = writeln!(
-                    out,
-                    "rabbitry_deliveries_total{{consumer=\"{}\",outcome=\"{}\"}} {n}",
-                    escape(name),
-                    outcome.label()
-                );
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP rabbitry_handler_seconds Time spent in handlers."
-        );
-        let _ = writeln!(out, "# TYPE rabbitry_handler_seconds summary");
-        for (name, m) in consumers.iter() {
-            let _ = writeln!(
-                out,
-                "rabbitry_handler_seconds_sum{{consumer=\"{}\"}} {}",
-                escape(name),
-                m.handler_seconds
-            );
-            let _ = writeln!(
-                out,
-                "rabbitry_handler_seconds_count{{consumer=\"{}\"}} {}",
-                escape(name),
-                m.handled
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP rabbitry_replies_unroutable_total Replies no queue took (reply_to did not exist)."
-        );
-        let _ = writeln!(out, "# TYPE rabbitry_replies_unroutable_total counter");
-        for (name, m) in consumers.iter() {
-            let _ = writeln!(
-                out,
-                "rabbitry_replies_unroutable_total{{consumer=\"{}\"}} {}",
-                escape(name),
-                m.replies_unroutable
-            );
-        }
-        drop(consumers);
-        let _ = writeln!(
-            out,
-            "# HELP rabbitry_handlers_in_flight Handlers running now."
-        );
-        let _ = writeln!(out, "# TYPE rabbitry_handlers_in_flight gauge");
-        for (name, g) in lock(&self.in_flight).iter() {
-            let _ = writeln!(
-                out,
-                "rabbitry_handlers_in_flight{{consumer=\"{}\"}} {}",
-                escape(name),
-                g.load(Ordering::Relaxed)
-            );
-        }
-        out
-    }
-}
-
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -201,37 +172,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_counters_gauges_and_summaries() {
-        let m = WorkerMetrics::default();
+    fn counts_go_to_the_atomics_and_the_facade() {
+        // Without a recorder the facade's handles do nothing; the atomics
+        // still count.
+        let mut m = WorkerMetrics::default();
+        let orders = m.consumer("orders");
         {
-            let _running = m.start("orders");
-            assert!(m
-                .render()
-                .contains("rabbitry_handlers_in_flight{consumer=\"orders\"} 1"));
-            m.handled("orders", Duration::from_millis(250));
-            m.count("orders", Counted::Ack);
-            m.count("orders", Counted::Ack);
-            m.count("orders", Counted::DeadLetter);
+            let _running = orders.start();
+            orders.handled(Duration::from_millis(250));
+            orders.count(Counted::Ack);
+            orders.count(Counted::Ack);
+            orders.count(Counted::DeadLetter);
+            orders.reply_unroutable();
         }
-        let text = m.render();
-        assert!(
-            text.contains("rabbitry_deliveries_total{consumer=\"orders\",outcome=\"ack\"} 2"),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                "rabbitry_deliveries_total{consumer=\"orders\",outcome=\"dead_letter\"} 1"
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains("rabbitry_handler_seconds_sum{consumer=\"orders\"} 0.25"),
-            "{text}"
-        );
-        assert!(
-            text.contains("rabbitry_handlers_in_flight{consumer=\"orders\"} 0"),
-            "{text}"
-        );
         assert_eq!(m.outcomes("orders", Counted::Ack), 2);
+        assert_eq!(m.outcomes("orders", Counted::DeadLetter), 1);
+        assert_eq!(m.outcomes("orders", Counted::Retry), 0);
+        assert_eq!(m.replies_unroutable("orders"), 1);
+        assert_eq!(m.handler_runs("orders"), 1);
+        assert_eq!(m.outcomes("nobody", Counted::Ack), 0);
     }
 }

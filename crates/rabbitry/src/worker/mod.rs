@@ -463,7 +463,8 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
         let error_handlers = Arc::new(error_handlers);
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
-        let metrics = Arc::new(WorkerMetrics::default());
+        let mut metrics = WorkerMetrics::default();
+        let mut started = Vec::new();
         // One reply producer per connection, shared by its consumers.
         let mut replies: Vec<(Connection, Producer)> = Vec::new();
         for spec in consumers {
@@ -509,6 +510,12 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
                     .unwrap_or(options.concurrency.min(usize::from(u16::MAX)) as u16),
             );
             let consumer = Consumer::start(&consumer_conn, cs).await?;
+            started.push(WorkerConsumer {
+                name: settings.name.clone(),
+                queue: consumer.queue().to_owned(),
+                connection: consumer_conn.clone(),
+                attachment: consumer.attachment(),
+            });
             tracing::info!(
                 consumer = %settings.name,
                 queue = %consumer.queue(),
@@ -519,7 +526,7 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
             let runtime = Arc::new(ConsumerRuntime {
                 name: settings.name.clone(),
                 queue: settings.queue.clone(),
-                metrics: metrics.clone(),
+                metrics: metrics.consumer(&settings.name),
                 connection: consumer_conn.name().to_owned(),
                 options,
                 route,
@@ -550,7 +557,8 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
         Ok(RunningWorker {
             stop,
             tasks,
-            metrics,
+            metrics: Arc::new(metrics),
+            consumers: started,
             #[cfg(any(feature = "sqlite", feature = "postgres"))]
             relay,
             connections: owned,
@@ -603,11 +611,26 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
     }
 }
 
+/// One consumer of a running worker, as status pages and readiness
+/// probes see it.
+#[derive(Debug, Clone)]
+pub struct WorkerConsumer {
+    /// The consumer's name.
+    pub name: String,
+    /// Its queue.
+    pub queue: String,
+    /// The connection it consumes on.
+    pub connection: Connection,
+    /// Whether it is attached to its queue now.
+    pub attachment: crate::consume::Attachment,
+}
+
 /// A started worker.
 pub struct RunningWorker {
     stop: CancellationToken,
     tasks: Vec<Background<()>>,
     metrics: Arc<WorkerMetrics>,
+    consumers: Vec<WorkerConsumer>,
     #[cfg(any(feature = "sqlite", feature = "postgres"))]
     relay: Option<crate::outbox::Relay>,
     connections: Vec<Connection>,
@@ -626,6 +649,11 @@ impl RunningWorker {
     /// The worker's counters (deliveries by outcome, handler time, in flight).
     pub fn metrics(&self) -> Arc<WorkerMetrics> {
         self.metrics.clone()
+    }
+
+    /// Its consumers: name, queue, connection and whether each is attached.
+    pub fn consumers(&self) -> &[WorkerConsumer] {
+        &self.consumers
     }
 
     /// Stops consuming, waits for the handlers in flight (up to the

@@ -1,6 +1,7 @@
 //! Tests against the real RabbitMQ on 127.0.0.1:5672 (or `AMQP_URL`).
 //! One binary, grouped by topic, with shared helpers in `support`.
 
+mod admin;
 mod consume;
 mod errors;
 mod hardening;

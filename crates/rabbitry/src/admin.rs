@@ -1,0 +1,346 @@
+//! The admin listener: metrics, health probes, status and dead letters,
+//! as an axum [`Router`] that `rabbitry worker --admin ADDR` serves and an
+//! application can mount in its own.
+//!
+//! | route | answer |
+//! |---|---|
+//! | `GET /metrics` | Prometheus text: every `rabbitry_*` metric (see [`crate::meters`]) and the application's own |
+//! | `GET /livez` | 200 while the process answers |
+//! | `GET /readyz` | 200 while every connection is open and every consumer is attached, as the broker counts it; else 503 naming what is missing |
+//! | `GET /api/status` | connections and consumers as JSON |
+//! | `GET /api/dead/{queue}` | the dead letters of a consumer's queue, with their reasons |
+//! | `POST /api/dead/{queue}/replay?count=N` | sends dead letters back to their queue (needs the token) |
+//! | `POST /api/dead/{queue}/purge` | deletes them (needs the token) |
+//!
+//! Changes need `Authorization: Bearer TOKEN`; without it the answer is
+//! 401 and nothing changes. The token is given ([`Admin::token`]), or read
+//! from `RABBITRY_ADMIN_TOKEN`, or made up at start and logged once.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::connection::Connection;
+use crate::worker::{dead, RunningWorker, WorkerConsumer};
+
+/// Histogram buckets for every `*_seconds` metric: 100 µs to 60 s.
+const BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+    15.0, 60.0,
+];
+
+static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs a Prometheus recorder as the process's `metrics` recorder, once,
+/// and returns its handle; `None` when the application installed another
+/// recorder first (then it serves its own metrics). Call it before
+/// connections and workers start: handles made before any recorder record
+/// nothing.
+pub fn install_prometheus() -> Option<PrometheusHandle> {
+    PROMETHEUS
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&BUCKETS)
+                .expect("the buckets are not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            match metrics::set_global_recorder(recorder) {
+                Ok(()) => Some(handle),
+                Err(_) => {
+                    tracing::warn!("a metrics recorder is already installed; /metrics serves nothing of rabbitry's");
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+/// What the admin routes look at.
+#[derive(Debug, Clone, Default)]
+pub struct Admin {
+    connections: Vec<Connection>,
+    consumers: Vec<WorkerConsumer>,
+    token: Option<String>,
+}
+
+struct Shared {
+    connections: Vec<Connection>,
+    consumers: Vec<WorkerConsumer>,
+    token: String,
+    prometheus: Option<PrometheusHandle>,
+}
+
+impl Admin {
+    /// Nothing to look at yet.
+    pub fn new() -> Admin {
+        Admin::default()
+    }
+
+    /// Watches `conn` (readiness: it must be open).
+    pub fn connection(mut self, conn: &Connection) -> Admin {
+        if !self.connections.iter().any(|c| c.same_as(conn)) {
+            self.connections.push(conn.clone());
+        }
+        self
+    }
+
+    /// Watches a worker's consumers and their connections.
+    pub fn worker(mut self, worker: &RunningWorker) -> Admin {
+        for c in worker.consumers() {
+            self = self.connection(&c.connection);
+            self.consumers.push(c.clone());
+        }
+        self
+    }
+
+    /// The token that changes need. Unset: `RABBITRY_ADMIN_TOKEN`, else a
+    /// new one, logged once.
+    pub fn token(mut self, token: impl Into<String>) -> Admin {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// The routes. Installs the Prometheus recorder if nothing did.
+    pub fn router(self) -> Router {
+        let token = self
+            .token
+            .or_else(|| std::env::var("RABBITRY_ADMIN_TOKEN").ok())
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| {
+                let token = uuid::Uuid::new_v4().simple().to_string();
+                tracing::warn!(%token, "admin: no token set (RABBITRY_ADMIN_TOKEN); replay and purge need this one");
+                token
+            });
+        let shared = Arc::new(Shared {
+            connections: self.connections,
+            consumers: self.consumers,
+            token,
+            prometheus: install_prometheus(),
+        });
+        Router::new()
+            .route("/metrics", get(metrics_text))
+            .route("/livez", get(|| async { "ok\n" }))
+            .route("/readyz", get(readyz))
+            .route("/api/status", get(status))
+            .route("/api/dead/{queue}", get(dead_list))
+            .route("/api/dead/{queue}/replay", post(dead_replay))
+            .route("/api/dead/{queue}/purge", post(dead_purge))
+            .with_state(shared)
+    }
+}
+
+async fn metrics_text(State(s): State<Arc<Shared>>) -> Response {
+    let body = s
+        .prometheus
+        .as_ref()
+        .map(|h| h.render())
+        .unwrap_or_default();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// What is missing for readiness; empty when ready.
+async fn missing(s: &Shared) -> Vec<String> {
+    let mut missing = Vec::new();
+    for c in &s.connections {
+        if !c.is_connected() {
+            missing.push(format!("connection '{}' is down", c.name()));
+        }
+    }
+    for c in &s.consumers {
+        if !c.attachment.is_attached() {
+            missing.push(format!(
+                "consumer '{}' is not attached to queue '{}'",
+                c.name, c.queue
+            ));
+            continue;
+        }
+        // Local state can be wrong; ask the broker.
+        match c.connection.queue_status(&c.queue).await {
+            Ok(Some(q)) if q.consumers > 0 => {}
+            Ok(Some(_)) => missing.push(format!(
+                "consumer '{}': the broker counts no consumer on queue '{}'",
+                c.name, c.queue
+            )),
+            Ok(None) => missing.push(format!(
+                "consumer '{}': queue '{}' does not exist",
+                c.name, c.queue
+            )),
+            Err(e) => missing.push(format!("consumer '{}': cannot ask the broker: {e}", c.name)),
+        }
+    }
+    missing
+}
+
+async fn readyz(State(s): State<Arc<Shared>>) -> Response {
+    let missing = missing(&s).await;
+    if missing.is_empty() {
+        (StatusCode::OK, Json(json!({ "ready": true }))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "ready": false, "missing": missing })),
+        )
+            .into_response()
+    }
+}
+
+async fn status(State(s): State<Arc<Shared>>) -> Response {
+    let connections: Vec<_> = s
+        .connections
+        .iter()
+        .map(|c| {
+            json!({
+                "name": c.name(),
+                "connected": c.is_connected(),
+                "server": c.server(),
+                "generation": c.generation(),
+                "cancelled_consumers": c.cancelled_consumers(),
+                "refused_declarations": c.refused_declarations(),
+            })
+        })
+        .collect();
+    let mut consumers = Vec::new();
+    for c in &s.consumers {
+        let queue = c.connection.queue_status(&c.queue).await.ok().flatten();
+        let dead = c
+            .connection
+            .queue_status(&dead::dead_queue_of(&c.queue))
+            .await
+            .ok()
+            .flatten();
+        consumers.push(json!({
+            "name": c.name,
+            "queue": c.queue,
+            "attached": c.attachment.is_attached(),
+            "ready": queue.as_ref().map(|q| q.messages),
+            "consumers": queue.as_ref().map(|q| q.consumers),
+            "dead_letters": dead.map(|q| q.messages),
+        }));
+    }
+    Json(json!({ "connections": connections, "consumers": consumers })).into_response()
+}
+
+/// The consumer whose queue is `queue`: only those are served.
+fn consumer_of<'a>(s: &'a Shared, queue: &str) -> Option<&'a WorkerConsumer> {
+    s.consumers.iter().find(|c| c.queue == queue)
+}
+
+fn not_served(queue: &str) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({ "error": format!("no consumer here reads queue '{queue}'") })),
+    )
+        .into_response()
+}
+
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        Json(json!({ "error": "this needs Authorization: Bearer TOKEN (RABBITRY_ADMIN_TOKEN)" })),
+    )
+        .into_response()
+}
+
+/// Whether the request carries the token.
+fn authorized(s: &Shared, headers: &HeaderMap) -> bool {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    // The same time whatever the first differing byte.
+    given.len() == s.token.len()
+        && given
+            .bytes()
+            .zip(s.token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+fn failed(e: crate::Error) -> Response {
+    (
+        StatusCode::BAD_GATEWAY,
+        Json(json!({ "error": e.to_string() })),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct Limit {
+    limit: Option<usize>,
+    count: Option<usize>,
+}
+
+async fn dead_list(
+    State(s): State<Arc<Shared>>,
+    Path(queue): Path<String>,
+    Query(q): Query<Limit>,
+) -> Response {
+    let Some(c) = consumer_of(&s, &queue) else {
+        return not_served(&queue);
+    };
+    match dead::list(&c.connection, &queue, q.limit.unwrap_or(100)).await {
+        Ok(letters) => {
+            let letters: Vec<_> = letters
+                .iter()
+                .map(|d| {
+                    json!({
+                        "error": d.error,
+                        "attempts": d.attempts,
+                        "original_exchange": d.original_exchange,
+                        "original_routing_key": d.original_routing_key,
+                        "failed_at": d.failed_at,
+                        "message_id": d.properties.message_id,
+                        "content_type": d.properties.content_type,
+                        "body_len": d.body_len,
+                    })
+                })
+                .collect();
+            Json(json!({ "queue": queue, "dead_letters": letters })).into_response()
+        }
+        Err(e) => failed(e),
+    }
+}
+
+async fn dead_replay(
+    State(s): State<Arc<Shared>>,
+    Path(queue): Path<String>,
+    Query(q): Query<Limit>,
+    headers: HeaderMap,
+) -> Response {
+    if !authorized(&s, &headers) {
+        return unauthorized();
+    }
+    let Some(c) = consumer_of(&s, &queue) else {
+        return not_served(&queue);
+    };
+    match dead::replay(&c.connection, &queue, q.count.unwrap_or(usize::MAX)).await {
+        Ok(n) => Json(json!({ "queue": queue, "replayed": n })).into_response(),
+        Err(e) => failed(e),
+    }
+}
+
+async fn dead_purge(
+    State(s): State<Arc<Shared>>,
+    Path(queue): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !authorized(&s, &headers) {
+        return unauthorized();
+    }
+    let Some(c) = consumer_of(&s, &queue) else {
+        return not_served(&queue);
+    };
+    match dead::purge(&c.connection, &queue).await {
+        Ok(n) => Json(json!({ "queue": queue, "purged": n })).into_response(),
+        Err(e) => failed(e),
+    }
+}

@@ -1,0 +1,275 @@
+//! The admin routes over real HTTP against a real worker: readiness that
+//! follows the broker, dead letters listed and replayed behind the token,
+//! and Prometheus metrics after a known sequence of deliveries.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rabbitry::admin::Admin;
+use rabbitry::worker::{HandlerError, RunningWorker, State, Worker};
+use rabbitry::{
+    Connection, ConnectionSettings, ConsumerSettings, Message, Producer, ProducerSettings, Queue,
+    Topology,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::{connect, eventually, unique, url};
+
+/// Serves `admin` on a free loopback port.
+async fn serve(admin: Admin) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = admin.router();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    addr
+}
+
+/// One HTTP/1.1 request; the status and the body.
+async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A worker on `conn` whose one consumer, `name` on `queue`, counts what
+/// it handles and dead-letters while `refuse` is set.
+async fn worker(
+    conn: &Connection,
+    name: &str,
+    queue: &str,
+    handled: Arc<AtomicUsize>,
+    refuse: Arc<AtomicBool>,
+) -> RunningWorker {
+    Worker::new(conn, (handled, refuse))
+        .consumer(
+            ConsumerSettings::new(queue).name(name),
+            |State((handled, refuse)): State<(Arc<AtomicUsize>, Arc<AtomicBool>)>| async move {
+                if refuse.load(Ordering::SeqCst) {
+                    return Err(HandlerError::invalid("missing field title"));
+                }
+                handled.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            },
+        )
+        .start()
+        .await
+        .unwrap()
+}
+
+async fn cleanup(conn: &Connection, queue: &str) {
+    for q in [
+        queue.to_owned(),
+        format!("{queue}.dead"),
+        format!("{queue}.retry.1s"),
+        format!("{queue}.retry.5s"),
+    ] {
+        let _ = conn.delete_queue(&q).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_the_consumer_and_the_connection_as_the_broker_sees_them() {
+    let name = unique("admin.ready");
+    let conn = Connection::open(ConnectionSettings::new(url()).name(&name))
+        .await
+        .unwrap();
+    let (queue, consumer) = (unique("ready"), unique("ready-consumer"));
+    let running = worker(&conn, &consumer, &queue, Arc::default(), Arc::default()).await;
+    let addr = serve(Admin::new().token("t").worker(&running)).await;
+    assert_eq!(http(addr, "GET", "/readyz", None).await.0, 200);
+
+    // The queue is deleted and declared again by someone else with other
+    // arguments: the consumer cannot come back.
+    let other = connect().await;
+    other.delete_queue(&queue).await.unwrap();
+    let mut conflicting = Topology::default();
+    let mut q = Queue::durable(&queue);
+    q.arguments
+        .insert("x-max-length".into(), rabbitry::HeaderValue::Int(5));
+    conflicting.queue(q);
+    other.declare_once(&conflicting).await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "503 naming the consumer",
+        || async {
+            let (status, body) = http(addr, "GET", "/readyz", None).await;
+            status == 503 && body.contains(&format!("consumer '{consumer}'"))
+        },
+    )
+    .await;
+    assert_eq!(http(addr, "GET", "/livez", None).await.0, 200);
+    // The conflict goes: the consumer declares its queue and is back.
+    other.delete_queue(&queue).await.unwrap();
+    eventually(Duration::from_secs(15), "ready again", || async {
+        http(addr, "GET", "/readyz", None).await.0 == 200
+    })
+    .await;
+
+    // The broker closes the connection: not ready until it is back.
+    assert!(rabbitry_test_support::broker::close_connection(&name) >= 1);
+    eventually(
+        Duration::from_secs(10),
+        "503 naming the connection",
+        || async {
+            let (status, body) = http(addr, "GET", "/readyz", None).await;
+            status == 503 && body.contains(&format!("connection '{name}' is down"))
+        },
+    )
+    .await;
+    assert_eq!(http(addr, "GET", "/livez", None).await.0, 200);
+    eventually(Duration::from_secs(15), "ready after recovery", || async {
+        http(addr, "GET", "/readyz", None).await.0 == 200
+    })
+    .await;
+    running.shutdown().await;
+    cleanup(&other, &queue).await;
+    conn.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_and_replayed_only_with_the_token() {
+    let conn = connect().await;
+    let (queue, consumer) = (unique("admin.dead"), unique("dead-consumer"));
+    let handled = Arc::new(AtomicUsize::new(0));
+    let refuse = Arc::new(AtomicBool::new(true));
+    let running = worker(&conn, &consumer, &queue, handled.clone(), refuse.clone()).await;
+    let token = unique("token");
+    let addr = serve(Admin::new().token(&token).worker(&running)).await;
+    let producer = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
+        .await
+        .unwrap();
+    producer.publish(Message::new("x")).await.unwrap();
+    let list = format!("/api/dead/{queue}");
+    eventually(
+        Duration::from_secs(10),
+        "the dead letter listed",
+        || async {
+            let (status, body) = http(addr, "GET", &list, None).await;
+            status == 200 && body.contains("missing field title")
+        },
+    )
+    .await;
+
+    // Without the token (or with another): 401, and it stays.
+    let replay = format!("/api/dead/{queue}/replay");
+    assert_eq!(http(addr, "POST", &replay, None).await.0, 401);
+    assert_eq!(http(addr, "POST", &replay, Some("wrong")).await.0, 401);
+    assert_eq!(
+        http(addr, "POST", &format!("/api/dead/{queue}/purge"), None)
+            .await
+            .0,
+        401
+    );
+    let (_, body) = http(addr, "GET", &list, None).await;
+    assert!(body.contains("missing field title"), "{body}");
+    // A queue no consumer here reads is not served.
+    assert_eq!(
+        http(addr, "GET", "/api/dead/somebody.else", None).await.0,
+        404
+    );
+
+    // With the token it is replayed and handled.
+    refuse.store(false, Ordering::SeqCst);
+    let (status, body) = http(addr, "POST", &replay, Some(&token)).await;
+    assert_eq!(
+        (status, body.contains("\"replayed\":1")),
+        (200, true),
+        "{body}"
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the replayed message handled",
+        || async { handled.load(Ordering::SeqCst) == 1 },
+    )
+    .await;
+    let (_, body) = http(addr, "GET", &list, None).await;
+    assert!(body.contains("\"dead_letters\":[]"), "{body}");
+    running.shutdown().await;
+    cleanup(&conn, &queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_a_known_sequence_of_deliveries() {
+    // Before the connection and the worker make their handles.
+    assert!(rabbitry::admin::install_prometheus().is_some());
+    let name = unique("admin.metrics");
+    let conn = Connection::open(ConnectionSettings::new(url()).name(&name))
+        .await
+        .unwrap();
+    let (queue, consumer) = (unique("admin.metrics"), unique("metrics-consumer"));
+    let handled = Arc::new(AtomicUsize::new(0));
+    let refuse = Arc::new(AtomicBool::new(false));
+    let running = worker(&conn, &consumer, &queue, handled.clone(), refuse.clone()).await;
+    let addr = serve(Admin::new().token("t").worker(&running)).await;
+    let producer = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        producer.publish(Message::new("ok")).await.unwrap();
+    }
+    eventually(Duration::from_secs(10), "three handled", || async {
+        handled.load(Ordering::SeqCst) == 3
+    })
+    .await;
+    refuse.store(true, Ordering::SeqCst);
+    producer.publish(Message::new("bad")).await.unwrap();
+    let dead =
+        format!("rabbitry_deliveries_total{{consumer=\"{consumer}\",outcome=\"dead_letter\"}} 1");
+    eventually(
+        Duration::from_secs(10),
+        "the dead letter counted",
+        || async { http(addr, "GET", "/metrics", None).await.1.contains(&dead) },
+    )
+    .await;
+    let (status, text) = http(addr, "GET", "/metrics", None).await;
+    assert_eq!(status, 200);
+    for line in [
+        format!("rabbitry_deliveries_total{{consumer=\"{consumer}\",outcome=\"ack\"}} 3"),
+        format!("rabbitry_handler_duration_seconds_count{{consumer=\"{consumer}\"}} 4"),
+        format!("rabbitry_handlers_in_flight{{consumer=\"{consumer}\"}} 0"),
+        // Five publishes went out on the publishing connection, each
+        // confirmed once: the test's four and the worker's dead letter.
+        format!("rabbitry_publishes_total{{connection=\"{name}.publish\"}} 5"),
+        format!("rabbitry_confirms_total{{connection=\"{name}.publish\"}} 5"),
+        format!("rabbitry_confirm_duration_seconds_count{{connection=\"{name}.publish\"}} 5"),
+        format!("rabbitry_connection_up{{connection=\"{name}\"}} 1"),
+    ] {
+        assert!(text.contains(&line), "{line} in:\n{text}");
+    }
+    // Real histograms: buckets, not summaries.
+    assert!(
+        text.contains(&format!(
+            "rabbitry_handler_duration_seconds_bucket{{consumer=\"{consumer}\",le=\"+Inf\"}} 4"
+        )),
+        "{text}"
+    );
+    assert!(text.contains(&format!(
+        "rabbitry_confirm_duration_seconds_bucket{{connection=\"{name}.publish\",le=\"0.1\"}}"
+    )));
+    running.shutdown().await;
+    cleanup(&conn, &queue).await;
+    conn.close().await;
+}
