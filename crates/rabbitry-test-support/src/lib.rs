@@ -5,9 +5,11 @@
 //! - [`Proxy`]: a TCP proxy to the broker whose connections can be cut;
 //! - [`broker`]: the broker under test and its own tools (`rabbitmqctl`);
 //! - [`cluster`]: the three-node cluster of `scripts/cluster`;
-//! - [`db`]: fresh SQLite files and PostgreSQL schemas.
+//! - [`db`]: fresh SQLite files and PostgreSQL schemas;
+//! - [`browser`]: a real headless Chromium through `chromedriver`.
 
 pub mod broker;
+pub mod browser;
 pub mod cluster;
 pub mod db;
 mod proxy;

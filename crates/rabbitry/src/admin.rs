@@ -7,7 +7,9 @@
 //! | `GET /metrics` | Prometheus text: every `rabbitry_*` metric (see [`crate::meters`]) and the application's own |
 //! | `GET /livez` | 200 while the process answers |
 //! | `GET /readyz` | 200 while every connection is open and every consumer is attached, as the broker counts it; else 503 naming what is missing |
+//! | `GET /status` | a live HTML page of the same, with the dead letters and Replay and Purge buttons |
 //! | `GET /api/status` | connections and consumers as JSON |
+//! | `GET /api/events` | server-sent events: the status with the dead letters, every second |
 //! | `GET /api/dead/{queue}` | the dead letters of a consumer's queue, with their reasons |
 //! | `POST /api/dead/{queue}/replay?count=N` | sends dead letters back to their queue (needs the token) |
 //! | `POST /api/dead/{queue}/purge` | deletes them (needs the token) |
@@ -16,10 +18,13 @@
 //! 401 and nothing changes. The token is given ([`Admin::token`]), or read
 //! from `RABBITRY_ADMIN_TOKEN`, or made up at start and logged once.
 
+use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -128,7 +133,9 @@ impl Admin {
             .route("/metrics", get(metrics_text))
             .route("/livez", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
+            .route("/status", get(status_page))
             .route("/api/status", get(status))
+            .route("/api/events", get(events))
             .route("/api/dead/{queue}", get(dead_list))
             .route("/api/dead/{queue}/replay", post(dead_replay))
             .route("/api/dead/{queue}/purge", post(dead_purge))
@@ -192,6 +199,49 @@ async fn readyz(State(s): State<Arc<Shared>>) -> Response {
 }
 
 async fn status(State(s): State<Arc<Shared>>) -> Response {
+    Json(status_json(&s, false).await).into_response()
+}
+
+/// The status page: static HTML whose script follows `/api/events`, and
+/// puts every value in as text.
+async fn status_page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:",
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        include_str!("admin/status.html"),
+    )
+        .into_response()
+}
+
+/// How often the status page gets a new status.
+const EVENT_EVERY: Duration = Duration::from_secs(1);
+
+async fn events(State(s): State<Arc<Shared>>) -> Response {
+    let stream = futures_util::stream::unfold((s, true), |(s, first)| async move {
+        if !first {
+            tokio::time::sleep(EVENT_EVERY).await;
+        }
+        let status = status_json(&s, true).await;
+        let event = Event::default()
+            .event("status")
+            .json_data(status)
+            .unwrap_or_else(|_| Event::default().comment("status not serializable"));
+        Some((Ok::<_, Infallible>(event), (s, false)))
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new())
+        .into_response()
+}
+
+/// Connections and consumers; with `with_dead`, the first dead letters of
+/// each consumer's queue that has any.
+async fn status_json(s: &Shared, with_dead: bool) -> serde_json::Value {
     let connections: Vec<_> = s
         .connections
         .iter()
@@ -207,6 +257,7 @@ async fn status(State(s): State<Arc<Shared>>) -> Response {
         })
         .collect();
     let mut consumers = Vec::new();
+    let mut dead_letters = Vec::new();
     for c in &s.consumers {
         let queue = c.connection.queue_status(&c.queue).await.ok().flatten();
         let dead = c
@@ -215,16 +266,40 @@ async fn status(State(s): State<Arc<Shared>>) -> Response {
             .await
             .ok()
             .flatten();
+        let dead_count = dead.map(|q| q.messages);
         consumers.push(json!({
             "name": c.name,
             "queue": c.queue,
             "attached": c.attachment.is_attached(),
             "ready": queue.as_ref().map(|q| q.messages),
             "consumers": queue.as_ref().map(|q| q.consumers),
-            "dead_letters": dead.map(|q| q.messages),
+            "dead_letters": dead_count,
         }));
+        if with_dead && dead_count.unwrap_or(0) > 0 {
+            let letters = dead::list(&c.connection, &c.queue, 20)
+                .await
+                .unwrap_or_default();
+            dead_letters.push(json!({
+                "queue": c.queue,
+                "dead_letters": letters.iter().map(letter_json).collect::<Vec<_>>(),
+            }));
+        }
     }
-    Json(json!({ "connections": connections, "consumers": consumers })).into_response()
+    json!({ "connections": connections, "consumers": consumers, "dead": dead_letters })
+}
+
+fn letter_json(d: &dead::DeadLetter) -> serde_json::Value {
+    json!({
+        "error": d.error,
+        "attempts": d.attempts,
+        "original_exchange": d.original_exchange,
+        "original_routing_key": d.original_routing_key,
+        "failed_at": d.failed_at,
+        "message_id": d.properties.message_id,
+        "content_type": d.properties.content_type,
+        "body_len": d.body_len,
+        "body": d.body,
+    })
 }
 
 /// The consumer whose queue is `queue`: only those are served.
@@ -289,21 +364,7 @@ async fn dead_list(
     };
     match dead::list(&c.connection, &queue, q.limit.unwrap_or(100)).await {
         Ok(letters) => {
-            let letters: Vec<_> = letters
-                .iter()
-                .map(|d| {
-                    json!({
-                        "error": d.error,
-                        "attempts": d.attempts,
-                        "original_exchange": d.original_exchange,
-                        "original_routing_key": d.original_routing_key,
-                        "failed_at": d.failed_at,
-                        "message_id": d.properties.message_id,
-                        "content_type": d.properties.content_type,
-                        "body_len": d.body_len,
-                    })
-                })
-                .collect();
+            let letters: Vec<_> = letters.iter().map(letter_json).collect();
             Json(json!({ "queue": queue, "dead_letters": letters })).into_response()
         }
         Err(e) => failed(e),

@@ -234,7 +234,8 @@ pub(crate) async fn run(opts: &BenchOptions, progress: Progress<'_>) -> Result<R
 pub(crate) struct Cases {
     /// Prefixed to each scenario's name.
     pub prefix: &'static str,
-    /// The queue is a quorum queue (a classic one otherwise).
+    /// The queue is a quorum queue (a classic one otherwise); end to end,
+    /// publishes are then confirmed.
     pub quorum: bool,
     /// Publishing without confirms, and end to end on one connection.
     pub single_connection_cases: bool,
@@ -299,6 +300,8 @@ pub(crate) async fn run_cases(
     }
 
     let n = opts.messages;
+    // Quorum queues are published to with confirms, end to end too.
+    let confirmed = cases.quorum;
     let mut scenarios = Vec::new();
     type Run<'r> = Box<
         dyn Fn(bool) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Duration>> + 'r>>
@@ -318,7 +321,11 @@ pub(crate) async fn run_cases(
         (
             "end_to_end_manual_ack_prefetch_500",
             true,
-            Box::new(|gateway| Box::pin(end_to_end_case(&raw, &raw, &gw, &gw, &queue, n, gateway))),
+            Box::new(|gateway| {
+                Box::pin(end_to_end_case(
+                    &raw, &raw, &gw, &gw, &queue, n, gateway, confirmed,
+                ))
+            }),
         ),
         (
             "end_to_end_two_connections",
@@ -332,6 +339,7 @@ pub(crate) async fn run_cases(
                     &queue,
                     n,
                     gateway,
+                    confirmed,
                 ))
             }),
         ),

@@ -78,47 +78,44 @@ impl ChannelCallback for RawConfirms {
     async fn publish_return(&mut self, _: &Channel, _: Return, _: BasicProperties, _: Vec<u8>) {}
 }
 
-pub(super) async fn publish_case(
-    raw: &RawConnection,
-    gw: &Connection,
-    queue: &str,
-    n: usize,
-    gateway: bool,
-    confirms: bool,
-) -> Result<Duration> {
-    if gateway {
-        let mut settings = ProducerSettings::default().routing_key(queue);
-        settings.durable = confirms;
-        settings.confirms = confirms;
-        settings.max_in_flight = 1000;
-        settings.message_ids = false;
-        let producer = Producer::new(gw, settings).await?;
-        let start = Instant::now();
-        if confirms {
-            let mut set = JoinSet::new();
-            for _ in 0..n {
-                if set.len() >= 1000 {
-                    set.join_next()
-                        .await
-                        .transpose()
-                        .ok()
-                        .flatten()
-                        .transpose()?;
-                }
-                let p = producer.clone();
-                set.spawn(async move { p.publish(Message::new(vec![b'x'; BODY])).await });
-            }
-            while let Some(r) = set.join_next().await {
-                r.map_err(|e| Error::new(ErrorKind::Closed, "bench task").with_source(e))??;
-            }
-        } else {
-            for _ in 0..n {
-                producer.publish(Message::new(vec![b'x'; BODY])).await?;
-            }
-            wait_for_depth(raw, queue, n).await?;
+/// Publishes `n` bodies through the gateway: with confirms, 1,000 in
+/// flight, persistent; without, one after the other, transient.
+async fn gateway_publish_all(gw: &Connection, queue: &str, n: usize, confirms: bool) -> Result<()> {
+    let mut settings = ProducerSettings::default().routing_key(queue);
+    settings.durable = confirms;
+    settings.confirms = confirms;
+    settings.max_in_flight = 1000;
+    settings.message_ids = false;
+    let producer = Producer::new(gw, settings).await?;
+    if !confirms {
+        for _ in 0..n {
+            producer.publish(Message::new(vec![b'x'; BODY])).await?;
         }
-        return Ok(start.elapsed());
+        return Ok(());
     }
+    let mut set = JoinSet::new();
+    for _ in 0..n {
+        if set.len() >= 1000 {
+            set.join_next()
+                .await
+                .transpose()
+                .ok()
+                .flatten()
+                .transpose()?;
+        }
+        let p = producer.clone();
+        set.spawn(async move { p.publish(Message::new(vec![b'x'; BODY])).await });
+    }
+    while let Some(r) = set.join_next().await {
+        r.map_err(|e| Error::new(ErrorKind::Closed, "bench task").with_source(e))??;
+    }
+    Ok(())
+}
+
+/// Publishes `n` bodies with the raw client on a channel of its own: with
+/// confirms, 1,000 in flight, persistent, returning once all are
+/// confirmed; without, transient, once all are handed to the socket.
+async fn raw_publish_all(raw: &RawConnection, queue: &str, n: usize, confirms: bool) -> Result<()> {
     let ch = raw.open_channel(None).await.map_err(raw_err)?;
     let permits = Arc::new(Semaphore::new(1000));
     let done = Arc::new(Notify::new());
@@ -138,7 +135,6 @@ pub(super) async fn publish_case(
     let mut props = BasicProperties::default();
     props.with_delivery_mode(if confirms { 2 } else { 1 });
     let props = props.finish();
-    let start = Instant::now();
     for _ in 0..n {
         if confirms {
             permits
@@ -157,14 +153,47 @@ pub(super) async fn publish_case(
     }
     if confirms {
         done.notified().await;
-    } else {
-        wait_for_depth(raw, queue, n).await?;
     }
-    let took = start.elapsed();
     let _ = ch.close().await;
-    Ok(took)
+    Ok(())
 }
 
+pub(super) async fn publish_case(
+    raw: &RawConnection,
+    gw: &Connection,
+    queue: &str,
+    n: usize,
+    gateway: bool,
+    confirms: bool,
+) -> Result<Duration> {
+    let start = Instant::now();
+    if gateway {
+        gateway_publish_all(gw, queue, n, confirms).await?;
+    } else {
+        raw_publish_all(raw, queue, n, confirms).await?;
+    }
+    if !confirms {
+        wait_for_depth(raw, queue, n).await?;
+    }
+    Ok(start.elapsed())
+}
+
+/// How long a consumer may wait for the next message before the round
+/// fails: a message published without confirms can be lost.
+const IDLE_LIMIT: Duration = Duration::from_secs(30);
+
+fn lost(got: usize, n: usize) -> Error {
+    Error::new(
+        ErrorKind::Timeout,
+        format!("bench: {got} of {n} messages arrived, then none for {IDLE_LIMIT:?}"),
+    )
+}
+
+/// End to end: one side publishes `n` on `*_publisher` while it consumes
+/// them on the other connection, acking each. With `confirms`, the
+/// publishes are persistent and confirmed, 1,000 in flight (the shape for
+/// quorum queues, which may drop an unconfirmed publish).
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn end_to_end_case(
     raw: &RawConnection,
     raw_publisher: &RawConnection,
@@ -173,28 +202,23 @@ pub(super) async fn end_to_end_case(
     queue: &str,
     n: usize,
     gateway: bool,
+    confirms: bool,
 ) -> Result<Duration> {
+    let queue_owned = queue.to_owned();
     if gateway {
         let mut cs = ConsumerSettings::new(queue);
         cs.auto_declare = false;
         cs.prefetch_count = Some(500);
         let mut consumer = Consumer::start(gw, cs).await?;
-        let mut ps = ProducerSettings::default().routing_key(queue);
-        ps.durable = false;
-        ps.confirms = false;
-        ps.message_ids = false;
-        let producer = Producer::new(gw_publisher, ps).await?;
+        let publishing = gw_publisher.clone();
         let start = Instant::now();
         let publisher = tokio::spawn(async move {
-            for _ in 0..n {
-                producer.publish(Message::new(vec![b'x'; BODY])).await?;
-            }
-            Ok::<_, Error>(())
+            gateway_publish_all(&publishing, &queue_owned, n, confirms).await
         });
-        for _ in 0..n {
-            let d = consumer
-                .next()
+        for got in 0..n {
+            let d = tokio::time::timeout(IDLE_LIMIT, consumer.next())
                 .await
+                .map_err(|_| lost(got, n))?
                 .ok_or_else(|| Error::new(ErrorKind::Closed, "bench consumer stopped"))?;
             d.ack().await?;
         }
@@ -206,28 +230,14 @@ pub(super) async fn end_to_end_case(
         return Ok(took);
     }
     let (cch, tag, mut rx) = raw_consume(raw, queue).await?;
-    let pch = raw_publisher.open_channel(None).await.map_err(raw_err)?;
-    let queue_owned = queue.to_owned();
+    let publishing = raw_publisher.clone();
     let start = Instant::now();
-    let publisher = tokio::spawn(async move {
-        let mut props = BasicProperties::default();
-        props.with_delivery_mode(1);
-        let props = props.finish();
-        for _ in 0..n {
-            pch.basic_publish(
-                props.clone(),
-                vec![b'x'; BODY],
-                BasicPublishArguments::new("", &queue_owned),
-            )
+    let publisher =
+        tokio::spawn(async move { raw_publish_all(&publishing, &queue_owned, n, confirms).await });
+    for got in 0..n {
+        let m = tokio::time::timeout(IDLE_LIMIT, rx.recv())
             .await
-            .map_err(raw_err)?;
-        }
-        Ok::<_, Error>(pch)
-    });
-    for _ in 0..n {
-        let m = rx
-            .recv()
-            .await
+            .map_err(|_| lost(got, n))?
             .ok_or_else(|| Error::new(ErrorKind::Closed, "raw consumer stopped"))?;
         let tag = m.deliver.map(|d| d.delivery_tag()).unwrap_or_default();
         cch.basic_ack(BasicAckArguments::new(tag, false))
@@ -235,13 +245,12 @@ pub(super) async fn end_to_end_case(
             .map_err(raw_err)?;
     }
     let took = start.elapsed();
-    let pch = publisher
+    publisher
         .await
         .map_err(|e| Error::new(ErrorKind::Closed, "bench task").with_source(e))??;
     let _ = cch
         .basic_cancel(amqprs::channel::BasicCancelArguments::new(&tag))
         .await;
     let _ = cch.close().await;
-    let _ = pch.close().await;
     Ok(took)
 }

@@ -53,7 +53,7 @@ where
                 .measure(
                     false,
                     n,
-                    end_to_end_case(&raw, &raw_publisher, &gw, &gw, &queue, n, false),
+                    end_to_end_case(&raw, &raw_publisher, &gw, &gw, &queue, n, false, false),
                 )
                 .await?;
             purge(&raw, &queue).await?;

@@ -32,7 +32,13 @@ pub struct DeadLetter {
     pub properties: Properties,
     /// The body's size in bytes.
     pub body_len: usize,
+    /// The body as text (invalid UTF-8 replaced), its first
+    /// [`BODY_PREVIEW`] bytes.
+    pub body: String,
 }
+
+/// How much of a dead letter's body [`DeadLetter::body`] shows.
+pub const BODY_PREVIEW: usize = 4096;
 
 /// The dead-letter queue for `queue` (`queue` itself if it already ends
 /// in `.dead`).
@@ -71,6 +77,7 @@ pub async fn list(conn: &Connection, queue: &str, limit: usize) -> Result<Vec<De
             failed_at: header_str(&p, retry::FAILED_AT),
             properties: p,
             body_len: body.len(),
+            body: String::from_utf8_lossy(&body[..body.len().min(BODY_PREVIEW)]).into_owned(),
         });
     }
     // Unacked: closing the channel returns every message to the queue.

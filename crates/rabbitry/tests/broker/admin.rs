@@ -273,3 +273,85 @@ async fn metrics_count_a_known_sequence_of_deliveries() {
     cleanup(&conn, &queue).await;
     conn.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_a_dead_letter_live_as_text_and_replays_it() {
+    use rabbitry_test_support::browser::Browser;
+    let conn = connect().await;
+    let (queue, consumer) = (unique("admin.page"), unique("page-consumer"));
+    let handled = Arc::new(AtomicUsize::new(0));
+    let refuse = Arc::new(AtomicBool::new(true));
+    let running = worker(&conn, &consumer, &queue, handled.clone(), refuse.clone()).await;
+    let token = unique("token");
+    let addr = serve(Admin::new().token(&token).worker(&running)).await;
+
+    // At phone width; the page is open before the message fails.
+    let page = format!("http://{addr}/status");
+    let browser = tokio::task::spawn_blocking(move || {
+        let b = Browser::start(375);
+        b.goto(&page);
+        b.wait_until(Duration::from_secs(10), "the page goes live", |b| {
+            b.find_all("#live")
+                .first()
+                .is_some_and(|e| b.text(e) == "live")
+        });
+        b
+    })
+    .await
+    .unwrap();
+    let hostile = "<img src=x onerror=alert(1)>";
+    let producer = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
+        .await
+        .unwrap();
+    producer
+        .publish(Message::new(hostile).content_type("text/plain"))
+        .await
+        .unwrap();
+
+    let selector = format!("section.dead-queue[data-queue=\"{queue}\"]");
+    let browser = tokio::task::spawn_blocking(move || {
+        // It appears without a reload, its body shown as text.
+        browser.wait_until(Duration::from_secs(15), "the dead letter shown", |b| {
+            b.find_all(&format!("{selector} .letter")).len() == 1
+        });
+        let letter = &browser.find_all(&format!("{selector} .letter"))[0];
+        let text = browser.text(letter);
+        assert!(text.contains("missing field title"), "{text}");
+        assert!(text.contains(hostile), "the body as text: {text}");
+        assert!(
+            browser.find_all("img").is_empty(),
+            "no element made from the body"
+        );
+        // The page fits the phone's width.
+        let widths =
+            browser.execute("return [window.innerWidth, document.documentElement.scrollWidth];");
+        assert_eq!(widths[0], 375, "a phone's viewport");
+        assert!(widths[1].as_u64().unwrap() <= 375, "page width {widths}");
+        let token_box = &browser.find_all("#token")[0];
+        browser.type_into(token_box, &token);
+        (browser, selector)
+    })
+    .await
+    .unwrap();
+    refuse.store(false, Ordering::SeqCst);
+    let (browser, selector) = (browser.0, browser.1);
+    tokio::task::spawn_blocking(move || {
+        let replay = &browser.find_all(&format!("{selector} button.replay"))[0];
+        browser.click(replay);
+        browser.wait_until(Duration::from_secs(15), "the dead letter gone", |b| {
+            b.find_all(&selector).is_empty()
+        });
+        let message = browser.text(&browser.find_all("#message")[0]);
+        assert!(message.contains("\"replayed\":1"), "{message}");
+    })
+    .await
+    .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the replayed message handled",
+        || async { handled.load(Ordering::SeqCst) == 1 },
+    )
+    .await;
+    running.shutdown().await;
+    cleanup(&conn, &queue).await;
+}
