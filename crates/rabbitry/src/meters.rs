@@ -16,6 +16,9 @@
 //! | `rabbitry_returns_total` | counter | `connection` |
 //! | `rabbitry_republished_total` | counter | `connection` |
 //! | `rabbitry_confirm_duration_seconds` | histogram (first send to ack) | `connection` |
+//! | `rabbitry_rpc_calls_total` | counter | `connection`, `outcome` (`reply`, `timeout`, `error`) |
+//! | `rabbitry_rpc_duration_seconds` | histogram (request to reply) | `connection` |
+//! | `rabbitry_rpc_in_flight` | gauge | `connection` |
 //!
 //! A worker adds `rabbitry_deliveries_total{consumer, outcome}`,
 //! `rabbitry_handler_duration_seconds{consumer}`,
@@ -73,6 +76,29 @@ impl PublishMeters {
                 "rabbitry_confirm_duration_seconds",
                 "connection" => c
             ),
+        }
+    }
+}
+
+/// One RPC client's meters.
+pub(crate) struct RpcMeters {
+    pub(crate) replies: Counter,
+    pub(crate) timeouts: Counter,
+    pub(crate) errors: Counter,
+    pub(crate) duration: Histogram,
+    pub(crate) in_flight: Gauge,
+}
+
+impl RpcMeters {
+    pub(crate) fn new(connection: &str) -> RpcMeters {
+        let c = connection.to_owned();
+        let calls = |outcome: &'static str| metrics::counter!("rabbitry_rpc_calls_total", "connection" => c.clone(), "outcome" => outcome);
+        RpcMeters {
+            replies: calls("reply"),
+            timeouts: calls("timeout"),
+            errors: calls("error"),
+            duration: metrics::histogram!("rabbitry_rpc_duration_seconds", "connection" => c.clone()),
+            in_flight: metrics::gauge!("rabbitry_rpc_in_flight", "connection" => c),
         }
     }
 }

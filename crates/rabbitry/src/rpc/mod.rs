@@ -161,6 +161,7 @@ pub struct RpcClient {
     conn: Connection,
     calls: Arc<Mutex<Calls>>,
     route: watch::Receiver<Option<Route>>,
+    meters: Arc<crate::meters::RpcMeters>,
     /// The reply reader; it stops when the last clone of the client goes.
     _task: Arc<Background<()>>,
 }
@@ -191,6 +192,7 @@ impl RpcClient {
             conn: conn.clone(),
             calls,
             route: route_rx,
+            meters: Arc::new(crate::meters::RpcMeters::new(conn.name())),
             _task: Arc::new(task),
         })
     }
@@ -248,10 +250,13 @@ impl RpcClient {
             .ok_or_else(|| Error::new(ErrorKind::Invalid, "an RPC request needs a routing key"))?;
         let (tx, rx) = oneshot::channel();
         lock(&self.calls).waiting.insert(correlation_id.clone(), tx);
+        let started = std::time::Instant::now();
+        self.meters.in_flight.increment(1.0);
         // Removes the entry however this call ends, cancellation included.
         let _waiting = WaitingEntry {
             calls: &self.calls,
             correlation_id: &correlation_id,
+            in_flight: &self.meters.in_flight,
         };
         let mut args = BasicPublishArguments::new(&exchange, &routing_key);
         args.mandatory = self.settings.mandatory || request.mandatory;
@@ -260,11 +265,21 @@ impl RpcClient {
             .basic_publish(to_basic(&request.properties), request.body, args)
             .await
         {
+            self.meters.errors.increment(1);
             return Err(
                 Error::new(ErrorKind::Disconnected, "sending the RPC request").with_source(e),
             );
         }
-        match tokio::time::timeout(timeout, rx).await {
+        let result = tokio::time::timeout(timeout, rx).await;
+        match &result {
+            Ok(Ok(Ok(_))) => {
+                self.meters.replies.increment(1);
+                self.meters.duration.record(started.elapsed().as_secs_f64());
+            }
+            Err(_) => self.meters.timeouts.increment(1),
+            _ => self.meters.errors.increment(1),
+        }
+        match result {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(Error::new(ErrorKind::Closed, "RPC client closed")),
             Err(_) => Err(Error::new(
@@ -307,11 +322,13 @@ impl RpcClient {
 struct WaitingEntry<'a> {
     calls: &'a Mutex<Calls>,
     correlation_id: &'a str,
+    in_flight: &'a metrics::Gauge,
 }
 
 impl Drop for WaitingEntry<'_> {
     fn drop(&mut self) {
         lock(self.calls).waiting.remove(self.correlation_id);
+        self.in_flight.decrement(1.0);
     }
 }
 

@@ -487,3 +487,43 @@ async fn the_seed_flow_with_a_durable_reply_queue_survives_the_requester_restart
     conn.delete_exchange(&tasks).await.unwrap();
     conn.delete_exchange(&results).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpc_calls_are_counted_and_timed_by_outcome() {
+    // Before the client makes its handles.
+    let prometheus = rabbitry::admin::install_prometheus().expect("the test's recorder");
+    let name = unique("rpc.metrics");
+    let conn = Connection::open(settings(&crate::support::url(), &name))
+        .await
+        .unwrap();
+    let queue = unique("rpc");
+    let (_raw, _) = raw_responder(&queue, Duration::ZERO).await;
+    let client = RpcClient::new(&conn, RpcSettings::default()).await.unwrap();
+    for _ in 0..3 {
+        let request = Message::encode(Serializer::Json, &serde_json::json!({"n": 1}))
+            .unwrap()
+            .routing_key(&queue);
+        client.call(request, None).await.unwrap();
+    }
+    // This one's answer comes too late.
+    let slow = unique("rpc.slow");
+    let (_slow_raw, _) = raw_responder(&slow, Duration::from_secs(1)).await;
+    let request = Message::encode(Serializer::Json, &serde_json::json!({"n": 2}))
+        .unwrap()
+        .routing_key(&slow);
+    let err = client
+        .call(request, Some(Duration::from_millis(200)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    let text = prometheus.render();
+    for line in [
+        format!("rabbitry_rpc_calls_total{{connection=\"{name}\",outcome=\"reply\"}} 3"),
+        format!("rabbitry_rpc_calls_total{{connection=\"{name}\",outcome=\"timeout\"}} 1"),
+        format!("rabbitry_rpc_duration_seconds_count{{connection=\"{name}\"}} 3"),
+        format!("rabbitry_rpc_in_flight{{connection=\"{name}\"}} 0"),
+    ] {
+        assert!(text.contains(&line), "{line} in:\n{text}");
+    }
+    conn.close().await;
+}
