@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `GET /metrics` | Prometheus text: every `rabbitry_*` metric (see [`crate::meters`]) and the application's own |
 //! | `GET /livez` | 200 while the process answers |
-//! | `GET /readyz` | 200 while every connection is open and every consumer is attached, as the broker counts it; else 503 naming what is missing |
+//! | `GET /readyz` | 200 while every connection is open, every consumer is attached as the broker counts it, and every outbox's backlog is under its threshold; else 503 naming what is missing |
 //! | `GET /status` | a live HTML page of the same, with the dead letters and Replay and Purge buttons |
 //! | `GET /api/status` | connections and consumers as JSON |
 //! | `GET /api/events` | server-sent events: the status with the dead letters, every second |
@@ -67,17 +67,44 @@ pub fn install_prometheus() -> Option<PrometheusHandle> {
         .clone()
 }
 
+/// The outbox backlog at which `/readyz` says "not ready", unless set
+/// with [`Admin::outbox_threshold`].
+pub const DEFAULT_OUTBOX_THRESHOLD: i64 = 10_000;
+
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+type Outboxes = Vec<crate::outbox::Outbox>;
+#[cfg(not(any(feature = "sqlite", feature = "postgres")))]
+type Outboxes = Vec<()>;
+
 /// What the admin routes look at.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Admin {
     connections: Vec<Connection>,
     consumers: Vec<WorkerConsumer>,
+    outboxes: Outboxes,
+    outbox_threshold: i64,
     token: Option<String>,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            connections: Vec::new(),
+            consumers: Vec::new(),
+            outboxes: Vec::new(),
+            outbox_threshold: DEFAULT_OUTBOX_THRESHOLD,
+            token: None,
+        }
+    }
 }
 
 struct Shared {
     connections: Vec<Connection>,
     consumers: Vec<WorkerConsumer>,
+    // Read only where a database feature gives outboxes.
+    #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
+    outboxes: Outboxes,
+    outbox_threshold: i64,
     token: String,
     prometheus: Option<PrometheusHandle>,
 }
@@ -96,12 +123,33 @@ impl Admin {
         self
     }
 
-    /// Watches a worker's consumers and their connections.
+    /// Watches a worker's consumers, their connections and the outbox it
+    /// relays.
     pub fn worker(mut self, worker: &RunningWorker) -> Admin {
         for c in worker.consumers() {
             self = self.connection(&c.connection);
             self.consumers.push(c.clone());
         }
+        #[cfg(any(feature = "sqlite", feature = "postgres"))]
+        if let Some(outbox) = worker.outbox() {
+            self = self.outbox(outbox);
+        }
+        self
+    }
+
+    /// Watches an outbox: its backlog, oldest age and failed rows go to
+    /// `/metrics` and the status, and `/readyz` fails while the backlog is
+    /// at or over the threshold.
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
+    pub fn outbox(mut self, outbox: &crate::outbox::Outbox) -> Admin {
+        self.outboxes.push(outbox.clone());
+        self
+    }
+
+    /// The backlog at which an outbox makes `/readyz` fail
+    /// ([`DEFAULT_OUTBOX_THRESHOLD`] unless set).
+    pub fn outbox_threshold(mut self, rows: i64) -> Admin {
+        self.outbox_threshold = rows;
         self
     }
 
@@ -126,6 +174,8 @@ impl Admin {
         let shared = Arc::new(Shared {
             connections: self.connections,
             consumers: self.consumers,
+            outboxes: self.outboxes,
+            outbox_threshold: self.outbox_threshold,
             token,
             prometheus: install_prometheus(),
         });
@@ -144,6 +194,18 @@ impl Admin {
 }
 
 async fn metrics_text(State(s): State<Arc<Shared>>) -> Response {
+    // The outbox is read when scraped: a query per scrape, none per row.
+    for o in outbox_states(&s).await {
+        if let Ok(status) = &o.status {
+            let database = o.database.clone();
+            metrics::gauge!("rabbitry_outbox_backlog", "database" => database.clone())
+                .set(status.pending as f64);
+            metrics::gauge!("rabbitry_outbox_oldest_seconds", "database" => database.clone())
+                .set(status.oldest_pending_ms.unwrap_or(0) as f64 / 1000.0);
+            metrics::gauge!("rabbitry_outbox_failed", "database" => database)
+                .set(status.failed.len() as f64);
+        }
+    }
     let body = s
         .prometheus
         .as_ref()
@@ -152,9 +214,69 @@ async fn metrics_text(State(s): State<Arc<Shared>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
+/// One outbox's status as read now.
+struct OutboxState {
+    database: String,
+    status: std::result::Result<OutboxFigures, String>,
+}
+
+/// What the admin shows of an outbox.
+#[derive(serde::Serialize)]
+struct OutboxFigures {
+    pending: i64,
+    oldest_pending_ms: Option<i64>,
+    failed: Vec<String>,
+}
+
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+async fn outbox_states(s: &Shared) -> Vec<OutboxState> {
+    let mut states = Vec::new();
+    for o in &s.outboxes {
+        let status = o
+            .status()
+            .await
+            .map_err(|e| e.to_string())
+            .map(|st| OutboxFigures {
+                pending: st.pending,
+                oldest_pending_ms: st.oldest_pending_ms,
+                failed: st
+                    .failed
+                    .iter()
+                    .map(|f| {
+                        format!(
+                            "row {}: {}",
+                            f.id,
+                            f.error.as_deref().unwrap_or("no reason")
+                        )
+                    })
+                    .collect(),
+            });
+        states.push(OutboxState {
+            database: o.url().to_owned(),
+            status,
+        });
+    }
+    states
+}
+
+#[cfg(not(any(feature = "sqlite", feature = "postgres")))]
+async fn outbox_states(_: &Shared) -> Vec<OutboxState> {
+    Vec::new()
+}
+
 /// What is missing for readiness; empty when ready.
 async fn missing(s: &Shared) -> Vec<String> {
     let mut missing = Vec::new();
+    for o in outbox_states(s).await {
+        match o.status {
+            Ok(f) if f.pending >= s.outbox_threshold => missing.push(format!(
+                "outbox {}: backlog of {} rows, at or over its threshold of {}",
+                o.database, f.pending, s.outbox_threshold
+            )),
+            Ok(_) => {}
+            Err(e) => missing.push(format!("outbox {}: cannot read it: {e}", o.database)),
+        }
+    }
     for c in &s.connections {
         if !c.is_connected() {
             missing.push(format!("connection '{}' is down", c.name()));
@@ -285,7 +407,15 @@ async fn status_json(s: &Shared, with_dead: bool) -> serde_json::Value {
             }));
         }
     }
-    json!({ "connections": connections, "consumers": consumers, "dead": dead_letters })
+    let outboxes: Vec<_> = outbox_states(s)
+        .await
+        .into_iter()
+        .map(|o| match o.status {
+            Ok(f) => json!({ "database": o.database, "pending": f.pending, "oldest_pending_ms": f.oldest_pending_ms, "failed": f.failed }),
+            Err(e) => json!({ "database": o.database, "error": e }),
+        })
+        .collect();
+    json!({ "connections": connections, "consumers": consumers, "outboxes": outboxes, "dead": dead_letters })
 }
 
 fn letter_json(d: &dead::DeadLetter) -> serde_json::Value {

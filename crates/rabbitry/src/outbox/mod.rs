@@ -351,6 +351,11 @@ impl Outbox {
         &self.db
     }
 
+    /// The database's URL, with any password replaced by `***`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
     /// Commits `tx` and wakes this process's relays at once.
     pub async fn commit<'c, DB: sqlx::Database>(
         &self,

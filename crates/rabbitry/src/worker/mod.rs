@@ -543,7 +543,7 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
         #[cfg(not(any(feature = "sqlite", feature = "postgres")))]
         let _ = (&conn, relay_conn);
         #[cfg(any(feature = "sqlite", feature = "postgres"))]
-        let relay = match outbox {
+        let relay = match &outbox {
             Some(outbox) => Some(
                 outbox
                     .spawn_relay(
@@ -561,6 +561,8 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
             consumers: started,
             #[cfg(any(feature = "sqlite", feature = "postgres"))]
             relay,
+            #[cfg(any(feature = "sqlite", feature = "postgres"))]
+            outbox,
             connections: owned,
             shutdown_timeout,
         })
@@ -633,6 +635,8 @@ pub struct RunningWorker {
     consumers: Vec<WorkerConsumer>,
     #[cfg(any(feature = "sqlite", feature = "postgres"))]
     relay: Option<crate::outbox::Relay>,
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
+    outbox: Option<crate::outbox::Outbox>,
     connections: Vec<Connection>,
     shutdown_timeout: Duration,
 }
@@ -654,6 +658,12 @@ impl RunningWorker {
     /// Its consumers: name, queue, connection and whether each is attached.
     pub fn consumers(&self) -> &[WorkerConsumer] {
         &self.consumers
+    }
+
+    /// The outbox it relays, if any.
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
+    pub fn outbox(&self) -> Option<&crate::outbox::Outbox> {
+        self.outbox.as_ref()
     }
 
     /// Stops consuming, waits for the handlers in flight (up to the

@@ -355,3 +355,62 @@ async fn the_status_page_shows_a_dead_letter_live_as_text_and_replays_it() {
     running.shutdown().await;
     cleanup(&conn, &queue).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_backlog_over_its_threshold_is_not_ready_and_is_measured() {
+    use rabbitry::outbox::{Outbox, RelayOptions};
+    assert!(rabbitry::admin::install_prometheus().is_some());
+    let conn = connect().await;
+    let outbox = Outbox::connect(&crate::support::sqlite_url())
+        .await
+        .unwrap();
+    let addr = serve(
+        Admin::new()
+            .token("t")
+            .connection(&conn)
+            .outbox(&outbox)
+            .outbox_threshold(3),
+    )
+    .await;
+    assert_eq!(http(addr, "GET", "/readyz", None).await.0, 200);
+    // Three rows and no relay yet: the backlog reaches the threshold.
+    let queue = unique("admin.outbox");
+    let mut t = Topology::default();
+    t.queue(Queue::durable(&queue));
+    conn.declare(&t).await.unwrap();
+    let mut tx = outbox.begin::<sqlx::Sqlite>().await.unwrap();
+    for i in 0..3 {
+        tx.publish(Message::new(format!("m{i}")).routing_key(&queue))
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    let (status, body) = http(addr, "GET", "/readyz", None).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("backlog of 3 rows"), "{body}");
+    let (_, text) = http(addr, "GET", "/metrics", None).await;
+    let database = outbox.url().to_owned();
+    assert!(
+        text.contains(&format!(
+            "rabbitry_outbox_backlog{{database=\"{database}\"}} 3"
+        )),
+        "{text}"
+    );
+    let (_, status_json) = http(addr, "GET", "/api/status", None).await;
+    assert!(status_json.contains("\"pending\":3"), "{status_json}");
+    // The relay empties it: ready again.
+    let relay = outbox
+        .spawn_relay(&conn, RelayOptions::default())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "ready once relayed", || async {
+        http(addr, "GET", "/readyz", None).await.0 == 200
+    })
+    .await;
+    assert_eq!(
+        conn.queue_status(&queue).await.unwrap().unwrap().messages,
+        3
+    );
+    relay.stop().await.unwrap();
+    conn.delete_queue(&queue).await.unwrap();
+    conn.close().await;
+}
