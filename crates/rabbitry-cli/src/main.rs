@@ -56,6 +56,8 @@ enum Command {
     Worker(cmd::worker::Args),
     /// List, replay or purge dead letters.
     Dead(cmd::dead::Args),
+    /// Serve the status page and admin routes for a config file's queues, without consuming.
+    Status(cmd::status::Args),
     /// The durable outbox: migrate, status.
     Outbox(cmd::outbox::Args),
     /// Run the seed's whole system: two sites, workers, a PDF service.
@@ -99,6 +101,7 @@ fn main() -> ExitCode {
             Command::Rpc(args) => cmd::rpc::run(&global, args).await,
             Command::Worker(args) => cmd::worker::run(&global, args).await,
             Command::Dead(args) => cmd::dead::run(&global, args).await,
+            Command::Status(args) => cmd::status::run(&global, args).await,
             Command::Outbox(args) => cmd::outbox::run(&global, args).await,
             #[cfg(feature = "demo")]
             Command::Demo(args) => cmd::demo::run(&global, args).await,

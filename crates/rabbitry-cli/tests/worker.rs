@@ -302,18 +302,10 @@ async fn dead_list_and_replay_from_the_command_line() {
         "{metrics}"
     );
     // The same listener answers the probes and the status.
-    let get = |path: &str| {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(&metrics_addr).unwrap();
-        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-        let mut text = String::new();
-        s.read_to_string(&mut text).unwrap();
-        text
-    };
-    assert!(get("/livez").starts_with("HTTP/1.0 200"));
-    let ready = get("/readyz");
-    assert!(ready.starts_with("HTTP/1.0 200"), "{ready}");
-    let status = get("/api/status");
+    assert_eq!(http_get(&metrics_addr, "/livez").0, 200);
+    let (ready, why) = http_get(&metrics_addr, "/readyz");
+    assert_eq!(ready, 200, "{why}");
+    let (_, status) = http_get(&metrics_addr, "/api/status");
     assert!(
         status.contains("\"name\":\"jobs\"") && status.contains("\"attached\":true"),
         "{status}"
@@ -565,6 +557,82 @@ async fn a_poison_message_that_kills_the_worker_ends_in_dead_after_its_delivery_
             .contains(&format!("'{queue}'")),
         "{letter}"
     );
+    assert!(terminate(&mut child).await.success());
+    delete_queues(&conn, &queue).await;
+}
+
+/// `GET path` from the admin listener at `addr`: the status and the body.
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_serves_a_config_files_queues_without_consuming_them() {
+    let conn = connect().await;
+    let queue = unique("status");
+    // Consumed by someone else: this test's own consumer.
+    let mut consumer = Consumer::start(&conn, ConsumerSettings::new(&queue))
+        .await
+        .unwrap();
+    let config = write_config(&queue, "http://127.0.0.1:9/");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rabbitry"))
+        .args(["status", "-c", config.to_str().unwrap(), "--listen", &addr])
+        .env_remove("AMQP_URL")
+        .env("RABBITRY_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start rabbitry status");
+    wait_for(Duration::from_secs(10), "the status listener", || {
+        http_get(&addr, "/livez").0 == 200
+    })
+    .await;
+    let (status, body) = http_get(&addr, "/api/status");
+    assert_eq!(status, 200);
+    assert!(
+        body.contains(&format!("\"queue\":\"{queue}\""))
+            && body.contains("\"consumers\":1")
+            && body.contains("\"attached\":null"),
+        "{body}"
+    );
+    assert_eq!(http_get(&addr, "/readyz").0, 200);
+    // It did not consume: the broker still counts one consumer.
+    assert_eq!(
+        conn.queue_status(&queue).await.unwrap().unwrap().consumers,
+        1
+    );
+    let (page_status, page) = http_get(&addr, "/status");
+    assert_eq!(page_status, 200);
+    assert!(page.contains("<title>rabbitry status</title>"));
+    // Nobody consumes the queue any more: not ready, and it says why.
+    consumer.cancel().await;
+    wait_for(Duration::from_secs(10), "503 once nobody consumes", || {
+        let (status, body) = http_get(&addr, "/readyz");
+        status == 503 && body.contains("the broker counts no consumer")
+    })
+    .await;
     assert!(terminate(&mut child).await.success());
     delete_queues(&conn, &queue).await;
 }

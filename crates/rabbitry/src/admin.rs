@@ -137,6 +137,20 @@ impl Admin {
         self
     }
 
+    /// Watches a queue consumed elsewhere (another process, another
+    /// host): its ready messages, consumers and dead letters; `/readyz`
+    /// asks the broker for at least one consumer.
+    pub fn queue(mut self, name: &str, queue: &str, conn: &Connection) -> Admin {
+        self = self.connection(conn);
+        self.consumers.push(WorkerConsumer {
+            name: name.to_owned(),
+            queue: queue.to_owned(),
+            connection: conn.clone(),
+            attachment: None,
+        });
+        self
+    }
+
     /// Watches an outbox: its backlog, oldest age and failed rows go to
     /// `/metrics` and the status, and `/readyz` fails while the backlog is
     /// at or over the threshold.
@@ -283,7 +297,7 @@ async fn missing(s: &Shared) -> Vec<String> {
         }
     }
     for c in &s.consumers {
-        if !c.attachment.is_attached() {
+        if c.attachment.as_ref().is_some_and(|a| !a.is_attached()) {
             missing.push(format!(
                 "consumer '{}' is not attached to queue '{}'",
                 c.name, c.queue
@@ -392,7 +406,7 @@ async fn status_json(s: &Shared, with_dead: bool) -> serde_json::Value {
         consumers.push(json!({
             "name": c.name,
             "queue": c.queue,
-            "attached": c.attachment.is_attached(),
+            "attached": c.attachment.as_ref().map(|a| a.is_attached()),
             "ready": queue.as_ref().map(|q| q.messages),
             "consumers": queue.as_ref().map(|q| q.consumers),
             "dead_letters": dead_count,

@@ -11,6 +11,7 @@ pub(crate) mod outbox;
 pub(crate) mod publish;
 pub(crate) mod queues;
 pub(crate) mod rpc;
+pub(crate) mod status;
 pub(crate) mod worker;
 
 use std::path::PathBuf;

@@ -514,7 +514,7 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
                 name: settings.name.clone(),
                 queue: consumer.queue().to_owned(),
                 connection: consumer_conn.clone(),
-                attachment: consumer.attachment(),
+                attachment: Some(consumer.attachment()),
             });
             tracing::info!(
                 consumer = %settings.name,
@@ -623,8 +623,10 @@ pub struct WorkerConsumer {
     pub queue: String,
     /// The connection it consumes on.
     pub connection: Connection,
-    /// Whether it is attached to its queue now.
-    pub attachment: crate::consume::Attachment,
+    /// Whether it is attached to its queue now; `None` for a queue watched
+    /// without consuming it here (`rabbitry status`), where only the
+    /// broker's consumer count tells.
+    pub attachment: Option<crate::consume::Attachment>,
 }
 
 /// A started worker.
