@@ -43,6 +43,9 @@ const BUCKETS: [f64; 16] = [
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
+/// How often the recorder's histogram buffers are drained.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
 /// Installs a Prometheus recorder as the process's `metrics` recorder, once,
 /// and returns its handle; `None` when the application installed another
 /// recorder first (then it serves its own metrics). Call it before
@@ -57,7 +60,19 @@ pub fn install_prometheus() -> Option<PrometheusHandle> {
                 .build_recorder();
             let handle = recorder.handle();
             match metrics::set_global_recorder(recorder) {
-                Ok(()) => Some(handle),
+                Ok(()) => {
+                    // Histogram samples wait in buffers until drained; drain
+                    // them every few seconds, scraped or not, so memory
+                    // stays bounded.
+                    let upkeep = handle.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("rabbitry-metrics-upkeep".into())
+                        .spawn(move || loop {
+                            std::thread::sleep(UPKEEP_EVERY);
+                            upkeep.run_upkeep();
+                        });
+                    Some(handle)
+                }
                 Err(_) => {
                     tracing::warn!("a metrics recorder is already installed; /metrics serves nothing of rabbitry's");
                     None

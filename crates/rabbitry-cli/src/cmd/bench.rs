@@ -39,6 +39,10 @@ pub(crate) struct Args {
     /// `revive N`, `connection NAME`, as scripts/cluster does them.
     #[arg(long, default_value = "scripts/cluster")]
     cluster_script: std::path::PathBuf,
+    /// Record metrics through the Prometheus recorder, as `worker --admin`
+    /// does, to compare with a run without.
+    #[arg(long)]
+    metrics: bool,
     /// Failover rounds of the cluster group: the median and the worst are
     /// reported.
     #[arg(long, default_value_t = 5)]
@@ -57,6 +61,10 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     }
     if args.rounds == 0 || args.messages == 0 {
         usage!("--rounds and --messages must be at least 1");
+    }
+    if args.metrics {
+        // Before any connection or consumer makes its handles.
+        rabbitry::admin::install_prometheus();
     }
     let settings = global.settings()?;
     let url = settings
