@@ -216,8 +216,7 @@ impl Admin {
             .route("/api/status", get(status))
             .route("/api/events", get(events))
             .route("/api/dead/{queue}", get(dead_list))
-            .route("/api/dead/{queue}/replay", post(dead_replay))
-            .route("/api/dead/{queue}/purge", post(dead_purge))
+            .route("/api/dead/{queue}/{action}", post(dead_change))
             .with_state(shared)
     }
 }
@@ -530,9 +529,10 @@ async fn dead_list(
     }
 }
 
-async fn dead_replay(
+/// `POST /api/dead/{queue}/replay` and `/purge`, behind the token.
+async fn dead_change(
     State(s): State<Arc<Shared>>,
-    Path(queue): Path<String>,
+    Path((queue, action)): Path<(String, String)>,
     Query(q): Query<Limit>,
     headers: HeaderMap,
 ) -> Response {
@@ -542,25 +542,23 @@ async fn dead_replay(
     let Some(c) = consumer_of(&s, &queue) else {
         return not_served(&queue);
     };
-    match dead::replay(&c.connection, &queue, q.count.unwrap_or(usize::MAX)).await {
-        Ok(n) => Json(json!({ "queue": queue, "replayed": n })).into_response(),
-        Err(e) => failed(e),
-    }
-}
-
-async fn dead_purge(
-    State(s): State<Arc<Shared>>,
-    Path(queue): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if !authorized(&s, &headers) {
-        return unauthorized();
-    }
-    let Some(c) = consumer_of(&s, &queue) else {
-        return not_served(&queue);
+    let done = match action.as_str() {
+        "replay" => dead::replay(&c.connection, &queue, q.count.unwrap_or(usize::MAX))
+            .await
+            .map(|n| json!({ "queue": queue, "replayed": n })),
+        "purge" => dead::purge(&c.connection, &queue)
+            .await
+            .map(|n| json!({ "queue": queue, "purged": n })),
+        _ => {
+            return (
+                StatusCode::NOT_FOUND,
+                Json(json!({ "error": format!("no action '{action}': replay or purge") })),
+            )
+                .into_response()
+        }
     };
-    match dead::purge(&c.connection, &queue).await {
-        Ok(n) => Json(json!({ "queue": queue, "purged": n })).into_response(),
+    match done {
+        Ok(v) => Json(v).into_response(),
         Err(e) => failed(e),
     }
 }

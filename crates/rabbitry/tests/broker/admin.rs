@@ -185,6 +185,17 @@ async fn dead_letters_are_listed_and_replayed_only_with_the_token() {
     );
     let (_, body) = http(addr, "GET", &list, None).await;
     assert!(body.contains("missing field title"), "{body}");
+    assert_eq!(
+        http(
+            addr,
+            "POST",
+            &format!("/api/dead/{queue}/nope"),
+            Some(&token)
+        )
+        .await
+        .0,
+        404
+    );
     // A queue no consumer here reads is not served.
     assert_eq!(
         http(addr, "GET", "/api/dead/somebody.else", None).await.0,
