@@ -150,6 +150,13 @@ struct Tracker {
 }
 
 impl Tracker {
+    /// `n` messages sent again, for [`Publisher::republished`] and the
+    /// `rabbitry_republished_total` counter.
+    fn count_republished(&self, n: u64) {
+        self.republished.fetch_add(n, Ordering::Relaxed);
+        self.meters.republished.increment(n);
+    }
+
     fn settle(&self, epoch: u64, tag: u64, multiple: bool, acked: bool) {
         let settled: Vec<Entry> = {
             let mut p = lock(&self.pending);
@@ -526,7 +533,11 @@ impl Actor {
             .await;
     }
 
-    async fn send_tracked(&mut self, channel: &Channel, entry: Entry) {
+    /// Sends `entry` with the next tag; its confirm timeout counts from now,
+    /// whether this is its first send or it is sent again after a nack or
+    /// a timeout.
+    async fn send_tracked(&mut self, channel: &Channel, mut entry: Entry) {
+        entry.sent = Instant::now();
         let tag = self.next_tag;
         self.next_tag += 1;
         let message = entry.message.clone();
@@ -555,8 +566,7 @@ impl Actor {
             };
             match due {
                 Some(entry) => {
-                    self.tracker.republished.fetch_add(1, Ordering::Relaxed);
-                    self.tracker.meters.republished.increment(1);
+                    self.tracker.count_republished(1);
                     self.send_tracked(&channel, entry).await
                 }
                 None => return,
@@ -601,7 +611,7 @@ impl Actor {
             ?timeout,
             "no confirm within the confirm timeout; publishing again with the same message ids"
         );
-        for mut entry in overdue {
+        for entry in overdue {
             if now.duration_since(entry.first_sent) >= bound {
                 let err = Error::new(
                     ErrorKind::Timeout,
@@ -614,9 +624,7 @@ impl Actor {
                 let _ = entry.done.send(Err(err));
                 continue;
             }
-            entry.sent = now;
-            self.tracker.republished.fetch_add(1, Ordering::Relaxed);
-            self.tracker.meters.republished.increment(1);
+            self.tracker.count_republished(1);
             self.send_tracked(&channel, entry).await;
         }
     }
