@@ -34,18 +34,19 @@ async fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn write_config(queue: &str, handler: &str) -> std::path::PathBuf {
+/// Writes `text` as a worker configuration in a folder of its own.
+fn config_file(text: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(unique("cfg"));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("worker.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[worker]\nshutdown_timeout = \"10s\"\n\n[consumers.jobs]\nqueue = \"{queue}\"\nhandler = \"{handler}\"\nretry = {{ attempts = 2, delays = [\"100ms\"] }}\n"
-        ),
-    )
-    .unwrap();
+    std::fs::write(&file, text).unwrap();
     file
+}
+
+fn write_config(queue: &str, handler: &str) -> std::path::PathBuf {
+    config_file(&format!(
+        "[worker]\nshutdown_timeout = \"10s\"\n\n[consumers.jobs]\nqueue = \"{queue}\"\nhandler = \"{handler}\"\nretry = {{ attempts = 2, delays = [\"100ms\"] }}\n"
+    ))
 }
 
 async fn connect() -> Connection {
@@ -400,17 +401,10 @@ async fn a_second_ctrl_c_stops_the_worker_at_once() {
             async { tokio::time::sleep(Duration::from_secs(600)).await }
         })
     };
-    let dir = std::env::temp_dir().join(unique("cfg"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("worker.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[worker]\nshutdown_timeout = \"300s\"\n\n[consumers.jobs]\nqueue = \"{queue}\"\nhandler = \"{}\"\ntimeout = \"300s\"\nretry = {{ attempts = 2, delays = [\"100ms\"] }}\n",
-            serve(app).await
-        ),
-    )
-    .unwrap();
+    let config = config_file(&format!(
+        "[worker]\nshutdown_timeout = \"300s\"\n\n[consumers.jobs]\nqueue = \"{queue}\"\nhandler = \"{}\"\ntimeout = \"300s\"\nretry = {{ attempts = 2, delays = [\"100ms\"] }}\n",
+        serve(app).await
+    ));
     let mut child = worker(&config, &[]);
     let lines = collect_stderr(&mut child);
     wait_consuming(&conn, &queue).await;
@@ -481,17 +475,10 @@ async fn a_poison_message_that_kills_the_worker_ends_in_dead_after_its_delivery_
             }
         })
     };
-    let dir = std::env::temp_dir().join(unique("cfg"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("worker.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[consumers.jobs]\nqueue = \"{queue}\"\nhandler = \"{}\"\nqueue_type = \"quorum\"\ndelivery_limit = 3\ntimeout = \"1h\"\nretry = {{ attempts = 2, delays = [\"100ms\"] }}\n",
-            serve(app).await
-        ),
-    )
-    .unwrap();
+    let config = config_file(&format!(
+        "[consumers.jobs]\nqueue = \"{queue}\"\nhandler = \"{}\"\nqueue_type = \"quorum\"\ndelivery_limit = 3\ntimeout = \"1h\"\nretry = {{ attempts = 2, delays = [\"100ms\"] }}\n",
+        serve(app).await
+    ));
     let mut child = worker(&config, &[]);
     wait_consuming(&conn, &queue).await;
     let producer = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
