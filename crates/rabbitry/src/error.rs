@@ -55,6 +55,29 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// A short stable name: `unroutable`, `timeout`, `access_refused`.
+    /// Spans carry it as `error.type`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::Connect => "connect",
+            ErrorKind::AccessRefused => "access_refused",
+            ErrorKind::Tls => "tls",
+            ErrorKind::Disconnected => "disconnected",
+            ErrorKind::Declare => "declare",
+            ErrorKind::Channel => "channel",
+            ErrorKind::Unroutable => "unroutable",
+            ErrorKind::Nacked => "nacked",
+            ErrorKind::Codec => "codec",
+            ErrorKind::Config => "config",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Closed => "closed",
+            ErrorKind::Database => "database",
+            ErrorKind::Invalid => "invalid",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::AlreadySettled => "already_settled",
+        }
+    }
+
     fn describe(self) -> &'static str {
         match self {
             ErrorKind::Connect => "connection failed",

@@ -45,6 +45,7 @@
 //! | `http` | yes | worker handlers that are tower services (an axum `Router`) or HTTP URLs; `web`'s publish-on-2xx layer | hyper, tower, http |
 //! | `config` | yes | `Settings` from TOML, and the worker a config file describes | toml |
 //! | `admin` | | `admin::Admin`: Prometheus `/metrics`, `/livez`, `/readyz`, status and dead letters as an axum `Router` | axum, metrics-exporter-prometheus |
+//! | `otel` | | OpenTelemetry spans for publish, process and RPC, W3C `traceparent` in AMQP headers (`telemetry`) | the `opentelemetry` API crate |
 //! | `tls` | yes | `amqps://` URLs: system roots or a CA file, mutual TLS, EXTERNAL login | rustls on the `ring` provider, rustls-native-certs |
 //!
 //! A producer-only service writes
@@ -68,6 +69,7 @@
 //! - [`transaction`]: the unit of work, publishes at commit.
 //! - `web`: a tower layer: publish on 2xx only (feature `http`).
 //! - [`rpc`]: request/reply client, durable replies.
+//! - [`telemetry`]: spans across the broker and the W3C trace context (feature `otel`).
 //! - `outbox`: the durable outbox and the idempotent inbox (features `sqlite`, `postgres`).
 
 #[cfg(feature = "admin")]
@@ -86,6 +88,7 @@ pub mod meters;
 pub mod outbox;
 pub mod publish;
 pub mod rpc;
+pub mod telemetry;
 pub mod topology;
 pub mod transaction;
 #[cfg(feature = "http")]

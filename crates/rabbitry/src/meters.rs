@@ -19,6 +19,7 @@
 //! | `rabbitry_rpc_calls_total` | counter | `connection`, `outcome` (`reply`, `timeout`, `error`) |
 //! | `rabbitry_rpc_duration_seconds` | histogram (request to reply) | `connection` |
 //! | `rabbitry_rpc_in_flight` | gauge | `connection` |
+//! | `rabbitry_outbox_commit_to_publish_seconds` | histogram (row written to publish confirmed) | `database` |
 //!
 //! A worker adds `rabbitry_deliveries_total{consumer, outcome}`,
 //! `rabbitry_handler_duration_seconds{consumer}`,

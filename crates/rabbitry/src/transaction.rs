@@ -50,7 +50,9 @@ impl UnitOfWork {
 
     /// Registers `message` to be published through `producer` at commit.
     /// Fails once the unit has been committed or aborted.
-    pub fn publish(&self, producer: &Producer, message: Message) -> Result<()> {
+    pub fn publish(&self, producer: &Producer, mut message: Message) -> Result<()> {
+        // Published later, at commit, as a child of the code that asked.
+        crate::telemetry::capture(&mut message.properties);
         let mut p = lock(&self.pending);
         if p.done {
             return Err(Error::new(

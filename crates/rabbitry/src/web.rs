@@ -70,7 +70,10 @@ where
         // The clone that was made ready is the one to call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
+        // The request's `traceparent` (when no tracing layer in front made
+        // a span) becomes the parent of what the handler publishes.
+        let scope = crate::telemetry::from_http(req.headers());
+        Box::pin(scope.run(async move {
             let resp = inner.call(req).await?;
             if !resp.status().is_success() {
                 unit.abort();
@@ -85,6 +88,6 @@ where
                     Ok(failed)
                 }
             }
-        })
+        }))
     }
 }

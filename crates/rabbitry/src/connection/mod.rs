@@ -139,7 +139,27 @@ impl fmt::Debug for ConnectionSettings {
 pub(crate) struct Link {
     pub(crate) generation: u64,
     pub(crate) conn: Option<amqprs::connection::Connection>,
+    /// The node the socket went to (kept after a loss: the last one).
+    pub(crate) peer: Option<Peer>,
     closed: bool,
+}
+
+/// The host and port a connection's socket went to, for span attributes
+/// (`server.address`, `server.port`). Cheap to clone.
+#[derive(Clone, Debug)]
+#[cfg_attr(not(feature = "otel"), allow(dead_code))]
+pub(crate) struct Peer {
+    pub(crate) host: Arc<str>,
+    pub(crate) port: u16,
+}
+
+impl Peer {
+    pub(crate) fn of(ep: &Endpoint) -> Peer {
+        Peer {
+            host: ep.host.as_str().into(),
+            port: ep.port,
+        }
+    }
 }
 
 struct Shared {
@@ -210,11 +230,12 @@ impl Connection {
             order = if settings.keep_url_order { "as given" } else { "shuffled on each connect" },
             "connecting"
         );
-        let conn = supervisor::connect_any(&settings, &endpoints).await?;
+        let (conn, peer) = supervisor::connect_any(&settings, &endpoints).await?;
         let settings_name = settings.name.clone();
         let (link, _) = watch::channel(Link {
             generation: 1,
             conn: Some(conn),
+            peer: Some(peer),
             closed: false,
         });
         let shared = Arc::new(Shared {
@@ -296,6 +317,11 @@ impl Connection {
         let link = self.shared.link.borrow();
         let props = link.conn.as_ref()?.server_properties();
         Some(format!("{} {}", props.product(), props.version()))
+    }
+
+    /// The node this connection's socket went to last.
+    pub(crate) fn peer(&self) -> Option<Peer> {
+        self.shared.link.borrow().peer.clone()
     }
 
     /// How many times the broker cancelled a consumer on this connection:

@@ -11,7 +11,7 @@ use amqprs::Close;
 
 use super::backoff::Backoff;
 use super::{
-    close_quietly, AuthMechanism, ChannelWatch, ConnectionSettings, Endpoint, Events, Shared,
+    close_quietly, AuthMechanism, ChannelWatch, ConnectionSettings, Endpoint, Events, Peer, Shared,
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::task::CancellationToken;
@@ -30,7 +30,7 @@ const POLL: Duration = Duration::from_millis(500);
 pub(super) async fn connect_any(
     settings: &ConnectionSettings,
     endpoints: &[Endpoint],
-) -> Result<AmqpConnection> {
+) -> Result<(AmqpConnection, Peer)> {
     let mut order: Vec<&Endpoint> = endpoints.iter().collect();
     if !settings.keep_url_order {
         shuffle(&mut order);
@@ -38,7 +38,7 @@ pub(super) async fn connect_any(
     let mut last = None;
     for ep in order {
         match connect(settings, ep).await {
-            Ok(conn) => return Ok(conn),
+            Ok(conn) => return Ok((conn, Peer::of(ep))),
             Err(err) => {
                 tracing::warn!(connection = %settings.name, %ep, error = %err, "connect failed");
                 last = Some(err);
@@ -394,8 +394,8 @@ pub(super) async fn run(shared: Weak<Shared>, stop: CancellationToken) {
             let Some(s) = shared.upgrade() else { return };
             let remembered = super::lock(&s.topology).clone();
             let attempt = match connect_any(&s.settings, &s.endpoints).await {
-                Ok(conn) => match redeclare(&conn, &name, &remembered).await {
-                    Ok(refused) => Ok((conn, refused)),
+                Ok((conn, peer)) => match redeclare(&conn, &name, &remembered).await {
+                    Ok(refused) => Ok((conn, peer, refused)),
                     Err(err) => {
                         let _ = conn.close().await;
                         Err(err)
@@ -404,7 +404,7 @@ pub(super) async fn run(shared: Weak<Shared>, stop: CancellationToken) {
                 Err(err) => Err(err),
             };
             match attempt {
-                Ok((conn, refused)) => {
+                Ok((conn, peer, refused)) => {
                     if !refused.is_empty() {
                         let n = refused.entities().len() as u64;
                         s.refused_declarations.fetch_add(n, Ordering::Relaxed);
@@ -419,6 +419,7 @@ pub(super) async fn run(shared: Weak<Shared>, stop: CancellationToken) {
                     s.link.send_modify(|l| {
                         l.generation += 1;
                         l.conn = Some(conn);
+                        l.peer = Some(peer);
                     });
                     s.meters.up.set(1.0);
                     s.meters.reconnects.increment(1);

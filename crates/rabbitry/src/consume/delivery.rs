@@ -158,6 +158,11 @@ impl Delivery {
         }
     }
 
+    /// The broker's delivery tag: unique on its channel, in delivery order.
+    pub fn delivery_tag(&self) -> u64 {
+        self.acker.tag
+    }
+
     /// The handle that settles this delivery; clones share its "settled"
     /// flag.
     pub fn acker(&self) -> Acker {

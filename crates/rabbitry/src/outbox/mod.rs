@@ -217,7 +217,8 @@ pub struct OutboxRow {
 impl OutboxRow {
     /// The row for `message`. It must name its routing key; a missing
     /// exchange means the default exchange; a missing message id gets a
-    /// UUID, which then never changes.
+    /// UUID, which then never changes. With the `otel` feature, the current
+    /// trace context is stored in its `traceparent` header.
     pub fn from_message(mut message: Message) -> Result<OutboxRow> {
         let routing_key = message.routing_key.take().ok_or_else(|| {
             Error::new(ErrorKind::Invalid, "an outbox message needs a routing key")
@@ -230,6 +231,9 @@ impl OutboxRow {
         if message.properties.delivery_mode.is_none() {
             message.properties.delivery_mode = Some(crate::message::PERSISTENT);
         }
+        // The row keeps the writer's trace context: the relay's publish,
+        // whenever it happens, continues that trace.
+        crate::telemetry::capture(&mut message.properties);
         Ok(OutboxRow {
             message_id,
             exchange: message.exchange.unwrap_or_default(),

@@ -70,6 +70,7 @@ fn claimed(r: &PgRow) -> sqlx::Result<Claimed> {
         r.try_get(3),
         r.try_get(4),
         r.try_get(5),
+        r.try_get(6),
     )
 }
 
@@ -89,7 +90,7 @@ impl Backend for PgPool {
     async fn claim(&self, options: &RelayOptions) -> sqlx::Result<(Vec<Claimed>, Self::Held)> {
         let mut tx = self.begin().await?;
         let rows = sqlx::query(
-            "SELECT id, exchange, routing_key, properties, body, mandatory FROM rabbitry_outbox \
+            "SELECT id, exchange, routing_key, properties, body, mandatory, created_at FROM rabbitry_outbox \
              WHERE status = 'pending' ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
         .bind(options.batch as i64)

@@ -9,7 +9,7 @@ use tokio::task::JoinHandle;
 
 use super::backend::Backend;
 use super::{db_error, store, with_pool, Database, Outbox};
-use crate::connection::{Backoff, Connection};
+use crate::connection::{redact, Backoff, Connection};
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::Message;
 use crate::publish::{Confirmation, Producer, ProducerSettings};
@@ -60,6 +60,8 @@ impl Relay {
 /// A claimed row, as the message it stores.
 pub(super) struct Claimed {
     pub(super) id: i64,
+    /// When the row was written (epoch milliseconds).
+    created_at: i64,
     message: Message,
 }
 
@@ -83,6 +85,10 @@ impl Outbox {
                 url: Arc::from(self.url.as_str()),
                 wake: self.wake.clone(),
                 options,
+                delay: metrics::histogram!(
+                    "rabbitry_outbox_commit_to_publish_seconds",
+                    "database" => redact(&self.url)
+                ),
             };
             Background::spawn(move |stop| looping.run(producer, stop))
         });
@@ -96,6 +102,8 @@ struct RelayLoop<B> {
     url: Arc<str>,
     wake: Arc<Notify>,
     options: RelayOptions,
+    /// Time from a row's write to its confirmed publish.
+    delay: metrics::Histogram,
 }
 
 impl<B: Backend> Clone for RelayLoop<B> {
@@ -105,6 +113,7 @@ impl<B: Backend> Clone for RelayLoop<B> {
             url: self.url.clone(),
             wake: self.wake.clone(),
             options: self.options.clone(),
+            delay: self.delay.clone(),
         }
     }
 }
@@ -199,7 +208,7 @@ impl<B: Backend> RelayLoop<B> {
     /// marks what the broker refused. Rows that got neither (broker away)
     /// stay pending, first in line.
     async fn finish(&self, held: B::Held, submitted: Submitted) -> Result<usize> {
-        let outcome = submitted.confirmed().await;
+        let outcome = submitted.confirmed(&self.delay).await;
         self.pool
             .finish(held, &outcome)
             .await
@@ -240,10 +249,12 @@ pub(super) fn claimed_from(
     properties: sqlx::Result<String>,
     body: sqlx::Result<Vec<u8>>,
     mandatory: sqlx::Result<bool>,
+    created_at: sqlx::Result<i64>,
 ) -> sqlx::Result<Claimed> {
     let properties = store::decode(&properties?).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
     Ok(Claimed {
         id: id?,
+        created_at: created_at?,
         message: Message {
             body: body?,
             properties,
@@ -274,7 +285,8 @@ impl BatchOutcome {
 
 /// A batch handed to the publisher, in order, whose confirms are pending.
 struct Submitted {
-    waits: Vec<(i64, Confirmation)>,
+    /// Row id, write time and the confirm to wait for.
+    waits: Vec<(i64, i64, Confirmation)>,
     not_sent: Vec<i64>,
     error: Option<Error>,
 }
@@ -292,7 +304,7 @@ async fn submit_all(producer: &Producer, claimed: Vec<Claimed>) -> Submitted {
             continue;
         }
         match producer.submit(c.message).await {
-            Ok(w) => out.waits.push((c.id, w)),
+            Ok(w) => out.waits.push((c.id, c.created_at, w)),
             Err(e) => {
                 out.not_sent.push(c.id);
                 out.error = Some(e);
@@ -303,15 +315,19 @@ async fn submit_all(producer: &Producer, claimed: Vec<Claimed>) -> Submitted {
 }
 
 impl Submitted {
-    async fn confirmed(self) -> BatchOutcome {
+    async fn confirmed(self, delay: &metrics::Histogram) -> BatchOutcome {
         let mut out = BatchOutcome {
             unconfirmed: self.not_sent,
             transient: self.error,
             ..BatchOutcome::default()
         };
-        for (id, w) in self.waits {
+        for (id, created_at, w) in self.waits {
             match w.wait().await {
-                Ok(()) => out.sent.push(id),
+                Ok(()) => {
+                    let waited = (crate::clock::now_millis() - created_at).max(0);
+                    delay.record(waited as f64 / 1000.0);
+                    out.sent.push(id);
+                }
                 Err(e) if matches!(e.kind(), ErrorKind::Unroutable | ErrorKind::Channel) => {
                     tracing::error!(id, error = %e, "outbox message refused; marked failed");
                     out.failed.push((id, e.to_string()));

@@ -80,6 +80,7 @@ fn claimed(r: &SqliteRow) -> sqlx::Result<Claimed> {
         r.try_get(3),
         r.try_get(4),
         r.try_get(5),
+        r.try_get(6),
     )
 }
 
@@ -107,7 +108,7 @@ impl Backend for SqlitePool {
             "UPDATE rabbitry_outbox SET lease_owner = ?1, lease_until = ?2 WHERE id IN \
              (SELECT id FROM rabbitry_outbox WHERE status = 'pending' \
               AND (lease_until IS NULL OR lease_until < ?3) ORDER BY id LIMIT ?4) \
-             RETURNING id, exchange, routing_key, properties, body, mandatory",
+             RETURNING id, exchange, routing_key, properties, body, mandatory, created_at",
         )
         .bind(&token)
         .bind(until)

@@ -373,10 +373,9 @@ impl Publisher {
         }))
     }
 
-    /// Sends one message and, with confirms, waits for the broker's ack.
-    /// Without confirms, returns once the message is handed to the socket.
-    pub(crate) async fn publish(&self, message: Outgoing) -> Result<()> {
-        self.submit(message).await?.wait().await
+    /// The node the publishing connection went to last.
+    pub(crate) fn peer(&self) -> Option<crate::connection::Peer> {
+        self.conn.peer()
     }
 
     /// Queues one message for sending, in call order, and returns the wait
@@ -401,6 +400,7 @@ impl Publisher {
             result,
             _permit: permit,
             closed: self.closed(),
+            span: crate::telemetry::Span::default(),
         })
     }
 
@@ -424,6 +424,8 @@ pub struct Confirmation {
     result: oneshot::Receiver<Result<()>>,
     _permit: tokio::sync::OwnedSemaphorePermit,
     closed: Error,
+    /// The publish span, ended with the confirm.
+    span: crate::telemetry::Span,
 }
 
 impl std::fmt::Debug for Confirmation {
@@ -436,8 +438,20 @@ impl Confirmation {
     /// Waits for the confirm (or for the message to be handed over, without
     /// confirms).
     pub async fn wait(self) -> Result<()> {
-        let Confirmation { result, closed, .. } = self;
-        result.await.unwrap_or(Err(closed))
+        let Confirmation {
+            result,
+            closed,
+            span,
+            ..
+        } = self;
+        let result = result.await.unwrap_or(Err(closed));
+        span.finish(&result);
+        result
+    }
+
+    pub(crate) fn traced(mut self, span: crate::telemetry::Span) -> Confirmation {
+        self.span = span;
+        self
     }
 }
 

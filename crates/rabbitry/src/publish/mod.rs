@@ -17,6 +17,7 @@ use crate::codec::Serializer;
 use crate::connection::Connection;
 use crate::error::{Error, Result};
 use crate::message::{Message, PERSISTENT, TRANSIENT};
+use crate::telemetry::{self, Parent};
 use crate::topology::{is_reserved, Exchange, ExchangeKind, Topology};
 
 pub use confirms::Confirmation;
@@ -218,8 +219,16 @@ impl Producer {
     /// # Ok(()) }
     /// ```
     pub async fn publish(&self, message: Message) -> Result<()> {
-        let outgoing = self.prepare(message)?;
-        self.publisher.publish(outgoing).await
+        self.publish_with(message, &Parent::Inherit).await
+    }
+
+    /// Publishes with the given span parent (a retry links to the attempt
+    /// that failed, in a new trace).
+    pub(crate) async fn publish_with(&self, message: Message, parent: &Parent) -> Result<()> {
+        let (outgoing, span) = self.prepare(message, parent)?;
+        let result = async { self.publisher.submit(outgoing).await?.wait().await }.await;
+        span.finish(&result);
+        result
     }
 
     /// Queues `message` for sending and returns the wait for its confirm.
@@ -227,11 +236,20 @@ impl Producer {
     /// their confirms are awaited together: this is how a relay keeps order
     /// without waiting a round trip per message.
     pub async fn submit(&self, message: Message) -> Result<Confirmation> {
-        let outgoing = self.prepare(message)?;
-        self.publisher.submit(outgoing).await
+        let (outgoing, span) = self.prepare(message, &Parent::Inherit)?;
+        match self.publisher.submit(outgoing).await {
+            Ok(confirmation) => Ok(confirmation.traced(span)),
+            Err(e) => {
+                let mut span = span;
+                span.fail(e.kind().name());
+                Err(e)
+            }
+        }
     }
 
-    pub(crate) fn prepare(&self, message: Message) -> Result<Outgoing> {
+    /// The message as it goes out, and its publish span (whose context is
+    /// now in the message's headers).
+    fn prepare(&self, message: Message, parent: &Parent) -> Result<(Outgoing, telemetry::Span)> {
         let s = &self.settings;
         let Message {
             body,
@@ -252,14 +270,26 @@ impl Producer {
         if properties.message_id.is_none() && (s.message_ids || mandatory) {
             properties.message_id = Some(uuid::Uuid::new_v4().to_string());
         }
-        Ok(Outgoing {
+        let span = telemetry::publish(
+            &mut properties,
+            body.len(),
+            telemetry::Publish {
+                exchange: &exchange,
+                routing_key: &routing_key,
+                peer: self.publisher.peer(),
+            },
+            parent,
+            false,
+        );
+        let outgoing = Outgoing {
             exchange,
             routing_key,
             mandatory,
             message_id: properties.message_id.clone(),
             properties: to_basic(&properties),
             body,
-        })
+        };
+        Ok((outgoing, span))
     }
 }
 

@@ -37,6 +37,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::headers::DEADLINE;
 use crate::message::{HeaderValue, Message, Properties};
 use crate::task::{Background, CancellationToken};
+use crate::telemetry::{self, Parent};
 use crate::topology::{Queue, Topology};
 
 /// RabbitMQ's direct reply-to pseudo-queue.
@@ -147,6 +148,15 @@ fn fail_all(calls: &Mutex<Calls>, kind: ErrorKind, why: &str) {
     }
 }
 
+/// One call on its way: where it goes and how its reply is recognised.
+struct Call {
+    route: Route,
+    correlation_id: String,
+    exchange: String,
+    routing_key: String,
+    timeout: Duration,
+}
+
 /// The channel the client currently uses, and the reply address on it.
 #[derive(Clone)]
 struct Route {
@@ -248,6 +258,39 @@ impl RpcClient {
             .routing_key
             .take()
             .ok_or_else(|| Error::new(ErrorKind::Invalid, "an RPC request needs a routing key"))?;
+        // The call's client span: the server's process span is its child.
+        let span = telemetry::publish(
+            &mut request.properties,
+            request.body.len(),
+            telemetry::Publish {
+                exchange: &exchange,
+                routing_key: &routing_key,
+                peer: self.conn.peer(),
+            },
+            &Parent::Inherit,
+            true,
+        );
+        let call = Call {
+            route,
+            correlation_id,
+            exchange,
+            routing_key,
+            timeout,
+        };
+        let result = self.round_trip(request, call).await;
+        span.finish(&result);
+        result
+    }
+
+    /// Sends the request and waits for its reply.
+    async fn round_trip(&self, request: Message, call: Call) -> Result<Response> {
+        let Call {
+            route,
+            correlation_id,
+            exchange,
+            routing_key,
+            timeout,
+        } = call;
         let (tx, rx) = oneshot::channel();
         lock(&self.calls).waiting.insert(correlation_id.clone(), tx);
         let started = std::time::Instant::now();

@@ -20,6 +20,7 @@ use crate::error::ErrorKind;
 use crate::message::{HeaderValue, Message};
 use crate::publish::Producer;
 use crate::task::CancellationToken;
+use crate::telemetry::{self, Link, Parent};
 use crate::transaction::UnitOfWork;
 
 /// Everything one consumer's deliveries are handled with.
@@ -28,6 +29,8 @@ pub(super) struct ConsumerRuntime<S> {
     pub(super) queue: String,
     pub(super) metrics: Arc<ConsumerMeter>,
     pub(super) connection: String,
+    /// The consumer's connection (its node goes into spans).
+    pub(super) conn: crate::connection::Connection,
     pub(super) options: ConsumerOptions,
     pub(super) route: Route<S>,
     pub(super) replies: Producer,
@@ -105,7 +108,21 @@ async fn process<S: Clone + Send + Sync + 'static>(
         message_id = d.properties.message_id.as_deref().unwrap_or(""),
         outcome = tracing::field::Empty,
     );
-    handle_delivery(rt, state, d).instrument(span).await;
+    let processing = telemetry::process(
+        &d.properties,
+        telemetry::Process {
+            queue: &d.queue,
+            exchange: &d.exchange,
+            routing_key: &d.routing_key,
+            delivery_tag: d.delivery_tag(),
+            body_size: d.body.len(),
+            peer: rt.conn.peer(),
+        },
+    );
+    processing
+        .run(handle_delivery(rt, state, d))
+        .instrument(span)
+        .await;
 }
 
 async fn handle_delivery<S: Clone + Send + Sync + 'static>(
@@ -122,6 +139,7 @@ async fn handle_delivery<S: Clone + Send + Sync + 'static>(
         let late = crate::clock::now_millis() - deadline;
         if late > 0 {
             tracing::Span::current().record("outcome", "expired");
+            telemetry::fail_current("expired");
             tracing::warn!(
                 late_ms = late,
                 "request expired before it was handled; acked without handling"
@@ -190,7 +208,9 @@ async fn run_handler<S: Clone + Send + Sync + 'static>(
         }
     };
     let timeout = rt.options.timeout;
-    let mut task = tokio::spawn(fut);
+    // The handler's task carries the process span (for its publishes and
+    // its outbox rows) and the delivery's log span.
+    let mut task = tokio::spawn(telemetry::carry(fut).in_current_span());
     match tokio::time::timeout(timeout, &mut task).await {
         Ok(Ok(result)) => result,
         Ok(Err(join)) if join.is_panic() => {
@@ -284,6 +304,7 @@ pub(crate) fn reply_exchange<'a>(configured: &'a str, reply_to: &str) -> &'a str
 /// Failure: requeue a conflict; otherwise hand it to the exchange's error
 /// handler, or retry it, or dead-letter it.
 async fn fail<S>(rt: &ConsumerRuntime<S>, d: &Arc<Delivery>, attempt: u32, err: HandlerError) {
+    telemetry::fail_current(err.kind().name());
     if err.kind() == FailureKind::Conflict {
         tracing::Span::current().record("outcome", "requeue");
         tracing::info!(error = %err, "conflict; requeued");
@@ -326,7 +347,14 @@ async fn fail<S>(rt: &ConsumerRuntime<S>, d: &Arc<Delivery>, attempt: u32, err: 
             queue,
         )
     };
-    match rt.replies.publish(message).await {
+    // A retry starts a new trace that links to this attempt; a dead letter
+    // stays in this one.
+    let parent = if retrying {
+        Parent::Linked(Link::current())
+    } else {
+        Parent::Inherit
+    };
+    match rt.replies.publish_with(message, &parent).await {
         Ok(()) => {
             let counted = if retrying {
                 Counted::Retry

@@ -35,6 +35,17 @@ pub enum FailureKind {
     Retry,
 }
 
+impl FailureKind {
+    /// `conflict`, `invalid` or `retry`: spans carry it as `error.type`.
+    pub fn name(self) -> &'static str {
+        match self {
+            FailureKind::Conflict => "conflict",
+            FailureKind::Invalid => "invalid",
+            FailureKind::Retry => "retry",
+        }
+    }
+}
+
 /// Any error, boxed: what a [`HandlerError`] keeps as its cause.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 

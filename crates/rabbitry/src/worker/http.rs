@@ -29,6 +29,7 @@ use http_body_util::{BodyExt, Full};
 use tower::{Service, ServiceExt};
 
 use super::handler::{BoxFuture, HandlerError, Reply};
+use crate::telemetry::{TRACEPARENT, TRACESTATE};
 
 /// A request's body type.
 pub type RequestBody = Full<Bytes>;
@@ -229,6 +230,14 @@ pub(crate) fn to_request(
         if name.eq_ignore_ascii_case("authorization") {
             put(&mut req, "authorization", &text);
         }
+        // The W3C trace context goes on as it came, so that the handler's
+        // spans join the message's trace.
+        let trace = [TRACEPARENT, TRACESTATE]
+            .into_iter()
+            .find(|t| name.eq_ignore_ascii_case(t));
+        if let (Some(trace), Ok(v)) = (trace, HeaderValue::from_str(&text)) {
+            req.headers_mut().insert(HeaderName::from_static(trace), v);
+        }
         put(
             &mut req,
             &format!("amqp-header-{}", header_name_text(name)),
@@ -359,6 +368,14 @@ mod tests {
         m.properties
             .headers
             .insert("Tenant".into(), crate::message::HeaderValue::Int(7));
+        let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        m.properties
+            .headers
+            .insert("traceparent".into(), parent.into());
+        m.properties.headers.insert(
+            "tracestate".into(),
+            "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7".into(),
+        );
         m.attempt = 2;
         m.redelivered = true;
         let req = to_request("http://h/x".into(), &m, Bytes::from_static(b"{}")).unwrap();
@@ -367,6 +384,11 @@ mod tests {
         assert_eq!(h("content-type").as_deref(), Some("application/json"));
         assert_eq!(h("authorization").as_deref(), Some("Bearer t0k"));
         assert_eq!(h("amqp-header-tenant").as_deref(), Some("7"));
+        assert_eq!(h("traceparent").as_deref(), Some(parent));
+        assert_eq!(
+            h("tracestate").as_deref(),
+            Some("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7")
+        );
         assert_eq!(h("amqp-correlation-id").as_deref(), Some("c 1"));
         assert_eq!(h("amqp-reply-to").as_deref(), Some("replies"));
         assert_eq!(h("amqp-message-id").as_deref(), Some("m-1"));

@@ -528,6 +528,7 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
                 queue: settings.queue.clone(),
                 metrics: metrics.consumer(&settings.name),
                 connection: consumer_conn.name().to_owned(),
+                conn: consumer_conn.clone(),
                 options,
                 route,
                 replies: producer,
