@@ -8,23 +8,21 @@
 //! | `GET /livez` | 200 while the process answers |
 //! | `GET /readyz` | 200 while every connection is open, every consumer is attached as the broker counts it, and every outbox's backlog is under its threshold; else 503 naming what is missing |
 //! | `GET /status` | a live HTML page of the same, with the dead letters and Replay and Purge buttons |
-//! | `GET /api/status` | connections and consumers as JSON |
-//! | `GET /api/events` | server-sent events: the status with the dead letters, every second |
+//! | `GET /api/status` | the same as JSON: connections, consumers (expected and broker-counted consumers, ready, rate, last error), dead-letter counts, outboxes, RPC calls in flight, the last 50 failures |
+//! | `GET /api/events` | server-sent events: the status with the dead letters, every second, read once for all listeners |
 //! | `GET /api/dead/{queue}` | the dead letters of a consumer's queue, with their reasons |
-//! | `POST /api/dead/{queue}/replay?count=N` | sends dead letters back to their queue (needs the token) |
+//! | `POST /api/dead/{queue}/replay` | sends dead letters back to their queue: all, `{"count": N}` or `{"message_ids": [...]}` (needs the token) |
 //! | `POST /api/dead/{queue}/purge` | deletes them (needs the token) |
 //!
 //! Changes need `Authorization: Bearer TOKEN`; without it the answer is
 //! 401 and nothing changes. The token is given ([`Admin::token`]), or read
 //! from `RABBITRY_ADMIN_TOKEN`, or made up at start and logged once.
 
-use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -33,7 +31,11 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::connection::Connection;
+use crate::rpc::RpcClient;
+use crate::worker::metrics::WorkerMetrics;
 use crate::worker::{dead, RunningWorker, WorkerConsumer};
+
+mod status;
 
 /// Histogram buckets for every `*_seconds` metric: 100 µs to 60 s.
 const BUCKETS: [f64; 16] = [
@@ -96,6 +98,8 @@ type Outboxes = Vec<()>;
 pub struct Admin {
     connections: Vec<Connection>,
     consumers: Vec<WorkerConsumer>,
+    workers: Vec<Arc<WorkerMetrics>>,
+    rpc: Vec<RpcClient>,
     outboxes: Outboxes,
     outbox_threshold: i64,
     token: Option<String>,
@@ -106,6 +110,8 @@ impl Default for Admin {
         Admin {
             connections: Vec::new(),
             consumers: Vec::new(),
+            workers: Vec::new(),
+            rpc: Vec::new(),
             outboxes: Vec::new(),
             outbox_threshold: DEFAULT_OUTBOX_THRESHOLD,
             token: None,
@@ -116,6 +122,10 @@ impl Default for Admin {
 struct Shared {
     connections: Vec<Connection>,
     consumers: Vec<WorkerConsumer>,
+    workers: Vec<Arc<WorkerMetrics>>,
+    rpc: Vec<RpcClient>,
+    /// One status for every open page, refreshed by one task.
+    hub: status::Hub,
     // Read only where a database feature gives outboxes.
     #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
     outboxes: Outboxes,
@@ -145,6 +155,7 @@ impl Admin {
             self = self.connection(&c.connection);
             self.consumers.push(c.clone());
         }
+        self.workers.push(worker.metrics());
         #[cfg(any(feature = "sqlite", feature = "postgres"))]
         if let Some(outbox) = worker.outbox() {
             self = self.outbox(outbox);
@@ -163,6 +174,12 @@ impl Admin {
             connection: conn.clone(),
             attachment: None,
         });
+        self
+    }
+
+    /// Counts an RPC client's calls in flight in the status.
+    pub fn rpc(mut self, client: &RpcClient) -> Admin {
+        self.rpc.push(client.clone());
         self
     }
 
@@ -203,6 +220,9 @@ impl Admin {
         let shared = Arc::new(Shared {
             connections: self.connections,
             consumers: self.consumers,
+            workers: self.workers,
+            rpc: self.rpc,
+            hub: status::Hub::default(),
             outboxes: self.outboxes,
             outbox_threshold: self.outbox_threshold,
             token,
@@ -214,7 +234,7 @@ impl Admin {
             .route("/readyz", get(readyz))
             .route("/status", get(status_page))
             .route("/api/status", get(status))
-            .route("/api/events", get(events))
+            .route("/api/events", get(status::events))
             .route("/api/dead/{queue}", get(dead_list))
             .route("/api/dead/{queue}/{action}", post(dead_change))
             .with_state(shared)
@@ -234,6 +254,7 @@ async fn metrics_text(State(s): State<Arc<Shared>>) -> Response {
                 .set(status.failed.len() as f64);
         }
     }
+    status::consumer_gauges(&s).await;
     let body = s
         .prometheus
         .as_ref()
@@ -319,11 +340,12 @@ async fn missing(s: &Shared) -> Vec<String> {
             continue;
         }
         // Local state can be wrong; ask the broker.
+        let expected = status::expected_consumers(s, &c.queue);
         match c.connection.queue_status(&c.queue).await {
-            Ok(Some(q)) if q.consumers > 0 => {}
-            Ok(Some(_)) => missing.push(format!(
-                "consumer '{}': the broker counts no consumer on queue '{}'",
-                c.name, c.queue
+            Ok(Some(q)) if q.consumers >= expected => {}
+            Ok(Some(q)) => missing.push(format!(
+                "consumer '{}': the broker counts {} consumer(s) on queue '{}', {expected} expected",
+                c.name, q.consumers, c.queue
             )),
             Ok(None) => missing.push(format!(
                 "consumer '{}': queue '{}' does not exist",
@@ -349,7 +371,7 @@ async fn readyz(State(s): State<Arc<Shared>>) -> Response {
 }
 
 async fn status(State(s): State<Arc<Shared>>) -> Response {
-    Json(status_json(&s, false).await).into_response()
+    Json(status::collect(&s, false).await).into_response()
 }
 
 /// The status page: static HTML whose script follows `/api/events`, and
@@ -367,97 +389,6 @@ async fn status_page() -> Response {
         include_str!("admin/status.html"),
     )
         .into_response()
-}
-
-/// How often the status page gets a new status.
-const EVENT_EVERY: Duration = Duration::from_secs(1);
-
-async fn events(State(s): State<Arc<Shared>>) -> Response {
-    let stream = futures_util::stream::unfold((s, true), |(s, first)| async move {
-        if !first {
-            tokio::time::sleep(EVENT_EVERY).await;
-        }
-        let status = status_json(&s, true).await;
-        let event = Event::default()
-            .event("status")
-            .json_data(status)
-            .unwrap_or_else(|_| Event::default().comment("status not serializable"));
-        Some((Ok::<_, Infallible>(event), (s, false)))
-    });
-    Sse::new(stream)
-        .keep_alive(KeepAlive::new())
-        .into_response()
-}
-
-/// Connections and consumers; with `with_dead`, the first dead letters of
-/// each consumer's queue that has any.
-async fn status_json(s: &Shared, with_dead: bool) -> serde_json::Value {
-    let connections: Vec<_> = s
-        .connections
-        .iter()
-        .map(|c| {
-            json!({
-                "name": c.name(),
-                "connected": c.is_connected(),
-                "server": c.server(),
-                "generation": c.generation(),
-                "cancelled_consumers": c.cancelled_consumers(),
-                "refused_declarations": c.refused_declarations(),
-            })
-        })
-        .collect();
-    let mut consumers = Vec::new();
-    let mut dead_letters = Vec::new();
-    for c in &s.consumers {
-        let queue = c.connection.queue_status(&c.queue).await.ok().flatten();
-        let dead = c
-            .connection
-            .queue_status(&dead::dead_queue_of(&c.queue))
-            .await
-            .ok()
-            .flatten();
-        let dead_count = dead.map(|q| q.messages);
-        consumers.push(json!({
-            "name": c.name,
-            "queue": c.queue,
-            "attached": c.attachment.as_ref().map(|a| a.is_attached()),
-            "ready": queue.as_ref().map(|q| q.messages),
-            "consumers": queue.as_ref().map(|q| q.consumers),
-            "dead_letters": dead_count,
-        }));
-        if with_dead && dead_count.unwrap_or(0) > 0 {
-            let letters = dead::list(&c.connection, &c.queue, 20)
-                .await
-                .unwrap_or_default();
-            dead_letters.push(json!({
-                "queue": c.queue,
-                "dead_letters": letters.iter().map(letter_json).collect::<Vec<_>>(),
-            }));
-        }
-    }
-    let outboxes: Vec<_> = outbox_states(s)
-        .await
-        .into_iter()
-        .map(|o| match o.status {
-            Ok(f) => json!({ "database": o.database, "pending": f.pending, "oldest_pending_ms": f.oldest_pending_ms, "failed": f.failed }),
-            Err(e) => json!({ "database": o.database, "error": e }),
-        })
-        .collect();
-    json!({ "connections": connections, "consumers": consumers, "outboxes": outboxes, "dead": dead_letters })
-}
-
-fn letter_json(d: &dead::DeadLetter) -> serde_json::Value {
-    json!({
-        "error": d.error,
-        "attempts": d.attempts,
-        "original_exchange": d.original_exchange,
-        "original_routing_key": d.original_routing_key,
-        "failed_at": d.failed_at,
-        "message_id": d.properties.message_id,
-        "content_type": d.properties.content_type,
-        "body_len": d.body_len,
-        "body": d.body,
-    })
 }
 
 /// The consumer whose queue is `queue`: only those are served.
@@ -512,6 +443,14 @@ struct Limit {
     count: Option<usize>,
 }
 
+/// The JSON body a replay may carry: how many, or which.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReplayBody {
+    count: Option<usize>,
+    message_ids: Option<Vec<String>>,
+}
+
 async fn dead_list(
     State(s): State<Arc<Shared>>,
     Path(queue): Path<String>,
@@ -522,7 +461,7 @@ async fn dead_list(
     };
     match dead::list(&c.connection, &queue, q.limit.unwrap_or(100)).await {
         Ok(letters) => {
-            let letters: Vec<_> = letters.iter().map(letter_json).collect();
+            let letters: Vec<_> = letters.iter().map(status::letter_json).collect();
             Json(json!({ "queue": queue, "dead_letters": letters })).into_response()
         }
         Err(e) => failed(e),
@@ -535,6 +474,7 @@ async fn dead_change(
     Path((queue, action)): Path<(String, String)>,
     Query(q): Query<Limit>,
     headers: HeaderMap,
+    body: axum::body::Bytes,
 ) -> Response {
     if !authorized(&s, &headers) {
         return unauthorized();
@@ -542,10 +482,29 @@ async fn dead_change(
     let Some(c) = consumer_of(&s, &queue) else {
         return not_served(&queue);
     };
+    let which: ReplayBody = if body.iter().all(u8::is_ascii_whitespace) {
+        ReplayBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    Json(json!({ "error": format!("the body is not {{\"count\": N}} or {{\"message_ids\": [...]}}: {e}") })),
+                )
+                    .into_response()
+            }
+        }
+    };
     let done = match action.as_str() {
-        "replay" => dead::replay(&c.connection, &queue, q.count.unwrap_or(usize::MAX))
-            .await
-            .map(|n| json!({ "queue": queue, "replayed": n })),
+        "replay" => match which.message_ids {
+            Some(ids) => dead::replay_ids(&c.connection, &queue, &ids).await,
+            None => {
+                let count = which.count.or(q.count).unwrap_or(usize::MAX);
+                dead::replay(&c.connection, &queue, count).await
+            }
+        }
+        .map(|n| json!({ "queue": queue, "replayed": n })),
         "purge" => dead::purge(&c.connection, &queue)
             .await
             .map(|n| json!({ "queue": queue, "purged": n })),

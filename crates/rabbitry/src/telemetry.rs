@@ -81,6 +81,15 @@ impl Link {
         #[cfg(not(feature = "otel"))]
         Link {}
     }
+
+    /// The span a message's `traceparent` header names.
+    #[cfg_attr(not(feature = "otel"), allow(unused_variables))]
+    pub(crate) fn from_headers(headers: &crate::message::Headers) -> Link {
+        Link {
+            #[cfg(feature = "otel")]
+            context: otel::extract(headers),
+        }
+    }
 }
 
 /// One of rabbitry's spans, ended when dropped (or by [`Span::finish`]).

@@ -161,18 +161,26 @@ pub struct Consumer {
 /// Whether a consumer is attached to its queue now: set once the broker
 /// accepted `basic.consume`, cleared when the channel or the consumer
 /// ends, set again when it resumes. Cheap to clone and to read; readiness
-/// probes hold one.
-#[derive(Debug, Clone, Default)]
-pub struct Attachment(Arc<AtomicBool>);
+/// probes hold one. The gauge `rabbitry_consumer_attached{consumer}`
+/// follows it.
+#[derive(Debug, Clone)]
+pub struct Attachment(Arc<(AtomicBool, metrics::Gauge)>);
 
 impl Attachment {
+    fn new(consumer: &str) -> Attachment {
+        let gauge =
+            metrics::gauge!("rabbitry_consumer_attached", "consumer" => consumer.to_owned());
+        Attachment(Arc::new((AtomicBool::new(false), gauge)))
+    }
+
     /// Whether the consumer is attached.
     pub fn is_attached(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.0 .0.load(Ordering::Relaxed)
     }
 
     fn set(&self, attached: bool) {
-        self.0.store(attached, Ordering::Relaxed);
+        self.0 .0.store(attached, Ordering::Relaxed);
+        self.0 .1.set(if attached { 1.0 } else { 0.0 });
     }
 }
 
@@ -221,7 +229,7 @@ impl Consumer {
         let (tx, rx) = mpsc::channel(capacity);
         let (started_tx, started_rx) = oneshot::channel();
         let conn = conn.clone();
-        let attachment = Attachment::default();
+        let attachment = Attachment::new(&settings.name);
         let attached = attachment.clone();
         let task = Background::spawn(move |stop| {
             run(

@@ -14,6 +14,7 @@ use crate::connection::{close_quietly, Connection};
 use crate::error::{ErrorKind, Result};
 use crate::message::{HeaderValue, Properties};
 use crate::publish::{Producer, ProducerSettings};
+use crate::telemetry::{Link, Parent};
 
 /// One dead-lettered message.
 #[derive(Debug, Clone, Serialize)]
@@ -89,6 +90,27 @@ pub async fn list(conn: &Connection, queue: &str, limit: usize) -> Result<Vec<De
 /// exchange and routing key (confirmed), with attempts reset, acking each
 /// only after its confirm. Returns how many were replayed.
 pub async fn replay(conn: &Connection, queue: &str, limit: usize) -> Result<usize> {
+    replay_matching(conn, queue, limit, |_| true).await
+}
+
+/// Sends the dead letters of `queue` whose message ids are in `ids` back
+/// to their queue, like [`replay`]; the others stay where they are.
+pub async fn replay_ids(conn: &Connection, queue: &str, ids: &[String]) -> Result<usize> {
+    replay_matching(conn, queue, ids.len(), |p| {
+        p.message_id.as_ref().is_some_and(|id| ids.contains(id))
+    })
+    .await
+}
+
+/// Replays up to `limit` dead letters that `wanted` picks. A letter not
+/// picked (or without its original route) is left unacknowledged, so it
+/// returns to its place when the channel closes.
+async fn replay_matching(
+    conn: &Connection,
+    queue: &str,
+    limit: usize,
+    wanted: impl Fn(&Properties) -> bool,
+) -> Result<usize> {
     let dead = dead_queue_of(queue);
     let producer = Producer::new(
         conn,
@@ -108,11 +130,19 @@ pub async fn replay(conn: &Connection, queue: &str, limit: usize) -> Result<usiz
             .await
             .map_err(|e| watch.refusal(ErrorKind::Channel, format!("queue '{dead}'"), e))?;
         let Some((ok, props, body)) = got else { break };
-        let Some(message) = retry::for_replay(body, from_basic(&props)) else {
+        let properties = from_basic(&props);
+        if !wanted(&properties) {
+            continue;
+        }
+        // Like a retry, a replay starts a new trace linked to the old one.
+        let link = Link::from_headers(&properties.headers);
+        let Some(message) = retry::for_replay(body, properties) else {
             tracing::warn!(queue = %dead, "a dead letter without its original route was left in place");
             continue;
         };
-        producer.publish(message).await?;
+        producer
+            .publish_with(message, &Parent::Linked(link))
+            .await?;
         channel
             .basic_ack(BasicAckArguments::new(ok.delivery_tag(), false))
             .await

@@ -305,9 +305,14 @@ pub(crate) fn reply_exchange<'a>(configured: &'a str, reply_to: &str) -> &'a str
 /// handler, or retry it, or dead-letter it.
 async fn fail<S>(rt: &ConsumerRuntime<S>, d: &Arc<Delivery>, attempt: u32, err: HandlerError) {
     telemetry::fail_current(err.kind().name());
+    let message_id = d.properties.message_id.as_deref();
+    let remember = |outcome: Counted, error: String| {
+        rt.metrics.failed(&rt.queue, message_id, outcome, error);
+    };
     if err.kind() == FailureKind::Conflict {
         tracing::Span::current().record("outcome", "requeue");
         tracing::info!(error = %err, "conflict; requeued");
+        remember(Counted::Requeue, err.message());
         rt.metrics.count(Counted::Requeue);
         settle_or_log(d, Outcome::Requeue).await;
         return;
@@ -316,6 +321,7 @@ async fn fail<S>(rt: &ConsumerRuntime<S>, d: &Arc<Delivery>, attempt: u32, err: 
     if let Some(on_error) = rt.error_handlers.get(&exchange) {
         tracing::Span::current().record("outcome", "error-handler");
         tracing::error!(error = %err, attempt, "handler failed; passed to the error handler of exchange '{exchange}'");
+        remember(Counted::ErrorHandler, err.message());
         on_error(d.clone(), err).await;
         rt.metrics.count(Counted::ErrorHandler);
         settle_or_log(d, Outcome::Ack).await;
@@ -361,12 +367,17 @@ async fn fail<S>(rt: &ConsumerRuntime<S>, d: &Arc<Delivery>, attempt: u32, err: 
             } else {
                 Counted::DeadLetter
             };
+            remember(counted, err.message());
             rt.metrics.count(counted);
             settle_or_log(d, Outcome::Ack).await
         }
         Err(e) => {
             tracing::Span::current().record("outcome", "requeue");
             tracing::error!(error = %e, "could not move the failed message; requeueing it");
+            remember(
+                Counted::Requeue,
+                format!("{}; moving it failed: {e}", err.message()),
+            );
             rt.metrics.count(Counted::Requeue);
             settle_or_log(d, Outcome::Requeue).await;
         }

@@ -1,5 +1,6 @@
 //! What a worker has done: per consumer, deliveries by outcome, handler
-//! duration, handlers in flight and unroutable replies.
+//! duration, handlers in flight and unroutable replies; and its last
+//! failures, for the status page.
 //!
 //! Each count goes two ways: to the [`metrics`] facade, so that whatever
 //! recorder the application installed (the Prometheus one of
@@ -9,10 +10,36 @@
 //! no lock and no allocation. A recorder must be installed before the
 //! worker starts for the facade's side to be recorded.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use crate::connection::lock;
+
+/// How many failures a worker remembers.
+pub const FAILURES_KEPT: usize = 50;
+
+/// A delivery whose handler failed, as the status page lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Failure {
+    /// When, in RFC 3339.
+    pub at: String,
+    /// The consumer.
+    pub consumer: String,
+    /// Its queue.
+    pub queue: String,
+    /// The message's id, if it had one.
+    pub message_id: Option<String>,
+    /// What became of it: `retry`, `dead_letter`, `requeue` or
+    /// `error_handler`.
+    pub outcome: &'static str,
+    /// The handler's error.
+    pub error: String,
+}
+
+/// The last [`FAILURES_KEPT`] failures of a worker, newest last.
+type FailureLog = Mutex<VecDeque<Failure>>;
 
 /// How a delivery ended, as counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -60,12 +87,17 @@ pub(crate) struct ConsumerMeter {
     handler: (metrics::Histogram, AtomicU64),
     in_flight: metrics::Gauge,
     unroutable: (metrics::Counter, AtomicU64),
+    name: String,
+    failures: Arc<FailureLog>,
 }
 
 impl ConsumerMeter {
-    fn new(consumer: &str) -> ConsumerMeter {
+    fn new(consumer: &str, failures: Arc<FailureLog>) -> ConsumerMeter {
+        let name = consumer.to_owned();
         let consumer = consumer.to_owned();
         ConsumerMeter {
+            name,
+            failures,
             outcomes: Counted::ALL.map(|c| {
                 let counter = metrics::counter!(
                     "rabbitry_deliveries_total",
@@ -106,6 +138,29 @@ impl ConsumerMeter {
         n.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Remembers a failure (not on the success path: a lock is fine).
+    pub(crate) fn failed(
+        &self,
+        queue: &str,
+        message_id: Option<&str>,
+        outcome: Counted,
+        error: String,
+    ) {
+        let failure = Failure {
+            at: crate::clock::rfc3339(std::time::SystemTime::now()),
+            consumer: self.name.clone(),
+            queue: queue.to_owned(),
+            message_id: message_id.map(str::to_owned),
+            outcome: outcome.label(),
+            error,
+        };
+        let mut log = lock(&self.failures);
+        if log.len() == FAILURES_KEPT {
+            log.pop_front();
+        }
+        log.push_back(failure);
+    }
+
     pub(crate) fn reply_unroutable(&self) {
         self.unroutable.0.increment(1);
         self.unroutable.1.fetch_add(1, Ordering::Relaxed);
@@ -125,6 +180,7 @@ impl Drop for InFlight {
 #[derive(Default)]
 pub struct WorkerMetrics {
     consumers: BTreeMap<String, Arc<ConsumerMeter>>,
+    failures: Arc<FailureLog>,
 }
 
 impl std::fmt::Debug for WorkerMetrics {
@@ -140,8 +196,33 @@ impl WorkerMetrics {
     pub(crate) fn consumer(&mut self, name: &str) -> Arc<ConsumerMeter> {
         self.consumers
             .entry(name.to_owned())
-            .or_insert_with(|| Arc::new(ConsumerMeter::new(name)))
+            .or_insert_with(|| Arc::new(ConsumerMeter::new(name, self.failures.clone())))
             .clone()
+    }
+
+    /// The last failures (at most [`FAILURES_KEPT`]), newest first.
+    pub fn failures(&self) -> Vec<Failure> {
+        lock(&self.failures).iter().rev().cloned().collect()
+    }
+
+    /// `consumer`'s last failure.
+    pub fn last_failure(&self, consumer: &str) -> Option<Failure> {
+        lock(&self.failures)
+            .iter()
+            .rev()
+            .find(|f| f.consumer == consumer)
+            .cloned()
+    }
+
+    /// Deliveries `consumer` has finished, whatever their outcome; `None`
+    /// when this worker has no such consumer.
+    pub fn finished(&self, consumer: &str) -> Option<u64> {
+        self.consumers.get(consumer).map(|m| {
+            m.outcomes
+                .iter()
+                .map(|(_, n)| n.load(Ordering::Relaxed))
+                .sum()
+        })
     }
 
     /// How many replies of `consumer`'s handlers no queue took (their
@@ -191,5 +272,31 @@ mod tests {
         assert_eq!(m.replies_unroutable("orders"), 1);
         assert_eq!(m.handler_runs("orders"), 1);
         assert_eq!(m.outcomes("nobody", Counted::Ack), 0);
+        assert_eq!(m.finished("orders"), Some(3));
+        assert_eq!(m.finished("nobody"), None);
+    }
+
+    #[test]
+    fn failures_keep_the_last_fifty_newest_first() {
+        let mut m = WorkerMetrics::default();
+        let orders = m.consumer("orders");
+        let mails = m.consumer("mails");
+        for i in 0..60 {
+            orders.failed(
+                "q.orders",
+                Some(&format!("m{i}")),
+                Counted::Retry,
+                format!("e{i}"),
+            );
+        }
+        mails.failed("q.mails", None, Counted::DeadLetter, "bad input".into());
+        let failures = m.failures();
+        assert_eq!(failures.len(), FAILURES_KEPT);
+        assert_eq!(failures[0].consumer, "mails");
+        assert_eq!(failures[0].outcome, "dead_letter");
+        assert_eq!(failures[1].message_id.as_deref(), Some("m59"));
+        assert_eq!(failures.last().unwrap().error, "e11");
+        assert_eq!(m.last_failure("orders").unwrap().error, "e59");
+        assert!(m.last_failure("nobody").is_none());
     }
 }

@@ -27,17 +27,29 @@ async fn serve(admin: Admin) -> std::net::SocketAddr {
     addr
 }
 
-/// One HTTP/1.1 request; the status and the body.
+/// One HTTP/1.1 request without a body; the status and the body.
 async fn http(
     addr: std::net::SocketAddr,
     method: &str,
     path: &str,
     token: Option<&str>,
 ) -> (u16, String) {
+    http_with(addr, method, path, token, "").await
+}
+
+/// One HTTP/1.1 request with a JSON `body`; the status and the body.
+async fn http_with(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: admin\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     );
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
@@ -161,17 +173,38 @@ async fn dead_letters_are_listed_and_replayed_only_with_the_token() {
     let producer = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
         .await
         .unwrap();
-    producer.publish(Message::new("x")).await.unwrap();
+    for id in ["m-one", "m-two"] {
+        producer
+            .publish(Message::new("x").message_id(id))
+            .await
+            .unwrap();
+    }
     let list = format!("/api/dead/{queue}");
     eventually(
         Duration::from_secs(10),
-        "the dead letter listed",
+        "the dead letters listed",
         || async {
             let (status, body) = http(addr, "GET", &list, None).await;
-            status == 200 && body.contains("missing field title")
+            status == 200 && body.contains("missing field title") && body.contains("m-two")
         },
     )
     .await;
+    // The status names the failures and the consumer's last error.
+    let (_, body) = http(addr, "GET", "/api/status", None).await;
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let failures = status["failures"].as_array().unwrap();
+    let mine: Vec<_> = failures.iter().filter(|f| f["queue"] == queue).collect();
+    assert_eq!(mine.len(), 2, "{body}");
+    assert_eq!(mine[0]["message_id"], "m-two", "newest first: {body}");
+    assert_eq!(mine[0]["outcome"], "dead_letter");
+    assert_eq!(mine[0]["error"], "missing field title");
+    let me = &status["consumers"][0];
+    assert_eq!(me["last_error"]["message_id"], "m-two", "{body}");
+    assert_eq!(
+        (me["expected"].as_u64(), me["consumers"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(me["dead_letters"].as_u64(), Some(2), "{body}");
 
     // Without the token (or with another): 401, and it stays.
     let replay = format!("/api/dead/{queue}/replay");
@@ -202,9 +235,11 @@ async fn dead_letters_are_listed_and_replayed_only_with_the_token() {
         404
     );
 
-    // With the token it is replayed and handled.
+    // With the token, the one named is replayed and handled; the other
+    // stays. Then the rest go.
     refuse.store(false, Ordering::SeqCst);
-    let (status, body) = http(addr, "POST", &replay, Some(&token)).await;
+    let one = r#"{"message_ids": ["m-two"]}"#;
+    let (status, body) = http_with(addr, "POST", &replay, Some(&token), one).await;
     assert_eq!(
         (status, body.contains("\"replayed\":1")),
         (200, true),
@@ -214,6 +249,22 @@ async fn dead_letters_are_listed_and_replayed_only_with_the_token() {
         Duration::from_secs(10),
         "the replayed message handled",
         || async { handled.load(Ordering::SeqCst) == 1 },
+    )
+    .await;
+    let (_, body) = http(addr, "GET", &list, None).await;
+    assert!(body.contains("m-one") && !body.contains("m-two"), "{body}");
+    let bad = http_with(addr, "POST", &replay, Some(&token), r#"{"ids": 1}"#).await;
+    assert_eq!(bad.0, 400, "{}", bad.1);
+    let (status, body) = http_with(addr, "POST", &replay, Some(&token), r#"{"count": 5}"#).await;
+    assert_eq!(
+        (status, body.contains("\"replayed\":1")),
+        (200, true),
+        "{body}"
+    );
+    eventually(
+        Duration::from_secs(10),
+        "both replayed messages handled",
+        || async { handled.load(Ordering::SeqCst) == 2 },
     )
     .await;
     let (_, body) = http(addr, "GET", &list, None).await;
@@ -267,6 +318,9 @@ async fn metrics_count_a_known_sequence_of_deliveries() {
         format!("rabbitry_confirms_total{{connection=\"{name}.publish\"}} 5"),
         format!("rabbitry_confirm_duration_seconds_count{{connection=\"{name}.publish\"}} 5"),
         format!("rabbitry_connection_up{{connection=\"{name}\"}} 1"),
+        format!("rabbitry_consumer_attached{{consumer=\"{consumer}\"}} 1"),
+        format!("rabbitry_queue_consumers{{queue=\"{queue}\"}} 1"),
+        format!("rabbitry_consumers_expected{{queue=\"{queue}\"}} 1"),
     ] {
         assert!(text.contains(&line), "{line} in:\n{text}");
     }
@@ -421,6 +475,11 @@ async fn an_outbox_backlog_over_its_threshold_is_not_ready_and_is_measured() {
         conn.queue_status(&queue).await.unwrap().unwrap().messages,
         3
     );
+    // Each row's time from its write to its confirmed publish.
+    let delays =
+        format!("rabbitry_outbox_commit_to_publish_seconds_count{{database=\"{database}\"}} 3");
+    let (_, text) = http(addr, "GET", "/metrics", None).await;
+    assert!(text.contains(&delays), "{delays} in:\n{text}");
     relay.stop().await.unwrap();
     conn.delete_queue(&queue).await.unwrap();
     conn.close().await;
