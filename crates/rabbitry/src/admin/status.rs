@@ -29,10 +29,13 @@ pub(super) struct Hub {
     latest: watch::Sender<Option<Arc<Value>>>,
     /// Whether the refreshing task runs.
     running: Mutex<bool>,
-    /// Per consumer: when its finished deliveries were last counted, the
-    /// count, and the rate computed then.
-    rates: Mutex<HashMap<String, (Instant, u64, Option<f64>)>>,
+    /// Per consumer, its last reading.
+    rates: Mutex<HashMap<String, Reading>>,
 }
+
+/// When a consumer's finished deliveries were last counted, the count,
+/// and the rate computed then.
+type Reading = (Instant, u64, Option<f64>);
 
 impl Default for Hub {
     fn default() -> Self {
