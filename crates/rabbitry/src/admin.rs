@@ -26,7 +26,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -56,23 +56,11 @@ const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 pub fn install_prometheus() -> Option<PrometheusHandle> {
     PROMETHEUS
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new()
-                .set_buckets(&BUCKETS)
-                .expect("the buckets are not empty")
-                .build_recorder();
+            let recorder = prometheus_recorder();
             let handle = recorder.handle();
             match metrics::set_global_recorder(recorder) {
                 Ok(()) => {
-                    // Histogram samples wait in buffers until drained; drain
-                    // them every few seconds, scraped or not, so memory
-                    // stays bounded.
-                    let upkeep = handle.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("rabbitry-metrics-upkeep".into())
-                        .spawn(move || loop {
-                            std::thread::sleep(UPKEEP_EVERY);
-                            upkeep.run_upkeep();
-                        });
+                    spawn_upkeep(&handle);
                     Some(handle)
                 }
                 Err(_) => {
@@ -82,6 +70,28 @@ pub fn install_prometheus() -> Option<PrometheusHandle> {
             }
         })
         .clone()
+}
+
+/// A Prometheus recorder with rabbitry's histogram buckets (100 µs to
+/// 60 s), for an application that installs it itself (wrapped, or in a
+/// fan-out with others); [`install_prometheus`] is the usual way.
+pub fn prometheus_recorder() -> PrometheusRecorder {
+    PrometheusBuilder::new()
+        .set_buckets(&BUCKETS)
+        .expect("the buckets are not empty")
+        .build_recorder()
+}
+
+/// Drains the recorder's histogram buffers every few seconds, scraped or
+/// not, so that memory stays bounded; [`install_prometheus`] does this.
+pub fn spawn_upkeep(handle: &PrometheusHandle) {
+    let upkeep = handle.clone();
+    let _ = std::thread::Builder::new()
+        .name("rabbitry-metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(UPKEEP_EVERY);
+            upkeep.run_upkeep();
+        });
 }
 
 /// The outbox backlog at which `/readyz` says "not ready", unless set

@@ -171,25 +171,14 @@ pub(crate) struct Scope {
     owned: bool,
 }
 
-/// What a process span describes.
-#[cfg_attr(not(feature = "otel"), allow(dead_code))]
-pub(crate) struct Process<'a> {
-    pub(crate) queue: &'a str,
-    pub(crate) exchange: &'a str,
-    pub(crate) routing_key: &'a str,
-    pub(crate) delivery_tag: u64,
-    pub(crate) body_size: usize,
-    pub(crate) peer: Option<Peer>,
-}
-
 /// Starts the process span of a delivery, a child of the context its
 /// headers carry.
 #[cfg_attr(not(feature = "otel"), allow(unused_variables))]
-pub(crate) fn process(properties: &Properties, what: Process<'_>) -> Scope {
+pub(crate) fn process(delivery: &crate::consume::Delivery, peer: Option<Peer>) -> Scope {
     #[cfg(feature = "otel")]
     {
         Scope {
-            context: otel::process(properties, what),
+            context: otel::process(delivery, peer),
             owned: true,
         }
     }
@@ -291,7 +280,7 @@ mod otel {
     };
     use opentelemetry::{Context, InstrumentationScope, KeyValue};
 
-    use super::{Parent, Process, Publish, Span, TRACEPARENT, TRACESTATE};
+    use super::{Parent, Publish, Span, TRACEPARENT, TRACESTATE};
     use crate::connection::Peer;
     use crate::message::{HeaderValue, Headers, Properties};
 
@@ -466,31 +455,31 @@ mod otel {
         Span { inner: Some(span) }
     }
 
-    pub(super) fn process(properties: &Properties, what: Process<'_>) -> Context {
-        let parent = match extract(&properties.headers) {
+    pub(super) fn process(d: &crate::consume::Delivery, peer: Option<Peer>) -> Context {
+        let parent = match extract(&d.properties.headers) {
             Some(sc) => Context::new().with_remote_span_context(sc),
             None => Context::new(),
         };
         let mut attributes = common(
             "process",
             "process",
-            what.exchange,
-            what.routing_key,
-            properties,
-            what.body_size,
-            what.peer,
+            &d.exchange,
+            &d.routing_key,
+            &d.properties,
+            d.body.len(),
+            peer,
         );
         attributes.push(KeyValue::new(
             "messaging.destination.subscription.name",
-            what.queue.to_owned(),
+            d.queue.clone(),
         ));
         attributes.push(KeyValue::new(
             "messaging.rabbitmq.message.delivery_tag",
-            what.delivery_tag as i64,
+            d.delivery_tag() as i64,
         ));
         let tracer = tracer();
         let span = tracer
-            .span_builder(format!("process {}", what.queue))
+            .span_builder(format!("process {}", d.queue))
             .with_kind(SpanKind::Consumer)
             .with_attributes(attributes)
             .start_with_context(&tracer, &parent);

@@ -85,7 +85,9 @@ where
     Ok(out)
 }
 
-async fn worker_case<Svc, RB>(
+/// One round through a worker on its own connection: `n` messages
+/// published raw, handled by a native handler or by `service`.
+pub(crate) async fn worker_case<Svc, RB>(
     url: &str,
     raw: &RawConnection,
     queue: &str,

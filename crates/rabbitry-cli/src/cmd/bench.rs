@@ -21,14 +21,15 @@ pub(crate) struct Args {
     /// Rounds per side, raw and gateway interleaved; the median is reported.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Groups to run: core, worker, http, outbox, rpc, and cluster, which
+    /// Groups to run: core, worker, observability (the worker with metrics
+    /// and tracing on against off), http, outbox, rpc, and cluster, which
     /// needs the local three-node cluster of scripts/cluster (it is started
     /// and stopped again when down) and is not in the default set
     /// (comma-separated).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "core,worker,http,outbox,rpc"
+        default_value = "core,worker,observability,http,outbox,rpc"
     )]
     only: Vec<String>,
     /// Databases for the outbox group (default: a temporary SQLite file and
@@ -50,7 +51,15 @@ pub(crate) struct Args {
 }
 
 /// The benchmark's groups, for `--only`.
-const GROUPS: [&str; 6] = ["core", "worker", "http", "outbox", "rpc", "cluster"];
+const GROUPS: [&str; 7] = [
+    "core",
+    "worker",
+    "observability",
+    "http",
+    "outbox",
+    "rpc",
+    "cluster",
+];
 
 pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     if let Some(bad) = args.only.iter().find(|o| !GROUPS.contains(&o.as_str())) {
@@ -61,6 +70,10 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     }
     if args.rounds == 0 || args.messages == 0 {
         usage!("--rounds and --messages must be at least 1");
+    }
+    let wants = |g: &str| args.only.iter().any(|o| o == g);
+    if args.metrics && wants("observability") {
+        usage!("--metrics records everything; the observability group compares with and without: leave one out (--only)");
     }
     if args.metrics {
         // Before any connection or consumer makes its handles.
@@ -84,7 +97,6 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
             eprintln!("{step}");
         }
     };
-    let wants = |g: &str| args.only.iter().any(|o| o == g);
     let mut report = Report::default();
     if wants("core") {
         report = bench::run(&opts, &progress).await?;
@@ -94,6 +106,12 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         report
             .scenarios
             .extend(bench::run_worker(&opts, &progress, router).await?);
+    }
+    if wants("observability") {
+        let router = axum::Router::new().fallback(|| async { axum::http::StatusCode::OK });
+        report
+            .scenarios
+            .extend(bench::run_observability(&opts, &progress, router).await?);
     }
     if wants("outbox") {
         let mut databases = args.databases.clone();
@@ -176,6 +194,13 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
                     s.raw_cpu_s_per_100k, s.gateway_cpu_s_per_100k
                 )
             )?;
+        }
+        if report
+            .scenarios
+            .iter()
+            .any(|s| s.name.starts_with("observed_"))
+        {
+            outln!("observed_*: \"raw\" is the worker with metrics and tracing off, \"gateway\" with them on (Prometheus recorder, spans to a dropping exporter)")?;
         }
         if report.scenarios.iter().any(|s| !s.stable) {
             outln!(

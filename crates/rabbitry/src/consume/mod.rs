@@ -156,6 +156,8 @@ pub struct Consumer {
     task: Option<Background<()>>,
     queue: String,
     attachment: Attachment,
+    /// The connection it consumes on (its node goes into spans).
+    conn: Connection,
 }
 
 /// Whether a consumer is attached to its queue now: set once the broker
@@ -228,6 +230,7 @@ impl Consumer {
         };
         let (tx, rx) = mpsc::channel(capacity);
         let (started_tx, started_rx) = oneshot::channel();
+        let own = conn.clone();
         let conn = conn.clone();
         let attachment = Attachment::new(&settings.name);
         let attached = attachment.clone();
@@ -248,6 +251,7 @@ impl Consumer {
                 task: Some(task),
                 queue,
                 attachment,
+                conn: own,
             }),
             Ok(Err(err)) => Err(err),
             Err(_) => Err(Error::new(ErrorKind::Closed, "consumer task ended")),
@@ -286,6 +290,8 @@ impl Consumer {
     /// with the outcome it returns. The handler owns the delivery, so its
     /// async block can read it; if the handler settled it itself, the
     /// returned outcome is not sent again. Ends when the consumer stops.
+    /// With the `otel` feature, each handler call runs in a `process
+    /// {queue}` span, a child of the trace the message carries.
     ///
     /// ```no_run
     /// # async fn demo(mut consumer: rabbitry::Consumer) {
@@ -307,7 +313,8 @@ impl Consumer {
     {
         while let Some(d) = self.next().await {
             let acker = d.acker();
-            let outcome = handler(d).await;
+            let scope = crate::telemetry::process(&d, self.conn.peer());
+            let outcome = scope.run(handler(d)).await;
             match acker.settle(outcome).await {
                 Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::AlreadySettled => {}

@@ -108,17 +108,7 @@ async fn process<S: Clone + Send + Sync + 'static>(
         message_id = d.properties.message_id.as_deref().unwrap_or(""),
         outcome = tracing::field::Empty,
     );
-    let processing = telemetry::process(
-        &d.properties,
-        telemetry::Process {
-            queue: &d.queue,
-            exchange: &d.exchange,
-            routing_key: &d.routing_key,
-            delivery_tag: d.delivery_tag(),
-            body_size: d.body.len(),
-            peer: rt.conn.peer(),
-        },
-    );
+    let processing = telemetry::process(&d, rt.conn.peer());
     processing
         .run(handle_delivery(rt, state, d))
         .instrument(span)
