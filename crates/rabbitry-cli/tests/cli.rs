@@ -558,7 +558,7 @@ fn bench_json_reports_medians_spreads_and_cpu_per_scenario() {
         "bench",
         "--json",
         "--only",
-        "core,http",
+        "core,http,observability",
         "--messages",
         "300",
         "--rounds",
@@ -567,13 +567,17 @@ fn bench_json_reports_medians_spreads_and_cpu_per_scenario() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let scenarios = report["scenarios"].as_array().unwrap();
-    assert_eq!(scenarios.len(), 5, "{report}");
-    assert!(
-        scenarios
-            .iter()
-            .any(|s| s["name"] == "worker_http_dispatch_keep_alive"),
-        "{report}"
-    );
+    assert_eq!(scenarios.len(), 7, "{report}");
+    for name in [
+        "worker_http_dispatch_keep_alive",
+        "observed_worker_native_handler",
+        "observed_worker_axum_router",
+    ] {
+        assert!(
+            scenarios.iter().any(|s| s["name"] == name),
+            "{name}: {report}"
+        );
+    }
     for s in scenarios {
         for key in [
             "raw_msgs_per_s",
