@@ -21,7 +21,7 @@
 //! (`opentelemetry::Context::current()`) when that holds a span, and
 //! otherwise of the `traceparent` the message already carries: that is
 //! how the relay's publish of an outbox row continues the trace of the
-//! transaction that wrote it, since [`capture`] stores the writer's
+//! transaction that wrote it, since the outbox stores the writer's
 //! context in the row. A worker runs the handler, its unit of work and its
 //! reply inside the process span, so they are its children. A retried
 //! message starts a new trace with a link to the attempt that failed, as
