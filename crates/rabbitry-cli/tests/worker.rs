@@ -617,7 +617,7 @@ async fn status_serves_a_config_files_queues_without_consuming_them() {
     consumer.cancel().await;
     wait_for(Duration::from_secs(10), "503 once nobody consumes", || {
         let (status, body) = http_get(&addr, "/readyz");
-        status == 503 && body.contains("the broker counts no consumer")
+        status == 503 && body.contains("the broker counts 0 consumer(s)")
     })
     .await;
     assert!(terminate(&mut child).await.success());
