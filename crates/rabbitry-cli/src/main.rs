@@ -60,6 +60,12 @@ enum Command {
     Status(cmd::status::Args),
     /// The durable outbox: migrate, status.
     Outbox(cmd::outbox::Args),
+    /// Publish the rows of outbox databases (any language's), confirmed and in order.
+    Relay(cmd::relay::Args),
+    /// Write a message to the outbox, published at a time (--at) or after a delay (--in).
+    Schedule(cmd::schedule::ScheduleArgs),
+    /// List or cancel scheduled messages.
+    Scheduled(cmd::schedule::ScheduledArgs),
     /// Run the seed's whole system: two sites, workers, a PDF service.
     #[cfg(feature = "demo")]
     Demo(cmd::demo::Args),
@@ -103,6 +109,9 @@ fn main() -> ExitCode {
             Command::Dead(args) => cmd::dead::run(&global, args).await,
             Command::Status(args) => cmd::status::run(&global, args).await,
             Command::Outbox(args) => cmd::outbox::run(&global, args).await,
+            Command::Relay(args) => cmd::relay::run(&global, args).await,
+            Command::Schedule(args) => cmd::schedule::schedule(&global, args).await,
+            Command::Scheduled(args) => cmd::schedule::scheduled(&global, args).await,
             #[cfg(feature = "demo")]
             Command::Demo(args) => cmd::demo::run(&global, args).await,
             #[cfg(feature = "demo")]

@@ -595,3 +595,163 @@ fn bench_json_reports_medians_spreads_and_cpu_per_scenario() {
         assert!(s["raw_msgs_per_s"].as_f64().unwrap() > 0.0, "{s}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedule_list_cancel_and_relay_from_the_command_line() {
+    let dir = std::env::temp_dir().join(unique("schedule"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("sqlite://{}/app.db", dir.display());
+    let queue = unique("scheduled");
+    let conn = raw().await;
+    let ch = conn.open_channel(None).await.unwrap();
+    ch.queue_declare(QueueDeclareArguments::durable_client_named(&queue))
+        .await
+        .unwrap();
+    let schedule = |when: &[&str], body: &str| {
+        let mut args = vec!["schedule", "--database", &url];
+        args.extend_from_slice(when);
+        args.extend_from_slice(&["--routing-key", &queue, "--header", "kind=reminder", body]);
+        let out = rabbitry(&args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).trim().to_owned()
+    };
+    let soon = schedule(&["--in", "1s"], "soon");
+    let cancelled = schedule(&["--in", "1h"], "never");
+    let past = schedule(&["--at", "2001-01-01T00:00:00Z"], "at once");
+
+    let out = rabbitry(&["scheduled", "list", "--database", &url]);
+    let listed = text(&out.stdout);
+    assert!(
+        listed.contains(&soon) && listed.contains(&cancelled) && listed.contains(&past),
+        "{listed}"
+    );
+    assert!(listed.contains("2001-01-01T00:00:00.000Z"), "{listed}");
+    let out = rabbitry(&["scheduled", "cancel", &cancelled, "--database", &url]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Cancelled twice: nothing to cancel, and it says why.
+    let out = rabbitry(&["scheduled", "cancel", &cancelled, "--database", &url]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("published already"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let mut relay = Command::new(env!("CARGO_BIN_EXE_rabbitry"))
+        .args(["relay", "--database", &url])
+        .env_remove("AMQP_URL")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (_, mut rx) = ch
+        .basic_consume_rx(
+            BasicConsumeArguments::new(&queue, "")
+                .auto_ack(true)
+                .finish(),
+        )
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let m = tokio::time::timeout(Duration::from_secs(15), rx.recv())
+            .await
+            .expect("a scheduled message")
+            .unwrap();
+        got.push(String::from_utf8(m.content.unwrap()).unwrap());
+    }
+    assert_eq!(got, ["at once", "soon"]);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), rx.recv())
+            .await
+            .is_err(),
+        "the cancelled one never comes"
+    );
+    // A published message cannot be cancelled either.
+    let out = rabbitry(&["scheduled", "cancel", &soon, "--database", &url]);
+    assert_eq!(out.status.code(), Some(3));
+    Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status()
+        .unwrap();
+    let status = relay.wait().unwrap();
+    assert!(status.success());
+    ch.queue_delete(QueueDeleteArguments::new(&queue))
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+}
+
+#[test]
+fn schedule_refuses_what_it_cannot_do_with_a_clear_error() {
+    let dir = std::env::temp_dir().join(unique("schedule-bad"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("sqlite://{}/app.db", dir.display());
+    for (args, says) in [
+        (
+            vec!["schedule", "--database", &url, "--routing-key", "q", "x"],
+            "--in DURATION or --at TIME",
+        ),
+        (
+            vec![
+                "schedule",
+                "--database",
+                &url,
+                "--at",
+                "tomorrow",
+                "--routing-key",
+                "q",
+                "x",
+            ],
+            "not an RFC 3339 time",
+        ),
+        (
+            vec![
+                "schedule",
+                "--database",
+                &url,
+                "--at",
+                "2026-12-01T09:00:00",
+                "--routing-key",
+                "q",
+                "x",
+            ],
+            "no offset",
+        ),
+        (
+            vec![
+                "schedule",
+                "--database",
+                &url,
+                "--in",
+                "soon",
+                "--routing-key",
+                "q",
+                "x",
+            ],
+            "invalid duration",
+        ),
+        (
+            vec![
+                "schedule",
+                "--database",
+                "mysql://h/db",
+                "--in",
+                "1s",
+                "--routing-key",
+                "q",
+                "x",
+            ],
+            "expected sqlite://PATH or postgres://",
+        ),
+        (vec!["relay"], "at least one --database"),
+        (
+            vec!["relay", "--database", "redis://h"],
+            "expected sqlite://PATH or postgres://",
+        ),
+    ] {
+        let out = rabbitry(&args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}

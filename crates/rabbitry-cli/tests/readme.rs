@@ -314,3 +314,236 @@ fn command_synopsis_matches_the_help() {
         }
     }
 }
+
+/// Declares a fresh queue for a README example's messages.
+async fn example_queue(conn: &rabbitry::Connection, prefix: &str) -> String {
+    let queue = rabbitry_test_support::unique(prefix);
+    let mut t = rabbitry::Topology::default();
+    t.queue(rabbitry::Queue::durable(&queue));
+    conn.declare(&t).await.unwrap();
+    queue
+}
+
+/// `rabbitry relay` for `databases`, as a child process.
+fn relay(databases: &[&str]) -> std::process::Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rabbitry"));
+    cmd.arg("relay");
+    for db in databases {
+        cmd.args(["--database", db]);
+    }
+    cmd.stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("rabbitry relay")
+}
+
+/// Stops a relay as an operator's SIGTERM would; it must stop cleanly.
+fn stop_relay(child: std::process::Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "relay: {err}");
+    assert!(err.contains("relay: stopped"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_rows_sqlite() {
+    let sql = blocks_for("foreign_rows_sqlite")[0].text.clone();
+    let dir = std::env::temp_dir().join(rabbitry_test_support::unique("foreign"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("app.db");
+    let url = format!("sqlite://{}", path.display());
+    let exe = env!("CARGO_BIN_EXE_rabbitry");
+    let migrated = Command::new(exe)
+        .args(["outbox", "migrate", "--database", &url])
+        .output()
+        .unwrap();
+    assert!(migrated.status.success(), "{migrated:?}");
+    let conn = rabbitry::Connection::open(rabbitry::ConnectionSettings::default())
+        .await
+        .unwrap();
+    let queue = example_queue(&conn, "foreign").await;
+
+    // Another program (Python, its standard sqlite3) writes 1,000 rows in
+    // one transaction with the README's SQL; row 500 has a typo in its
+    // properties.
+    let script = r#"
+import json, sqlite3, sys, uuid
+sql, path, queue = sys.argv[1], sys.argv[2], sys.argv[3]
+db = sqlite3.connect(path)
+with db:
+    for i in range(1000):
+        props = json.dumps({"content_type": "application/json", "correlation_id": f"c-{i}",
+                            "headers": {"order_id": str(i % 7), "seq": i}})
+        if i == 500:
+            props = '{"content-type": "application/json"}'
+        body = json.dumps({"n": i}).encode()
+        db.execute(sql, (str(uuid.uuid4()), "", queue, props, body, 0, None))
+"#;
+    let written = Command::new("python3")
+        .args(["-c", script, &sql, &path.display().to_string(), &queue])
+        .output()
+        .expect("python3");
+    assert!(
+        written.status.success(),
+        "{}",
+        String::from_utf8_lossy(&written.stderr)
+    );
+
+    let child = relay(&[&url]);
+    let mut consumer = rabbitry::Consumer::start(&conn, rabbitry::ConsumerSettings::new(&queue))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 999 {
+        let d = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("{} of 999 arrived", seen.len()))
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&d.body).unwrap();
+        let n = body["n"].as_i64().unwrap();
+        assert_eq!(
+            d.properties.content_type.as_deref(),
+            Some("application/json")
+        );
+        assert_eq!(d.properties.correlation_id, Some(format!("c-{n}")));
+        assert_eq!(d.properties.headers["seq"], rabbitry::HeaderValue::Int(n));
+        assert_eq!(
+            d.properties.headers["order_id"],
+            rabbitry::HeaderValue::String((n % 7).to_string())
+        );
+        d.ack().await.unwrap();
+        seen.push(n);
+    }
+    let expected: Vec<i64> = (0..1000).filter(|n| *n != 500).collect();
+    assert_eq!(seen, expected, "in order, all but the malformed one");
+
+    let status = Command::new(exe)
+        .args(["outbox", "status", "--database", &url, "--json"])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["pending"], 0, "{status}");
+    let failed = status["failed"].as_array().unwrap();
+    assert_eq!(failed.len(), 1, "{status}");
+    let why = failed[0]["error"].as_str().unwrap();
+    assert!(
+        why.contains("malformed properties") && why.contains("content-type"),
+        "{why}"
+    );
+    println!("the malformed row: {why}");
+    stop_relay(child);
+    conn.delete_queue(&queue).await.unwrap();
+    conn.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_rows_postgres() {
+    let block = blocks_for("foreign_rows_postgres")[0].text.clone();
+    let (insert, notify) = block.split_once(';').unwrap();
+    let url = rabbitry_test_support::db::pg_url().await;
+    let conn = rabbitry::Connection::open(rabbitry::ConnectionSettings::default())
+        .await
+        .unwrap();
+    let queue = example_queue(&conn, "foreign-pg").await;
+    // The relay makes the tables, and listens.
+    let child = relay(&[&url]);
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let ready = async {
+        loop {
+            let exists: Option<String> =
+                sqlx::query_scalar("SELECT to_regclass('rabbitry_outbox')::text")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            if exists.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), ready)
+        .await
+        .expect("the relay made the tables");
+    let mut consumer = rabbitry::Consumer::start(&conn, rabbitry::ConsumerSettings::new(&queue))
+        .await
+        .unwrap();
+    // One row now and one a second later, in one transaction of the
+    // application's, with the README's NOTIFY.
+    let due = rabbitry::clock::now_millis() + 1000;
+    let mut tx = pool.begin().await.unwrap();
+    for (body, not_before) in [("later", Some(due)), ("now", None)] {
+        sqlx::query(sqlx::AssertSqlSafe(insert.trim().to_owned()))
+            .bind(uuid::Uuid::new_v4().to_string())
+            .bind("")
+            .bind(&queue)
+            .bind(r#"{"content_type": "text/plain", "headers": {"from": "psql"}}"#)
+            .bind(body.as_bytes())
+            .bind(false)
+            .bind(not_before)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    sqlx::raw_sql(sqlx::AssertSqlSafe(notify.trim().to_owned()))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        // Well under the relay's 30 s safety poll: the NOTIFY woke it.
+        let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("woken by the NOTIFY")
+            .unwrap();
+        assert_eq!(
+            d.properties.headers["from"],
+            rabbitry::HeaderValue::String("psql".into())
+        );
+        got.push((
+            String::from_utf8(d.body.to_vec()).unwrap(),
+            rabbitry::clock::now_millis(),
+        ));
+        d.ack().await.unwrap();
+    }
+    assert_eq!(got[0].0, "now");
+    assert_eq!(got[1].0, "later");
+    assert!(
+        got[1].1 >= due,
+        "the scheduled row came {} ms early",
+        due - got[1].1
+    );
+    stop_relay(child);
+    pool.close().await;
+    conn.delete_queue(&queue).await.unwrap();
+    conn.close().await;
+}
+
+#[test]
+fn partitions_example_loads() {
+    let block = blocks_for("partitions_example_loads").remove(0);
+    let settings = rabbitry::Settings::from_toml(&block.text, "README.md").unwrap();
+    let orders = &settings.consumers["orders"];
+    let p = orders.options.partitions.clone().expect("partitions");
+    assert_eq!(p.count, 4);
+    assert_eq!(
+        p.key,
+        rabbitry::worker::PartitionKey::Header("order_id".into())
+    );
+    let topology = settings.topology_for("default");
+    let queues: Vec<&str> = topology.queues.iter().map(|q| q.name.as_str()).collect();
+    for i in 0..4 {
+        assert!(
+            queues.contains(&format!("orders.p{i}").as_str()),
+            "{queues:?}"
+        );
+    }
+    assert_eq!(
+        topology.exchanges[0].kind,
+        rabbitry::ExchangeKind::ConsistentHash
+    );
+}

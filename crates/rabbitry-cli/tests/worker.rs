@@ -623,3 +623,168 @@ async fn status_serves_a_config_files_queues_without_consuming_them() {
     assert!(terminate(&mut child).await.success());
     delete_queues(&conn, &queue).await;
 }
+
+/// Waits until every queue in `queues` has `n` consumers.
+async fn wait_consumers(conn: &Connection, queues: &[String], n: u32) {
+    for _ in 0..500 {
+        let mut all = true;
+        for q in queues {
+            all &= conn
+                .queue_status(q)
+                .await
+                .unwrap()
+                .is_some_and(|s| s.consumers == n);
+        }
+        if all {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the partitions did not get {n} consumers each within 10 s");
+}
+
+/// 10,000 messages over 100 keys, each with its per-key sequence number,
+/// through 4 partitions consumed by 3 worker processes; the active one is
+/// SIGKILLed midway. For every key, the handler's effects (deduplicated by
+/// message id, as the inbox does) happen in strictly increasing sequence,
+/// with none missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_order_holds_over_partitions_and_three_processes_when_one_is_killed() {
+    use std::collections::{HashMap, HashSet};
+    use std::sync::Mutex;
+    const KEYS: usize = 100;
+    const PER_KEY: usize = 100;
+    let conn = connect().await;
+    let (queue, exchange) = (unique("orders"), unique("orders-x"));
+    #[derive(Default)]
+    struct Effects {
+        inbox: HashSet<String>,
+        applied: HashMap<String, Vec<usize>>,
+        duplicates: usize,
+        out_of_order: Vec<String>,
+        by_site: HashMap<String, usize>,
+    }
+    let effects = Arc::new(Mutex::new(Effects::default()));
+    let app = {
+        let effects = effects.clone();
+        Router::new().fallback(move |headers: axum::http::HeaderMap| {
+            let effects = effects.clone();
+            async move {
+                let h = |k: &str| headers.get(k).unwrap().to_str().unwrap().to_owned();
+                let (id, key) = (h("amqp-message-id"), h("amqp-header-order_id"));
+                let seq: usize = h("amqp-header-seq").parse().unwrap();
+                let mut e = effects.lock().unwrap();
+                *e.by_site.entry(h("amqp-site")).or_default() += 1;
+                if !e.inbox.insert(id) {
+                    e.duplicates += 1;
+                    return StatusCode::OK;
+                }
+                let applied = e.applied.entry(key.clone()).or_default();
+                let expected = applied.len();
+                applied.push(seq);
+                if seq != expected {
+                    e.out_of_order
+                        .push(format!("{key}: {seq} after {expected} effects"));
+                }
+                StatusCode::OK
+            }
+        })
+    };
+    let handler = serve(app).await;
+    let config = config_file(&format!(
+        "[worker]\nshutdown_timeout = \"10s\"\n\n[consumers.orders]\nqueue = \"{queue}\"\nexchange = \"{exchange}\"\npartitions = 4\npartition_key = \"header:order_id\"\nhandler = \"{handler}\"\nretry = {{ attempts = 3, delays = [\"100ms\"] }}\n"
+    ));
+    let partitions: Vec<String> = (0..4).map(|i| format!("{queue}.p{i}")).collect();
+    // Started one after another: the first subscribes first everywhere,
+    // so it is the active consumer of every partition.
+    let mut workers = Vec::new();
+    for n in 1..=3 {
+        workers.push(worker(&config, &["--site", &format!("w{n}")]));
+        wait_consumers(&conn, &partitions, n).await;
+    }
+
+    // Another client knows only the key: raw amqprs publishes to the
+    // exchange with an order_id header.
+    let raw = amqprs::connection::Connection::open(
+        &amqprs::connection::OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest"),
+    )
+    .await
+    .unwrap();
+    let ch = raw.open_channel(None).await.unwrap();
+    for seq in 0..PER_KEY {
+        for k in 0..KEYS {
+            let mut headers = amqprs::FieldTable::new();
+            headers.insert(
+                "order_id".try_into().unwrap(),
+                amqprs::FieldValue::S(format!("k{k}").try_into().unwrap()),
+            );
+            headers.insert(
+                "seq".try_into().unwrap(),
+                amqprs::FieldValue::S(seq.to_string().try_into().unwrap()),
+            );
+            let props = amqprs::BasicProperties::default()
+                .with_message_id(&format!("k{k}-{seq}"))
+                .with_delivery_mode(2)
+                .with_headers(headers)
+                .finish();
+            ch.basic_publish(
+                props,
+                b"{}".to_vec(),
+                amqprs::channel::BasicPublishArguments::new(&exchange, ""),
+            )
+            .await
+            .unwrap();
+        }
+    }
+    let total = KEYS * PER_KEY;
+    let applied = || effects.lock().unwrap().inbox.len();
+    wait_for(Duration::from_secs(60), "a third handled", || {
+        applied() >= total / 3
+    })
+    .await;
+    let first = workers.remove(0);
+    Command::new("kill")
+        .args(["-KILL", &first.id().to_string()])
+        .status()
+        .unwrap();
+    let killed_at = applied();
+    wait_for(Duration::from_secs(120), "every message handled", || {
+        applied() >= total
+    })
+    .await;
+
+    {
+        let e = effects.lock().unwrap();
+        assert!(
+            e.out_of_order.is_empty(),
+            "out of order: {:?}",
+            &e.out_of_order[..e.out_of_order.len().min(10)]
+        );
+        assert_eq!(e.applied.len(), KEYS);
+        for (key, seqs) in &e.applied {
+            assert_eq!(*seqs, (0..PER_KEY).collect::<Vec<_>>(), "{key}");
+        }
+        // Afterwards the others took its partitions over.
+        assert!(e.by_site.keys().any(|s| s != "w1"), "{:?}", e.by_site);
+        println!(
+            "{total} messages over {KEYS} keys: the active worker was killed after {killed_at}; handled by {:?}; {} redeliveries skipped by the inbox; every key in order",
+            e.by_site, e.duplicates
+        );
+    }
+    for mut w in workers {
+        Command::new("kill")
+            .args(["-TERM", &w.id().to_string()])
+            .status()
+            .unwrap();
+        wait_exit(&mut w, Duration::from_secs(20)).await;
+    }
+    let mut first = first;
+    let _ = first.wait();
+    raw.close().await.unwrap();
+    for p in &partitions {
+        for q in [p.clone(), format!("{p}.dead"), format!("{p}.retry.100ms")] {
+            conn.delete_queue(&q).await.unwrap();
+        }
+    }
+    conn.delete_exchange(&exchange).await.unwrap();
+}

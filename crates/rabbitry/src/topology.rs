@@ -32,15 +32,20 @@ pub enum ExchangeKind {
     Fanout,
     /// Routes by header values.
     Headers,
+    /// Spreads messages over its queues by a stable hash of the routing
+    /// key or of a header (`x-consistent-hash`, a plugin shipped with
+    /// RabbitMQ: `rabbitmq-plugins enable rabbitmq_consistent_hash_exchange`).
+    ConsistentHash,
 }
 
 impl ExchangeKind {
     /// Every exchange type.
-    pub const ALL: [ExchangeKind; 4] = [
+    pub const ALL: [ExchangeKind; 5] = [
         ExchangeKind::Direct,
         ExchangeKind::Topic,
         ExchangeKind::Fanout,
         ExchangeKind::Headers,
+        ExchangeKind::ConsistentHash,
     ];
 
     /// The AMQP name of the type.
@@ -50,6 +55,7 @@ impl ExchangeKind {
             ExchangeKind::Topic => "topic",
             ExchangeKind::Fanout => "fanout",
             ExchangeKind::Headers => "headers",
+            ExchangeKind::ConsistentHash => "x-consistent-hash",
         }
     }
 }

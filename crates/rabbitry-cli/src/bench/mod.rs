@@ -10,6 +10,7 @@
 mod cluster;
 mod http;
 mod observability;
+mod order;
 mod outbox;
 mod publishing;
 mod rpc;
@@ -18,6 +19,7 @@ mod worker;
 pub(crate) use cluster::run_cluster;
 pub(crate) use http::run_http;
 pub(crate) use observability::run_observability;
+pub(crate) use order::{run_foreign_relay, run_partitions, run_schedule_lateness};
 pub(crate) use outbox::run_outbox;
 use publishing::{end_to_end_case, publish_case};
 pub(crate) use rpc::run_rpc;

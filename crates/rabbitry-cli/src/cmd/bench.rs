@@ -22,14 +22,15 @@ pub(crate) struct Args {
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Groups to run: core, worker, observability (the worker with metrics
-    /// and tracing on against off), http, outbox, rpc, and cluster, which
+    /// and tracing on against off), http, outbox, order (scheduled
+    /// lateness, foreign rows, per-key ordering), rpc, and cluster, which
     /// needs the local three-node cluster of scripts/cluster (it is started
     /// and stopped again when down) and is not in the default set
     /// (comma-separated).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "core,worker,observability,http,outbox,rpc"
+        default_value = "core,worker,observability,http,outbox,order,rpc"
     )]
     only: Vec<String>,
     /// Databases for the outbox group (default: a temporary SQLite file and
@@ -51,12 +52,13 @@ pub(crate) struct Args {
 }
 
 /// The benchmark's groups, for `--only`.
-const GROUPS: [&str; 7] = [
+const GROUPS: [&str; 8] = [
     "core",
     "worker",
     "observability",
     "http",
     "outbox",
+    "order",
     "rpc",
     "cluster",
 ];
@@ -113,31 +115,54 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
             .scenarios
             .extend(bench::run_observability(&opts, &progress, router).await?);
     }
-    if wants("outbox") {
+    let databases = {
         let mut databases = args.databases.clone();
-        if databases.is_empty() {
+        if databases.is_empty() && (wants("outbox") || wants("order")) {
             let dir = std::env::temp_dir().join(format!("rabbitry-bench-{}", std::process::id()));
             std::fs::create_dir_all(&dir)?;
             databases.push(format!("sqlite://{}/outbox.db", dir.display()));
             databases.push("postgres://postgres@127.0.0.1:5432/test".into());
         }
+        databases
+    };
+    let label = |db: &str| {
+        if db.starts_with("sqlite") {
+            "sqlite"
+        } else {
+            "postgres"
+        }
+    };
+    let skipped = |what: &str, db: &str, e: rabbitry::Error| {
+        eprintln!(
+            "\n{what} bench on {} skipped: {e}",
+            rabbitry::connection::redact(db)
+        );
+    };
+    if wants("outbox") {
         for db in &databases {
-            let label = if db.starts_with("sqlite") {
-                "sqlite"
-            } else {
-                "postgres"
-            };
-            match bench::run_outbox(&opts, &progress, db, label).await {
+            match bench::run_outbox(&opts, &progress, db, label(db)).await {
                 Ok((t, l)) => {
                     report.scenarios.push(t);
                     report.latencies.push(l);
                 }
-                Err(e) => eprintln!(
-                    "\noutbox bench on {} skipped: {e}",
-                    rabbitry::connection::redact(db)
-                ),
+                Err(e) => skipped("outbox", db, e),
             }
         }
+    }
+    if wants("order") {
+        for db in &databases {
+            match bench::run_schedule_lateness(&opts, &progress, db, label(db)).await {
+                Ok(l) => report.latencies.push(l),
+                Err(e) => skipped("scheduled lateness", db, e),
+            }
+            match bench::run_foreign_relay(&opts, &progress, db, label(db)).await {
+                Ok(t) => report.scenarios.push(t),
+                Err(e) => skipped("foreign rows", db, e),
+            }
+        }
+        report
+            .scenarios
+            .push(bench::run_partitions(&opts, &progress).await?);
     }
     if wants("http") {
         report

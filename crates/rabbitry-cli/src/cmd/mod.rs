@@ -10,7 +10,9 @@ pub(crate) mod demo;
 pub(crate) mod outbox;
 pub(crate) mod publish;
 pub(crate) mod queues;
+pub(crate) mod relay;
 pub(crate) mod rpc;
+pub(crate) mod schedule;
 pub(crate) mod status;
 pub(crate) mod worker;
 
@@ -74,6 +76,23 @@ impl Global {
     pub(crate) async fn connect_default(&self, settings: &Settings) -> Result<Connection> {
         self.connect(settings, DEFAULT_CONNECTION).await
     }
+}
+
+/// Serves `router` (the admin routes) at `addr` until the returned task
+/// is aborted; returns the task and the address bound (port 0 picks one).
+pub(crate) async fn serve_admin(
+    addr: std::net::SocketAddr,
+    router: axum::Router,
+) -> Result<(tokio::task::JoinHandle<()>, std::net::SocketAddr)> {
+    use anyhow::Context;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the admin address {addr}"))?;
+    let bound = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    Ok((task, bound))
 }
 
 /// How log lines are written on stderr.

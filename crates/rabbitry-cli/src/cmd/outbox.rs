@@ -61,6 +61,14 @@ pub(crate) async fn run(_global: &Global, args: Args) -> Result<ExitCode> {
                     Some(ms) => outln!("oldest pending: {:.1}s", ms as f64 / 1000.0)?,
                     None => outln!("oldest pending: -")?,
                 }
+                match status.next_due_in_ms {
+                    Some(ms) => outln!(
+                        "scheduled: {} (next due in {:.1}s)",
+                        status.scheduled,
+                        ms as f64 / 1000.0
+                    )?,
+                    None => outln!("scheduled: {}", status.scheduled)?,
+                }
                 outln!("failed: {}", status.failed.len())?;
                 for f in &status.failed {
                     outln!(

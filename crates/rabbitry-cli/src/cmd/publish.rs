@@ -22,29 +22,9 @@ pub(crate) struct Args {
     /// Declare the exchange with this type first (direct, topic, fanout, headers).
     #[arg(long = "exchange-type")]
     exchange_type: Option<ExchangeKind>,
-    /// How to encode BODY: msgpack, json, text, csv, bytes (BODY is JSON for
-    /// msgpack, json and csv). Default: a BODY that is JSON goes as
-    /// application/json, anything else as text/plain (or bytes if not UTF-8).
-    #[arg(long)]
-    serializer: Option<Serializer>,
-    /// Send BODY as it is, with this content type.
-    #[arg(long = "content-type")]
-    content_type: Option<String>,
-    #[arg(long = "correlation-id")]
-    correlation_id: Option<String>,
-    #[arg(long = "reply-to")]
-    reply_to: Option<String>,
-    #[arg(long = "message-id")]
-    message_id: Option<String>,
-    /// A header, name=value (repeatable).
-    #[arg(long = "header", value_name = "K=V")]
-    headers: Vec<String>,
-    /// Transient (delivery_mode 1) instead of persistent.
-    #[arg(long)]
-    transient: bool,
-    /// Fail when no queue takes the message.
-    #[arg(long)]
-    mandatory: bool,
+    /// The message: body encoding, properties, headers.
+    #[command(flatten)]
+    message: MessageArgs,
     /// Publish BODY this many times.
     #[arg(long, default_value_t = 1)]
     count: usize,
@@ -53,6 +33,53 @@ pub(crate) struct Args {
     producer: Option<String>,
     /// The body: text, @file, or - for stdin.
     body: String,
+}
+
+/// What a message is made of, besides its route: shared by `publish` and
+/// `schedule`.
+#[derive(clap::Args)]
+pub(crate) struct MessageArgs {
+    /// How to encode BODY: msgpack, json, text, csv, bytes (BODY is JSON for
+    /// msgpack, json and csv). Default: a BODY that is JSON goes as
+    /// application/json, anything else as text/plain (or bytes if not UTF-8).
+    #[arg(long)]
+    pub(crate) serializer: Option<Serializer>,
+    /// Send BODY as it is, with this content type.
+    #[arg(long = "content-type")]
+    content_type: Option<String>,
+    #[arg(long = "correlation-id")]
+    correlation_id: Option<String>,
+    #[arg(long = "reply-to")]
+    pub(crate) reply_to: Option<String>,
+    #[arg(long = "message-id")]
+    message_id: Option<String>,
+    /// A header, name=value (repeatable).
+    #[arg(long = "header", value_name = "K=V")]
+    headers: Vec<String>,
+    /// Transient (delivery_mode 1) instead of persistent.
+    #[arg(long)]
+    pub(crate) transient: bool,
+    /// Fail when no queue takes the message.
+    #[arg(long)]
+    mandatory: bool,
+}
+
+impl MessageArgs {
+    /// The message for `body`, encoded by `serializer` (the flag's, unless
+    /// a configured producer decides), with the flags' properties.
+    pub(crate) fn build(&self, body: &str, serializer: Option<Serializer>) -> Result<Message> {
+        let raw = read_body(body)?;
+        let mut m = encode(raw, serializer, self.content_type.as_deref())?;
+        m.properties.correlation_id = self.correlation_id.clone();
+        m.properties.message_id = self.message_id.clone();
+        m.properties.reply_to = self.reply_to.clone();
+        m = m.persistent(!self.transient).mandatory(self.mandatory);
+        for h in &self.headers {
+            let (k, v) = parse_header(h)?;
+            m.properties.headers.insert(k, v);
+        }
+        Ok(m)
+    }
 }
 
 pub(crate) fn read_body(arg: &str) -> Result<Vec<u8>> {
@@ -136,7 +163,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
             );
             // Only declare the exchange when asked to, by giving its type.
             ps.auto_declare = args.exchange_type.is_some();
-            ps.durable = !args.transient;
+            ps.durable = !args.message.transient;
             ps.name = "cli".into();
             (rabbitry::config::DEFAULT_CONNECTION.to_owned(), ps)
         }
@@ -144,7 +171,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     if let Some(k) = &args.routing_key {
         ps.routing_key = Some(k.clone());
     }
-    if let Some(q) = &args.reply_to {
+    if let Some(q) = &args.message.reply_to {
         ps.reply_to = Some(q.clone());
     }
     if let Some(e) = &args.exchange {
@@ -155,19 +182,10 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     ps.max_in_flight = 1000;
     // A configured producer's serializer applies; otherwise the BODY decides.
     let serializer = args
+        .message
         .serializer
         .or(args.producer.is_some().then_some(ps.serializer));
-    let raw = read_body(&args.body)?;
-    let mut template = encode(raw, serializer, args.content_type.as_deref())?;
-    template.properties.correlation_id = args.correlation_id.clone();
-    template.properties.message_id = args.message_id.clone();
-    template = template
-        .persistent(!args.transient)
-        .mandatory(args.mandatory);
-    for h in &args.headers {
-        let (k, v) = parse_header(h)?;
-        template.properties.headers.insert(k, v);
-    }
+    let template = args.message.build(&args.body, serializer)?;
 
     let conn = global.connect(&settings, &connection).await?;
     let producer = Producer::new(&conn, ps).await?;
@@ -185,7 +203,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     for i in 0..args.count {
         let mut msg = template.clone();
         if args.count > 1 {
-            if let Some(id) = &args.message_id {
+            if let Some(id) = &args.message.message_id {
                 msg.properties.message_id = Some(format!("{id}-{i}"));
             }
         }

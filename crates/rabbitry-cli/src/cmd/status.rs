@@ -41,16 +41,8 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
             Err(e) => eprintln!("status: the outbox is left out: {e}"),
         }
     }
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
-    eprintln!(
-        "status: http://{}/status (Ctrl-C stops it)",
-        listener.local_addr()?
-    );
-    let server = tokio::spawn(async move {
-        let _ = axum::serve(listener, admin.router()).await;
-    });
+    let (server, bound) = super::serve_admin(args.listen, admin.router()).await?;
+    eprintln!("status: http://{bound}/status (Ctrl-C stops it)");
     super::shutdown_requested("status").await;
     server.abort();
     for conn in connections.values() {

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use crate::exit::usage;
 
@@ -37,16 +37,9 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     let admin_server = match args.admin {
         Some(addr) => {
             let app = rabbitry::admin::Admin::new().worker(&running).router();
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding the admin address {addr}"))?;
-            eprintln!(
-                "worker: admin at http://{}/ (metrics, livez, readyz, api/status)",
-                listener.local_addr()?
-            );
-            Some(tokio::spawn(async move {
-                let _ = axum::serve(listener, app).await;
-            }))
+            let (server, bound) = super::serve_admin(addr, app).await?;
+            eprintln!("worker: admin at http://{bound}/ (metrics, livez, readyz, api/status)");
+            Some(server)
         }
         None => None,
     };

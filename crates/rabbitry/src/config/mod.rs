@@ -182,7 +182,19 @@ impl Settings {
             t.merge(&p.producer.topology());
         }
         for c in self.consumers.values().filter(|c| c.connection == name) {
-            t.merge(&c.consumer.topology());
+            match &c.options.partitions {
+                None => {
+                    t.merge(&c.consumer.topology());
+                }
+                Some(p) => {
+                    // The hashing exchange, and the partition queues bound
+                    // to it, as the worker declares them.
+                    t.merge(&p.routing(&c.consumer));
+                    for i in 0..p.count {
+                        t.merge(&p.partition_settings(&c.consumer, i).topology());
+                    }
+                }
+            }
         }
         t
     }
@@ -543,6 +555,50 @@ arguments = { "x-queue-type" = "quorum" }
                 "queue_type=\"quorum\"\ndelivery_limit=0",
                 "consumers.c.delivery_limit",
                 "at least 1",
+            ),
+        ] {
+            let e = Settings::from_toml(&format!("[consumers.c]\nqueue=\"q\"\n{toml}\n"), "f.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(path) && e.contains(says), "{toml}: {e}");
+        }
+    }
+
+    #[test]
+    fn partitions_are_read_and_bad_ones_are_named() {
+        let s = Settings::from_toml(
+            "[consumers.c]\nqueue=\"q\"\nexchange=\"x\"\npartitions=4\npartition_key=\"header:order_id\"\n",
+            "f.toml",
+        )
+        .unwrap();
+        let p = s.consumers["c"].options.partitions.clone().unwrap();
+        assert_eq!(p.count, 4);
+        assert_eq!(
+            p.key,
+            crate::worker::PartitionKey::Header("order_id".into())
+        );
+        assert_eq!(s.consumers["c"].options.concurrency, 1);
+        for (toml, path, says) in [
+            (
+                "exchange=\"x\"\npartitions=0",
+                "consumers.c.partitions",
+                "at least 1",
+            ),
+            ("partitions=2", "consumers.c.partitions", "need an exchange"),
+            (
+                "exchange=\"x\"\npartitions=2\nconcurrency=4",
+                "consumers.c.partitions",
+                "one message at a time",
+            ),
+            (
+                "exchange=\"x\"\npartitions=2\npartition_key=\"order_id\"",
+                "consumers.c.partition_key",
+                "header:NAME",
+            ),
+            (
+                "partition_key=\"routing_key\"",
+                "consumers.c.partition_key",
+                "needs `partitions",
             ),
         ] {
             let e = Settings::from_toml(&format!("[consumers.c]\nqueue=\"q\"\n{toml}\n"), "f.toml")

@@ -107,6 +107,8 @@ pub(super) struct RawConsumer {
     pub(super) reply_exchange: Option<String>,
     pub(super) concurrency: Option<usize>,
     pub(super) timeout: Option<String>,
+    pub(super) partitions: Option<u16>,
+    pub(super) partition_key: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

@@ -275,9 +275,36 @@ fn consumer_section(
         crate::worker::retry::check_delivery_limit(QueueType::of(&consumer.arguments), limit)
             .map_err(|m| at.err(&format!("{path}.delivery_limit"), m))?;
     }
+    let partitions = match (c.partitions, &c.partition_key) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(at.err(
+                &format!("{path}.partition_key"),
+                "needs `partitions = N` beside it",
+            ))
+        }
+        (Some(n), key) => {
+            let key = match key {
+                Some(k) => k
+                    .parse()
+                    .map_err(|e: Error| at.err(&format!("{path}.partition_key"), e.context()))?,
+                None => crate::worker::PartitionKey::RoutingKey,
+            };
+            let p = crate::worker::Partitions::new(n, key);
+            // Partitions handle one message at a time each, whatever the
+            // worker-wide concurrency says.
+            p.check(&consumer, c.concurrency.unwrap_or(1))
+                .map_err(|e| at.err(&format!("{path}.partitions"), e.context()))?;
+            Some(p)
+        }
+    };
+    let concurrency = match &partitions {
+        Some(_) => 1,
+        None => c.concurrency.unwrap_or(settings.worker.concurrency),
+    };
     let options = ConsumerOptions {
         retry: retry_section(at, &format!("{path}.retry"), c.retry)?,
-        concurrency: c.concurrency.unwrap_or(settings.worker.concurrency),
+        concurrency,
         timeout: at.duration(
             c.timeout.as_ref(),
             &format!("{path}.timeout"),
@@ -285,6 +312,7 @@ fn consumer_section(
         )?,
         reply_exchange: c.reply_exchange.unwrap_or_default(),
         delivery_limit: c.delivery_limit,
+        partitions,
     };
     Ok(ConsumerConfig {
         connection,

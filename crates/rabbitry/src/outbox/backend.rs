@@ -7,6 +7,11 @@ use std::future::Future;
 
 use super::relay::{BatchOutcome, Claimed, RelayOptions};
 
+/// When the next scheduled row is due: the same SQL on every database,
+/// answered from the partial index on `not_before`.
+pub(super) const NEXT_DUE: &str =
+    "SELECT MIN(not_before) FROM rabbitry_outbox WHERE status = 'pending' AND not_before IS NOT NULL";
+
 /// The outbox's view of one database's pool.
 pub(super) trait Backend: Clone + Send + Sync + 'static {
     /// What a claim holds until its batch is finished: on PostgreSQL the
@@ -20,12 +25,15 @@ pub(super) trait Backend: Clone + Send + Sync + 'static {
     /// Creates the outbox and inbox tables if they do not exist.
     fn migrate(&self) -> impl Future<Output = sqlx::Result<()>> + Send;
 
-    /// Claims the oldest pending rows that no other relay holds, in id
-    /// (commit) order.
+    /// Claims the oldest due rows (not scheduled, or scheduled no later
+    /// than now) that no other relay holds, in id (commit) order.
     fn claim(
         &self,
         options: &RelayOptions,
     ) -> impl Future<Output = sqlx::Result<(Vec<Claimed>, Self::Held)>> + Send;
+
+    /// When the next scheduled row is due (epoch milliseconds), if any.
+    fn next_due(&self) -> impl Future<Output = sqlx::Result<Option<i64>>> + Send;
 
     /// Deletes what was confirmed, marks what the broker refused as
     /// failed, and gives back what got neither.

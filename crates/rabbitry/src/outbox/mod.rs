@@ -26,7 +26,8 @@ macro_rules! outbox_executor {
         $name:literal,
         insert = $insert:literal,
         insert_rows = ($rows_head:literal, $rows_tail:literal),
-        inbox = $inbox:literal $(,)?
+        inbox = $inbox:literal,
+        cancel = $cancel:literal $(,)?
     ) => {
         impl OutboxExecutor for $conn {
             async fn insert_outbox_rows(&mut self, rows: &[OutboxRow]) -> Result<()> {
@@ -40,7 +41,8 @@ macro_rules! outbox_executor {
                             .push_bind(&row.properties)
                             .push_bind(&row.body)
                             .push_bind(row.mandatory)
-                            .push_bind(now);
+                            .push_bind(now)
+                            .push_bind(row.not_before);
                     });
                     q.push($rows_tail);
                     q.build()
@@ -60,10 +62,21 @@ macro_rules! outbox_executor {
                     .bind(&row.body)
                     .bind(row.mandatory)
                     .bind(now_millis())
+                    .bind(row.not_before)
                     .execute(&mut *self)
                     .await
                     .map_err(|e| db_error($name, "writing an outbox row", e))?;
                 Ok(())
+            }
+
+            async fn cancel_scheduled(&mut self, message_id: &str) -> Result<bool> {
+                let done = sqlx::query($cancel)
+                    .bind(message_id)
+                    .bind(now_millis())
+                    .execute(&mut *self)
+                    .await
+                    .map_err(|e| db_error($name, "cancelling a scheduled message", e))?;
+                Ok(done.rows_affected() > 0)
             }
 
             async fn insert_inbox(&mut self, consumer: &str, message_id: &str) -> Result<bool> {
@@ -98,7 +111,7 @@ use tokio::sync::Notify;
 pub use relay::{Relay, RelayOptions};
 pub use transaction::{OutboxDatabase, Transaction};
 
-/// Rows per multi-row `INSERT`: 7 parameters each stays well under
+/// Rows per multi-row `INSERT`: 8 parameters each stays well under
 /// SQLite's 32,766 and PostgreSQL's 65,535.
 const ROWS_PER_INSERT: usize = 500;
 
@@ -212,6 +225,9 @@ pub struct OutboxRow {
     pub body: Vec<u8>,
     /// Unroutable is a failure.
     pub mandatory: bool,
+    /// Not published before this time (epoch milliseconds): a scheduled
+    /// message. `None` publishes as soon as the transaction commits.
+    pub not_before: Option<i64>,
 }
 
 impl OutboxRow {
@@ -241,6 +257,7 @@ impl OutboxRow {
             properties: store::encode(&message.properties),
             body: message.body,
             mandatory: message.mandatory,
+            not_before: None,
         })
     }
 }
@@ -254,6 +271,9 @@ pub trait OutboxExecutor: Send {
     /// Inserts outbox rows in order, several per statement.
     fn insert_outbox_rows(&mut self, rows: &[OutboxRow])
         -> impl Future<Output = Result<()>> + Send;
+    /// Deletes the scheduled row of `message_id` unless a relay is
+    /// publishing it; `false` when there was none.
+    fn cancel_scheduled(&mut self, message_id: &str) -> impl Future<Output = Result<bool>> + Send;
     /// Inserts an inbox row; `false` when it was already there.
     fn insert_inbox(
         &mut self,
@@ -285,6 +305,61 @@ pub async fn publish<E: OutboxExecutor + ?Sized>(conn: &mut E, message: Message)
     let row = OutboxRow::from_message(message)?;
     conn.insert_outbox(&row).await?;
     Ok(row.message_id)
+}
+
+/// Writes `message` to be published no earlier than `when`, inside the
+/// caller's transaction; returns its message id, by which
+/// [`cancel`] can cancel it until it is published. Once due, it is
+/// published like any other row: confirmed, in commit order among the rows
+/// that are due. A time in the past is due at once (published as soon as
+/// the transaction commits), never refused.
+///
+/// The row is the schedule: it can be seen (`rabbitry scheduled list`),
+/// cancelled and backed up with the application's data, and needs no
+/// broker plugin. The relay sleeps until the next due time.
+///
+/// ```no_run
+/// # #[cfg(feature = "sqlite")]
+/// # async fn demo(outbox: rabbitry::outbox::Outbox) -> rabbitry::Result<()> {
+/// use std::time::{Duration, SystemTime};
+/// use rabbitry::outbox::{self, Database};
+/// use rabbitry::Message;
+///
+/// let Database::Sqlite(pool) = outbox.database() else { unreachable!() };
+/// let mut tx = pool.begin().await.map_err(|e| outbox::db_error("shop.db", "begin", e))?;
+/// let reminder = Message::new("pay order 7").routing_key("orders.remind");
+/// let when = SystemTime::now() + Duration::from_secs(24 * 3600);
+/// let id = outbox::publish_at(&mut *tx, reminder, when).await?;
+/// outbox.commit(tx).await?;
+/// // ... the order is paid in time:
+/// outbox.cancel(&id).await?;
+/// # Ok(()) }
+/// ```
+pub async fn publish_at<E: OutboxExecutor + ?Sized>(
+    conn: &mut E,
+    message: Message,
+    when: std::time::SystemTime,
+) -> Result<String> {
+    let mut row = OutboxRow::from_message(message)?;
+    row.not_before = Some(crate::clock::millis_of(when));
+    conn.insert_outbox(&row).await?;
+    Ok(row.message_id)
+}
+
+/// [`publish_at`] now plus `delay`.
+pub async fn publish_after<E: OutboxExecutor + ?Sized>(
+    conn: &mut E,
+    message: Message,
+    delay: std::time::Duration,
+) -> Result<String> {
+    publish_at(conn, message, std::time::SystemTime::now() + delay).await
+}
+
+/// Cancels the scheduled message `message_id` inside the caller's
+/// transaction. `false` when there is nothing to cancel: it was published
+/// already, a relay is publishing it right now, or it was never scheduled.
+pub async fn cancel<E: OutboxExecutor + ?Sized>(conn: &mut E, message_id: &str) -> Result<bool> {
+    conn.cancel_scheduled(message_id).await
 }
 
 /// Records that `consumer` processed `message_id`, inside the caller's
@@ -324,12 +399,35 @@ pub struct FailedRow {
 /// What `rabbitry outbox status` prints.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct OutboxStatus {
-    /// Rows waiting to be published.
+    /// Rows due and waiting to be published (the backlog).
     pub pending: i64,
-    /// Age of the oldest pending row, in milliseconds.
+    /// How long the oldest of them has been due, in milliseconds.
     pub oldest_pending_ms: Option<i64>,
+    /// Scheduled rows not due yet.
+    pub scheduled: i64,
+    /// Time until the next of them is due, in milliseconds.
+    pub next_due_in_ms: Option<i64>,
     /// Rows that failed, with their errors.
     pub failed: Vec<FailedRow>,
+}
+
+/// A scheduled message, as `rabbitry scheduled list` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ScheduledRow {
+    /// Row id (commit order).
+    pub id: i64,
+    /// The message id, by which it is cancelled.
+    pub message_id: String,
+    /// Its exchange.
+    pub exchange: String,
+    /// Its routing key.
+    pub routing_key: String,
+    /// When it is due, RFC 3339.
+    pub due: String,
+    /// When it is due, epoch milliseconds.
+    pub due_ms: i64,
+    /// Publishing attempts so far.
+    pub attempts: i64,
 }
 
 impl Outbox {
@@ -378,35 +476,118 @@ impl Outbox {
         self.wake.notify_one();
     }
 
-    /// The backlog, the oldest pending age and the failed rows.
+    /// The backlog, the oldest pending age, the scheduled rows and the
+    /// failed rows.
     pub async fn status(&self) -> Result<OutboxStatus> {
-        // The same SQL on every database.
-        let (pending, oldest, failed) = with_pool!(&self.db, |pool| {
-            let r = sqlx::query(
-                "SELECT COUNT(*), MIN(created_at) FROM rabbitry_outbox WHERE status = 'pending'",
-            )
-            .fetch_one(pool)
-            .await;
+        let now = now_millis();
+        // The same SQL on every database (`now` is a number, inlined); each
+        // query is answered from one of the partial indexes.
+        let queries = [
+            "SELECT COUNT(*), MIN(created_at) FROM rabbitry_outbox \
+             WHERE status = 'pending' AND not_before IS NULL"
+                .to_owned(),
+            format!(
+                "SELECT COUNT(*), MIN(not_before) FROM rabbitry_outbox \
+                 WHERE status = 'pending' AND not_before IS NOT NULL AND not_before <= {now}"
+            ),
+            format!(
+                "SELECT COUNT(*), MIN(not_before) FROM rabbitry_outbox \
+                 WHERE status = 'pending' AND not_before IS NOT NULL AND not_before > {now}"
+            ),
+        ];
+        let (counts, failed) = with_pool!(&self.db, |pool| {
+            let mut counts = Vec::new();
+            for q in &queries {
+                // `now` is an integer this function made: nothing from outside.
+                let r = sqlx::query(sqlx::AssertSqlSafe(q.as_str()))
+                    .fetch_one(pool)
+                    .await;
+                counts.push(
+                    r.and_then(|r| Ok((r.try_get::<i64, _>(0)?, r.try_get::<Option<i64>, _>(1)?))),
+                );
+            }
             let failed = sqlx::query(
                 "SELECT id, message_id, exchange, routing_key, last_error FROM rabbitry_outbox \
                  WHERE status = 'failed' ORDER BY id",
             )
             .fetch_all(pool)
             .await;
-            r.and_then(|r| {
-                Ok((
-                    r.try_get::<i64, _>(0)?,
-                    r.try_get::<Option<i64>, _>(1)?,
-                    failed?.iter().map(failed_row).collect::<Vec<_>>(),
-                ))
-            })
+            counts
+                .into_iter()
+                .collect::<sqlx::Result<Vec<_>>>()
+                .and_then(|c| Ok((c, failed?.iter().map(failed_row).collect::<Vec<_>>())))
         })
         .map_err(|e| db_error(&self.url, "reading the outbox", e))?;
+        let [(ready, oldest_ready), (due, oldest_due), (scheduled, next)] =
+            [counts[0], counts[1], counts[2]];
+        let pending = ready + due;
+        let oldest = oldest_ready.into_iter().chain(oldest_due).min();
         Ok(OutboxStatus {
             pending,
-            oldest_pending_ms: oldest.map(|t| now_millis() - t),
+            oldest_pending_ms: oldest.map(|t| (now - t).max(0)),
+            scheduled,
+            next_due_in_ms: next.map(|t| t - now),
             failed,
         })
+    }
+
+    /// The scheduled messages not published yet (at most `limit`), the
+    /// next due first.
+    pub async fn scheduled(&self, limit: usize) -> Result<Vec<ScheduledRow>> {
+        let sql = format!(
+            "SELECT id, message_id, exchange, routing_key, not_before, attempts FROM rabbitry_outbox \
+             WHERE status = 'pending' AND not_before IS NOT NULL ORDER BY not_before, id LIMIT {}",
+            limit.min(i64::MAX as usize)
+        );
+        with_pool!(&self.db, |pool| {
+            // `limit` is an integer: nothing from outside.
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
+                .fetch_all(pool)
+                .await;
+            rows.and_then(|rows| {
+                rows.iter()
+                    .map(|r| {
+                        let due_ms: i64 = r.try_get(4)?;
+                        Ok(ScheduledRow {
+                            id: r.try_get(0)?,
+                            message_id: r.try_get(1)?,
+                            exchange: r.try_get(2)?,
+                            routing_key: r.try_get(3)?,
+                            due: crate::clock::rfc3339(crate::clock::time_of(due_ms)),
+                            due_ms,
+                            attempts: r
+                                .try_get::<i64, _>(5)
+                                .or_else(|_| r.try_get::<i32, _>(5).map(i64::from))?,
+                        })
+                    })
+                    .collect::<sqlx::Result<Vec<_>>>()
+            })
+        })
+        .map_err(|e| db_error(&self.url, "reading scheduled messages", e))
+    }
+
+    /// Cancels the scheduled message `message_id`. An error of kind
+    /// `NotFound` when there is nothing to cancel: published already, being
+    /// published right now, or never scheduled.
+    pub async fn cancel(&self, message_id: &str) -> Result<()> {
+        let cancelled = with_pool!(&self.db, |pool| {
+            let mut conn = pool
+                .acquire()
+                .await
+                .map_err(|e| db_error(&self.url, "cancelling a scheduled message", e))?;
+            cancel(&mut *conn, message_id).await?
+        });
+        if cancelled {
+            Ok(())
+        } else {
+            Err(Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "no scheduled message '{message_id}' in {}: it was published already, is being published, or was never scheduled",
+                    self.url
+                ),
+            ))
+        }
     }
 }
 

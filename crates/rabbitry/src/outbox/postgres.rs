@@ -9,7 +9,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
 
-use super::backend::Backend;
+use super::backend::{Backend, NEXT_DUE};
 use super::relay::{claimed_from, BatchOutcome, Claimed, RelayOptions};
 use super::{db_error, OutboxExecutor, OutboxRow, NOTIFY_CHANNEL};
 use crate::clock::now_millis;
@@ -30,8 +30,20 @@ CREATE TABLE IF NOT EXISTS rabbitry_outbox (
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT,
     lease_owner TEXT,
-    lease_until BIGINT
+    lease_until BIGINT,
+    not_before BIGINT
 );
+-- Tables made before scheduling.
+ALTER TABLE rabbitry_outbox ADD COLUMN IF NOT EXISTS not_before BIGINT;
+-- Rows due now are found through the first index, scheduled ones through
+-- the second, whatever the number of future rows; cancelling looks the
+-- message id up among scheduled rows only.
+CREATE INDEX IF NOT EXISTS rabbitry_outbox_ready ON rabbitry_outbox (id)
+    WHERE status = 'pending' AND not_before IS NULL;
+CREATE INDEX IF NOT EXISTS rabbitry_outbox_due ON rabbitry_outbox (not_before, id)
+    WHERE status = 'pending' AND not_before IS NOT NULL;
+CREATE INDEX IF NOT EXISTS rabbitry_outbox_scheduled_id ON rabbitry_outbox (message_id)
+    WHERE not_before IS NOT NULL;
 -- Earlier versions made message ids UNIQUE: an index that every insert and
 -- delete paid for, and that nothing reads.
 ALTER TABLE rabbitry_outbox DROP CONSTRAINT IF EXISTS rabbitry_outbox_message_id_key;
@@ -89,15 +101,38 @@ impl Backend for PgPool {
 
     async fn claim(&self, options: &RelayOptions) -> sqlx::Result<(Vec<Claimed>, Self::Held)> {
         let mut tx = self.begin().await?;
-        let rows = sqlx::query(
+        // Rows due now, whatever the number of future ones: the oldest
+        // unscheduled rows and the earliest due scheduled rows, each found
+        // through its own index and locked as found; the oldest of both go
+        // out (the others' locks end with the claim's transaction).
+        let ready = sqlx::query(
             "SELECT id, exchange, routing_key, properties, body, mandatory, created_at FROM rabbitry_outbox \
-             WHERE status = 'pending' ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+             WHERE status = 'pending' AND not_before IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
         .bind(options.batch as i64)
         .fetch_all(&mut *tx)
         .await?;
-        let rows = rows.iter().map(claimed).collect::<sqlx::Result<Vec<_>>>()?;
+        let due = sqlx::query(
+            "SELECT id, exchange, routing_key, properties, body, mandatory, created_at FROM rabbitry_outbox \
+             WHERE status = 'pending' AND not_before IS NOT NULL AND not_before <= $2 \
+             ORDER BY not_before, id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(options.batch as i64)
+        .bind(now_millis())
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut rows = ready
+            .iter()
+            .chain(due.iter())
+            .map(claimed)
+            .collect::<sqlx::Result<Vec<_>>>()?;
+        rows.sort_by_key(|c| c.id);
+        rows.truncate(options.batch);
         Ok((rows, tx))
+    }
+
+    async fn next_due(&self) -> sqlx::Result<Option<i64>> {
+        sqlx::query_scalar(NEXT_DUE).fetch_one(self).await
     }
 
     async fn finish(&self, mut tx: Self::Held, outcome: &BatchOutcome) -> sqlx::Result<()> {
@@ -152,14 +187,18 @@ outbox_executor!(
     PgConnection,
     sqlx::Postgres,
     "postgres",
-    insert = "WITH ins AS (INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, mandatory, created_at) \
-              VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id) \
+    insert = "WITH ins AS (INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, mandatory, created_at, not_before) \
+              VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id) \
               SELECT pg_notify('rabbitry_outbox', '') FROM ins",
     // Several rows, one notification.
     insert_rows = (
-        "WITH ins AS (INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, mandatory, created_at) ",
+        "WITH ins AS (INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, mandatory, created_at, not_before) ",
         "RETURNING id) SELECT pg_notify('rabbitry_outbox', '') FROM (SELECT 1 FROM ins LIMIT 1) AS one"
     ),
     inbox = "INSERT INTO rabbitry_inbox (consumer, message_id, processed_at) VALUES ($1, $2, $3) \
              ON CONFLICT (consumer, message_id) DO NOTHING",
+    // A relay publishing the row holds its lock: this waits for it, and
+    // then finds the row gone. The second parameter is unused here.
+    cancel = "DELETE FROM rabbitry_outbox WHERE message_id = $1 AND not_before IS NOT NULL \
+              AND status = 'pending' AND $2::BIGINT IS NOT NULL",
 );

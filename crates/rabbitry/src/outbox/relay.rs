@@ -21,7 +21,8 @@ pub struct RelayOptions {
     /// Rows claimed and published per round.
     pub batch: usize,
     /// Polling interval when nothing wakes the relay (other processes'
-    /// commits on SQLite).
+    /// commits on SQLite); at least 30 s where the database announces
+    /// commits (PostgreSQL).
     pub poll: Duration,
     /// How long a SQLite lease on claimed rows lasts.
     pub lease: Duration,
@@ -57,12 +58,17 @@ impl Relay {
     }
 }
 
+/// How often a relay that hears of commits looks anyway.
+const LISTENING_POLL: Duration = Duration::from_secs(30);
+
 /// A claimed row, as the message it stores.
 pub(super) struct Claimed {
     pub(super) id: i64,
     /// When the row was written (epoch milliseconds).
     created_at: i64,
-    message: Message,
+    /// The message, or why the row cannot be one (a row another program
+    /// wrote with malformed properties).
+    message: std::result::Result<Message, String>,
 }
 
 impl Outbox {
@@ -122,6 +128,13 @@ impl<B: Backend> RelayLoop<B> {
     async fn run(self, producer: Producer, stop: CancellationToken) -> Result<()> {
         let options = self.options.clone();
         let mut listener = self.pool.listen().await;
+        // With commits announced (PostgreSQL), polling is only a safety
+        // net; otherwise it is how other processes' commits are found.
+        let poll = if listener.is_some() {
+            options.poll.max(LISTENING_POLL)
+        } else {
+            options.poll
+        };
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         // Batches published and waiting for their confirms, oldest first.
         // The next batch is claimed and published while the previous one
@@ -186,10 +199,15 @@ impl<B: Backend> RelayLoop<B> {
             if got {
                 continue;
             }
+            // Nothing due: sleep until a commit wakes us, the next
+            // scheduled row is due, or the poll interval (for commits
+            // nothing announces) has passed.
+            let due = self.until_next_due().await;
             tokio::select! {
                 _ = &mut notified => {}
                 _ = wait_notification::<B>(&mut listener) => {}
-                _ = tokio::time::sleep(options.poll) => {}
+                _ = tokio::time::sleep(poll) => {}
+                _ = sleep_until_due(due) => {}
                 _ = stop.cancelled() => return Ok(()),
             }
         }
@@ -202,6 +220,23 @@ impl<B: Backend> RelayLoop<B> {
             .claim(&self.options)
             .await
             .map_err(|e| db_error(&self.url, "claiming outbox rows", e))
+    }
+
+    /// How long until the next scheduled row is due; `None` when none is
+    /// (or it is due already but another relay holds it: the poll
+    /// interval then decides).
+    async fn until_next_due(&self) -> Option<Duration> {
+        match self.pool.next_due().await {
+            Ok(Some(at)) => {
+                let wait = at - crate::clock::now_millis();
+                (wait > 0).then(|| Duration::from_millis(wait as u64))
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the next due time failed");
+                None
+            }
+        }
     }
 
     /// Waits for a batch's confirms, then deletes what was confirmed and
@@ -235,6 +270,13 @@ async fn drain(in_flight: &mut VecDeque<JoinHandle<Result<usize>>>) -> Result<()
     first
 }
 
+async fn sleep_until_due(due: Option<Duration>) {
+    match due {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn wait_notification<B: Backend>(listener: &mut Option<B::Listener>) {
     match listener {
         Some(l) => B::notified(l).await,
@@ -251,17 +293,22 @@ pub(super) fn claimed_from(
     mandatory: sqlx::Result<bool>,
     created_at: sqlx::Result<i64>,
 ) -> sqlx::Result<Claimed> {
-    let properties = store::decode(&properties?).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+    let (body, routing_key, exchange, mandatory) = (body?, routing_key?, exchange?, mandatory?);
+    // A bad row is marked failed with the reason, never dropped, and never
+    // holds up the rows behind it.
+    let message = store::decode(&properties?)
+        .map(|properties| Message {
+            body,
+            properties,
+            routing_key: Some(routing_key),
+            exchange: Some(exchange),
+            mandatory,
+        })
+        .map_err(|e| format!("malformed properties (JSON): {e}"));
     Ok(Claimed {
         id: id?,
         created_at: created_at?,
-        message: Message {
-            body: body?,
-            properties,
-            routing_key: Some(routing_key?),
-            exchange: Some(exchange?),
-            mandatory: mandatory?,
-        },
+        message,
     })
 }
 
@@ -287,6 +334,8 @@ impl BatchOutcome {
 struct Submitted {
     /// Row id, write time and the confirm to wait for.
     waits: Vec<(i64, i64, Confirmation)>,
+    /// Rows that are not messages, and why.
+    malformed: Vec<(i64, String)>,
     not_sent: Vec<i64>,
     error: Option<Error>,
 }
@@ -295,6 +344,7 @@ struct Submitted {
 async fn submit_all(producer: &Producer, claimed: Vec<Claimed>) -> Submitted {
     let mut out = Submitted {
         waits: Vec::with_capacity(claimed.len()),
+        malformed: Vec::new(),
         not_sent: Vec::new(),
         error: None,
     };
@@ -303,7 +353,15 @@ async fn submit_all(producer: &Producer, claimed: Vec<Claimed>) -> Submitted {
             out.not_sent.push(c.id);
             continue;
         }
-        match producer.submit(c.message).await {
+        let message = match c.message {
+            Ok(m) => m,
+            Err(why) => {
+                tracing::error!(id = c.id, error = %why, "outbox row is not a message; marked failed");
+                out.malformed.push((c.id, why));
+                continue;
+            }
+        };
+        match producer.submit(message).await {
             Ok(w) => out.waits.push((c.id, c.created_at, w)),
             Err(e) => {
                 out.not_sent.push(c.id);
@@ -319,6 +377,7 @@ impl Submitted {
         let mut out = BatchOutcome {
             unconfirmed: self.not_sent,
             transient: self.error,
+            failed: self.malformed,
             ..BatchOutcome::default()
         };
         for (id, created_at, w) in self.waits {

@@ -9,12 +9,28 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow};
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
-use super::backend::Backend;
+use super::backend::{Backend, NEXT_DUE};
 use super::relay::{claimed_from, BatchOutcome, Claimed, RelayOptions};
 use super::{db_error, OutboxExecutor, OutboxRow};
 use crate::clock::now_millis;
 use crate::connection::redact;
 use crate::error::{Error, ErrorKind, Result};
+
+/// Tables made before scheduling get the column (SQLite has no `ADD
+/// COLUMN IF NOT EXISTS`: `migrate` asks first).
+const ADD_NOT_BEFORE: &str = "ALTER TABLE rabbitry_outbox ADD COLUMN not_before INTEGER";
+
+/// Rows due now are found through the first index, scheduled ones through
+/// the second, whatever the number of future rows; cancelling looks the
+/// message id up among scheduled rows only.
+const SCHEDULE_INDEXES: &str = "
+CREATE INDEX IF NOT EXISTS rabbitry_outbox_ready ON rabbitry_outbox (id)
+    WHERE status = 'pending' AND not_before IS NULL;
+CREATE INDEX IF NOT EXISTS rabbitry_outbox_due ON rabbitry_outbox (not_before, id)
+    WHERE status = 'pending' AND not_before IS NOT NULL;
+CREATE INDEX IF NOT EXISTS rabbitry_outbox_scheduled_id ON rabbitry_outbox (message_id)
+    WHERE not_before IS NOT NULL;
+";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS rabbitry_outbox (
@@ -30,7 +46,8 @@ CREATE TABLE IF NOT EXISTS rabbitry_outbox (
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT,
     lease_owner TEXT,
-    lease_until INTEGER
+    lease_until INTEGER,
+    not_before INTEGER
 );
 CREATE INDEX IF NOT EXISTS rabbitry_outbox_pending ON rabbitry_outbox (status, id);
 CREATE TABLE IF NOT EXISTS rabbitry_inbox (
@@ -95,7 +112,23 @@ impl Backend for SqlitePool {
     const NAME: &'static str = "sqlite";
 
     async fn migrate(&self) -> sqlx::Result<()> {
-        sqlx::raw_sql(SCHEMA).execute(self).await.map(drop)
+        sqlx::raw_sql(SCHEMA).execute(self).await?;
+        let has: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pragma_table_info('rabbitry_outbox') WHERE name = 'not_before'",
+        )
+        .fetch_one(self)
+        .await?;
+        if has == 0 {
+            sqlx::raw_sql(ADD_NOT_BEFORE).execute(self).await?;
+        }
+        sqlx::raw_sql(SCHEDULE_INDEXES)
+            .execute(self)
+            .await
+            .map(drop)
+    }
+
+    async fn next_due(&self) -> sqlx::Result<Option<i64>> {
+        sqlx::query_scalar(NEXT_DUE).fetch_one(self).await
     }
 
     async fn claim(&self, options: &RelayOptions) -> sqlx::Result<(Vec<Claimed>, ())> {
@@ -104,10 +137,19 @@ impl Backend for SqlitePool {
         // The lease names the relay and this claim.
         let token = format!("{}:{}", options.owner, uuid::Uuid::new_v4().simple());
         // One statement claims and returns exactly the leased rows.
+        // Rows due now, whatever the number of future ones: the oldest
+        // unscheduled rows and the earliest due scheduled rows, each found
+        // through its own index, then the oldest of both.
         let rows = sqlx::query(
-            "UPDATE rabbitry_outbox SET lease_owner = ?1, lease_until = ?2 WHERE id IN \
-             (SELECT id FROM rabbitry_outbox WHERE status = 'pending' \
-              AND (lease_until IS NULL OR lease_until < ?3) ORDER BY id LIMIT ?4) \
+            "UPDATE rabbitry_outbox SET lease_owner = ?1, lease_until = ?2 WHERE id IN ( \
+               SELECT id FROM (SELECT id FROM rabbitry_outbox \
+                 WHERE status = 'pending' AND not_before IS NULL \
+                 AND (lease_until IS NULL OR lease_until < ?3) ORDER BY id LIMIT ?4) \
+               UNION ALL \
+               SELECT id FROM (SELECT id FROM rabbitry_outbox \
+                 WHERE status = 'pending' AND not_before IS NOT NULL AND not_before <= ?3 \
+                 AND (lease_until IS NULL OR lease_until < ?3) ORDER BY not_before, id LIMIT ?4) \
+               ORDER BY id LIMIT ?4) \
              RETURNING id, exchange, routing_key, properties, body, mandatory, created_at",
         )
         .bind(&token)
@@ -174,12 +216,15 @@ outbox_executor!(
     SqliteConnection,
     sqlx::Sqlite,
     "sqlite",
-    insert = "INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, mandatory, created_at) \
-              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    insert = "INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, mandatory, created_at, not_before) \
+              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     insert_rows = (
-        "INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, mandatory, created_at) ",
+        "INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, mandatory, created_at, not_before) ",
         ""
     ),
     inbox = "INSERT INTO rabbitry_inbox (consumer, message_id, processed_at) VALUES (?1, ?2, ?3) \
              ON CONFLICT (consumer, message_id) DO NOTHING",
+    // Not while a relay's lease says it is being published.
+    cancel = "DELETE FROM rabbitry_outbox WHERE message_id = ?1 AND not_before IS NOT NULL \
+              AND status = 'pending' AND (lease_until IS NULL OR lease_until < ?2)",
 );

@@ -143,6 +143,16 @@ where
         Ok(id)
     }
 
+    /// Stages `message` to be published no earlier than `when` (see
+    /// [`publish_at`](super::publish_at)); returns its message id.
+    pub fn publish_at(&mut self, message: Message, when: std::time::SystemTime) -> Result<String> {
+        let mut row = OutboxRow::from_message(message)?;
+        row.not_before = Some(crate::clock::millis_of(when));
+        let id = row.message_id.clone();
+        self.staged.push(row);
+        Ok(id)
+    }
+
     /// Messages staged so far.
     pub fn staged(&self) -> usize {
         self.staged.len()

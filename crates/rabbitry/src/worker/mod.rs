@@ -56,6 +56,7 @@ pub mod handler;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod metrics;
+pub mod partition;
 pub mod retry;
 
 use std::collections::HashMap;
@@ -80,6 +81,7 @@ use handler::BoxHandler;
 #[cfg(feature = "http")]
 use http::BoxService;
 use metrics::WorkerMetrics;
+pub use partition::{PartitionKey, Partitions};
 
 /// Called with a failed delivery and its error; the delivery is then acked.
 pub type ErrorHandler = Arc<dyn Fn(Arc<Delivery>, HandlerError) -> BoxFuture<()> + Send + Sync>;
@@ -107,6 +109,9 @@ pub struct ConsumerOptions {
     /// settled (the process died handling them), the broker dead-letters
     /// the message to `<queue>.dead` instead of delivering it again.
     pub delivery_limit: Option<u32>,
+    /// Split into partition queues for per-key ordering (see
+    /// [`partition`]).
+    pub partitions: Option<Partitions>,
 }
 
 impl Default for ConsumerOptions {
@@ -117,6 +122,7 @@ impl Default for ConsumerOptions {
             timeout: DEFAULT_TIMEOUT,
             reply_exchange: String::new(),
             delivery_limit: None,
+            partitions: None,
         }
     }
 }
@@ -153,6 +159,18 @@ enum Target<S> {
     Url(String),
 }
 
+impl<S> Clone for Target<S> {
+    fn clone(&self) -> Self {
+        match self {
+            Target::Native(h) => Target::Native(h.clone()),
+            #[cfg(feature = "http")]
+            Target::Service(s) => Target::Service(s.clone()),
+            #[cfg(feature = "http")]
+            Target::Url(u) => Target::Url(u.clone()),
+        }
+    }
+}
+
 struct ConsumerSpec<S> {
     settings: ConsumerSettings,
     target: Target<S>,
@@ -169,6 +187,54 @@ impl<S> ConsumerSpec<S> {
             retry::limit_deliveries(&mut settings.arguments, &settings.queue, limit);
         }
         settings
+    }
+
+    /// The consumer, or its partitions: one spec per partition queue, once
+    /// the hashing exchange and the partition queues are declared (and
+    /// remembered for recovery).
+    async fn partitioned(self) -> Result<Vec<ConsumerSpec<S>>> {
+        let Some(specs) = self.partitions() else {
+            return Ok(vec![self]);
+        };
+        self.conn.declare(&self.topology()).await?;
+        Ok(specs)
+    }
+
+    /// One spec per partition, when the consumer is split.
+    fn partitions(&self) -> Option<Vec<ConsumerSpec<S>>> {
+        let p = self.options.partitions.as_ref()?;
+        Some(
+            (0..p.count)
+                .map(|i| ConsumerSpec {
+                    settings: p.partition_settings(&self.settings, i),
+                    target: self.target.clone(),
+                    options: ConsumerOptions {
+                        partitions: None,
+                        ..self.options.clone()
+                    },
+                    conn: self.conn.clone(),
+                })
+                .collect(),
+        )
+    }
+
+    /// Everything the consumer declares: its queue (or its partitions,
+    /// their exchange and bindings), and their retry queues.
+    fn topology(&self) -> Topology {
+        let mut t = Topology::default();
+        match (self.partitions(), &self.options.partitions) {
+            (Some(specs), Some(p)) => {
+                for spec in &specs {
+                    t.merge(&spec.topology());
+                }
+                t.merge(&p.routing(&self.settings));
+            }
+            _ => {
+                t.merge(&self.declared().topology());
+                t.merge(&self.retry_topology());
+            }
+        }
+        t
     }
 
     /// Its dead-letter and delay queues, of its queue's type.
@@ -329,6 +395,19 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
         self
     }
 
+    /// Splits the consumer added last into `count` partition queues, each
+    /// read one message at a time by a single active consumer, so that
+    /// messages with the same `key` are handled in order while different
+    /// keys go in parallel, over several worker processes (see
+    /// [`partition`]). Its exchange becomes a consistent-hash exchange.
+    ///
+    /// # Panics
+    /// When no consumer was added yet.
+    pub fn partitions(mut self, count: u16, key: PartitionKey) -> Self {
+        self.last("partitions").options.partitions = Some(Partitions::new(count, key));
+        self
+    }
+
     /// The exchange the replies of the consumer added last go through.
     ///
     /// # Panics
@@ -427,8 +506,7 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
     pub fn topology(&self) -> Topology {
         let mut t = Topology::default();
         for c in &self.consumers {
-            t.merge(&c.declared().topology());
-            t.merge(&c.retry_topology());
+            t.merge(&c.topology());
         }
         t
     }
@@ -467,7 +545,11 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
         let mut started = Vec::new();
         // One reply producer per connection, shared by its consumers.
         let mut replies: Vec<(Connection, Producer)> = Vec::new();
+        let mut expanded = Vec::with_capacity(consumers.len());
         for spec in consumers {
+            expanded.extend(spec.partitioned().await?);
+        }
+        for spec in expanded {
             let declared = spec.declared();
             let spec_retry_topology = spec.retry_topology();
             let ConsumerSpec {
@@ -587,6 +669,10 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
                 .map_err(|e| err(e.context().to_owned()))?;
             if c.options.concurrency == 0 {
                 return Err(err("concurrency must be at least 1".into()));
+            }
+            if let Some(p) = &c.options.partitions {
+                p.check(&c.settings, c.options.concurrency)
+                    .map_err(|e| err(e.context().to_owned()))?;
             }
             let kind = QueueType::of(&c.settings.arguments);
             if kind == Some(QueueType::Stream) {

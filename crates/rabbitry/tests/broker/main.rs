@@ -8,6 +8,7 @@ mod hardening;
 mod publish;
 mod recovery;
 mod rpc;
+mod schedule;
 mod support;
 mod transactions;
 mod worker;
