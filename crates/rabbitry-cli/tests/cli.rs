@@ -637,8 +637,14 @@ async fn schedule_list_cancel_and_relay_from_the_command_line() {
         text(&out.stderr)
     );
 
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let admin = format!("127.0.0.1:{port}");
     let mut relay = Command::new(env!("CARGO_BIN_EXE_rabbitry"))
-        .args(["relay", "--database", &url])
+        .args(["relay", "--database", &url, "--admin", &admin])
         .env_remove("AMQP_URL")
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -669,6 +675,17 @@ async fn schedule_list_cancel_and_relay_from_the_command_line() {
     // A published message cannot be cancelled either.
     let out = rabbitry(&["scheduled", "cancel", &soon, "--database", &url]);
     assert_eq!(out.status.code(), Some(3));
+    // The relay's admin listener shows the outbox: nothing due, nothing
+    // scheduled, as the broker and the database say.
+    let metrics = get(&admin, "/metrics");
+    for line in [
+        "rabbitry_outbox_backlog{",
+        "rabbitry_outbox_scheduled{",
+        "rabbitry_connection_up{",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    assert!(get(&admin, "/readyz").contains("\"ready\":true"));
     Command::new("kill")
         .args(["-TERM", &relay.id().to_string()])
         .status()
@@ -679,6 +696,20 @@ async fn schedule_list_cancel_and_relay_from_the_command_line() {
         .await
         .unwrap();
     conn.close().await.unwrap();
+}
+
+/// The body of `GET path` from the listener at `addr`.
+fn get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
 }
 
 #[test]

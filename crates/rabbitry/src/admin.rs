@@ -260,6 +260,8 @@ async fn metrics_text(State(s): State<Arc<Shared>>) -> Response {
                 .set(status.pending as f64);
             metrics::gauge!("rabbitry_outbox_oldest_seconds", "database" => database.clone())
                 .set(status.oldest_pending_ms.unwrap_or(0) as f64 / 1000.0);
+            metrics::gauge!("rabbitry_outbox_scheduled", "database" => database.clone())
+                .set(status.scheduled as f64);
             metrics::gauge!("rabbitry_outbox_failed", "database" => database)
                 .set(status.failed.len() as f64);
         }
@@ -284,6 +286,7 @@ struct OutboxState {
 struct OutboxFigures {
     pending: i64,
     oldest_pending_ms: Option<i64>,
+    scheduled: i64,
     failed: Vec<String>,
 }
 
@@ -298,6 +301,7 @@ async fn outbox_states(s: &Shared) -> Vec<OutboxState> {
             .map(|st| OutboxFigures {
                 pending: st.pending,
                 oldest_pending_ms: st.oldest_pending_ms,
+                scheduled: st.scheduled,
                 failed: st
                     .failed
                     .iter()

@@ -33,7 +33,7 @@ pub(crate) struct Args {
         default_value = "core,worker,observability,http,outbox,order,rpc"
     )]
     only: Vec<String>,
-    /// Databases for the outbox group (default: a temporary SQLite file and
+    /// Databases for the outbox and order groups (default: a temporary SQLite file and
     /// postgres://postgres@127.0.0.1:5432/test).
     #[arg(long = "database")]
     databases: Vec<String>,

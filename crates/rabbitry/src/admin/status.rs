@@ -200,7 +200,7 @@ pub(super) async fn collect(s: &Shared, with_dead: bool) -> Value {
         .await
         .into_iter()
         .map(|o| match o.status {
-            Ok(f) => json!({ "database": o.database, "pending": f.pending, "oldest_pending_ms": f.oldest_pending_ms, "failed": f.failed }),
+            Ok(f) => json!({ "database": o.database, "pending": f.pending, "oldest_pending_ms": f.oldest_pending_ms, "scheduled": f.scheduled, "failed": f.failed }),
             Err(e) => json!({ "database": o.database, "error": e }),
         })
         .collect();
