@@ -44,6 +44,37 @@ async fn forty_documents_are_rendered_fetched_and_announced_to_the_other_site() 
         let (site, id, title) = t.await.unwrap();
         ids.entry(site).or_default().push((id, title));
     }
+    // Any title: markup, other scripts, a character the font lacks.
+    let shown = "Grüße — Привет €";
+    let any_title = format!("<img src=x onerror=alert(1)> {shown} 🐇");
+    let any = create(&base, "a", &any_title).await;
+    let rendered = wait_rendered(
+        &base,
+        "a",
+        std::slice::from_ref(&any),
+        Duration::from_secs(90),
+    )
+    .await;
+    assert_eq!(rendered[0]["title"], any_title.as_str());
+    assert_eq!(rendered[0]["missing"], "🐇", "{}", rendered[0]);
+    let pdf_url = rendered[0]["pdf_url"].as_str().unwrap();
+    let (status, headers, pdf) = common::http_full("GET", &format!("{base}{pdf_url}"), None).await;
+    assert_eq!(status, 200);
+    let text = pdf_text(&pdf);
+    assert!(text.contains(shown), "the PDF's text: {text}");
+    assert!(
+        text.contains("U+1F407"),
+        "the PDF names what it left out: {text}"
+    );
+    let disposition = headers["content-disposition"].to_str().unwrap();
+    assert!(
+        disposition.starts_with("inline; filename=\"_img src=x onerror=alert(1)_ "),
+        "{disposition}"
+    );
+    assert!(
+        disposition.contains("filename*=UTF-8''%3Cimg%20src%3Dx"),
+        "{disposition}"
+    );
     for (site, docs) in &ids {
         let just_ids: Vec<String> = docs.iter().map(|(id, _)| id.clone()).collect();
         let rendered = wait_rendered(&base, site, &just_ids, Duration::from_secs(90)).await;
@@ -74,9 +105,16 @@ async fn forty_documents_are_rendered_fetched_and_announced_to_the_other_site() 
                 .as_array()
                 .unwrap()
                 .iter()
-                .filter(|e| e["from_site"] == other)
+                .filter(|e| e["from_site"] == other && e["title"] != any_title.as_str())
                 .collect();
-            if from_other.len() == 20 {
+            // Site b also has site a's document with any title.
+            let any_seen = site == "a"
+                || feed
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|e| e["title"] == any_title.as_str());
+            if from_other.len() == 20 && any_seen {
                 let titles: Vec<&str> = from_other
                     .iter()
                     .map(|e| e["title"].as_str().unwrap())
@@ -122,7 +160,11 @@ async fn forty_documents_are_rendered_fetched_and_announced_to_the_other_site() 
         docs = get_json(&format!("{base}/sites/a/documents")).await;
     }
     assert!(
-        docs.as_array().unwrap().iter().all(|d| d["words"] == 5),
+        docs.as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["title"] != any_title.as_str())
+            .all(|d| d["words"] == 5),
         "\"Report N from site a\" has 5 words"
     );
     // The page is there, and bad input gets a clear error.
@@ -404,4 +446,34 @@ async fn two_demos_share_a_broker_serve_other_clients_and_die_with_their_parent(
     assert!(b.stop().success());
     common::cleanup(&a_instance).await;
     common::cleanup(&b_instance).await;
+}
+
+/// The PDF service cannot render (its font is missing): the document does
+/// not stay "pending" for ever, it fails and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_that_cannot_be_rendered_fails_with_the_reason() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let demo = Demo::start_with(&[("RABBITRY_DEMO_FONTS", "/nonexistent/fonts")]);
+    let base = demo.base.clone();
+    let id = create(&base, "a", "No font for me").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let doc = loop {
+        let doc = get_json(&format!("{base}/sites/a/documents/{id}")).await;
+        if doc["status"] != "pending" {
+            break doc;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still pending: {doc}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(doc["status"], "failed", "{doc}");
+    let why = doc["error"].as_str().unwrap();
+    assert!(
+        why.contains("text/plain") && why.contains("/nonexistent/fonts/DejaVuSans.ttf"),
+        "{why}"
+    );
+    assert!(doc["pdf_url"].is_null());
+    demo.stop();
 }

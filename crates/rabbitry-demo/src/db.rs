@@ -47,6 +47,11 @@ CREATE TABLE IF NOT EXISTS feed (
     title TEXT NOT NULL, received_at BIGINT NOT NULL);
 ";
 
+/// Columns added after the first release of the demo, for databases made
+/// before them: `missing` (characters the PDF's font lacked) and `error`
+/// (why rendering failed).
+const ADDED_COLUMNS: [(&str, &str); 2] = [("missing", "TEXT"), ("error", "TEXT")];
+
 /// The database URL of `site`: `<data dir>/<site>.db` for SQLite, or the
 /// given PostgreSQL database with the site's own schema.
 pub fn site_url(database: Option<&str>, data_dir: &std::path::Path, site: &str) -> String {
@@ -81,12 +86,35 @@ pub async fn open(url: &str, site: &str) -> Result<Database> {
                 .execute(pool)
                 .await
                 .map_err(|e| db_err("schema", e))?;
+            for (column, kind) in ADDED_COLUMNS {
+                let has: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM pragma_table_info('documents') WHERE name = ?1",
+                )
+                .bind(column)
+                .fetch_one(pool)
+                .await
+                .map_err(|e| db_err("schema", e))?;
+                if has == 0 {
+                    let add = format!("ALTER TABLE documents ADD COLUMN {column} {kind}");
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(add))
+                        .execute(pool)
+                        .await
+                        .map_err(|e| db_err("schema", e))?;
+                }
+            }
         }
         Database::Postgres(pool) => {
             sqlx::raw_sql(PG_SCHEMA)
                 .execute(pool)
                 .await
                 .map_err(|e| db_err("schema", e))?;
+            for (column, kind) in ADDED_COLUMNS {
+                let add = format!("ALTER TABLE documents ADD COLUMN IF NOT EXISTS {column} {kind}");
+                sqlx::raw_sql(sqlx::AssertSqlSafe(add))
+                    .execute(pool)
+                    .await
+                    .map_err(|e| db_err("schema", e))?;
+            }
         }
     }
     Ok(db)
@@ -113,6 +141,10 @@ pub struct Document {
     pub words: Option<i64>,
     /// Where its PDF is, once rendered.
     pub pdf_url: Option<String>,
+    /// Characters of the title the PDF's font lacks (left out of the PDF).
+    pub missing: Option<String>,
+    /// Why rendering failed, when it did.
+    pub error: Option<String>,
 }
 
 fn document<R: Row>(r: &R, site: &str) -> Document
@@ -123,6 +155,7 @@ where
     for<'a> Option<i64>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
     for<'a> i32: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
     for<'a> Option<i32>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Option<String>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
 {
     let id: String = r.try_get("id").unwrap_or_default();
     let status: String = r.try_get("status").unwrap_or_default();
@@ -145,6 +178,8 @@ where
         correlation_id: r.try_get("correlation_id").unwrap_or_default(),
         renders,
         words,
+        missing: r.try_get("missing").unwrap_or_default(),
+        error: r.try_get("error").unwrap_or_default(),
     }
 }
 
@@ -152,7 +187,7 @@ where
 pub async fn get_document(db: &Database, site: &str, id: &str) -> Result<Option<Document>> {
     with_db!(db, |pool, sql| {
         let row = sqlx::query(sql(
-            "SELECT id, title, status, correlation_id, renders, words FROM documents WHERE id = $1",
+            "SELECT id, title, status, correlation_id, renders, words, missing, error FROM documents WHERE id = $1",
         ))
         .bind(id)
         .fetch_optional(pool)
@@ -166,7 +201,7 @@ pub async fn get_document(db: &Database, site: &str, id: &str) -> Result<Option<
 pub async fn list_documents(db: &Database, site: &str) -> Result<Vec<Document>> {
     with_db!(db, |pool, sql| {
         let rows = sqlx::query(sql(
-            "SELECT id, title, status, correlation_id, renders, words FROM documents ORDER BY created_at DESC LIMIT 200",
+            "SELECT id, title, status, correlation_id, renders, words, missing, error FROM documents ORDER BY created_at DESC LIMIT 200",
         ))
         .fetch_all(pool)
         .await
@@ -175,15 +210,18 @@ pub async fn list_documents(db: &Database, site: &str) -> Result<Vec<Document>> 
     })
 }
 
-/// A document's PDF, if stored.
-pub async fn get_pdf(db: &Database, id: &str) -> Result<Option<Vec<u8>>> {
+/// A document's PDF, if stored, and its title (for the download's name).
+pub async fn get_pdf(db: &Database, id: &str) -> Result<Option<(Vec<u8>, String)>> {
     with_db!(db, |pool, sql| {
-        let row = sqlx::query(sql("SELECT pdf FROM documents WHERE id = $1"))
+        let row = sqlx::query(sql("SELECT pdf, title FROM documents WHERE id = $1"))
             .bind(id)
             .fetch_optional(pool)
             .await
             .map_err(|e| db_err("reading a PDF", e))?;
-        Ok(row.and_then(|r| r.try_get::<Option<Vec<u8>>, _>("pdf").ok().flatten()))
+        Ok(row.and_then(|r| {
+            let pdf = r.try_get::<Option<Vec<u8>>, _>("pdf").ok().flatten()?;
+            Some((pdf, r.try_get("title").unwrap_or_default()))
+        }))
     })
 }
 

@@ -21,5 +21,5 @@ pub mod run;
 pub mod web;
 pub mod worker;
 
-pub use pdf::render;
+pub use pdf::{render, Rendered, FONT_DIR};
 pub use run::{run_demo, run_part, Common, Part, SITES};

@@ -140,13 +140,52 @@ async fn show(State(s): State<Site>, Path(id): Path<String>) -> Response {
 
 async fn pdf(State(s): State<Site>, Path(id): Path<String>) -> Response {
     match db::get_pdf(&s.db, &id).await {
-        Ok(Some(bytes)) => ([(header::CONTENT_TYPE, "application/pdf")], bytes).into_response(),
+        Ok(Some((bytes, title))) => (
+            [
+                (header::CONTENT_TYPE, "application/pdf".to_owned()),
+                (header::CONTENT_DISPOSITION, content_disposition(&title)),
+            ],
+            bytes,
+        )
+            .into_response(),
         Ok(None) => problem(
             StatusCode::NOT_FOUND,
             format!("no PDF for document {id} (yet)"),
         ),
         Err(e) => internal(e),
     }
+}
+
+/// `inline; filename="<title>.pdf"`: a plain ASCII name for every browser
+/// and file system (quotes, slashes, `<>:|?*` and non-ASCII become `_`),
+/// and the exact title in
+/// `filename*` (RFC 6266, percent-encoded UTF-8).
+fn content_disposition(title: &str) -> String {
+    let name: String = title.chars().take(100).collect();
+    let ascii: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || " -_.,()[]!'+=&@#".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let encoded: String = format!("{name}.pdf")
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    format!(
+        "inline; filename=\"{}.pdf\"; filename*=UTF-8''{encoded}",
+        ascii.trim()
+    )
 }
 
 async fn feed(State(s): State<Site>) -> Response {
@@ -158,4 +197,23 @@ async fn feed(State(s): State<Site>) -> Response {
 
 async fn page(State(s): State<Site>) -> Html<String> {
     Html(include_str!("page.html").replace("{{SITE}}", &s.site))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::content_disposition;
+
+    #[test]
+    fn downloads_are_named_after_the_title() {
+        assert_eq!(
+            content_disposition("Hello World!"),
+            "inline; filename=\"Hello World!.pdf\"; filename*=UTF-8''Hello%20World%21.pdf"
+        );
+        let d = content_disposition("Grüße \"x\"/€");
+        assert!(d.starts_with("inline; filename=\"Gr__e _x___.pdf\""), "{d}");
+        assert!(
+            d.contains("filename*=UTF-8''Gr%C3%BC%C3%9Fe%20%22x%22%2F%E2%82%AC.pdf"),
+            "{d}"
+        );
+    }
 }

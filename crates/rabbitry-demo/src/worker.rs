@@ -141,6 +141,21 @@ pub async fn on_result(
         .ok_or_else(|| HandlerError::invalid("a reply without a correlation id"))?;
     let content_type = meta.properties.content_type.clone();
     let ok = content_type.as_deref() == Some("application/pdf") && body.0.starts_with(b"%PDF-");
+    let missing = meta
+        .properties
+        .headers
+        .get(MISSING_GLYPHS)
+        .and_then(HeaderValue::as_str)
+        .map(str::to_owned);
+    // Why it failed, as the reply says: its content type, and its text.
+    let error = (!ok).then(|| {
+        let text = String::from_utf8_lossy(&body.0[..body.0.len().min(300)]).into_owned();
+        format!(
+            "the PDF service replied with {} instead of a PDF: {}",
+            content_type.as_deref().unwrap_or("no content type"),
+            text.trim()
+        )
+    });
     let _one_at_a_time = w.write.lock().await;
     let now = rabbitry::clock::now_millis();
     with_db!(&w.db, |pool, sql| {
@@ -163,12 +178,14 @@ pub async fn on_result(
             .to_owned();
         let status = if ok { "rendered" } else { "failed" };
         let updated = sqlx::query(sql(
-            "UPDATE documents SET pdf = $2, status = $3, renders = renders + 1, rendered_at = $4 WHERE id = $1",
+            "UPDATE documents SET pdf = $2, status = $3, renders = renders + 1, rendered_at = $4, missing = $5, error = $6 WHERE id = $1",
         ))
         .bind(&id)
         .bind(ok.then(|| body.0.to_vec()))
         .bind(status)
         .bind(now)
+        .bind(&missing)
+        .bind(&error)
         .execute(&mut *tx)
         .await
         .map_err(|e| db_err("storing a PDF", e))?;
@@ -278,13 +295,30 @@ pub struct RenderRequest {
 }
 
 /// Renders the requested title as a PDF; the worker sends it back.
+///
+/// Characters the font lacks go back in the `x-missing-glyphs` header.
+/// When the PDF cannot be made at all (no font), the reply is the reason as
+/// `text/plain`: the site shows it on the document instead of waiting.
 pub async fn render(meta: Meta, Msg(r): Msg<RenderRequest>) -> Result<Reply, HandlerError> {
-    let subtitle = format!(
-        "Rendered by the rabbitry demo PDF service (correlation id {})",
-        meta.properties.correlation_id.as_deref().unwrap_or("-")
-    );
-    Ok(Reply::new(
-        crate::pdf::render(&r.title, &subtitle),
-        "application/pdf",
-    ))
+    let lines = [
+        "Rendered by the rabbitry demo PDF service".to_owned(),
+        format!(
+            "correlation id {}",
+            meta.properties.correlation_id.as_deref().unwrap_or("-")
+        ),
+    ];
+    Ok(match crate::pdf::render(&r.title, &lines) {
+        Ok(rendered) if rendered.missing.is_empty() => Reply::new(rendered.pdf, "application/pdf"),
+        Ok(rendered) => {
+            let missing: String = rendered.missing.iter().collect();
+            Reply::new(rendered.pdf, "application/pdf").header(MISSING_GLYPHS, missing)
+        }
+        Err(why) => {
+            tracing::error!(error = %why, "cannot render a PDF");
+            Reply::new(why, "text/plain; charset=utf-8")
+        }
+    })
 }
+
+/// The reply header that lists the characters the PDF's font lacks.
+pub const MISSING_GLYPHS: &str = "x-missing-glyphs";

@@ -199,6 +199,16 @@ pub(crate) async fn http(
     url: &str,
     json: Option<serde_json::Value>,
 ) -> (u16, Vec<u8>) {
+    let (status, _, body) = http_full(method, url, json).await;
+    (status, body)
+}
+
+/// One HTTP request; returns the status, the headers and the body.
+pub(crate) async fn http_full(
+    method: &str,
+    url: &str,
+    json: Option<serde_json::Value>,
+) -> (u16, hyper::HeaderMap, Vec<u8>) {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let body = json.map(|j| j.to_string()).unwrap_or_default();
     let req = hyper::Request::builder()
@@ -212,6 +222,7 @@ pub(crate) async fn http(
         .expect("an answer within 30 s")
         .expect("the front door answers");
     let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
     let bytes = resp
         .into_body()
         .collect()
@@ -219,7 +230,7 @@ pub(crate) async fn http(
         .unwrap()
         .to_bytes()
         .to_vec();
-    (status, bytes)
+    (status, headers, bytes)
 }
 
 /// GET a JSON document.

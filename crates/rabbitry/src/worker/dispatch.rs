@@ -252,6 +252,7 @@ async fn succeed<S>(
             .routing_key(reply_to)
             .mandatory(!direct);
         m.properties.content_type = reply.content_type;
+        m.properties.headers = reply.headers;
         m.properties.correlation_id = d.properties.correlation_id.clone();
         match rt.replies.publish(m).await {
             Ok(()) => {}

@@ -172,6 +172,8 @@ pub struct Reply {
     pub body: Vec<u8>,
     /// Its content type.
     pub content_type: Option<String>,
+    /// Headers the reply message carries.
+    pub headers: crate::message::Headers,
 }
 
 impl Reply {
@@ -180,7 +182,18 @@ impl Reply {
         Reply {
             body: body.into(),
             content_type: Some(content_type.into()),
+            headers: crate::message::Headers::new(),
         }
+    }
+
+    /// Adds a header to the reply message.
+    pub fn header(
+        mut self,
+        name: impl Into<String>,
+        value: impl Into<crate::message::HeaderValue>,
+    ) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
     }
 
     /// `value` encoded with `serializer`.

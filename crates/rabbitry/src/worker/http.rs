@@ -255,6 +255,17 @@ pub(crate) fn from_response(resp: Response<Bytes>) -> Result<Reply, HandlerError
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    // `amqp-header-NAME` response headers become the reply's headers, as
+    // request headers carry the message's.
+    let headers = resp
+        .headers()
+        .iter()
+        .filter_map(|(name, value)| {
+            let name = name.as_str().strip_prefix("amqp-header-")?;
+            let value = decode_header_text(value.to_str().ok()?)?;
+            Some((name.to_owned(), crate::message::HeaderValue::String(value)))
+        })
+        .collect();
     let body = resp.into_body();
     let detail = || {
         let text = String::from_utf8_lossy(&body[..body.len().min(500)])
@@ -270,6 +281,7 @@ pub(crate) fn from_response(resp: Response<Bytes>) -> Result<Reply, HandlerError
         Ok(Reply {
             body: body.to_vec(),
             content_type,
+            headers,
         })
     } else if status == StatusCode::CONFLICT {
         Err(HandlerError::conflict(detail()))
@@ -447,5 +459,18 @@ mod tests {
         let e = from_response(resp(503)).unwrap_err();
         assert_eq!(e.kind(), super::super::handler::FailureKind::Retry);
         assert_eq!(e.message(), "HTTP 503 Service Unavailable: why");
+        // Reply headers come back from `amqp-header-*` response headers.
+        let with_header = Response::builder()
+            .status(200)
+            .header("amqp-header-x-missing-glyphs", encode_header_text("🐇"))
+            .header("x-other", "not a reply header")
+            .body(Bytes::from_static(b"pdf"))
+            .unwrap();
+        let reply = from_response(with_header).unwrap();
+        assert_eq!(
+            reply.headers.get("x-missing-glyphs"),
+            Some(&crate::message::HeaderValue::String("🐇".into()))
+        );
+        assert_eq!(reply.headers.len(), 1);
     }
 }
