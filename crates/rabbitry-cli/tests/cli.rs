@@ -677,7 +677,7 @@ async fn schedule_list_cancel_and_relay_from_the_command_line() {
     assert_eq!(out.status.code(), Some(3));
     // The relay's admin listener shows the outbox: nothing due, nothing
     // scheduled, as the broker and the database say.
-    let metrics = get(&admin, "/metrics");
+    let metrics = get(&admin, "/metrics").await;
     for line in [
         "rabbitry_outbox_backlog{",
         "rabbitry_outbox_scheduled{",
@@ -685,30 +685,33 @@ async fn schedule_list_cancel_and_relay_from_the_command_line() {
     ] {
         assert!(metrics.contains(line), "{line} in {metrics}");
     }
-    assert!(get(&admin, "/readyz").contains("\"ready\":true"));
+    assert!(get(&admin, "/readyz").await.contains("\"ready\":true"));
     Command::new("kill")
         .args(["-TERM", &relay.id().to_string()])
         .status()
         .unwrap();
-    let status = relay.wait().unwrap();
+    // Waited for off the runtime's threads: the raw client's tasks run there.
+    let status = tokio::task::spawn_blocking(move || relay.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.success());
-    ch.queue_delete(QueueDeleteArguments::new(&queue))
+    let cleanup = conn.open_channel(None).await.unwrap();
+    cleanup
+        .queue_delete(QueueDeleteArguments::new(&queue))
         .await
         .unwrap();
     conn.close().await.unwrap();
 }
 
 /// The body of `GET path` from the listener at `addr`.
-fn get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+async fn get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.unwrap();
     let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
+    s.read_to_string(&mut out).await.unwrap();
     out
 }
 

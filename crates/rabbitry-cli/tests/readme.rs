@@ -337,7 +337,14 @@ fn relay(databases: &[&str]) -> std::process::Child {
 }
 
 /// Stops a relay as an operator's SIGTERM would; it must stop cleanly.
-fn stop_relay(child: std::process::Child) {
+/// Waited for off the runtime's threads, where the test's clients run.
+async fn stop_relay(child: std::process::Child) {
+    tokio::task::spawn_blocking(move || stop_relay_now(child))
+        .await
+        .unwrap();
+}
+
+fn stop_relay_now(child: std::process::Child) {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -435,7 +442,7 @@ with db:
         "{why}"
     );
     println!("the malformed row: {why}");
-    stop_relay(child);
+    stop_relay(child).await;
     conn.delete_queue(&queue).await.unwrap();
     conn.close().await;
 }
@@ -517,7 +524,7 @@ async fn foreign_rows_postgres() {
         "the scheduled row came {} ms early",
         due - got[1].1
     );
-    stop_relay(child);
+    stop_relay(child).await;
     pool.close().await;
     conn.delete_queue(&queue).await.unwrap();
     conn.close().await;
