@@ -477,3 +477,112 @@ async fn a_document_that_cannot_be_rendered_fails_with_the_reason() {
     assert!(doc["pdf_url"].is_null());
     demo.stop();
 }
+
+/// Where the tests' screenshots go, for a developer to look at.
+fn screenshot_path(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("screenshots")
+        .join(format!("{name}.png"))
+}
+
+/// The site page in a real headless Chromium (Debian's, installed by
+/// `scripts/browser`): any title shown as text, a failing document with its
+/// reason and a working Retry render, a phone's width with a 200-character
+/// word, and the page without JavaScript.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_site_page_holds_up_in_a_real_browser() {
+    use rabbitry_test_support::browser::Browser;
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let demo = Demo::start();
+    let base = demo.base.clone();
+    let fail_switch = demo.data_dir.join("pdf-service-fails");
+    let hostile = "<img src=x onerror=alert(1)> Grüße — Привет € 🐇";
+    let long = "W".repeat(200);
+    tokio::task::spawn_blocking(move || {
+        let row_with = |b: &Browser, text: &str, status: &str| {
+            b.texts("#docs tr")
+                .iter()
+                .any(|t| t.contains(text) && t.contains(status))
+        };
+        // Desktop: any title, as text, in the list and in the other
+        // site's feed.
+        let b = Browser::start(1000);
+        b.goto(&format!("{base}/sites/a/"));
+        b.type_into(&b.find_all("#title")[0], hostile);
+        b.click(&b.find_all("#create")[0]);
+        b.wait_until(Duration::from_secs(60), "the title rendered", |b| {
+            row_with(b, "Привет", "rendered")
+        });
+        assert!(b.find_all("img").is_empty(), "no element made from the title");
+        let row = b.texts("#docs tr").remove(0);
+        assert!(row.contains("Grüße — Привет €"), "{row}");
+        assert!(row.contains("left out: 🐇"), "{row}");
+        b.screenshot(&screenshot_path("demo-site-a-desktop"));
+        b.goto(&format!("{base}/sites/b/"));
+        b.wait_until(Duration::from_secs(30), "site b's feed", |b| {
+            b.texts("#feed li").iter().any(|t| t.contains("<img src=x"))
+        });
+        assert!(b.find_all("img").is_empty());
+
+        // A failing document says why; Retry render, once the cause is
+        // gone, renders it.
+        std::fs::write(&fail_switch, b"").unwrap();
+        b.goto(&format!("{base}/sites/a/"));
+        b.type_into(&b.find_all("#title")[0], "please fail now");
+        b.click(&b.find_all("#create")[0]);
+        b.wait_until(Duration::from_secs(60), "the failure shown", |b| {
+            row_with(b, "please fail now", "told to fail this title")
+        });
+        b.screenshot(&screenshot_path("demo-site-a-failed"));
+        std::fs::remove_file(&fail_switch).unwrap();
+        let retry = b.find_all("form.retry button");
+        assert_eq!(retry.len(), 1, "one Retry render button");
+        b.click(&retry[0]);
+        b.wait_until(Duration::from_secs(60), "rendered after the retry", |b| {
+            row_with(b, "please fail now", "rendered")
+        });
+        drop(b);
+
+        // A phone: no horizontal scrolling, even with a 200-character
+        // word listed, and the feed is on the screen.
+        let phone = Browser::start(375);
+        phone.goto(&format!("{base}/sites/a/"));
+        phone.type_into(&phone.find_all("#title")[0], &long);
+        phone.click(&phone.find_all("#create")[0]);
+        phone.wait_until(Duration::from_secs(60), "the long title listed", |b| {
+            row_with(b, &long[..50], "")
+        });
+        let sizes = phone.execute(
+            "const f = document.getElementById('feed').getBoundingClientRect();\
+             return [window.innerWidth, document.documentElement.scrollWidth, f.left, f.right, f.width];",
+        );
+        assert_eq!(sizes[0], 375, "{sizes}");
+        assert!(sizes[1].as_f64().unwrap() <= 375.0, "the page is wider than the phone: {sizes}");
+        assert!(sizes[2].as_f64().unwrap() >= 0.0 && sizes[3].as_f64().unwrap() <= 375.0, "the feed is off screen: {sizes}");
+        assert!(sizes[4].as_f64().unwrap() > 100.0, "the feed has room: {sizes}");
+        phone.screenshot(&screenshot_path("demo-site-a-phone"));
+        drop(phone);
+
+        // Without JavaScript: the documents are listed, and the form
+        // creates one (a plain POST and a redirect).
+        let plain = Browser::start_with(1000, false);
+        plain.goto(&format!("{base}/sites/a/"));
+        assert!(row_with(&plain, "please fail now", "rendered"), "listed by the server");
+        plain.type_into(&plain.find_all("#title")[0], "Made without JavaScript");
+        plain.click(&plain.find_all("#create")[0]);
+        plain.wait_until(Duration::from_secs(10), "back on the page", |b| {
+            b.url().ends_with("/sites/a/") && row_with(b, "Made without JavaScript", "")
+        });
+        plain.screenshot(&screenshot_path("demo-site-a-no-javascript"));
+        drop(plain);
+
+        // The front door shows both sites side by side.
+        let door = Browser::start(1200);
+        door.goto(&format!("{base}/"));
+        assert_eq!(door.find_all("iframe").len(), 2);
+        door.screenshot(&screenshot_path("demo-landing"));
+    })
+    .await
+    .unwrap();
+    demo.stop();
+}

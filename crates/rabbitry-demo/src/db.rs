@@ -145,6 +145,11 @@ pub struct Document {
     pub missing: Option<String>,
     /// Why rendering failed, when it did.
     pub error: Option<String>,
+    /// When it was created (epoch milliseconds).
+    pub created_at: i64,
+    /// What a document pending for a while waits for (filled by the web
+    /// process from the broker).
+    pub waiting: Option<String>,
 }
 
 fn document<R: Row>(r: &R, site: &str) -> Document
@@ -180,6 +185,8 @@ where
         words,
         missing: r.try_get("missing").unwrap_or_default(),
         error: r.try_get("error").unwrap_or_default(),
+        created_at: r.try_get("created_at").unwrap_or_default(),
+        waiting: None,
     }
 }
 
@@ -187,7 +194,7 @@ where
 pub async fn get_document(db: &Database, site: &str, id: &str) -> Result<Option<Document>> {
     with_db!(db, |pool, sql| {
         let row = sqlx::query(sql(
-            "SELECT id, title, status, correlation_id, renders, words, missing, error FROM documents WHERE id = $1",
+            "SELECT id, title, status, correlation_id, renders, words, missing, error, created_at FROM documents WHERE id = $1",
         ))
         .bind(id)
         .fetch_optional(pool)
@@ -201,7 +208,7 @@ pub async fn get_document(db: &Database, site: &str, id: &str) -> Result<Option<
 pub async fn list_documents(db: &Database, site: &str) -> Result<Vec<Document>> {
     with_db!(db, |pool, sql| {
         let rows = sqlx::query(sql(
-            "SELECT id, title, status, correlation_id, renders, words, missing, error FROM documents ORDER BY created_at DESC LIMIT 200",
+            "SELECT id, title, status, correlation_id, renders, words, missing, error, created_at FROM documents ORDER BY created_at DESC LIMIT 200",
         ))
         .fetch_all(pool)
         .await

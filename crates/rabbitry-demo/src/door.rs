@@ -50,14 +50,16 @@ async fn index(State(d): State<Door>) -> Html<String> {
         .map(|b| b.keys().cloned().collect())
         .unwrap_or_default();
     sites.sort();
-    let links: String = sites
+    let frames: String = sites
         .iter()
-        .map(|s| format!("<li><a href=\"/sites/{s}/\">Site {s}</a></li>"))
+        .map(|s| {
+            format!(
+                "<figure><figcaption><a href=\"/sites/{s}/\">Site {s}</a></figcaption>\
+                 <iframe src=\"/sites/{s}/\" title=\"Site {s}\"></iframe></figure>"
+            )
+        })
         .collect();
-    Html(format!(
-        "<!doctype html><meta charset=utf-8><title>rabbitry demo</title>\
-         <body style=\"font:16px system-ui;margin:40px\"><h1>rabbitry demo</h1><ul>{links}</ul></body>"
-    ))
+    Html(include_str!("landing.html").replace("{{SITES}}", &frames))
 }
 
 async fn proxy(State(d): State<Door>, req: Request) -> Response {

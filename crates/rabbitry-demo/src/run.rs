@@ -131,6 +131,7 @@ pub async fn run_part(
                 db: database,
                 outbox,
                 names,
+                conn: conn.clone(),
             });
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
@@ -171,7 +172,9 @@ pub async fn run_part(
         }
         Part::Service => {
             let conn = connect(&common, "demo.service").await?;
-            let result = worker::service_worker(&conn, &names).run(shutdown).await;
+            let result = worker::service_worker(&conn, &names, &common.data_dir)
+                .run(shutdown)
+                .await;
             conn.close().await;
             result
         }

@@ -2,21 +2,30 @@
 //! writes, in one transaction, the document, the seed's render request
 //! (through the outbox, with its context stored for the durable reply) and
 //! a slower word-count job. The process relays its outbox itself.
+//!
+//! The page works without JavaScript: the server renders the documents and
+//! the feed, the form posts and redirects back, and a failed document has a
+//! Retry render form. With JavaScript, it follows the site live and patches
+//! rows in place.
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::{header, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Form, Json, Router};
 use rabbitry::outbox::{self, Database, Outbox};
 use rabbitry::rpc::durable;
-use rabbitry::{Message, Serializer};
+use rabbitry::{Connection, Message, Serializer};
 use serde::Deserialize;
 
-use crate::db::{self, db_err, with_db};
+use crate::db::{self, db_err, with_db, Document, FeedEvent};
 use crate::names::{self, Names};
+
+/// How long a document may be pending before the page says what it waits
+/// for.
+const WAITING_HINT_AFTER_MS: i64 = 3_000;
 
 /// What a web process needs.
 #[derive(Clone, Debug)]
@@ -29,6 +38,8 @@ pub struct Site {
     pub outbox: Outbox,
     /// Queue and key names.
     pub names: Arc<Names>,
+    /// The broker, asked what a pending document waits for.
+    pub conn: Connection,
 }
 
 /// The site's routes, under `/sites/{site}`.
@@ -40,6 +51,7 @@ pub fn router(site: Site) -> Router {
         .route(&format!("{base}/documents"), post(create).get(list))
         .route(&format!("{base}/documents/{{id}}"), get(show))
         .route(&format!("{base}/documents/{{id}}/pdf"), get(pdf))
+        .route(&format!("{base}/documents/{{id}}/retry"), post(retry))
         .route(&format!("{base}/feed"), get(feed))
         .with_state(site)
 }
@@ -47,6 +59,11 @@ pub fn router(site: Site) -> Router {
 #[derive(Deserialize)]
 struct NewDocument {
     title: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct NewDocumentForm {
+    title: Option<String>,
 }
 
 fn problem(status: StatusCode, message: impl Into<String>) -> Response {
@@ -58,26 +75,59 @@ fn internal(e: rabbitry::Error) -> Response {
     problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 
-async fn create(
-    State(s): State<Site>,
-    body: Result<Json<NewDocument>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    let Ok(Json(doc)) = body else {
+/// Whether the request is a plain HTML form post (the page without
+/// JavaScript), which is answered with a redirect or a page.
+fn is_form(req: &Request) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/x-www-form-urlencoded"))
+}
+
+/// The title, checked: non-empty, at most 200 characters.
+fn checked_title(title: Option<&str>) -> Result<String, &'static str> {
+    match title.map(str::trim) {
+        Some(t) if !t.is_empty() && t.chars().count() <= 200 => Ok(t.to_owned()),
+        _ => Err("`title` must be a non-empty string of at most 200 characters"),
+    }
+}
+
+async fn create(State(s): State<Site>, req: Request) -> Response {
+    if is_form(&req) {
+        let typed = match Form::<NewDocumentForm>::from_request(req, &()).await {
+            Ok(Form(f)) => f.title.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        return match checked_title(Some(&typed)) {
+            Ok(title) => match create_document(&s, &title).await {
+                Ok(_) => Redirect::to(&format!("/sites/{}/", s.site)).into_response(),
+                Err(e) => {
+                    tracing::error!(error = %e, "creating a document failed");
+                    render_page(
+                        &s,
+                        Some(&e.to_string()),
+                        &typed,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                    )
+                    .await
+                }
+            },
+            Err(why) => render_page(&s, Some(why), &typed, StatusCode::BAD_REQUEST).await,
+        };
+    }
+    let Ok(Json(doc)) = Json::<NewDocument>::from_request(req, &()).await else {
         return problem(
             StatusCode::BAD_REQUEST,
             "expected a JSON body like {\"title\": \"...\"}",
         );
     };
-    let title = match doc.title {
-        Some(serde_json::Value::String(t)) if !t.trim().is_empty() && t.chars().count() <= 200 => {
-            t.trim().to_owned()
-        }
-        _ => {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                "`title` must be a non-empty string of at most 200 characters",
-            )
-        }
+    let title = match &doc.title {
+        Some(serde_json::Value::String(t)) => checked_title(Some(t)),
+        _ => checked_title(None),
+    };
+    let title = match title {
+        Ok(t) => t,
+        Err(why) => return problem(StatusCode::BAD_REQUEST, why),
     };
     match create_document(&s, &title).await {
         Ok((id, correlation_id)) => (
@@ -89,13 +139,21 @@ async fn create(
     }
 }
 
+/// The seed's render request for `title`, with `document_id` as the
+/// context its durable reply finds.
+fn render_request(s: &Site, title: &str) -> rabbitry::Result<Message> {
+    Ok(
+        Message::encode(Serializer::Msgpack, &serde_json::json!({ "title": title }))?
+            .exchange(names::TASKS_EXCHANGE)
+            .routing_key(names::TEMPLATE_KEY)
+            .reply_to(s.names.results_queue(&s.site)),
+    )
+}
+
 /// The document, the seed's request and the slow job, in one transaction.
 async fn create_document(s: &Site, title: &str) -> rabbitry::Result<(String, String)> {
     let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
-    let request = Message::encode(Serializer::Msgpack, &serde_json::json!({ "title": title }))?
-        .exchange(names::TASKS_EXCHANGE)
-        .routing_key(names::TEMPLATE_KEY)
-        .reply_to(s.names.results_queue(&s.site));
+    let request = render_request(s, title)?;
     let job = Message::encode(
         Serializer::Json,
         &serde_json::json!({ "document_id": id, "title": title }),
@@ -123,16 +181,103 @@ async fn create_document(s: &Site, title: &str) -> rabbitry::Result<(String, Str
     Ok((id, correlation_id))
 }
 
+/// Sends the render request again for a document that failed (or waits):
+/// a new request with a new correlation id, in one transaction with the
+/// document's update. Answered with 202 (JSON) or a redirect (a form).
+async fn retry(State(s): State<Site>, Path(id): Path<String>, req: Request) -> Response {
+    let form = is_form(&req);
+    let done = retry_document(&s, &id).await;
+    match (done, form) {
+        (Ok(true), true) => Redirect::to(&format!("/sites/{}/", s.site)).into_response(),
+        (Ok(true), false) => {
+            (StatusCode::ACCEPTED, Json(serde_json::json!({ "id": id }))).into_response()
+        }
+        (Ok(false), _) => problem(StatusCode::NOT_FOUND, format!("no document {id}")),
+        (Err(e), _) => internal(e),
+    }
+}
+
+async fn retry_document(s: &Site, id: &str) -> rabbitry::Result<bool> {
+    let context = serde_json::json!({ "document_id": id });
+    with_db!(&s.db, |pool, sql| {
+        let mut tx = pool.begin().await.map_err(|e| db_err("begin", e))?;
+        let title: Option<String> =
+            sqlx::query_scalar(sql("SELECT title FROM documents WHERE id = $1"))
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(|e| db_err("reading a document", e))?;
+        let Some(title) = title else {
+            return Ok(false);
+        };
+        let request = render_request(s, &title)?;
+        let correlation_id = durable::send(&mut *tx, "render", &context, request).await?;
+        sqlx::query(sql(
+            "UPDATE documents SET status = 'pending', correlation_id = $2, error = NULL, created_at = $3 WHERE id = $1",
+        ))
+        .bind(id)
+        .bind(&correlation_id)
+        .bind(rabbitry::clock::now_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| db_err("retrying a document", e))?;
+        s.outbox.commit(tx).await?;
+        Ok(true)
+    })
+}
+
+/// Says what documents pending for a while wait for, as the broker sees
+/// it: the PDF service's queue, or the site's results queue.
+async fn explain_waiting(s: &Site, docs: &mut [Document]) {
+    let now = rabbitry::clock::now_millis();
+    let waiting: Vec<&mut Document> = docs
+        .iter_mut()
+        .filter(|d| d.status == "pending" && now - d.created_at > WAITING_HINT_AFTER_MS)
+        .collect();
+    if waiting.is_empty() {
+        return;
+    }
+    let mut hints = Vec::new();
+    for (what, queue) in [
+        ("the PDF service", s.names.service_queue()),
+        ("the site worker", s.names.results_queue(&s.site)),
+    ] {
+        let said = match s.conn.queue_status(&queue).await {
+            Ok(Some(q)) => format!(
+                "{} ready on {queue}, {} consumer{} ({what})",
+                q.messages,
+                q.consumers,
+                if q.consumers == 1 { "" } else { "s" }
+            ),
+            Ok(None) => format!("{queue} does not exist ({what} is not running)"),
+            Err(e) => format!("the broker cannot be asked about {queue}: {e}"),
+        };
+        hints.push(said);
+    }
+    let hint = format!("waiting: {}", hints.join("; "));
+    for d in waiting {
+        d.waiting = Some(hint.clone());
+    }
+}
+
 async fn list(State(s): State<Site>) -> Response {
     match db::list_documents(&s.db, &s.site).await {
-        Ok(docs) => Json(docs).into_response(),
+        Ok(mut docs) => {
+            explain_waiting(&s, &mut docs).await;
+            Json(docs).into_response()
+        }
         Err(e) => internal(e),
     }
 }
 
 async fn show(State(s): State<Site>, Path(id): Path<String>) -> Response {
     match db::get_document(&s.db, &s.site, &id).await {
-        Ok(Some(d)) => Json(d).into_response(),
+        Ok(Some(d)) => {
+            let mut docs = [d];
+            explain_waiting(&s, &mut docs).await;
+            let [d] = docs;
+            Json(d).into_response()
+        }
         Ok(None) => problem(StatusCode::NOT_FOUND, format!("no document {id}")),
         Err(e) => internal(e),
     }
@@ -195,8 +340,95 @@ async fn feed(State(s): State<Site>) -> Response {
     }
 }
 
-async fn page(State(s): State<Site>) -> Html<String> {
-    Html(include_str!("page.html").replace("{{SITE}}", &s.site))
+async fn page(State(s): State<Site>) -> Response {
+    render_page(&s, None, "", StatusCode::OK).await
+}
+
+/// Text made safe for HTML (content and attribute values).
+fn esc(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            // Never a `{{...}}` placeholder of the page template.
+            '{' => out.push_str("&#123;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// One document's row, as the server renders it (the page's script
+/// renders the same markup).
+fn document_row(site: &str, d: &Document) -> String {
+    let mut details = format!(
+        "<div class=\"muted\">{} · words: {}</div>",
+        esc(&d.id),
+        d.words.map_or("counting…".to_owned(), |w| w.to_string())
+    );
+    if let Some(e) = &d.error {
+        details.push_str(&format!("<div class=\"why\">{}</div>", esc(e)));
+    }
+    if let Some(m) = &d.missing {
+        details.push_str(&format!(
+            "<div class=\"muted\">not in the PDF's font, left out: {}</div>",
+            esc(m)
+        ));
+    }
+    if let Some(w) = &d.waiting {
+        details.push_str(&format!("<div class=\"hint\">{}</div>", esc(w)));
+    }
+    let action = match (&d.pdf_url, d.status.as_str()) {
+        (Some(url), _) => format!("<a href=\"{}\" target=\"_blank\">PDF</a>", esc(url)),
+        (None, "failed") => format!(
+            "<form method=\"post\" action=\"/sites/{site}/documents/{}/retry\" class=\"retry\"><button>Retry render</button></form>",
+            esc(&d.id)
+        ),
+        _ => String::new(),
+    };
+    format!(
+        "<tr id=\"doc-{id}\" data-status=\"{status}\"><td><strong class=\"title\">{title}</strong>{details}</td><td><span class=\"badge {status}\">{status}</span></td><td>{action}</td></tr>",
+        id = esc(&d.id),
+        status = esc(&d.status),
+        title = esc(&d.title),
+    )
+}
+
+fn feed_item(e: &FeedEvent) -> String {
+    format!(
+        "<li><strong class=\"title\">{}</strong><div class=\"muted\">rendered on site {}</div></li>",
+        esc(&e.title),
+        esc(&e.from_site)
+    )
+}
+
+/// The page with the documents and the feed rendered in, an error to show
+/// and the title the user typed (kept when the form failed).
+async fn render_page(s: &Site, error: Option<&str>, typed: &str, status: StatusCode) -> Response {
+    let mut docs = db::list_documents(&s.db, &s.site).await.unwrap_or_default();
+    explain_waiting(s, &mut docs).await;
+    let feed = db::list_feed(&s.db).await.unwrap_or_default();
+    let rows: String = if docs.is_empty() {
+        "<tr class=\"empty\"><td class=\"muted\">No documents yet.</td></tr>".to_owned()
+    } else {
+        docs.iter().map(|d| document_row(&s.site, d)).collect()
+    };
+    let items: String = if feed.is_empty() {
+        "<li class=\"muted empty\">Nothing yet.</li>".to_owned()
+    } else {
+        feed.iter().map(feed_item).collect()
+    };
+    let html = include_str!("page.html")
+        .replace("{{DOCUMENTS}}", &rows)
+        .replace("{{FEED}}", &items)
+        .replace("{{ERROR}}", &esc(error.unwrap_or("")))
+        .replace("{{TYPED}}", &esc(typed))
+        .replace("{{SITE}}", &s.site);
+    (status, Html(html)).into_response()
 }
 
 #[cfg(test)]

@@ -93,10 +93,18 @@ pub fn service_consumer(names: &Names) -> ConsumerSettings {
     }
 }
 
+/// The file whose presence makes the PDF service fail titles that ask for
+/// it (containing `please fail`), to show a failure and its retry.
+pub const FAIL_SWITCH: &str = "pdf-service-fails";
+
 /// The PDF service: renders two requests at once and replies through
-/// `service.results`.
-pub fn service_worker(conn: &Connection, names: &Names) -> Worker {
-    Worker::new(conn, ())
+/// `service.results`. `data_dir` holds its [`FAIL_SWITCH`].
+pub fn service_worker(
+    conn: &Connection,
+    names: &Names,
+    data_dir: &std::path::Path,
+) -> Worker<Arc<std::path::PathBuf>> {
+    Worker::new(conn, Arc::new(data_dir.join(FAIL_SWITCH)))
         .consumer(service_consumer(names), render)
         .concurrency(2)
         .reply_exchange(names::RESULTS_EXCHANGE)
@@ -299,7 +307,18 @@ pub struct RenderRequest {
 /// Characters the font lacks go back in the `x-missing-glyphs` header.
 /// When the PDF cannot be made at all (no font), the reply is the reason as
 /// `text/plain`: the site shows it on the document instead of waiting.
-pub async fn render(meta: Meta, Msg(r): Msg<RenderRequest>) -> Result<Reply, HandlerError> {
+pub async fn render(
+    meta: Meta,
+    Msg(r): Msg<RenderRequest>,
+    State(fail_switch): State<Arc<std::path::PathBuf>>,
+) -> Result<Reply, HandlerError> {
+    if r.title.to_lowercase().contains("please fail") && fail_switch.exists() {
+        let why = format!(
+            "the PDF service was told to fail this title (remove {} to let it render)",
+            fail_switch.display()
+        );
+        return Ok(Reply::new(why, "text/plain; charset=utf-8"));
+    }
     let lines = [
         "Rendered by the rabbitry demo PDF service".to_owned(),
         format!(

@@ -29,6 +29,12 @@ impl Browser {
     /// pixels wide (below 800, a phone's screen is emulated). Panics with
     /// what to run when they are missing.
     pub fn start(width: u32) -> Browser {
+        Browser::start_with(width, true)
+    }
+
+    /// [`Browser::start`], with the page's JavaScript turned off when
+    /// `javascript` is false (as a user who blocks scripts has it).
+    pub fn start_with(width: u32, javascript: bool) -> Browser {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -56,6 +62,9 @@ impl Browser {
             "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
                      "--disable-dev-shm-usage", format!("--window-size={},900", width.max(800))]
         });
+        if !javascript {
+            chrome["prefs"] = json!({ "profile.managed_default_content_settings.javascript": 2 });
+        }
         if width < 800 {
             chrome["mobileEmulation"] =
                 json!({ "deviceMetrics": { "width": width, "height": 800, "pixelRatio": 2.0 } });
@@ -97,6 +106,32 @@ impl Browser {
             .unwrap_or_default()
     }
 
+    /// The rendered texts of the elements matching `css`, read together:
+    /// when the page replaces an element while it is read (a live page
+    /// does), the reading starts again.
+    pub fn texts(&self, css: &str) -> Vec<String> {
+        for _ in 0..20 {
+            let texts: Option<Vec<String>> = self
+                .find_all(css)
+                .iter()
+                .map(|e| {
+                    self.try_call(
+                        "GET",
+                        &self.session_path(&format!("/element/{}/text", e.0)),
+                        Value::Null,
+                    )
+                    .ok()
+                    .map(|v| v.as_str().unwrap_or_default().to_owned())
+                })
+                .collect();
+            if let Some(texts) = texts {
+                return texts;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("browser: the elements {css} kept changing while read");
+    }
+
     /// The element's rendered text.
     pub fn text(&self, e: &Element) -> String {
         self.session_call("GET", &format!("/element/{}/text", e.0), Value::Null)
@@ -128,6 +163,24 @@ impl Browser {
         )
     }
 
+    /// Saves a PNG of the page's viewport at `path` (its folder is made).
+    pub fn screenshot(&self, path: &std::path::Path) {
+        let data = self.session_call("GET", "/screenshot", Value::Null);
+        let png = base64_decode(data.as_str().unwrap_or_default());
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).expect("screenshot folder");
+        }
+        std::fs::write(path, png).expect("write the screenshot");
+    }
+
+    /// The page's URL now.
+    pub fn url(&self) -> String {
+        self.session_call("GET", "/url", Value::Null)
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
     /// Polls `check` every 50 ms until it is true, for at most `limit`.
     pub fn wait_until(&self, limit: Duration, what: &str, mut check: impl FnMut(&Browser) -> bool) {
         let deadline = Instant::now() + limit;
@@ -140,12 +193,22 @@ impl Browser {
         }
     }
 
+    fn session_path(&self, path: &str) -> String {
+        format!("/session/{}{path}", self.session)
+    }
+
     fn session_call(&self, method: &str, path: &str, body: Value) -> Value {
-        self.call(method, &format!("/session/{}{path}", self.session), body)
+        self.call(method, &self.session_path(path), body)
     }
 
     /// One WebDriver command; its `value`. Panics on a WebDriver error.
     fn call(&self, method: &str, path: &str, body: Value) -> Value {
+        self.try_call(method, path, body)
+            .unwrap_or_else(|e| panic!("webdriver {method} {path}: {e}"))
+    }
+
+    /// One WebDriver command; its `value`, or the WebDriver error.
+    fn try_call(&self, method: &str, path: &str, body: Value) -> Result<Value, String> {
         let body = if body.is_null() {
             String::new()
         } else {
@@ -189,13 +252,33 @@ impl Browser {
         let value: Value = serde_json::from_str(&json)
             .unwrap_or_else(|e| panic!("chromedriver answered {response}: {json}: {e}"));
         if let Some(error) = value["value"]["error"].as_str() {
-            panic!(
-                "webdriver {method} {path}: {error}: {}",
-                value["value"]["message"]
-            );
+            return Err(format!("{error}: {}", value["value"]["message"]));
         }
-        value["value"].clone()
+        Ok(value["value"].clone())
     }
+}
+
+/// Standard base64 (what WebDriver sends screenshots in) to bytes.
+fn base64_decode(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    };
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0);
+    for v in text.bytes().filter_map(value) {
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
 }
 
 impl Drop for Browser {
