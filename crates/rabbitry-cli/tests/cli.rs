@@ -672,6 +672,9 @@ async fn schedule_list_cancel_and_relay_from_the_command_line() {
             .is_err(),
         "the cancelled one never comes"
     );
+    drop(rx);
+    ch.close().await.unwrap();
+    conn.close().await.unwrap();
     // A published message cannot be cancelled either.
     let out = rabbitry(&["scheduled", "cancel", &soon, "--database", &url]);
     assert_eq!(out.status.code(), Some(3));
@@ -696,6 +699,7 @@ async fn schedule_list_cancel_and_relay_from_the_command_line() {
         .unwrap()
         .unwrap();
     assert!(status.success());
+    let conn = raw().await;
     let cleanup = conn.open_channel(None).await.unwrap();
     cleanup
         .queue_delete(QueueDeleteArguments::new(&queue))

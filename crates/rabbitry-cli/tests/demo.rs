@@ -514,6 +514,16 @@ async fn the_site_page_holds_up_in_a_real_browser() {
             row_with(b, "Привет", "rendered")
         });
         assert!(b.find_all("img").is_empty(), "no element made from the title");
+        // Its timeline: all seven steps, each with its time, the last two
+        // from site b.
+        b.wait_until(Duration::from_secs(30), "all seven steps timed", |b| {
+            let at = b.texts("#docs tr:first-child ol.timeline .at");
+            at.len() == 7 && at.iter().all(|t| t.contains(':'))
+        });
+        let steps = b.texts("#docs tr:first-child ol.timeline li");
+        println!("the timeline:\n{}", steps.join("\n"));
+        assert!(steps[1].contains("correlation id "), "{steps:?}");
+        assert!(steps[6].contains("received by site b") && steps[6].contains("ms)"), "{steps:?}");
         let row = b.texts("#docs tr").remove(0);
         assert!(row.contains("Grüße — Привет €"), "{row}");
         assert!(row.contains("left out: 🐇"), "{row}");
@@ -581,8 +591,36 @@ async fn the_site_page_holds_up_in_a_real_browser() {
         door.goto(&format!("{base}/"));
         assert_eq!(door.find_all("iframe").len(), 2);
         door.screenshot(&screenshot_path("demo-landing"));
+        drop(door);
+
+        // The demo stops: within 3 s the page says it is not connected.
+        // It starts again: the page is live, and submitting works.
+        let b = Browser::start(1000);
+        b.goto(&format!("{base}/sites/a/"));
+        b.wait_until(Duration::from_secs(10), "live", |b| b.texts("#live") == ["live"]);
+        let data_dir = demo.data_dir.clone();
+        let stopped = std::time::Instant::now();
+        demo.stop();
+        println!("the demo stopped in {:?}", stopped.elapsed());
+        let stopped = std::time::Instant::now();
+        b.wait_until(Duration::from_secs(3), "not reachable within 3 s", |b| {
+            b.texts("#live")
+                .first()
+                .is_some_and(|t| t.starts_with("not reachable since"))
+        });
+        println!("the page said it was not connected {:?} after the stop", stopped.elapsed());
+        b.screenshot(&screenshot_path("demo-site-a-stopped"));
+        let demo = common::Demo::start_again(&base, data_dir);
+        b.wait_until(Duration::from_secs(20), "live again", |b| b.texts("#live") == ["live"]);
+        b.type_into(&b.find_all("#title")[0], "After the restart");
+        b.click(&b.find_all("#create")[0]);
+        b.wait_until(Duration::from_secs(60), "rendered after the restart", |b| {
+            row_with(b, "After the restart", "rendered")
+        });
+        drop(b);
+        demo
     })
     .await
-    .unwrap();
-    demo.stop();
+    .unwrap()
+    .stop();
 }

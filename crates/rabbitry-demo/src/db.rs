@@ -48,9 +48,20 @@ CREATE TABLE IF NOT EXISTS feed (
 ";
 
 /// Columns added after the first release of the demo, for databases made
-/// before them: `missing` (characters the PDF's font lacked) and `error`
-/// (why rendering failed).
-const ADDED_COLUMNS: [(&str, &str); 2] = [("missing", "TEXT"), ("error", "TEXT")];
+/// before them: `missing` (characters the PDF's font lacked), `error` (why
+/// rendering failed), and the times of a document's trip (epoch ms):
+/// `published_at` (the relay published the request), `service_at` (the PDF
+/// service rendered it), `reply_at` (the reply reached the site worker);
+/// `rendered_at` is when the worker stored it. A feed event's
+/// `published_at` is when the other site's relay published it.
+const ADDED_COLUMNS: [(&str, &str, &str); 6] = [
+    ("documents", "missing", "TEXT"),
+    ("documents", "error", "TEXT"),
+    ("documents", "published_at", "BIGINT"),
+    ("documents", "service_at", "BIGINT"),
+    ("documents", "reply_at", "BIGINT"),
+    ("feed", "published_at", "BIGINT"),
+];
 
 /// The database URL of `site`: `<data dir>/<site>.db` for SQLite, or the
 /// given PostgreSQL database with the site's own schema.
@@ -86,16 +97,17 @@ pub async fn open(url: &str, site: &str) -> Result<Database> {
                 .execute(pool)
                 .await
                 .map_err(|e| db_err("schema", e))?;
-            for (column, kind) in ADDED_COLUMNS {
+            for (table, column, kind) in ADDED_COLUMNS {
                 let has: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM pragma_table_info('documents') WHERE name = ?1",
+                    "SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2",
                 )
+                .bind(table)
                 .bind(column)
                 .fetch_one(pool)
                 .await
                 .map_err(|e| db_err("schema", e))?;
                 if has == 0 {
-                    let add = format!("ALTER TABLE documents ADD COLUMN {column} {kind}");
+                    let add = format!("ALTER TABLE {table} ADD COLUMN {column} {kind}");
                     sqlx::raw_sql(sqlx::AssertSqlSafe(add))
                         .execute(pool)
                         .await
@@ -108,8 +120,8 @@ pub async fn open(url: &str, site: &str) -> Result<Database> {
                 .execute(pool)
                 .await
                 .map_err(|e| db_err("schema", e))?;
-            for (column, kind) in ADDED_COLUMNS {
-                let add = format!("ALTER TABLE documents ADD COLUMN IF NOT EXISTS {column} {kind}");
+            for (table, column, kind) in ADDED_COLUMNS {
+                let add = format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}");
                 sqlx::raw_sql(sqlx::AssertSqlSafe(add))
                     .execute(pool)
                     .await
@@ -150,6 +162,26 @@ pub struct Document {
     /// What a document pending for a while waits for (filled by the web
     /// process from the broker).
     pub waiting: Option<String>,
+    /// The times of its trip, epoch milliseconds, each where it happened.
+    pub timeline: Timeline,
+}
+
+/// A document's trip through the system, each step's time (epoch ms) as
+/// recorded where it happened. The last two steps are the other site's:
+/// its feed says when the event was published and received.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timeline {
+    /// The web process committed the document with its outbox row.
+    pub committed: i64,
+    /// The site's relay published the request to `service.tasks`.
+    pub published: Option<i64>,
+    /// The PDF service rendered it.
+    pub rendered: Option<i64>,
+    /// The reply reached the site worker through `service.results`.
+    pub routed: Option<i64>,
+    /// The site worker stored the PDF (and wrote `document.rendered` to
+    /// its outbox).
+    pub stored: Option<i64>,
 }
 
 fn document<R: Row>(r: &R, site: &str) -> Document
@@ -187,6 +219,13 @@ where
         error: r.try_get("error").unwrap_or_default(),
         created_at: r.try_get("created_at").unwrap_or_default(),
         waiting: None,
+        timeline: Timeline {
+            committed: r.try_get("created_at").unwrap_or_default(),
+            published: r.try_get("published_at").unwrap_or_default(),
+            rendered: r.try_get("service_at").unwrap_or_default(),
+            routed: r.try_get("reply_at").unwrap_or_default(),
+            stored: r.try_get("rendered_at").unwrap_or_default(),
+        },
     }
 }
 
@@ -194,7 +233,7 @@ where
 pub async fn get_document(db: &Database, site: &str, id: &str) -> Result<Option<Document>> {
     with_db!(db, |pool, sql| {
         let row = sqlx::query(sql(
-            "SELECT id, title, status, correlation_id, renders, words, missing, error, created_at FROM documents WHERE id = $1",
+            "SELECT id, title, status, correlation_id, renders, words, missing, error, created_at, published_at, service_at, reply_at, rendered_at FROM documents WHERE id = $1",
         ))
         .bind(id)
         .fetch_optional(pool)
@@ -208,7 +247,7 @@ pub async fn get_document(db: &Database, site: &str, id: &str) -> Result<Option<
 pub async fn list_documents(db: &Database, site: &str) -> Result<Vec<Document>> {
     with_db!(db, |pool, sql| {
         let rows = sqlx::query(sql(
-            "SELECT id, title, status, correlation_id, renders, words, missing, error, created_at FROM documents ORDER BY created_at DESC LIMIT 200",
+            "SELECT id, title, status, correlation_id, renders, words, missing, error, created_at, published_at, service_at, reply_at, rendered_at FROM documents ORDER BY created_at DESC LIMIT 200",
         ))
         .fetch_all(pool)
         .await
@@ -241,13 +280,17 @@ pub struct FeedEvent {
     pub document_id: String,
     /// Its title.
     pub title: String,
+    /// When the other site's relay published the event (epoch ms).
+    pub published_at: Option<i64>,
+    /// When this site's worker received it (epoch ms).
+    pub received_at: i64,
 }
 
 /// The feed, newest first.
 pub async fn list_feed(db: &Database) -> Result<Vec<FeedEvent>> {
     with_db!(db, |pool, sql| {
         let rows = sqlx::query(sql(
-            "SELECT from_site, document_id, title FROM feed ORDER BY received_at DESC LIMIT 500",
+            "SELECT from_site, document_id, title, published_at, received_at FROM feed ORDER BY received_at DESC LIMIT 500",
         ))
         .fetch_all(pool)
         .await
@@ -258,6 +301,8 @@ pub async fn list_feed(db: &Database) -> Result<Vec<FeedEvent>> {
                 from_site: r.try_get("from_site").unwrap_or_default(),
                 document_id: r.try_get("document_id").unwrap_or_default(),
                 title: r.try_get("title").unwrap_or_default(),
+                published_at: r.try_get("published_at").unwrap_or_default(),
+                received_at: r.try_get("received_at").unwrap_or_default(),
             })
             .collect())
     })

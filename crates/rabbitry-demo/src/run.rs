@@ -126,12 +126,20 @@ pub async fn run_part(
             let outbox = Outbox::with_database(database.clone(), &common.site_url(&site));
             let conn = connect(&common, &format!("demo.site-{site}.web")).await?;
             let relay = outbox.spawn_relay(&conn, RelayOptions::default()).await?;
+            // Stopping ends the pages' event streams first, then the server.
+            let (stop_tx, stopping) = watch::channel(false);
+            tokio::spawn(async move {
+                shutdown.await;
+                let _ = stop_tx.send(true);
+            });
+            let mut server_stop = stopping.clone();
             let app = web::router(web::Site {
                 site: site.clone(),
                 db: database,
                 outbox,
                 names,
                 conn: conn.clone(),
+                stopping,
             });
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
@@ -144,7 +152,9 @@ pub async fn run_part(
                 .port();
             println!("LISTENING {port}");
             axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
+                .with_graceful_shutdown(async move {
+                    let _ = server_stop.wait_for(|stop| *stop).await;
+                })
                 .await
                 .map_err(|e| Error::new(ErrorKind::Closed, "web server").with_source(e))?;
             relay.stop().await?;

@@ -40,6 +40,9 @@ pub struct Site {
     pub names: Arc<Names>,
     /// The broker, asked what a pending document waits for.
     pub conn: Connection,
+    /// Becomes true when the process stops: open event streams end, so
+    /// that the server can stop at once.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The site's routes, under `/sites/{site}`.
@@ -53,6 +56,7 @@ pub fn router(site: Site) -> Router {
         .route(&format!("{base}/documents/{{id}}/pdf"), get(pdf))
         .route(&format!("{base}/documents/{{id}}/retry"), post(retry))
         .route(&format!("{base}/feed"), get(feed))
+        .route(&format!("{base}/events"), get(events))
         .with_state(site)
 }
 
@@ -340,6 +344,49 @@ async fn feed(State(s): State<Site>) -> Response {
     }
 }
 
+/// How often a page's event stream looks for changes.
+const EVENTS_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// `GET /sites/{site}/events`: server-sent events, each the site's
+/// documents and feed, sent when they change (the page patches its rows
+/// from them), with a keep-alive; a lost page reconnects within a second.
+async fn events(State(s): State<Site>) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let stream = futures_util::stream::unfold(
+        (s, None::<String>, true),
+        |(mut s, last, first)| async move {
+            loop {
+                if *s.stopping.borrow() {
+                    return None;
+                }
+                if last.is_some() {
+                    tokio::select! {
+                        _ = tokio::time::sleep(EVENTS_EVERY) => {}
+                        _ = s.stopping.changed() => return None,
+                    }
+                }
+                let mut docs = db::list_documents(&s.db, &s.site).await.unwrap_or_default();
+                explain_waiting(&s, &mut docs).await;
+                let feed = db::list_feed(&s.db).await.unwrap_or_default();
+                let snapshot = serde_json::json!({ "documents": docs, "feed": feed }).to_string();
+                if last.as_deref() != Some(snapshot.as_str()) {
+                    let mut event = Event::default().event("site").data(snapshot.clone());
+                    if first {
+                        event = event.retry(std::time::Duration::from_millis(1000));
+                    }
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(event),
+                        (s, Some(snapshot), false),
+                    ));
+                }
+            }
+        },
+    );
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(2)))
+        .into_response()
+}
+
 async fn page(State(s): State<Site>) -> Response {
     render_page(&s, None, "", StatusCode::OK).await
 }
@@ -382,6 +429,7 @@ fn document_row(site: &str, d: &Document) -> String {
     if let Some(w) = &d.waiting {
         details.push_str(&format!("<div class=\"hint\">{}</div>", esc(w)));
     }
+    details.push_str(&timeline_html(site, d));
     let action = match (&d.pdf_url, d.status.as_str()) {
         (Some(url), _) => format!("<a href=\"{}\" target=\"_blank\">PDF</a>", esc(url)),
         (None, "failed") => format!(
@@ -396,6 +444,53 @@ fn document_row(site: &str, d: &Document) -> String {
         status = esc(&d.status),
         title = esc(&d.title),
     )
+}
+
+/// `HH:MM:SS.mmm` (UTC) of epoch milliseconds.
+fn clock_time(ms: i64) -> String {
+    let t = rabbitry::clock::rfc3339(rabbitry::clock::time_of(ms));
+    t.get(11..23).unwrap_or_default().to_owned()
+}
+
+/// The document's trip, step by step, each with its time and its latency
+/// from the step before; the other site's two steps come from its feed
+/// (the page's script fills them in).
+fn timeline_html(site: &str, d: &Document) -> String {
+    let t = &d.timeline;
+    let steps: [(String, Option<i64>); 5] = [
+        ("committed with its outbox row".into(), Some(t.committed)),
+        (
+            format!(
+                "published to service.tasks, correlation id {}",
+                d.correlation_id
+            ),
+            t.published,
+        ),
+        ("rendered by the PDF service".into(), t.rendered),
+        (
+            format!("reply routed through service.results to site {site}'s results queue"),
+            t.routed,
+        ),
+        ("stored by the site worker".into(), t.stored),
+    ];
+    let mut out = String::from("<ol class=\"timeline\">");
+    let mut before: Option<i64> = None;
+    for (label, at) in steps {
+        let when = match at {
+            Some(at) => {
+                let delta = before.map_or(String::new(), |b| format!(" (+{} ms)", at - b));
+                before = Some(at);
+                format!("{}{delta}", clock_time(at))
+            }
+            None => "…".to_owned(),
+        };
+        out.push_str(&format!(
+            "<li><span class=\"at\">{when}</span> {}</li>",
+            esc(&label)
+        ));
+    }
+    out.push_str("</ol>");
+    out
 }
 
 fn feed_item(e: &FeedEvent) -> String {

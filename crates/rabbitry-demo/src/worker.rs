@@ -147,6 +147,14 @@ pub async fn on_result(
         .correlation_id
         .clone()
         .ok_or_else(|| HandlerError::invalid("a reply without a correlation id"))?;
+    let routed_at = rabbitry::clock::now_millis();
+    let header_time = |name: &str| {
+        meta.properties
+            .headers
+            .get(name)
+            .and_then(HeaderValue::as_i64)
+    };
+    let (published_at, service_at) = (header_time(REQUEST_PUBLISHED_AT), header_time(RENDERED_AT));
     let content_type = meta.properties.content_type.clone();
     let ok = content_type.as_deref() == Some("application/pdf") && body.0.starts_with(b"%PDF-");
     let missing = meta
@@ -165,7 +173,6 @@ pub async fn on_result(
         )
     });
     let _one_at_a_time = w.write.lock().await;
-    let now = rabbitry::clock::now_millis();
     with_db!(&w.db, |pool, sql| {
         let mut tx = pool.begin().await?;
         if !outbox::inbox_claim(&mut *tx, "results", &correlation_id).await? {
@@ -186,14 +193,19 @@ pub async fn on_result(
             .to_owned();
         let status = if ok { "rendered" } else { "failed" };
         let updated = sqlx::query(sql(
-            "UPDATE documents SET pdf = $2, status = $3, renders = renders + 1, rendered_at = $4, missing = $5, error = $6 WHERE id = $1",
+            "UPDATE documents SET pdf = $2, status = $3, renders = renders + 1, rendered_at = $4, missing = $5, error = $6, \
+             published_at = $7, service_at = $8, reply_at = $9 WHERE id = $1",
         ))
         .bind(&id)
         .bind(ok.then(|| body.0.to_vec()))
         .bind(status)
-        .bind(now)
+        // Stored: the time the update is written, in the transaction.
+        .bind(rabbitry::clock::now_millis())
         .bind(&missing)
         .bind(&error)
+        .bind(published_at)
+        .bind(service_at)
+        .bind(routed_at)
         .execute(&mut *tx)
         .await
         .map_err(|e| db_err("storing a PDF", e))?;
@@ -240,19 +252,25 @@ pub async fn on_event(
         .message_id
         .clone()
         .ok_or_else(|| HandlerError::invalid("an event without a message id"))?;
+    let published_at = meta
+        .properties
+        .headers
+        .get(rabbitry::headers::PUBLISHED_AT)
+        .and_then(HeaderValue::as_i64);
     let _one_at_a_time = w.write.lock().await;
     let now = rabbitry::clock::now_millis();
     with_db!(&w.db, |pool, sql| {
         let mut tx = pool.begin().await?;
         if outbox::inbox_claim(&mut *tx, "feed", &message_id).await? {
             sqlx::query(sql(
-                "INSERT INTO feed (message_id, from_site, document_id, title, received_at) VALUES ($1, $2, $3, $4, $5)",
+                "INSERT INTO feed (message_id, from_site, document_id, title, received_at, published_at) VALUES ($1, $2, $3, $4, $5, $6)",
             ))
             .bind(&message_id)
             .bind(&e.site)
             .bind(&e.id)
             .bind(&e.title)
             .bind(now)
+            .bind(published_at)
             .execute(&mut *tx)
             .await
             ?;
@@ -317,7 +335,7 @@ pub async fn render(
             "the PDF service was told to fail this title (remove {} to let it render)",
             fail_switch.display()
         );
-        return Ok(Reply::new(why, "text/plain; charset=utf-8"));
+        return Ok(timed(Reply::new(why, "text/plain; charset=utf-8"), &meta));
     }
     let lines = [
         "Rendered by the rabbitry demo PDF service".to_owned(),
@@ -326,7 +344,7 @@ pub async fn render(
             meta.properties.correlation_id.as_deref().unwrap_or("-")
         ),
     ];
-    Ok(match crate::pdf::render(&r.title, &lines) {
+    let reply = match crate::pdf::render(&r.title, &lines) {
         Ok(rendered) if rendered.missing.is_empty() => Reply::new(rendered.pdf, "application/pdf"),
         Ok(rendered) => {
             let missing: String = rendered.missing.iter().collect();
@@ -336,7 +354,28 @@ pub async fn render(
             tracing::error!(error = %why, "cannot render a PDF");
             Reply::new(why, "text/plain; charset=utf-8")
         }
-    })
+    };
+    Ok(timed(reply, &meta))
+}
+
+/// The reply header: when the site's relay published the request.
+pub const REQUEST_PUBLISHED_AT: &str = "x-demo-request-published-at";
+/// The reply header: when the PDF service rendered it.
+pub const RENDERED_AT: &str = "x-demo-rendered-at";
+
+/// The reply with the request's trip so far: when it was published (from
+/// the relay's header) and when it was rendered.
+fn timed(reply: Reply, meta: &Meta) -> Reply {
+    let published = meta
+        .properties
+        .headers
+        .get(rabbitry::headers::PUBLISHED_AT)
+        .and_then(HeaderValue::as_i64);
+    let reply = reply.header(RENDERED_AT, rabbitry::clock::now_millis());
+    match published {
+        Some(at) => reply.header(REQUEST_PUBLISHED_AT, at),
+        None => reply,
+    }
 }
 
 /// The reply header that lists the characters the PDF's font lacks.

@@ -16,3 +16,9 @@ pub const ORIGINAL_ROUTING_KEY: &str = "x-rabbitry-original-routing-key";
 pub const FAILED_AT: &str = "x-rabbitry-failed-at";
 /// The caller's deadline, epoch milliseconds: a request past it is not handled.
 pub const DEADLINE: &str = "x-rabbitry-deadline";
+/// When the outbox relay published the message, epoch milliseconds: with
+/// the row's commit it measures the outbox's delay, and with the consumer's
+/// clock the broker's.
+pub const PUBLISHED_AT: &str = "x-rabbitry-published-at";
+/// When the outbox row was written, epoch milliseconds.
+pub const WRITTEN_AT: &str = "x-rabbitry-written-at";

@@ -33,8 +33,19 @@ impl Demo {
             &uuid::Uuid::new_v4().simple().to_string()[..10]
         );
         let data_dir = std::env::temp_dir().join(dir_name);
+        Demo::launch("127.0.0.1:0", data_dir, env)
+    }
+
+    /// The same demo started again, at the same address with the same
+    /// data, after [`Demo::stop`].
+    pub(crate) fn start_again(base: &str, data_dir: std::path::PathBuf) -> Demo {
+        let listen = base.trim_start_matches("http://").to_owned();
+        Demo::launch(&listen, data_dir, &[])
+    }
+
+    fn launch(listen: &str, data_dir: std::path::PathBuf, env: &[(&str, &str)]) -> Demo {
         let mut child = Command::new(env!("CARGO_BIN_EXE_rabbitry"))
-            .args(["demo", "--listen", "127.0.0.1:0"])
+            .args(["demo", "--listen", listen])
             .arg("--data-dir")
             .arg(&data_dir)
             .env_remove("AMQP_URL")

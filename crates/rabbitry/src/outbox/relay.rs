@@ -11,7 +11,7 @@ use super::backend::Backend;
 use super::{db_error, store, with_pool, Database, Outbox};
 use crate::connection::{redact, Backoff, Connection};
 use crate::error::{Error, ErrorKind, Result};
-use crate::message::Message;
+use crate::message::{HeaderValue, Message};
 use crate::publish::{Confirmation, Producer, ProducerSettings};
 use crate::task::{Background, CancellationToken};
 
@@ -354,7 +354,20 @@ async fn submit_all(producer: &Producer, claimed: Vec<Claimed>) -> Submitted {
             continue;
         }
         let message = match c.message {
-            Ok(m) => m,
+            Ok(mut m) => {
+                // When the row was written and when it went out: what the
+                // outbox added to the message's trip.
+                let h = &mut m.properties.headers;
+                h.insert(
+                    crate::headers::WRITTEN_AT.into(),
+                    HeaderValue::Int(c.created_at),
+                );
+                h.insert(
+                    crate::headers::PUBLISHED_AT.into(),
+                    HeaderValue::Int(crate::clock::now_millis()),
+                );
+                m
+            }
             Err(why) => {
                 tracing::error!(id = c.id, error = %why, "outbox row is not a message; marked failed");
                 out.malformed.push((c.id, why));
