@@ -506,6 +506,9 @@ async fn the_site_page_holds_up_in_a_real_browser() {
         };
         // Desktop: any title, as text, in the list and in the other
         // site's feed.
+        // Site b's page is open before the title is submitted on site a.
+        let site_b = Browser::start(1000);
+        site_b.goto(&format!("{base}/sites/b/"));
         let b = Browser::start(1000);
         b.goto(&format!("{base}/sites/a/"));
         b.type_into(&b.find_all("#title")[0], hostile);
@@ -527,12 +530,26 @@ async fn the_site_page_holds_up_in_a_real_browser() {
         let row = b.texts("#docs tr").remove(0);
         assert!(row.contains("Grüße — Привет €"), "{row}");
         assert!(row.contains("left out: 🐇"), "{row}");
+        // The broker panel: the site's queues and the PDF service's, each
+        // with its consumers, and the outbox.
+        b.wait_until(Duration::from_secs(10), "the broker panel", |b| {
+            let rows = b.texts("#queues tr");
+            rows.len() == 4 && rows.iter().any(|r| r.contains("service.pdf"))
+        });
+        assert!(b.texts("#outbox")[0].starts_with("outbox: "));
         b.screenshot(&screenshot_path("demo-site-a-desktop"));
-        b.goto(&format!("{base}/sites/b/"));
-        b.wait_until(Duration::from_secs(30), "site b's feed", |b| {
+        // Its link: the status page, where dead letters are replayed.
+        b.click(&b.find_all("a[href='/admin/status']")[0]);
+        b.wait_until(Duration::from_secs(10), "the status page, live", |b| {
+            b.texts("#live") == ["live"] && b.texts("#consumers tbody tr").len() == 7
+        });
+        b.screenshot(&screenshot_path("demo-status"));
+        // Site b's feed shows it without a reload, as text.
+        site_b.wait_until(Duration::from_secs(30), "site b's feed, live", |b| {
             b.texts("#feed li").iter().any(|t| t.contains("<img src=x"))
         });
-        assert!(b.find_all("img").is_empty());
+        assert!(site_b.find_all("img").is_empty());
+        drop(site_b);
 
         // A failing document says why; Retry render, once the cause is
         // gone, renders it.

@@ -270,9 +270,20 @@ pub async fn run_demo(
         .local_addr()
         .map_err(|e| Error::new(ErrorKind::Connect, "front door").with_source(e))?;
     ready(addr);
+    // The status page of rabbitry's admin routes, for the demo's queues:
+    // dead letters can be read and replayed there.
+    rabbitry::admin::install_prometheus();
+    let status_conn = connect(&common, "demo.status").await?;
+    let token = std::env::var("RABBITRY_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    let admin = status_admin(&common, &status_conn, &token).await?;
+    println!("status: http://{addr}/admin/status (Replay and Purge need the token {token})");
     let mut door_stop = stop_rx.clone();
     let server = tokio::spawn(async move {
-        let _ = axum::serve(listener, door::router(backends))
+        let app = door::router(backends).nest("/admin", admin.router());
+        let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 let _ = door_stop.wait_for(|s| *s).await;
             })
@@ -285,8 +296,36 @@ pub async fn run_demo(
         let _ = s.await;
     }
     let _ = server.await;
+    status_conn.close().await;
     eprintln!("demo: stopped");
     Ok(())
+}
+
+/// The admin routes for the demo's queues (each watched as consumed
+/// elsewhere: the parts are other processes) and the sites' outboxes.
+async fn status_admin(
+    common: &Common,
+    conn: &Connection,
+    token: &str,
+) -> Result<rabbitry::admin::Admin> {
+    let names = common.names();
+    let mut admin = rabbitry::admin::Admin::new()
+        .token(token)
+        .connection(conn)
+        .queue("pdf service", &names.service_queue(), conn);
+    for site in SITES {
+        admin = admin
+            .queue(
+                &format!("site {site} results"),
+                &names.results_queue(site),
+                conn,
+            )
+            .queue(&format!("site {site} jobs"), &names.jobs_queue(site), conn)
+            .queue(&format!("site {site} feed"), &names.feed_queue(site), conn);
+        let url = common.site_url(site);
+        admin = admin.outbox(&Outbox::with_database(db::open(&url, site).await?, &url));
+    }
+    Ok(admin)
 }
 
 /// Declares what the parts consume, from the same settings they use.

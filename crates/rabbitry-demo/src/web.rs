@@ -57,6 +57,7 @@ pub fn router(site: Site) -> Router {
         .route(&format!("{base}/documents/{{id}}/retry"), post(retry))
         .route(&format!("{base}/feed"), get(feed))
         .route(&format!("{base}/events"), get(events))
+        .route(&format!("{base}/broker"), get(broker))
         .with_state(site)
 }
 
@@ -344,17 +345,78 @@ async fn feed(State(s): State<Site>) -> Response {
     }
 }
 
+/// One queue of the broker panel, as the broker counts it.
+#[derive(Debug, Clone, serde::Serialize)]
+struct QueueFigures {
+    /// What it is for.
+    role: &'static str,
+    /// Its name.
+    queue: String,
+    /// Messages ready (`None`: the queue does not exist).
+    ready: Option<u32>,
+    /// Consumers.
+    consumers: Option<u32>,
+    /// Messages waiting in its delay queues for another attempt.
+    retrying: u32,
+    /// Messages in its dead-letter queue.
+    dead: u32,
+}
+
+/// The broker panel: the site's queues and the PDF service's, and the
+/// site's outbox.
+async fn broker_figures(s: &Site) -> serde_json::Value {
+    let queues = [
+        ("PDF service requests", s.names.service_queue()),
+        ("replies to this site", s.names.results_queue(&s.site)),
+        ("word-count jobs", s.names.jobs_queue(&s.site)),
+        ("the other site's events", s.names.feed_queue(&s.site)),
+    ];
+    let depth = |q: Option<rabbitry::QueueStatus>| q.map_or(0, |q| q.messages);
+    let mut out = Vec::new();
+    for (role, queue) in queues {
+        let status = s.conn.queue_status(&queue).await.ok().flatten();
+        let mut retrying = 0;
+        for delay in rabbitry::worker::Retry::default().delays {
+            let q = rabbitry::worker::retry::retry_queue(&queue, delay);
+            retrying += depth(s.conn.queue_status(&q).await.ok().flatten());
+        }
+        let dead_queue = rabbitry::worker::retry::dead_queue(&queue);
+        let dead = depth(s.conn.queue_status(&dead_queue).await.ok().flatten());
+        out.push(QueueFigures {
+            role,
+            queue,
+            ready: status.as_ref().map(|q| q.messages),
+            consumers: status.as_ref().map(|q| q.consumers),
+            retrying,
+            dead,
+        });
+    }
+    let outbox = match s.outbox.status().await {
+        Ok(o) => serde_json::json!({ "pending": o.pending, "failed": o.failed.len() }),
+        Err(e) => serde_json::json!({ "error": e.to_string() }),
+    };
+    serde_json::json!({ "queues": out, "outbox": outbox })
+}
+
+async fn broker(State(s): State<Site>) -> Response {
+    Json(broker_figures(&s).await).into_response()
+}
+
 /// How often a page's event stream looks for changes.
 const EVENTS_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+/// How often it asks the broker for the panel's figures.
+const BROKER_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// `GET /sites/{site}/events`: server-sent events, each the site's
 /// documents and feed, sent when they change (the page patches its rows
 /// from them), with a keep-alive; a lost page reconnects within a second.
 async fn events(State(s): State<Site>) -> Response {
     use axum::response::sse::{Event, KeepAlive, Sse};
-    let stream = futures_util::stream::unfold(
-        (s, None::<String>, true),
-        |(mut s, last, first)| async move {
+    // The database is read every half second, the broker asked every 2 s.
+    type Broker = Option<(std::time::Instant, serde_json::Value)>;
+    let state: (Site, Option<String>, bool, Broker) = (s, None, true, None);
+    let stream =
+        futures_util::stream::unfold(state, |(mut s, last, first, mut broker)| async move {
             loop {
                 if *s.stopping.borrow() {
                     return None;
@@ -368,7 +430,16 @@ async fn events(State(s): State<Site>) -> Response {
                 let mut docs = db::list_documents(&s.db, &s.site).await.unwrap_or_default();
                 explain_waiting(&s, &mut docs).await;
                 let feed = db::list_feed(&s.db).await.unwrap_or_default();
-                let snapshot = serde_json::json!({ "documents": docs, "feed": feed }).to_string();
+                if broker
+                    .as_ref()
+                    .is_none_or(|(at, _)| at.elapsed() >= BROKER_EVERY)
+                {
+                    broker = Some((std::time::Instant::now(), broker_figures(&s).await));
+                }
+                let figures = broker.as_ref().map(|(_, b)| b.clone());
+                let snapshot =
+                    serde_json::json!({ "documents": docs, "feed": feed, "broker": figures })
+                        .to_string();
                 if last.as_deref() != Some(snapshot.as_str()) {
                     let mut event = Event::default().event("site").data(snapshot.clone());
                     if first {
@@ -376,12 +447,11 @@ async fn events(State(s): State<Site>) -> Response {
                     }
                     return Some((
                         Ok::<_, std::convert::Infallible>(event),
-                        (s, Some(snapshot), false),
+                        (s, Some(snapshot), false, broker),
                     ));
                 }
             }
-        },
-    );
+        });
     Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(2)))
         .into_response()
@@ -493,6 +563,34 @@ fn timeline_html(site: &str, d: &Document) -> String {
     out
 }
 
+/// A queue of the broker panel (the page's script makes the same).
+fn queue_row(q: &serde_json::Value) -> String {
+    let number = |k: &str| q[k].as_u64().map_or("–".to_owned(), |n| n.to_string());
+    let flag = |bad: bool| if bad { "bad" } else { "" };
+    format!(
+        "<tr><td title=\"{role}\">{queue}<div class=\"muted\">{role}</div></td><td>{}</td><td class=\"{}\">{}</td><td>{}</td><td class=\"{}\">{}</td></tr>",
+        number("ready"),
+        flag(q["consumers"].as_u64() == Some(0)),
+        number("consumers"),
+        number("retrying"),
+        flag(q["dead"].as_u64().unwrap_or(0) > 0),
+        number("dead"),
+        role = esc(q["role"].as_str().unwrap_or_default()),
+        queue = esc(q["queue"].as_str().unwrap_or_default()),
+    )
+}
+
+/// The outbox's line of the broker panel.
+fn outbox_line(o: &serde_json::Value) -> String {
+    match o["error"].as_str() {
+        Some(e) => format!("outbox: {e}"),
+        None => format!(
+            "outbox: {} waiting to be published, {} failed",
+            o["pending"], o["failed"]
+        ),
+    }
+}
+
 fn feed_item(e: &FeedEvent) -> String {
     format!(
         "<li><strong class=\"title\">{}</strong><div class=\"muted\">rendered on site {}</div></li>",
@@ -517,9 +615,16 @@ async fn render_page(s: &Site, error: Option<&str>, typed: &str, status: StatusC
     } else {
         feed.iter().map(feed_item).collect()
     };
+    let broker = broker_figures(s).await;
+    let queues: String = broker["queues"]
+        .as_array()
+        .map(|qs| qs.iter().map(queue_row).collect())
+        .unwrap_or_default();
     let html = include_str!("page.html")
         .replace("{{DOCUMENTS}}", &rows)
         .replace("{{FEED}}", &items)
+        .replace("{{QUEUES}}", &queues)
+        .replace("{{OUTBOX}}", &esc(&outbox_line(&broker["outbox"])))
         .replace("{{ERROR}}", &esc(error.unwrap_or("")))
         .replace("{{TYPED}}", &esc(typed))
         .replace("{{SITE}}", &s.site);
