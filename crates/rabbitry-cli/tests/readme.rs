@@ -428,11 +428,23 @@ with db:
     let expected: Vec<i64> = (0..1000).filter(|n| *n != 500).collect();
     assert_eq!(seen, expected, "in order, all but the malformed one");
 
-    let status = Command::new(exe)
-        .args(["outbox", "status", "--database", &url, "--json"])
-        .output()
-        .unwrap();
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    // The relay deletes rows after their confirms, a moment after the
+    // consumer may have them.
+    let outbox_status = || {
+        let out = Command::new(exe)
+            .args(["outbox", "status", "--database", &url, "--json"])
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let status = outbox_status();
+        if status["pending"] == 0 || std::time::Instant::now() > deadline {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(status["pending"], 0, "{status}");
     let failed = status["failed"].as_array().unwrap();
     assert_eq!(failed.len(), 1, "{status}");

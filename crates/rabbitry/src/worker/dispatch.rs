@@ -351,14 +351,16 @@ async fn fail<S>(rt: &ConsumerRuntime<S>, d: &Arc<Delivery>, attempt: u32, err: 
     } else {
         Parent::Inherit
     };
+    let counted = if retrying {
+        Counted::Retry
+    } else {
+        Counted::DeadLetter
+    };
+    // Remembered before the move, so that whoever sees the dead letter
+    // also finds its failure in the status.
+    remember(counted, err.message());
     match rt.replies.publish_with(message, &parent).await {
         Ok(()) => {
-            let counted = if retrying {
-                Counted::Retry
-            } else {
-                Counted::DeadLetter
-            };
-            remember(counted, err.message());
             rt.metrics.count(counted);
             settle_or_log(d, Outcome::Ack).await
         }
