@@ -374,6 +374,18 @@ pub(crate) async fn run_cases(
     Ok(scenarios)
 }
 
+/// A durable queue for one scenario: `rabbitry.bench.<what>.<8 hex>`.
+async fn bench_queue(gw: &Connection, what: &str) -> Result<String> {
+    let queue = format!(
+        "rabbitry.bench.{what}.{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let mut topology = rabbitry::topology::Topology::default();
+    topology.queue(rabbitry::topology::Queue::durable(&queue));
+    gw.declare_once(&topology).await?;
+    Ok(queue)
+}
+
 fn raw_err(e: amqprs::error::Error) -> Error {
     Error::new(ErrorKind::Channel, "raw client").with_source(e)
 }

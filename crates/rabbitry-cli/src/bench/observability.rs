@@ -17,10 +17,9 @@ use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, Share
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 
-use rabbitry::connection::{Connection, ConnectionSettings};
 use rabbitry::{Error, ErrorKind, Result};
 
-use super::worker::worker_case;
+use super::worker::{worker_case, WorkerBench};
 use super::*;
 
 /// A recorder that hands out real handles only while switched on.
@@ -124,17 +123,7 @@ where
     RB: rabbitry::worker::http::ResponseBody,
 {
     let switch = Observability::install()?;
-    let ep = rabbitry::connection::Endpoint::parse(&opts.url)?;
-    let raw = open_raw(&ep).await?;
-    let raw_publisher = open_raw(&ep).await?;
-    let gw = Connection::open(ConnectionSettings::new(&opts.url).name("rabbitry-bench")).await?;
-    let queue = format!(
-        "rabbitry.bench.observed.{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    let mut topology = rabbitry::topology::Topology::default();
-    topology.queue(rabbitry::topology::Queue::durable(&queue));
-    gw.declare_once(&topology).await?;
+    let bench = WorkerBench::open(opts, "observed").await?;
     let n = opts.messages;
     let mut out = Vec::new();
     for (name, native) in [
@@ -152,24 +141,19 @@ where
                 switch.set(on);
                 let case = worker_case(
                     &opts.url,
-                    &raw_publisher,
-                    &queue,
+                    &bench.raw_publisher,
+                    &bench.queue,
                     n,
                     native,
                     service.clone(),
                 );
                 rounds.measure(on, n, case).await?;
-                purge(&raw, &queue).await?;
+                purge(&bench.raw, &bench.queue).await?;
             }
         }
         switch.set(false);
         out.push(rounds.result(name));
     }
-    for q in [queue.clone(), format!("{queue}.dead")] {
-        let _ = gw.delete_queue(&q).await;
-    }
-    let _ = raw_publisher.close().await;
-    let _ = raw.close().await;
-    gw.close().await;
+    bench.close().await;
     Ok(out)
 }

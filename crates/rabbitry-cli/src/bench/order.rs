@@ -331,15 +331,3 @@ async fn three_workers(
     }
     Ok(took)
 }
-
-/// A durable queue for one scenario, named for it.
-async fn bench_queue(gw: &Connection, what: &str) -> Result<String> {
-    let queue = format!(
-        "rabbitry.bench.{what}.{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    let mut topology = rabbitry::topology::Topology::default();
-    topology.queue(rabbitry::topology::Queue::durable(&queue));
-    gw.declare_once(&topology).await?;
-    Ok(queue)
-}

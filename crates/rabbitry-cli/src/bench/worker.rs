@@ -27,19 +27,13 @@ where
     Svc: rabbitry::worker::http::RequestService<RB>,
     RB: rabbitry::worker::http::ResponseBody,
 {
-    let ep = Endpoint::parse(&opts.url)?;
-    let raw = open_raw(&ep).await?;
-    // Both sides publish with this raw connection and consume on another
-    // one, so only the consuming side differs.
-    let raw_publisher = open_raw(&ep).await?;
-    let gw = Connection::open(ConnectionSettings::new(&opts.url).name("rabbitry-bench")).await?;
-    let queue = format!(
-        "rabbitry.bench.worker.{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    let mut topology = rabbitry::topology::Topology::default();
-    topology.queue(rabbitry::topology::Queue::durable(&queue));
-    gw.declare_once(&topology).await?;
+    let bench = WorkerBench::open(opts, "worker").await?;
+    let WorkerBench {
+        raw,
+        raw_publisher,
+        gw,
+        queue,
+    } = &bench;
     let n = opts.messages;
     let mut out = Vec::new();
     for (name, native) in [
@@ -53,36 +47,63 @@ where
                 .measure(
                     false,
                     n,
-                    end_to_end_case(&raw, &raw_publisher, &gw, &gw, &queue, n, false, false),
+                    end_to_end_case(raw, raw_publisher, gw, gw, queue, n, false, false),
                 )
                 .await?;
-            purge(&raw, &queue).await?;
+            purge(raw, queue).await?;
             progress(&format!("{name}: gateway round {}", round + 1));
             rounds
                 .measure(
                     true,
                     n,
-                    worker_case(
-                        &opts.url,
-                        &raw_publisher,
-                        &queue,
-                        n,
-                        native,
-                        service.clone(),
-                    ),
+                    worker_case(&opts.url, raw_publisher, queue, n, native, service.clone()),
                 )
                 .await?;
-            purge(&raw, &queue).await?;
+            purge(raw, queue).await?;
         }
         out.push(rounds.result(name));
     }
-    for q in [queue.clone(), format!("{queue}.dead")] {
-        let _ = gw.delete_queue(&q).await;
-    }
-    let _ = raw_publisher.close().await;
-    let _ = raw.close().await;
-    gw.close().await;
+    bench.close().await;
     Ok(out)
+}
+
+/// What the worker scenarios share: a raw connection that purges, a raw
+/// publisher (both sides publish with it, so only consuming differs), the
+/// gateway's connection and the scenario's queue.
+pub(crate) struct WorkerBench {
+    pub(crate) raw: RawConnection,
+    pub(crate) raw_publisher: RawConnection,
+    pub(crate) gw: Connection,
+    pub(crate) queue: String,
+}
+
+impl WorkerBench {
+    /// Connects and declares `rabbitry.bench.<what>.<8 hex>`.
+    pub(crate) async fn open(opts: &BenchOptions, what: &str) -> Result<WorkerBench> {
+        let ep = Endpoint::parse(&opts.url)?;
+        let raw = open_raw(&ep).await?;
+        let raw_publisher = open_raw(&ep).await?;
+        let gw =
+            Connection::open(ConnectionSettings::new(&opts.url).name("rabbitry-bench")).await?;
+        let queue = bench_queue(&gw, what).await?;
+        Ok(WorkerBench {
+            raw,
+            raw_publisher,
+            gw,
+            queue,
+        })
+    }
+
+    /// Deletes the queue (and its dead-letter queue) and disconnects.
+    pub(crate) async fn close(self) {
+        let queue = &self.queue;
+        for q in [queue.clone(), format!("{queue}.dead")] {
+            let _ = self.gw.delete_queue(&q).await;
+        }
+        let _ = self.raw_publisher.close().await;
+        let _ = self.raw.close().await;
+        self.gw.close().await;
+    }
 }
 
 /// One round through a worker on its own connection: `n` messages

@@ -7,6 +7,19 @@ use std::future::Future;
 
 use super::relay::{BatchOutcome, Claimed, RelayOptions};
 
+/// The scheduling indexes, the same on every database (run after the
+/// `not_before` column exists): rows due now are found through the first,
+/// scheduled ones through the second, whatever the number of future rows;
+/// cancelling looks the message id up among scheduled rows only.
+pub(super) const SCHEDULE_INDEXES: &str = "
+CREATE INDEX IF NOT EXISTS rabbitry_outbox_ready ON rabbitry_outbox (id)
+    WHERE status = 'pending' AND not_before IS NULL;
+CREATE INDEX IF NOT EXISTS rabbitry_outbox_due ON rabbitry_outbox (not_before, id)
+    WHERE status = 'pending' AND not_before IS NOT NULL;
+CREATE INDEX IF NOT EXISTS rabbitry_outbox_scheduled_id ON rabbitry_outbox (message_id)
+    WHERE not_before IS NOT NULL;
+";
+
 /// When the next scheduled row is due: the same SQL on every database,
 /// answered from the partial index on `not_before`.
 pub(super) const NEXT_DUE: &str =

@@ -9,7 +9,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
 
-use super::backend::{Backend, NEXT_DUE};
+use super::backend::{Backend, NEXT_DUE, SCHEDULE_INDEXES};
 use super::relay::{claimed_from, BatchOutcome, Claimed, RelayOptions};
 use super::{db_error, OutboxExecutor, OutboxRow, NOTIFY_CHANNEL};
 use crate::clock::now_millis;
@@ -35,15 +35,6 @@ CREATE TABLE IF NOT EXISTS rabbitry_outbox (
 );
 -- Tables made before scheduling.
 ALTER TABLE rabbitry_outbox ADD COLUMN IF NOT EXISTS not_before BIGINT;
--- Rows due now are found through the first index, scheduled ones through
--- the second, whatever the number of future rows; cancelling looks the
--- message id up among scheduled rows only.
-CREATE INDEX IF NOT EXISTS rabbitry_outbox_ready ON rabbitry_outbox (id)
-    WHERE status = 'pending' AND not_before IS NULL;
-CREATE INDEX IF NOT EXISTS rabbitry_outbox_due ON rabbitry_outbox (not_before, id)
-    WHERE status = 'pending' AND not_before IS NOT NULL;
-CREATE INDEX IF NOT EXISTS rabbitry_outbox_scheduled_id ON rabbitry_outbox (message_id)
-    WHERE not_before IS NOT NULL;
 -- Earlier versions made message ids UNIQUE: an index that every insert and
 -- delete paid for, and that nothing reads.
 ALTER TABLE rabbitry_outbox DROP CONSTRAINT IF EXISTS rabbitry_outbox_message_id_key;
@@ -96,6 +87,7 @@ impl Backend for PgPool {
         // together do not race to create the tables.
         let mut tx = self.begin().await?;
         sqlx::raw_sql(SCHEMA).execute(&mut *tx).await?;
+        sqlx::raw_sql(SCHEDULE_INDEXES).execute(&mut *tx).await?;
         tx.commit().await
     }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow};
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
-use super::backend::{Backend, NEXT_DUE};
+use super::backend::{Backend, NEXT_DUE, SCHEDULE_INDEXES};
 use super::relay::{claimed_from, BatchOutcome, Claimed, RelayOptions};
 use super::{db_error, OutboxExecutor, OutboxRow};
 use crate::clock::now_millis;
@@ -19,18 +19,6 @@ use crate::error::{Error, ErrorKind, Result};
 /// Tables made before scheduling get the column (SQLite has no `ADD
 /// COLUMN IF NOT EXISTS`: `migrate` asks first).
 const ADD_NOT_BEFORE: &str = "ALTER TABLE rabbitry_outbox ADD COLUMN not_before INTEGER";
-
-/// Rows due now are found through the first index, scheduled ones through
-/// the second, whatever the number of future rows; cancelling looks the
-/// message id up among scheduled rows only.
-const SCHEDULE_INDEXES: &str = "
-CREATE INDEX IF NOT EXISTS rabbitry_outbox_ready ON rabbitry_outbox (id)
-    WHERE status = 'pending' AND not_before IS NULL;
-CREATE INDEX IF NOT EXISTS rabbitry_outbox_due ON rabbitry_outbox (not_before, id)
-    WHERE status = 'pending' AND not_before IS NOT NULL;
-CREATE INDEX IF NOT EXISTS rabbitry_outbox_scheduled_id ON rabbitry_outbox (message_id)
-    WHERE not_before IS NOT NULL;
-";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS rabbitry_outbox (

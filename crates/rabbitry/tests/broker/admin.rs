@@ -239,34 +239,34 @@ async fn dead_letters_are_listed_and_replayed_only_with_the_token() {
     // stays. Then the rest go.
     refuse.store(false, Ordering::SeqCst);
     let one = r#"{"message_ids": ["m-two"]}"#;
-    let (status, body) = http_with(addr, "POST", &replay, Some(&token), one).await;
-    assert_eq!(
-        (status, body.contains("\"replayed\":1")),
-        (200, true),
-        "{body}"
-    );
-    eventually(
-        Duration::from_secs(10),
-        "the replayed message handled",
-        || async { handled.load(Ordering::SeqCst) == 1 },
-    )
-    .await;
+    // Replays what `body` picks (one letter) and waits until the worker
+    // has handled `total` messages.
+    let replay_one = |body: &'static str, total: usize| {
+        let (replay, token, handled) = (replay.clone(), token.clone(), handled.clone());
+        async move {
+            let (status, answer) = http_with(addr, "POST", &replay, Some(&token), body).await;
+            assert_eq!(
+                (status, answer.contains("\"replayed\":1")),
+                (200, true),
+                "{answer}"
+            );
+            eventually(
+                Duration::from_secs(10),
+                "the replayed message handled",
+                || {
+                    let handled = handled.clone();
+                    async move { handled.load(Ordering::SeqCst) == total }
+                },
+            )
+            .await;
+        }
+    };
+    replay_one(one, 1).await;
     let (_, body) = http(addr, "GET", &list, None).await;
     assert!(body.contains("m-one") && !body.contains("m-two"), "{body}");
     let bad = http_with(addr, "POST", &replay, Some(&token), r#"{"ids": 1}"#).await;
     assert_eq!(bad.0, 400, "{}", bad.1);
-    let (status, body) = http_with(addr, "POST", &replay, Some(&token), r#"{"count": 5}"#).await;
-    assert_eq!(
-        (status, body.contains("\"replayed\":1")),
-        (200, true),
-        "{body}"
-    );
-    eventually(
-        Duration::from_secs(10),
-        "both replayed messages handled",
-        || async { handled.load(Ordering::SeqCst) == 2 },
-    )
-    .await;
+    replay_one(r#"{"count": 5}"#, 2).await;
     let (_, body) = http(addr, "GET", &list, None).await;
     assert!(body.contains("\"dead_letters\":[]"), "{body}");
     running.shutdown().await;
