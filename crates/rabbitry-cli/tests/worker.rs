@@ -736,6 +736,9 @@ async fn per_key_order_holds_over_partitions_and_three_processes_when_one_is_kil
             .unwrap();
         }
     }
+    // Done publishing: the raw client goes before any worker is stopped.
+    ch.close().await.unwrap();
+    raw.close().await.unwrap();
     let total = KEYS * PER_KEY;
     let applied = || effects.lock().unwrap().inbox.len();
     wait_for(Duration::from_secs(60), "a third handled", || {
@@ -780,7 +783,6 @@ async fn per_key_order_holds_over_partitions_and_three_processes_when_one_is_kil
     }
     let mut first = first;
     let _ = first.wait();
-    raw.close().await.unwrap();
     for p in &partitions {
         for q in [p.clone(), format!("{p}.dead"), format!("{p}.retry.100ms")] {
             conn.delete_queue(&q).await.unwrap();
