@@ -37,7 +37,7 @@
 
 use std::future::Future;
 
-use crate::connection::Peer;
+use crate::connection::Connection;
 use crate::message::Properties;
 
 /// The W3C trace context header, in AMQP headers and HTTP requests.
@@ -130,7 +130,8 @@ impl Span {
 pub(crate) struct Publish<'a> {
     pub(crate) exchange: &'a str,
     pub(crate) routing_key: &'a str,
-    pub(crate) peer: Option<Peer>,
+    /// The connection it goes out on (its node, for `server.*`).
+    pub(crate) conn: &'a Connection,
 }
 
 /// Starts the span of one publish (`call` = an RPC call's client span)
@@ -174,11 +175,11 @@ pub(crate) struct Scope {
 /// Starts the process span of a delivery, a child of the context its
 /// headers carry.
 #[cfg_attr(not(feature = "otel"), allow(unused_variables))]
-pub(crate) fn process(delivery: &crate::consume::Delivery, peer: Option<Peer>) -> Scope {
+pub(crate) fn process(delivery: &crate::consume::Delivery, conn: &Connection) -> Scope {
     #[cfg(feature = "otel")]
     {
         Scope {
-            context: otel::process(delivery, peer),
+            context: otel::process(delivery, conn),
             owned: true,
         }
     }
@@ -281,7 +282,7 @@ mod otel {
     use opentelemetry::{Context, InstrumentationScope, KeyValue};
 
     use super::{Parent, Publish, Span, TRACEPARENT, TRACESTATE};
-    use crate::connection::Peer;
+    use crate::connection::Connection;
     use crate::message::{HeaderValue, Headers, Properties};
 
     fn tracer() -> BoxedTracer {
@@ -368,7 +369,7 @@ mod otel {
         routing_key: &str,
         properties: &Properties,
         body_size: usize,
-        peer: Option<Peer>,
+        conn: &Connection,
     ) -> Vec<KeyValue> {
         let mut a = Vec::with_capacity(12);
         a.push(KeyValue::new("messaging.system", "rabbitmq"));
@@ -395,7 +396,8 @@ mod otel {
                 id.clone(),
             ));
         }
-        if let Some(peer) = peer {
+        // Read only here, when a span is made: no cost without the feature.
+        if let Some(peer) = conn.peer() {
             a.push(KeyValue::new("server.address", peer.host));
             a.push(KeyValue::new("server.port", i64::from(peer.port)));
         }
@@ -442,7 +444,7 @@ mod otel {
             what.routing_key,
             properties,
             body_size,
-            what.peer,
+            what.conn,
         );
         let tracer = tracer();
         let span = tracer
@@ -455,7 +457,7 @@ mod otel {
         Span { inner: Some(span) }
     }
 
-    pub(super) fn process(d: &crate::consume::Delivery, peer: Option<Peer>) -> Context {
+    pub(super) fn process(d: &crate::consume::Delivery, conn: &Connection) -> Context {
         let parent = match extract(&d.properties.headers) {
             Some(sc) => Context::new().with_remote_span_context(sc),
             None => Context::new(),
@@ -467,7 +469,7 @@ mod otel {
             &d.routing_key,
             &d.properties,
             d.body.len(),
-            peer,
+            conn,
         );
         attributes.push(KeyValue::new(
             "messaging.destination.subscription.name",

@@ -320,6 +320,7 @@ impl Connection {
     }
 
     /// The node this connection's socket went to last.
+    #[cfg_attr(not(feature = "otel"), allow(dead_code))]
     pub(crate) fn peer(&self) -> Option<Peer> {
         self.shared.link.borrow().peer.clone()
     }

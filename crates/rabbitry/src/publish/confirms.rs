@@ -373,9 +373,9 @@ impl Publisher {
         }))
     }
 
-    /// The node the publishing connection went to last.
-    pub(crate) fn peer(&self) -> Option<crate::connection::Peer> {
-        self.conn.peer()
+    /// The connection it publishes on.
+    pub(crate) fn connection(&self) -> &Connection {
+        &self.conn
     }
 
     /// Queues one message for sending, in call order, and returns the wait

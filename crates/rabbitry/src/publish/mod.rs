@@ -225,10 +225,7 @@ impl Producer {
     /// Publishes with the given span parent (a retry links to the attempt
     /// that failed, in a new trace).
     pub(crate) async fn publish_with(&self, message: Message, parent: &Parent) -> Result<()> {
-        let (outgoing, span) = self.prepare(message, parent)?;
-        let result = async { self.publisher.submit(outgoing).await?.wait().await }.await;
-        span.finish(&result);
-        result
+        self.submit_with(message, parent).await?.wait().await
     }
 
     /// Queues `message` for sending and returns the wait for its confirm.
@@ -236,7 +233,13 @@ impl Producer {
     /// their confirms are awaited together: this is how a relay keeps order
     /// without waiting a round trip per message.
     pub async fn submit(&self, message: Message) -> Result<Confirmation> {
-        let (outgoing, span) = self.prepare(message, &Parent::Inherit)?;
+        self.submit_with(message, &Parent::Inherit).await
+    }
+
+    /// [`Producer::submit`] with the given span parent; the span ends with
+    /// the confirm.
+    async fn submit_with(&self, message: Message, parent: &Parent) -> Result<Confirmation> {
+        let (outgoing, span) = self.prepare(message, parent)?;
         match self.publisher.submit(outgoing).await {
             Ok(confirmation) => Ok(confirmation.traced(span)),
             Err(e) => {
@@ -276,7 +279,7 @@ impl Producer {
             telemetry::Publish {
                 exchange: &exchange,
                 routing_key: &routing_key,
-                peer: self.publisher.peer(),
+                conn: self.publisher.connection(),
             },
             parent,
             false,

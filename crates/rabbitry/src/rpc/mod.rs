@@ -265,7 +265,7 @@ impl RpcClient {
             telemetry::Publish {
                 exchange: &exchange,
                 routing_key: &routing_key,
-                peer: self.conn.peer(),
+                conn: &self.conn,
             },
             &Parent::Inherit,
             true,
