@@ -263,15 +263,10 @@ pub async fn run_demo(
             "the web processes did not start within 60 s",
         ));
     }
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| Error::new(ErrorKind::Connect, format!("binding {listen}")).with_source(e))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| Error::new(ErrorKind::Connect, "front door").with_source(e))?;
-    ready(addr);
     // The status page of rabbitry's admin routes, for the demo's queues:
-    // dead letters can be read and replayed there.
+    // dead letters can be read and replayed there. Made before the demo
+    // says it is ready: from then on, a signal must find the demo
+    // listening for it.
     rabbitry::admin::install_prometheus();
     let status_conn = connect(&common, "demo.status").await?;
     let token = std::env::var("RABBITRY_ADMIN_TOKEN")
@@ -279,6 +274,13 @@ pub async fn run_demo(
         .filter(|t| !t.is_empty())
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let admin = status_admin(&common, &status_conn, &token).await?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| Error::new(ErrorKind::Connect, format!("binding {listen}")).with_source(e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::new(ErrorKind::Connect, "front door").with_source(e))?;
+    ready(addr);
     println!("status: http://{addr}/admin/status (Replay and Purge need the token {token})");
     let mut door_stop = stop_rx.clone();
     let server = tokio::spawn(async move {
