@@ -58,7 +58,7 @@ enum Command {
     Dead(cmd::dead::Args),
     /// Serve the status page and admin routes for a config file's queues, without consuming.
     Status(cmd::status::Args),
-    /// The durable outbox: migrate, status.
+    /// The durable outbox: migrate, status, retry-failed.
     Outbox(cmd::outbox::Args),
     /// Publish the rows of outbox databases (any language's), confirmed and in order.
     Relay(cmd::relay::Args),

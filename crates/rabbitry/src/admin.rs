@@ -12,7 +12,7 @@
 //! | `GET /api/events` | server-sent events: the status with the dead letters, every second, read once for all listeners |
 //! | `GET /api/dead/{queue}` | the dead letters of a consumer's queue, with their reasons |
 //! | `POST /api/dead/{queue}/replay` | sends dead letters back to their queue: all, `{"count": N}` or `{"message_ids": [...]}` (needs the token) |
-//! | `POST /api/dead/{queue}/purge` | deletes them (needs the token) |
+//! | `POST /api/dead/{queue}/purge` | deletes them, or the oldest `{"count": N}` (needs the token) |
 //!
 //! Changes need `Authorization: Bearer TOKEN`; without it the answer is
 //! 401 and nothing changes. The token is given ([`Admin::token`]), or read
@@ -519,9 +519,21 @@ async fn dead_change(
             }
         }
         .map(|n| json!({ "queue": queue, "replayed": n })),
-        "purge" => dead::purge(&c.connection, &queue)
-            .await
-            .map(|n| json!({ "queue": queue, "purged": n })),
+        "purge" => match (which.message_ids, which.count.or(q.count)) {
+            (Some(_), _) => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    Json(json!({ "error": "purge takes {\"count\": N} (the oldest N) or nothing (all); message_ids are for replay" })),
+                )
+                    .into_response()
+            }
+            (None, Some(count)) => dead::purge_oldest(&c.connection, &queue, count)
+                .await
+                .map(|n| json!({ "queue": queue, "purged": n })),
+            (None, None) => dead::purge(&c.connection, &queue)
+                .await
+                .map(|n| json!({ "queue": queue, "purged": n })),
+        },
         _ => {
             return (
                 StatusCode::NOT_FOUND,

@@ -32,15 +32,24 @@ pub(crate) struct ChannelWatch {
     reason: Arc<Mutex<Option<CloseReason>>>,
     /// The broker's version, as its `connection.start` gave it.
     pub(crate) server_version: Arc<str>,
+    /// The largest frame the connection negotiated (0: no limit).
+    pub(crate) frame_max: u32,
 }
 
 impl ChannelWatch {
-    /// A watch for a channel on a broker of `server_version`.
-    pub(crate) fn on(server_version: &str) -> ChannelWatch {
+    /// A watch for a channel on a broker of `server_version`, on a
+    /// connection that negotiated `frame_max`.
+    pub(crate) fn on(server_version: &str, frame_max: u32) -> ChannelWatch {
         ChannelWatch {
             reason: Arc::default(),
             server_version: server_version.into(),
+            frame_max,
         }
+    }
+
+    /// What a message published on this channel may be.
+    pub(crate) fn limits(&self) -> crate::limits::Limits {
+        crate::limits::Limits::of(self.frame_max, &self.server_version)
     }
 
     /// The broker's reason, once it closed the channel.

@@ -14,6 +14,9 @@ pub const ORIGINAL_EXCHANGE: &str = "x-rabbitry-original-exchange";
 pub const ORIGINAL_ROUTING_KEY: &str = "x-rabbitry-original-routing-key";
 /// When the message was dead-lettered (RFC 3339, UTC).
 pub const FAILED_AT: &str = "x-rabbitry-failed-at";
+/// Set on a dead letter whose own headers were dropped because, with
+/// rabbitry's, they no longer fitted in one frame: what was dropped.
+pub const TRIMMED: &str = "x-rabbitry-trimmed";
 /// The caller's deadline, epoch milliseconds: a request past it is not handled.
 pub const DEADLINE: &str = "x-rabbitry-deadline";
 /// When the outbox relay published the message, epoch milliseconds: with

@@ -97,6 +97,7 @@ pub mod worker;
 
 mod amqp;
 mod channel;
+mod limits;
 mod task;
 
 pub use codec::{Decoded, Serializer};

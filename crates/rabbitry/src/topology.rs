@@ -352,6 +352,31 @@ pub(crate) fn queue_args(q: &Queue, passive: bool) -> QueueDeclareArguments {
 /// Declares `topology` on `channel`. Returns the names the queues got (the
 /// broker picks names for queues declared with an empty one).
 ///
+/// Every name, key and argument name in `t` fits in an AMQP short string:
+/// one past 255 bytes is an error naming it, before the client (which
+/// panics on it) sees it.
+pub(crate) fn check_names(t: &Topology) -> Result<()> {
+    use crate::limits::check_short;
+    let arguments = |args: &crate::message::Headers| {
+        args.keys()
+            .try_for_each(|k| check_short("argument name", k))
+    };
+    for e in &t.exchanges {
+        check_short("exchange name", &e.name)?;
+        arguments(&e.arguments)?;
+    }
+    for q in &t.queues {
+        check_short("queue name", &q.name)?;
+        arguments(&q.arguments)?;
+    }
+    for b in &t.bindings {
+        check_short("queue name", &b.queue)?;
+        check_short("exchange name", &b.exchange)?;
+        check_short("binding key", &b.routing_key)?;
+    }
+    Ok(())
+}
+
 /// A refusal names the object and carries the broker's reason, such as
 /// `PRECONDITION_FAILED - inequivalent arg 'durable' for queue 'q'`.
 pub(crate) async fn declare(
@@ -359,6 +384,7 @@ pub(crate) async fn declare(
     watch: &ChannelWatch,
     topology: &Topology,
 ) -> Result<Vec<String>> {
+    check_names(topology)?;
     for e in &topology.exchanges {
         channel
             .exchange_declare(exchange_args(e, false))

@@ -30,8 +30,13 @@ enum Action {
         #[arg(long)]
         count: Option<usize>,
     },
-    /// Delete every dead letter.
-    Purge { queue: String },
+    /// Delete every dead letter, or the oldest --count.
+    Purge {
+        queue: String,
+        /// Delete at most this many, the oldest first (default: all).
+        #[arg(long)]
+        count: Option<usize>,
+    },
 }
 
 pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
@@ -64,8 +69,11 @@ async fn act(conn: &rabbitry::Connection, action: Action) -> Result<()> {
                 dead::dead_queue_of(&queue)
             );
         }
-        Action::Purge { queue } => {
-            let n = dead::purge(conn, &queue).await?;
+        Action::Purge { queue, count } => {
+            let n = match count {
+                Some(count) => dead::purge_oldest(conn, &queue, count).await?,
+                None => dead::purge(conn, &queue).await? as usize,
+            };
             eprintln!("purged {n} message(s) from {}", dead::dead_queue_of(&queue));
         }
     }

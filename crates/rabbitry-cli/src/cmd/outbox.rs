@@ -1,4 +1,5 @@
-//! `rabbitry outbox`: create the tables, or show the backlog and failures.
+//! `rabbitry outbox`: create the tables, show the backlog and failures, or
+//! send failed rows again.
 
 use std::process::ExitCode;
 
@@ -31,6 +32,16 @@ enum Action {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Make failed rows pending again, once their cause is fixed: all of
+    /// them, or those given with --id (repeatable).
+    RetryFailed {
+        /// sqlite://PATH or postgres://...
+        #[arg(long)]
+        database: String,
+        /// Only this row (the # that `outbox status` shows).
+        #[arg(long = "id")]
+        ids: Vec<i64>,
     },
 }
 
@@ -81,6 +92,14 @@ pub(crate) async fn run(_global: &Global, args: Args) -> Result<ExitCode> {
                     )?;
                 }
             }
+        }
+        Action::RetryFailed { database, ids } => {
+            let db = Database::connect_existing(&database).await?;
+            let outbox = Outbox::with_database(db, &database);
+            let n = outbox
+                .retry_failed((!ids.is_empty()).then_some(ids.as_slice()))
+                .await?;
+            outln!("{n} failed row(s) pending again; a running relay sends them")?;
         }
     }
     Ok(ExitCode::SUCCESS)

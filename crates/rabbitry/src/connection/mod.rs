@@ -30,6 +30,7 @@ pub use tls::TlsSettings;
 pub(crate) use crate::channel::{ChannelWatch, ConfirmSink, Events};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::limits::check_short;
 use crate::task::Background;
 use crate::topology::{self, Topology};
 
@@ -432,6 +433,7 @@ impl Connection {
     /// The number of ready messages and consumers of `queue`, or `None`
     /// when it does not exist. Never creates the queue.
     pub async fn queue_status(&self, queue: &str) -> Result<Option<QueueStatus>> {
+        check_short("queue name", queue)?;
         let (channel, watch, _) = self.open_channel(None).await?;
         let res = channel
             .queue_declare(QueueDeclareArguments::new(queue).passive(true).finish())
@@ -454,6 +456,7 @@ impl Connection {
 
     /// Removes every ready message from `queue`; returns how many.
     pub async fn purge(&self, queue: &str) -> Result<u32> {
+        check_short("queue name", queue)?;
         let n = self
             .on_fresh_channel(format!("purge of queue '{queue}'"), |ch| async move {
                 ch.queue_purge(QueuePurgeArguments::new(queue)).await
@@ -464,6 +467,7 @@ impl Connection {
 
     /// Deletes `queue` (nothing happens if it does not exist).
     pub async fn delete_queue(&self, queue: &str) -> Result<()> {
+        check_short("queue name", queue)?;
         self.on_fresh_channel(format!("delete of queue '{queue}'"), |ch| async move {
             ch.queue_delete(QueueDeleteArguments::new(queue)).await
         })
@@ -473,6 +477,7 @@ impl Connection {
 
     /// Deletes `exchange` (nothing happens if it does not exist).
     pub async fn delete_exchange(&self, exchange: &str) -> Result<()> {
+        check_short("exchange name", exchange)?;
         self.on_fresh_channel(
             format!("delete of exchange '{exchange}'"),
             |ch| async move {
@@ -581,7 +586,7 @@ impl Connection {
             )
             .with_source(e)
         })?;
-        let watch = ChannelWatch::on(conn.server_properties().version());
+        let watch = ChannelWatch::on(conn.server_properties().version(), conn.frame_max());
         channel
             .register_callback(Events {
                 watch: watch.clone(),

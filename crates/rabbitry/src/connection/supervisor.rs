@@ -305,7 +305,7 @@ async fn recovery_channel(
     let channel = conn.open_channel(None).await.map_err(|e| {
         Error::new(ErrorKind::Disconnected, "opening a channel for recovery").with_source(e)
     })?;
-    let watch = ChannelWatch::on(conn.server_properties().version());
+    let watch = ChannelWatch::on(conn.server_properties().version(), conn.frame_max());
     channel
         .register_callback(Events {
             watch: watch.clone(),

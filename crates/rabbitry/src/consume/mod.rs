@@ -463,6 +463,8 @@ async fn open_session(
         .cloned()
         .unwrap_or_else(|| settings.queue.clone());
     let tag = format!("{}.{}", settings.name, uuid::Uuid::new_v4().simple());
+    crate::limits::check_short("consumer tag (the consumer's name and 33 bytes)", &tag)?;
+    crate::limits::check_short("queue name", &queue)?;
     let args = BasicConsumeArguments::new(&queue, &tag)
         .manual_ack(true)
         .finish();

@@ -23,7 +23,7 @@ CREATE INDEX IF NOT EXISTS rabbitry_outbox_scheduled_id ON rabbitry_outbox (mess
 /// When the next scheduled row is due: the same SQL on every database,
 /// answered from the partial index on `not_before`.
 pub(super) const NEXT_DUE: &str =
-    "SELECT MIN(not_before) FROM rabbitry_outbox WHERE status = 'pending' AND not_before IS NOT NULL";
+    "SELECT CAST(MIN(not_before) AS BIGINT) FROM rabbitry_outbox WHERE status = 'pending' AND not_before IS NOT NULL";
 
 /// The outbox's view of one database's pool.
 pub(super) trait Backend: Clone + Send + Sync + 'static {

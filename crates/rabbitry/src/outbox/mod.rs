@@ -483,15 +483,15 @@ impl Outbox {
         // The same SQL on every database (`now` is a number, inlined); each
         // query is answered from one of the partial indexes.
         let queries = [
-            "SELECT COUNT(*), MIN(created_at) FROM rabbitry_outbox \
+            "SELECT COUNT(*), CAST(MIN(created_at) AS BIGINT) FROM rabbitry_outbox \
              WHERE status = 'pending' AND not_before IS NULL"
                 .to_owned(),
             format!(
-                "SELECT COUNT(*), MIN(not_before) FROM rabbitry_outbox \
+                "SELECT COUNT(*), CAST(MIN(not_before) AS BIGINT) FROM rabbitry_outbox \
                  WHERE status = 'pending' AND not_before IS NOT NULL AND not_before <= {now}"
             ),
             format!(
-                "SELECT COUNT(*), MIN(not_before) FROM rabbitry_outbox \
+                "SELECT COUNT(*), CAST(MIN(not_before) AS BIGINT) FROM rabbitry_outbox \
                  WHERE status = 'pending' AND not_before IS NOT NULL AND not_before > {now}"
             ),
         ];
@@ -507,7 +507,8 @@ impl Outbox {
                 );
             }
             let failed = sqlx::query(
-                "SELECT id, message_id, exchange, routing_key, last_error FROM rabbitry_outbox \
+                "SELECT id, CAST(message_id AS TEXT), CAST(exchange AS TEXT), CAST(routing_key AS TEXT), \
+                 last_error FROM rabbitry_outbox \
                  WHERE status = 'failed' ORDER BY id",
             )
             .fetch_all(pool)
@@ -535,7 +536,8 @@ impl Outbox {
     /// next due first.
     pub async fn scheduled(&self, limit: usize) -> Result<Vec<ScheduledRow>> {
         let sql = format!(
-            "SELECT id, message_id, exchange, routing_key, not_before, attempts FROM rabbitry_outbox \
+            "SELECT id, CAST(message_id AS TEXT), CAST(exchange AS TEXT), CAST(routing_key AS TEXT), \
+             CAST(not_before AS BIGINT), attempts FROM rabbitry_outbox \
              WHERE status = 'pending' AND not_before IS NOT NULL ORDER BY not_before, id LIMIT {}",
             limit.min(i64::MAX as usize)
         );
@@ -564,6 +566,45 @@ impl Outbox {
             })
         })
         .map_err(|e| db_error(&self.url, "reading scheduled messages", e))
+    }
+
+    /// Makes failed rows pending again, once their cause is fixed (an
+    /// exchange declared, a row corrected): all of them, or those of
+    /// `ids`. Returns how many. They keep their id, so they go out before
+    /// the rows written after them that are still pending; rows that were
+    /// published meanwhile are not waited for. A row that is still wrong
+    /// fails again with its reason.
+    pub async fn retry_failed(&self, ids: Option<&[i64]>) -> Result<u64> {
+        let ids_json = ids.map(|ids| serde_json::to_string(ids).unwrap_or_else(|_| "[]".into()));
+        let reset = "UPDATE rabbitry_outbox SET status = 'pending', last_error = NULL, \
+                     lease_owner = NULL, lease_until = NULL WHERE status = 'failed'";
+        let done = with_pool!(&self.db, |pool| {
+            let q = match &ids_json {
+                // The ids as one JSON array parameter, on both databases.
+                Some(list) => {
+                    let sql = match self.db {
+                        #[cfg(feature = "sqlite")]
+                        Database::Sqlite(_) => {
+                            format!("{reset} AND id IN (SELECT value FROM json_each(?1))")
+                        }
+                        #[cfg(feature = "postgres")]
+                        Database::Postgres(_) => format!(
+                            "{reset} AND id IN (SELECT jsonb_array_elements_text($1::jsonb)::bigint)"
+                        ),
+                    };
+                    // The SQL is this function's constants.
+                    sqlx::query(sqlx::AssertSqlSafe(sql))
+                        .bind(list.as_str())
+                        .execute(pool)
+                        .await
+                }
+                None => sqlx::query(reset).execute(pool).await,
+            };
+            q.map(|r| r.rows_affected())
+        })
+        .map_err(|e| db_error(&self.url, "retrying failed rows", e))?;
+        self.wake();
+        Ok(done)
     }
 
     /// Cancels the scheduled message `message_id`. An error of kind

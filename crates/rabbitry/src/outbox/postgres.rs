@@ -10,7 +10,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
 
 use super::backend::{Backend, NEXT_DUE, SCHEDULE_INDEXES};
-use super::relay::{claimed_from, BatchOutcome, Claimed, RelayOptions};
+use super::relay::{claimed_from, BatchOutcome, Claimed, Columns, RelayOptions};
 use super::{db_error, OutboxExecutor, OutboxRow, NOTIFY_CHANNEL};
 use crate::clock::now_millis;
 use crate::error::Result;
@@ -47,6 +47,35 @@ CREATE TABLE IF NOT EXISTS rabbitry_inbox (
 );
 ";
 
+/// Whether the tables, the `not_before` column and every index exist, and
+/// the old unique constraint is gone: read from the catalogs, no lock.
+const CURRENT: &str = "SELECT to_regclass('rabbitry_outbox') IS NOT NULL \
+    AND to_regclass('rabbitry_inbox') IS NOT NULL \
+    AND to_regclass('rabbitry_outbox_pending') IS NOT NULL \
+    AND to_regclass('rabbitry_outbox_ready') IS NOT NULL \
+    AND to_regclass('rabbitry_outbox_due') IS NOT NULL \
+    AND to_regclass('rabbitry_outbox_scheduled_id') IS NOT NULL \
+    AND EXISTS (SELECT 1 FROM pg_attribute \
+        WHERE attrelid = to_regclass('rabbitry_outbox') AND attname = 'not_before' AND NOT attisdropped) \
+    AND NOT EXISTS (SELECT 1 FROM pg_constraint \
+        WHERE conrelid = to_regclass('rabbitry_outbox') AND conname = 'rabbitry_outbox_message_id_key')";
+
+/// PostgreSQL's `lock_not_available`: `lock_timeout` passed.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
+
+/// One attempt at the schema, in one transaction, with an advisory lock
+/// (processes that start together do not race to create the tables) and
+/// a short `lock_timeout`.
+async fn migrate_once(pool: &PgPool) -> sqlx::Result<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::raw_sql("SET LOCAL lock_timeout = '1s'")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::raw_sql(SCHEMA).execute(&mut *tx).await?;
+    sqlx::raw_sql(SCHEDULE_INDEXES).execute(&mut *tx).await?;
+    tx.commit().await
+}
+
 /// Opens `url`, trying one direct connection first: its error says what
 /// is wrong (refused, unknown database, authentication) where a pool would
 /// only time out.
@@ -65,30 +94,70 @@ pub(super) async fn connect(url: &str) -> Result<PgPool> {
         .map_err(named)
 }
 
+/// The columns a claim reads, in the order [`claimed`] expects.
+const CLAIMED_COLUMNS: &str =
+    "id, exchange, routing_key, properties, body, mandatory, created_at, message_id";
+
 fn claimed(r: &PgRow) -> sqlx::Result<Claimed> {
-    claimed_from(
-        r.try_get(0),
-        r.try_get(1),
-        r.try_get(2),
-        r.try_get(3),
-        r.try_get(4),
-        r.try_get(5),
-        r.try_get(6),
-    )
+    // The schema types every column; a table made by hand with other
+    // types still fails row by row, naming the column.
+    fn get<'r, T: sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres>>(
+        r: &'r PgRow,
+        i: usize,
+        name: &str,
+    ) -> std::result::Result<T, String> {
+        r.try_get(i).map_err(|e| format!("column {name}: {e}"))
+    }
+    let columns = Columns {
+        exchange: get(r, 1, "exchange"),
+        routing_key: get(r, 2, "routing_key"),
+        properties: get(r, 3, "properties"),
+        body: get(r, 4, "body"),
+        mandatory: get(r, 5, "mandatory"),
+        created_at: get(r, 6, "created_at"),
+        message_id: get(r, 7, "message_id"),
+    };
+    Ok(claimed_from(r.try_get(0)?, columns))
 }
 
 impl Backend for PgPool {
-    type Held = Transaction<'static, Postgres>;
+    /// The claim's transaction, while it holds rows: a claim that found
+    /// nothing ends at once, so an idle relay never sits `idle in
+    /// transaction` in front of a migration's lock.
+    type Held = Option<Transaction<'static, Postgres>>;
     type Listener = PgListener;
     const NAME: &'static str = "postgres";
 
     async fn migrate(&self) -> sqlx::Result<()> {
-        // One transaction, with an advisory lock: processes that start
-        // together do not race to create the tables.
-        let mut tx = self.begin().await?;
-        sqlx::raw_sql(SCHEMA).execute(&mut *tx).await?;
-        sqlx::raw_sql(SCHEDULE_INDEXES).execute(&mut *tx).await?;
-        tx.commit().await
+        // A schema that is already current takes no lock at all: every
+        // DDL statement, `IF NOT EXISTS` included, locks the table and
+        // would queue the application's inserts behind it.
+        if sqlx::query_scalar::<_, bool>(CURRENT)
+            .fetch_one(self)
+            .await?
+        {
+            return Ok(());
+        }
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match migrate_once(self).await {
+                Err(sqlx::Error::Database(e))
+                    if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE) && attempt < 120 =>
+                {
+                    // Someone holds the table (a long transaction): do not
+                    // wait in the lock queue, where every insert would
+                    // wait behind us; try again shortly.
+                    tracing::warn!(
+                        attempt,
+                        "creating or upgrading the outbox tables waits for a lock on \
+                         rabbitry_outbox held by another session; trying again"
+                    );
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     async fn claim(&self, options: &RelayOptions) -> sqlx::Result<(Vec<Claimed>, Self::Held)> {
@@ -97,18 +166,18 @@ impl Backend for PgPool {
         // unscheduled rows and the earliest due scheduled rows, each found
         // through its own index and locked as found; the oldest of both go
         // out (the others' locks end with the claim's transaction).
-        let ready = sqlx::query(
-            "SELECT id, exchange, routing_key, properties, body, mandatory, created_at FROM rabbitry_outbox \
-             WHERE status = 'pending' AND not_before IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-        )
+        let ready = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {CLAIMED_COLUMNS} FROM rabbitry_outbox \
+             WHERE status = 'pending' AND not_before IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+        )))
         .bind(options.batch as i64)
         .fetch_all(&mut *tx)
         .await?;
-        let due = sqlx::query(
-            "SELECT id, exchange, routing_key, properties, body, mandatory, created_at FROM rabbitry_outbox \
+        let due = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {CLAIMED_COLUMNS} FROM rabbitry_outbox \
              WHERE status = 'pending' AND not_before IS NOT NULL AND not_before <= $2 \
-             ORDER BY not_before, id LIMIT $1 FOR UPDATE SKIP LOCKED",
-        )
+             ORDER BY not_before, id LIMIT $1 FOR UPDATE SKIP LOCKED"
+        )))
         .bind(options.batch as i64)
         .bind(now_millis())
         .fetch_all(&mut *tx)
@@ -120,14 +189,19 @@ impl Backend for PgPool {
             .collect::<sqlx::Result<Vec<_>>>()?;
         rows.sort_by_key(|c| c.id);
         rows.truncate(options.batch);
-        Ok((rows, tx))
+        if rows.is_empty() {
+            tx.commit().await?;
+            return Ok((rows, None));
+        }
+        Ok((rows, Some(tx)))
     }
 
     async fn next_due(&self) -> sqlx::Result<Option<i64>> {
         sqlx::query_scalar(NEXT_DUE).fetch_one(self).await
     }
 
-    async fn finish(&self, mut tx: Self::Held, outcome: &BatchOutcome) -> sqlx::Result<()> {
+    async fn finish(&self, tx: Self::Held, outcome: &BatchOutcome) -> sqlx::Result<()> {
+        let Some(mut tx) = tx else { return Ok(()) };
         sqlx::query("DELETE FROM rabbitry_outbox WHERE id = ANY($1)")
             .bind(&outcome.sent)
             .execute(&mut *tx)

@@ -284,32 +284,52 @@ async fn wait_notification<B: Backend>(listener: &mut Option<B::Listener>) {
     }
 }
 
-pub(super) fn claimed_from(
-    id: sqlx::Result<i64>,
-    exchange: sqlx::Result<String>,
-    routing_key: sqlx::Result<String>,
-    properties: sqlx::Result<String>,
-    body: sqlx::Result<Vec<u8>>,
-    mandatory: sqlx::Result<bool>,
-    created_at: sqlx::Result<i64>,
-) -> sqlx::Result<Claimed> {
-    let (body, routing_key, exchange, mandatory) = (body?, routing_key?, exchange?, mandatory?);
-    // A bad row is marked failed with the reason, never dropped, and never
-    // holds up the rows behind it.
-    let message = store::decode(&properties?)
-        .map(|properties| Message {
+/// A claimed row's columns, each read as its documented type; a column of
+/// the wrong type (a foreign writer's mistake) is the reason the row fails.
+pub(super) struct Columns {
+    pub(super) message_id: std::result::Result<Option<String>, String>,
+    pub(super) exchange: std::result::Result<String, String>,
+    pub(super) routing_key: std::result::Result<String, String>,
+    pub(super) properties: std::result::Result<String, String>,
+    pub(super) body: std::result::Result<Vec<u8>, String>,
+    pub(super) mandatory: std::result::Result<bool, String>,
+    pub(super) created_at: std::result::Result<i64, String>,
+}
+
+/// Why a column cannot be read: its name, what it holds, what it should.
+pub(super) fn wrong_column(name: &str, found: &str, expected: &str) -> String {
+    format!("column {name} holds {found}; expected {expected}")
+}
+
+/// The message a claimed row stores, or why it cannot be one. A bad row is
+/// marked failed with the reason, never dropped, and never holds up the
+/// rows behind it.
+pub(super) fn claimed_from(id: i64, c: Columns) -> Claimed {
+    let created_at = c.created_at.as_ref().copied().unwrap_or(0);
+    let message = (|| {
+        let (exchange, routing_key) = (c.exchange?, c.routing_key?);
+        let (body, mandatory, message_id) = (c.body?, c.mandatory?, c.message_id?);
+        c.created_at?;
+        let mut properties = store::decode(&c.properties?)
+            .map_err(|e| format!("column properties: malformed JSON: {e}"))?;
+        // The documented column is the message id when the properties do
+        // not set one, so that consumers can tell a resend.
+        if properties.message_id.is_none() {
+            properties.message_id = message_id.filter(|m| !m.is_empty());
+        }
+        Ok(Message {
             body,
             properties,
             routing_key: Some(routing_key),
             exchange: Some(exchange),
             mandatory,
         })
-        .map_err(|e| format!("malformed properties (JSON): {e}"));
-    Ok(Claimed {
-        id: id?,
-        created_at: created_at?,
+    })();
+    Claimed {
+        id,
+        created_at,
         message,
-    })
+    }
 }
 
 /// What became of a batch: confirmed, refused (with why), or neither.
@@ -376,6 +396,11 @@ async fn submit_all(producer: &Producer, claimed: Vec<Claimed>) -> Submitted {
         };
         match producer.submit(message).await {
             Ok(w) => out.waits.push((c.id, c.created_at, w)),
+            Err(e) if e.kind() == ErrorKind::Invalid => {
+                // Past a protocol limit: this row alone cannot go.
+                tracing::error!(id = c.id, error = %e, "outbox row cannot be published; marked failed");
+                out.malformed.push((c.id, e.to_string()));
+            }
             Err(e) => {
                 out.not_sent.push(c.id);
                 out.error = Some(e);
@@ -400,7 +425,12 @@ impl Submitted {
                     delay.record(waited as f64 / 1000.0);
                     out.sent.push(id);
                 }
-                Err(e) if matches!(e.kind(), ErrorKind::Unroutable | ErrorKind::Channel) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::Unroutable | ErrorKind::Channel | ErrorKind::Invalid
+                    ) =>
+                {
                     tracing::error!(id, error = %e, "outbox message refused; marked failed");
                     out.failed.push((id, e.to_string()));
                 }

@@ -10,7 +10,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
 use super::backend::{Backend, NEXT_DUE, SCHEDULE_INDEXES};
-use super::relay::{claimed_from, BatchOutcome, Claimed, RelayOptions};
+use super::relay::{claimed_from, wrong_column, BatchOutcome, Claimed, Columns, RelayOptions};
 use super::{db_error, OutboxExecutor, OutboxRow};
 use crate::clock::now_millis;
 use crate::connection::redact;
@@ -77,16 +77,82 @@ pub(super) async fn connect(url: &str, create: bool) -> Result<SqlitePool> {
         .map_err(named)
 }
 
+/// The columns a claim returns: each value, then its SQLite type
+/// (`typeof`), since another program may have stored any type in any
+/// column.
+const CLAIMED_COLUMNS: &str =
+    "id, exchange, routing_key, properties, body, mandatory, created_at, \
+     message_id, typeof(exchange), typeof(routing_key), typeof(properties), typeof(body), \
+     typeof(mandatory), typeof(created_at), typeof(message_id)";
+
+/// Column `i` of a claimed row (with its type at `i + 7`), read by `read`
+/// for the SQLite type it holds; the error names the column.
+fn column<T>(
+    r: &SqliteRow,
+    i: usize,
+    name: &str,
+    expected: &str,
+    read: impl FnOnce(&str) -> Option<sqlx::Result<T>>,
+) -> std::result::Result<T, String> {
+    let kind: String = r.try_get(i + 7).unwrap_or_default();
+    match read(&kind) {
+        Some(Ok(v)) => Ok(v),
+        Some(Err(e)) => Err(format!("column {name}: {e}")),
+        None => {
+            let found = match kind.as_str() {
+                "text" => match r.try_get::<String, _>(i) {
+                    Ok(t) => format!("the text '{}'", crate::limits::shorten(&t, 40)),
+                    Err(_) => "text".into(),
+                },
+                "integer" => format!("the integer {}", r.try_get::<i64, _>(i).unwrap_or(0)),
+                "real" => format!("the real {}", r.try_get::<f64, _>(i).unwrap_or(0.0)),
+                "blob" => "a blob".into(),
+                _ => "NULL".into(),
+            };
+            Err(wrong_column(name, &found, expected))
+        }
+    }
+}
+
 fn claimed(r: &SqliteRow) -> sqlx::Result<Claimed> {
-    claimed_from(
-        r.try_get(0),
-        r.try_get(1),
-        r.try_get(2),
-        r.try_get(3),
-        r.try_get(4),
-        r.try_get(5),
-        r.try_get(6),
-    )
+    let text = |i, name| {
+        column(r, i, name, "text", |k| {
+            (k == "text").then(|| r.try_get::<String, _>(i))
+        })
+    };
+    let columns = Columns {
+        exchange: text(1, "exchange"),
+        routing_key: text(2, "routing_key"),
+        properties: text(3, "properties"),
+        // A body written as text is its UTF-8 bytes.
+        body: column(r, 4, "body", "a blob", |k| match k {
+            "blob" => Some(r.try_get::<Vec<u8>, _>(4)),
+            "text" => Some(r.try_get::<String, _>(4).map(String::into_bytes)),
+            _ => None,
+        }),
+        mandatory: column(r, 5, "mandatory", "0 or 1", |k| match k {
+            "integer" => match r.try_get::<i64, _>(5) {
+                Ok(0) => Some(Ok(false)),
+                Ok(1) => Some(Ok(true)),
+                _ => None,
+            },
+            _ => None,
+        }),
+        // Milliseconds as a real (Python's `time.time() * 1000`) are
+        // milliseconds all the same.
+        created_at: column(r, 6, "created_at", "epoch milliseconds", |k| match k {
+            "integer" => Some(r.try_get::<i64, _>(6)),
+            "real" => Some(r.try_get::<f64, _>(6).map(|f| f.round() as i64)),
+            _ => None,
+        }),
+        message_id: column(r, 7, "message_id", "text", |k| match k {
+            "text" => Some(r.try_get::<String, _>(7).map(Some)),
+            "integer" => Some(r.try_get::<i64, _>(7).map(|n| Some(n.to_string()))),
+            "null" => Some(Ok(None)),
+            _ => None,
+        }),
+    };
+    Ok(claimed_from(r.try_get(0)?, columns))
 }
 
 /// The ids as a JSON array, for `json_each`: one statement for a batch.
@@ -120,6 +186,18 @@ impl Backend for SqlitePool {
     }
 
     async fn claim(&self, options: &RelayOptions) -> sqlx::Result<(Vec<Claimed>, ())> {
+        // A `not_before` another program stored as text or a blob is never
+        // due: such a row fails with the reason instead of waiting for
+        // ever. Numbers sort before text and blobs, so the scheduling
+        // index finds these at its end.
+        sqlx::query(
+            "UPDATE rabbitry_outbox SET status = 'failed', attempts = attempts + 1, \
+             last_error = 'column not_before holds the ' || typeof(not_before) || ' ''' || \
+             substr(CAST(not_before AS TEXT), 1, 40) || '''; expected epoch milliseconds' \
+             WHERE status = 'pending' AND not_before IS NOT NULL AND not_before >= ''",
+        )
+        .execute(self)
+        .await?;
         let now = now_millis();
         let until = now + options.lease.as_millis() as i64;
         // The lease names the relay and this claim.
@@ -128,7 +206,7 @@ impl Backend for SqlitePool {
         // Rows due now, whatever the number of future ones: the oldest
         // unscheduled rows and the earliest due scheduled rows, each found
         // through its own index, then the oldest of both.
-        let rows = sqlx::query(
+        let sql = format!(
             "UPDATE rabbitry_outbox SET lease_owner = ?1, lease_until = ?2 WHERE id IN ( \
                SELECT id FROM (SELECT id FROM rabbitry_outbox \
                  WHERE status = 'pending' AND not_before IS NULL \
@@ -138,14 +216,16 @@ impl Backend for SqlitePool {
                  WHERE status = 'pending' AND not_before IS NOT NULL AND not_before <= ?3 \
                  AND (lease_until IS NULL OR lease_until < ?3) ORDER BY not_before, id LIMIT ?4) \
                ORDER BY id LIMIT ?4) \
-             RETURNING id, exchange, routing_key, properties, body, mandatory, created_at",
-        )
-        .bind(&token)
-        .bind(until)
-        .bind(now)
-        .bind(options.batch as i64)
-        .fetch_all(self)
-        .await?;
+             RETURNING {CLAIMED_COLUMNS}"
+        );
+        // The SQL is this file's constants: nothing from outside.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&token)
+            .bind(until)
+            .bind(now)
+            .bind(options.batch as i64)
+            .fetch_all(self)
+            .await?;
         let mut rows = rows.iter().map(claimed).collect::<sqlx::Result<Vec<_>>>()?;
         // RETURNING does not promise an order; commit order is id order.
         rows.sort_by_key(|c| c.id);

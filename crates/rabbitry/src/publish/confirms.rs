@@ -13,7 +13,7 @@
 //! by a semaphore: that is the backpressure.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use crate::channel::{CloseReason, Returned};
 use crate::connection::{close_quietly, lock, ConfirmSink, Connection};
 use crate::error::{Error, ErrorKind, Result};
+use crate::limits::Limits;
 use crate::task::{Background, CancellationToken};
 
 /// A message ready for the wire.
@@ -146,6 +147,14 @@ struct Tracker {
     republished: AtomicU64,
     /// Since when the channel has nacked and not acked anything.
     nacking_since: Mutex<Option<Instant>>,
+    /// The broker closed the channel over a message it did not name while
+    /// several were in flight: the next channel sends them one at a time,
+    /// so that the one it refuses again fails alone.
+    isolate: AtomicBool,
+    /// Signalled when nothing is waiting for a confirm.
+    idle: Notify,
+    /// What a message may be on the current channel.
+    limits: Mutex<Limits>,
     meters: crate::meters::PublishMeters,
 }
 
@@ -163,14 +172,18 @@ impl Tracker {
             if p.epoch != epoch {
                 return;
             }
-            if multiple {
+            let settled: Vec<Entry> = if multiple {
                 let rest = p.entries.split_off(&(tag + 1));
                 std::mem::replace(&mut p.entries, rest)
                     .into_values()
                     .collect()
             } else {
                 p.entries.remove(&tag).into_iter().collect()
+            };
+            if p.entries.is_empty() {
+                self.idle.notify_one();
             }
+            settled
         };
         let now = Instant::now();
         {
@@ -245,6 +258,15 @@ impl Tracker {
             let _ = e.done.send(Err(err));
         }
     }
+
+    /// Fails what is waiting for a confirm (not what waits to be sent
+    /// again after a nack).
+    fn fail_pending(&self, why: impl Fn(&Outgoing) -> Error) {
+        let failed = std::mem::take(&mut lock(&self.pending).entries);
+        for e in failed.into_values() {
+            let _ = e.done.send(Err(why(&e.message)));
+        }
+    }
 }
 
 /// The confirm callback for one channel (one epoch).
@@ -288,26 +310,41 @@ impl ConfirmSink for EpochSink {
         if lock(&self.tracker.pending).epoch != self.epoch {
             return;
         }
-        // The broker closed the channel over one message (typically an
-        // exchange that does not exist). Its reply text quotes the
-        // exchange; fail the messages for that exchange and resend the
-        // rest on a new channel. If nothing matches, fail them all: an
-        // error is better than a guess.
+        // The broker closed the channel over one message. When its reply
+        // text quotes an exchange (one that does not exist, or that the
+        // user may not write to), the messages for that exchange fail and
+        // the rest are sent again on a new channel. A message that was
+        // alone in flight is the one refused. Otherwise the culprit is
+        // unknown: the next channel sends the messages one at a time, and
+        // the one refused again fails alone. Never all of them.
         let quoted = |m: &Outgoing| reason.text.contains(&format!("'{}'", m.exchange));
-        let any_match = lock(&self.tracker.pending)
-            .entries
-            .values()
-            .any(|e| quoted(&e.message));
+        let (any_match, in_flight) = {
+            let p = lock(&self.tracker.pending);
+            (
+                p.entries.values().any(|e| quoted(&e.message)),
+                p.entries.len(),
+            )
+        };
         let text = format!("{} ({})", reason.text, reason.code);
-        self.tracker.fail_where(
-            |m| any_match && !quoted(m),
-            |m| {
-                Error::new(
-                    ErrorKind::Channel,
-                    format!("{}: broker said {text}", m.describe()),
-                )
-            },
-        );
+        let why = |m: &Outgoing| {
+            Error::new(
+                ErrorKind::Channel,
+                format!("{}: broker said {text}", m.describe()),
+            )
+        };
+        if any_match {
+            self.tracker.fail_where(|m| !quoted(m), why);
+        } else if in_flight <= 1 {
+            self.tracker.fail_pending(why);
+        } else {
+            tracing::warn!(
+                reason = %text,
+                in_flight,
+                "the broker closed the publishing channel without naming the message; \
+                 sending them again one at a time to find it"
+            );
+            self.tracker.isolate.store(true, Ordering::Relaxed);
+        }
         self.tracker.channel_closed.notify_one();
     }
 }
@@ -352,12 +389,17 @@ impl Publisher {
                 confirm_timeout: confirm_timeout.max(Duration::from_millis(100)),
                 republished: AtomicU64::new(0),
                 nacking_since: Mutex::default(),
+                isolate: AtomicBool::new(false),
+                idle: Notify::new(),
+                limits: Mutex::new(Limits::default()),
                 meters: crate::meters::PublishMeters::new(conn.name()),
             }),
             channel: None,
             generation: 0,
             next_tag: 1,
             waiting: VecDeque::new(),
+            isolating: VecDeque::new(),
+            isolation_tail: false,
             lost_at: None,
         };
         actor.install().await?;
@@ -376,6 +418,11 @@ impl Publisher {
     /// The connection it publishes on.
     pub(crate) fn connection(&self) -> &Connection {
         &self.conn
+    }
+
+    /// What a message may be on the current channel.
+    pub(crate) fn limits(&self) -> Limits {
+        *lock(&self.tracker.limits)
     }
 
     /// Queues one message for sending, in call order, and returns the wait
@@ -464,8 +511,14 @@ struct Actor {
     /// The socket generation the channel is on.
     generation: u64,
     next_tag: u64,
-    /// Messages that arrived while there was no channel, in order.
+    /// Messages that arrived while there was no channel, or while
+    /// suspects are sent one at a time, in order.
     waiting: VecDeque<(Arc<Outgoing>, oneshot::Sender<Result<()>>, Instant)>,
+    /// Messages in flight when the broker closed the channel without
+    /// naming one: sent one at a time, each after the previous confirm.
+    isolating: VecDeque<Entry>,
+    /// The last of them is in flight: the rest wait for its confirm.
+    isolation_tail: bool,
     /// When the channel was lost, while it is.
     lost_at: Option<Instant>,
 }
@@ -502,7 +555,9 @@ impl Actor {
             if live {
                 self.publish_nacked_again().await;
                 self.publish_unconfirmed_again().await;
+                self.isolate_next().await;
             }
+            let isolating = live && self.isolation_active();
             let next_nacked = lock(&tracker.nacked).front().map(|(_, due)| *due);
             let next_timeout = self.next_confirm_timeout();
             tokio::select! {
@@ -511,6 +566,7 @@ impl Actor {
                     None => return,
                 },
                 _ = tracker.nack_arrived.notified() => {}
+                _ = tracker.idle.notified(), if isolating => {}
                 _ = sleep_until_some(next_nacked), if live => {}
                 _ = sleep_until_some(next_timeout), if live => {}
                 _ = tracker.channel_closed.notified() => {
@@ -527,7 +583,7 @@ impl Actor {
     async fn handle(&mut self, p: Publish) {
         self.tracker.meters.publishes.increment(1);
         let message = Arc::new(p.message);
-        if !self.channel_live() {
+        if !self.channel_live() || self.isolation_active() {
             self.waiting.push_back((message, p.done, p.deadline));
             return;
         }
@@ -704,19 +760,31 @@ impl Actor {
                 .await
                 .map_err(|e| watch.refusal(ErrorKind::Channel, "confirm.select".into(), e))?;
         }
-        // Renumber what is pending for the new channel, keeping its order.
+        *lock(&self.tracker.limits) = watch.limits();
+        // Renumber what is pending for the new channel, keeping its order;
+        // or, to find a message the broker refused without naming it, hold
+        // them to be sent one at a time.
+        let isolate = self.tracker.isolate.swap(false, Ordering::Relaxed);
         let resend: Vec<Arc<Outgoing>> = {
             let mut p = lock(&self.tracker.pending);
             p.epoch = epoch;
             let old = std::mem::take(&mut p.entries);
-            let mut out = Vec::with_capacity(old.len());
-            let now = Instant::now();
-            for (i, (_, mut e)) in old.into_iter().enumerate() {
-                e.sent = now;
-                out.push(e.message.clone());
-                p.entries.insert(i as u64 + 1, e);
+            if isolate {
+                let held: Vec<Entry> = old.into_values().collect();
+                for e in held.into_iter().rev() {
+                    self.isolating.push_front(e);
+                }
+                Vec::new()
+            } else {
+                let mut out = Vec::with_capacity(old.len());
+                let now = Instant::now();
+                for (i, (_, mut e)) in old.into_iter().enumerate() {
+                    e.sent = now;
+                    out.push(e.message.clone());
+                    p.entries.insert(i as u64 + 1, e);
+                }
+                out
             }
-            out
         };
         if !resend.is_empty() {
             tracing::info!(
@@ -743,12 +811,50 @@ impl Actor {
         self.channel = Some(channel.clone());
         self.generation = generation;
         self.lost_at = None;
+        if !self.isolation_active() {
+            self.send_waiting(&channel).await;
+        }
+        Ok(())
+    }
+
+    /// While suspects are held: sends the next one when nothing is waiting
+    /// for a confirm, and the messages that queued behind them once the
+    /// last is through.
+    async fn isolate_next(&mut self) {
+        if !self.isolation_active() || !lock(&self.tracker.pending).entries.is_empty() {
+            return;
+        }
+        let Some(channel) = self.channel.clone() else {
+            return;
+        };
+        match self.isolating.pop_front() {
+            Some(entry) => {
+                // The last one is through only once it is confirmed.
+                self.isolation_tail = self.isolating.is_empty();
+                self.tracker.count_republished(1);
+                self.send_tracked(&channel, entry).await;
+            }
+            None => {
+                self.isolation_tail = false;
+                tracing::info!(connection = %self.conn.name(), "publishing in order again");
+                self.send_waiting(&channel).await;
+            }
+        }
+    }
+
+    /// Whether suspects are being sent one at a time.
+    fn isolation_active(&self) -> bool {
+        !self.isolating.is_empty() || self.isolation_tail
+    }
+
+    /// Sends the messages that waited for a channel, in order.
+    async fn send_waiting(&mut self, channel: &Channel) {
         let waiting: Vec<_> = self.waiting.drain(..).collect();
         for (m, done, _) in waiting {
             if self.confirms {
-                self.send_tracked(&channel, Entry::new(m, done)).await;
+                self.send_tracked(channel, Entry::new(m, done)).await;
             } else {
-                let res = m.send(&channel).await.map_err(|e| {
+                let res = m.send(channel).await.map_err(|e| {
                     Error::new(
                         ErrorKind::Disconnected,
                         format!("{} not sent", m.describe()),
@@ -758,6 +864,5 @@ impl Actor {
                 let _ = done.send(res);
             }
         }
-        Ok(())
     }
 }

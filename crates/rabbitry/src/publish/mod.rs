@@ -16,6 +16,7 @@ use crate::amqp::to_basic;
 use crate::codec::Serializer;
 use crate::connection::Connection;
 use crate::error::{Error, Result};
+use crate::limits::{check_publish, shorten};
 use crate::message::{Message, PERSISTENT, TRANSIENT};
 use crate::telemetry::{self, Parent};
 use crate::topology::{is_reserved, Exchange, ExchangeKind, Topology};
@@ -273,7 +274,7 @@ impl Producer {
         if properties.message_id.is_none() && (s.message_ids || mandatory) {
             properties.message_id = Some(uuid::Uuid::new_v4().to_string());
         }
-        let span = telemetry::publish(
+        let mut span = telemetry::publish(
             &mut properties,
             body.len(),
             telemetry::Publish {
@@ -284,6 +285,23 @@ impl Producer {
             parent,
             false,
         );
+        // What cannot go fails here, alone, before the client (which
+        // panics on a long name) or the broker (which closes the channel or
+        // the connection) sees it.
+        let limits = self.publisher.limits();
+        if let Err(e) = check_publish(&exchange, &routing_key, &properties, body.len(), &limits) {
+            let e = Error::new(
+                e.kind(),
+                format!(
+                    "message to exchange '{}' with routing key '{}': {}",
+                    shorten(&exchange, 40),
+                    shorten(&routing_key, 40),
+                    e.context()
+                ),
+            );
+            span.fail(e.kind().name());
+            return Err(e);
+        }
         let outgoing = Outgoing {
             exchange,
             routing_key,

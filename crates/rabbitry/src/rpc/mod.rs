@@ -162,6 +162,8 @@ struct Call {
 struct Route {
     channel: Channel,
     reply_to: String,
+    /// What a request may be on this channel.
+    limits: crate::limits::Limits,
 }
 
 /// An RPC client; cheap to clone, and many calls may be in flight at once.
@@ -301,6 +303,15 @@ impl RpcClient {
             correlation_id: &correlation_id,
             in_flight: &self.meters.in_flight,
         };
+        // A request that cannot go fails here, before the client panics on
+        // it or the broker closes the channel every call shares.
+        crate::limits::check_publish(
+            &exchange,
+            &routing_key,
+            &request.properties,
+            request.body.len(),
+            &route.limits,
+        )?;
         let mut args = BasicPublishArguments::new(&exchange, &routing_key);
         args.mandatory = self.settings.mandatory || request.mandatory;
         if let Err(e) = route
@@ -409,6 +420,7 @@ async fn open_route(
         Route {
             channel,
             reply_to: queue,
+            limits: watch.limits(),
         },
         incoming,
     ))

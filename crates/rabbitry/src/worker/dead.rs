@@ -61,6 +61,7 @@ fn header_str(p: &Properties, k: &str) -> Option<String> {
 /// Lists up to `limit` dead letters of `queue` without removing them.
 pub async fn list(conn: &Connection, queue: &str, limit: usize) -> Result<Vec<DeadLetter>> {
     let dead = dead_queue_of(queue);
+    crate::limits::check_short("dead-letter queue name", &dead)?;
     let (channel, watch, _) = conn.open_channel(None).await?;
     let mut out = Vec::new();
     while out.len() < limit {
@@ -112,6 +113,7 @@ async fn replay_matching(
     wanted: impl Fn(&Properties) -> bool,
 ) -> Result<usize> {
     let dead = dead_queue_of(queue);
+    crate::limits::check_short("dead-letter queue name", &dead)?;
     let producer = Producer::new(
         conn,
         ProducerSettings {
@@ -140,9 +142,16 @@ async fn replay_matching(
             tracing::warn!(queue = %dead, "a dead letter without its original route was left in place");
             continue;
         };
-        producer
-            .publish_with(message, &Parent::Linked(link))
-            .await?;
+        match producer.publish_with(message, &Parent::Linked(link)).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::Invalid => {
+                // It cannot go back as it is (a route past a protocol
+                // limit): it stays, and the others go on.
+                tracing::warn!(queue = %dead, error = %e, "a dead letter that cannot be replayed was left in place");
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
         channel
             .basic_ack(BasicAckArguments::new(ok.delivery_tag(), false))
             .await
@@ -156,4 +165,27 @@ async fn replay_matching(
 /// Deletes every dead letter of `queue`; returns how many.
 pub async fn purge(conn: &Connection, queue: &str) -> Result<u32> {
     conn.purge(&dead_queue_of(queue)).await
+}
+
+/// Deletes the `count` oldest dead letters of `queue` (fewer if there are
+/// fewer); returns how many.
+pub async fn purge_oldest(conn: &Connection, queue: &str, count: usize) -> Result<usize> {
+    let dead = dead_queue_of(queue);
+    crate::limits::check_short("dead-letter queue name", &dead)?;
+    let (channel, watch, _) = conn.open_channel(None).await?;
+    let mut n = 0;
+    while n < count {
+        let got = channel
+            .basic_get(BasicGetArguments::new(&dead))
+            .await
+            .map_err(|e| watch.refusal(ErrorKind::Channel, format!("queue '{dead}'"), e))?;
+        let Some((ok, _, _)) = got else { break };
+        channel
+            .basic_ack(BasicAckArguments::new(ok.delivery_tag(), false))
+            .await
+            .map_err(|e| watch.refusal(ErrorKind::Channel, format!("ack on '{dead}'"), e))?;
+        n += 1;
+    }
+    close_quietly(channel).await;
+    Ok(n)
 }

@@ -238,7 +238,13 @@ async fn succeed<S>(
     reply: Reply,
 ) {
     if let Err(e) = unit.commit(None).await {
-        let err = HandlerError::retry(format!("publishing the handler's messages failed: {e}"));
+        let text = format!("publishing the handler's messages failed: {e}");
+        // A message past a protocol limit will not fit next time either.
+        let err = if e.kind() == ErrorKind::Invalid {
+            HandlerError::invalid(text)
+        } else {
+            HandlerError::retry(text)
+        };
         return fail(rt, d, attempt, err).await;
     }
     if let (Some(reply_to), false) = (&d.properties.reply_to, reply.body.is_empty()) {
@@ -268,9 +274,17 @@ async fn succeed<S>(
                 rt.metrics.reply_unroutable();
             }
             Err(e) => {
-                let err = HandlerError::retry(format!(
-                    "publishing the reply to '{reply_to}' failed: {e}"
-                ));
+                let text = format!(
+                    "publishing the reply to '{}' failed: {e}",
+                    crate::limits::shorten(reply_to, 60)
+                );
+                // A reply that cannot go (too large, a reply_to past 255
+                // bytes) would not go next time: dead-letter the request.
+                let err = if e.kind() == ErrorKind::Invalid {
+                    HandlerError::invalid(text)
+                } else {
+                    HandlerError::retry(text)
+                };
                 return fail(rt, d, attempt, err).await;
             }
         }
@@ -292,22 +306,15 @@ pub(crate) fn reply_exchange<'a>(configured: &'a str, reply_to: &str) -> &'a str
     }
 }
 
-/// Failure: requeue a conflict; otherwise hand it to the exchange's error
-/// handler, or retry it, or dead-letter it.
+/// Failure: hand it to the exchange's error handler, or retry it (a
+/// conflict after the shortest delay), or dead-letter it. Every retry
+/// counts against the budget: nothing is requeued for ever.
 async fn fail<S>(rt: &ConsumerRuntime<S>, d: &Arc<Delivery>, attempt: u32, err: HandlerError) {
     telemetry::fail_current(err.kind().name());
     let message_id = d.properties.message_id.as_deref();
     let remember = |outcome: Counted, error: String| {
         rt.metrics.failed(&rt.queue, message_id, outcome, error);
     };
-    if err.kind() == FailureKind::Conflict {
-        tracing::Span::current().record("outcome", "requeue");
-        tracing::info!(error = %err, "conflict; requeued");
-        remember(Counted::Requeue, err.message());
-        rt.metrics.count(Counted::Requeue);
-        settle_or_log(d, Outcome::Requeue).await;
-        return;
-    }
     let (exchange, routing_key) = retry::original_route(&d.properties, &d.exchange, &d.routing_key);
     if let Some(on_error) = rt.error_handlers.get(&exchange) {
         tracing::Span::current().record("outcome", "error-handler");
@@ -320,10 +327,16 @@ async fn fail<S>(rt: &ConsumerRuntime<S>, d: &Arc<Delivery>, attempt: u32, err: 
     }
     let policy = &rt.options.retry;
     let queue = &rt.queue;
-    let retrying = err.kind() == FailureKind::Retry && attempt < policy.attempts;
+    let retrying = matches!(err.kind(), FailureKind::Retry | FailureKind::Conflict)
+        && attempt < policy.attempts;
     tracing::Span::current().record("outcome", if retrying { "retry" } else { "dead-letter" });
     let message = if retrying {
-        let delay = retry::delay_for(policy, attempt);
+        // A conflict is worth trying again soon: the shortest delay.
+        let delay = if err.kind() == FailureKind::Conflict {
+            retry::delay_for(policy, 1)
+        } else {
+            retry::delay_for(policy, attempt)
+        };
         tracing::warn!(error = %err, attempt, ?delay, "handler failed; will retry");
         retry::for_retry(
             d.body.to_vec(),
@@ -359,12 +372,29 @@ async fn fail<S>(rt: &ConsumerRuntime<S>, d: &Arc<Delivery>, attempt: u32, err: 
     // Remembered before the move, so that whoever sees the dead letter
     // also finds its failure in the status.
     remember(counted, err.message());
-    match rt.replies.publish_with(message, &parent).await {
-        Ok(()) => {
+    let moved = match rt.replies.publish_with(message, &parent).await {
+        Err(e) if e.kind() == ErrorKind::Invalid => {
+            // rabbitry's headers pushed it past what the connection
+            // carries: it goes to the dead-letter queue, trimmed, alone.
+            tracing::Span::current().record("outcome", "dead-letter");
+            let why = format!("{}; moving it failed: {e}", err.message());
+            tracing::error!(error = %why, "the failed message no longer fits; dead-lettering it trimmed");
+            remember(Counted::DeadLetter, why.clone());
+            dead_letter_trimmed(rt, d, attempt, &why)
+                .await
+                .map(|()| Counted::DeadLetter)
+        }
+        other => other.map(|()| counted),
+    };
+    match moved {
+        Ok(counted) => {
             rt.metrics.count(counted);
             settle_or_log(d, Outcome::Ack).await
         }
         Err(e) => {
+            // The publisher cannot make progress (the broker is away): the
+            // message goes back to the queue after a pause, never in a
+            // tight loop.
             tracing::Span::current().record("outcome", "requeue");
             tracing::error!(error = %e, "could not move the failed message; requeueing it");
             remember(
@@ -372,8 +402,56 @@ async fn fail<S>(rt: &ConsumerRuntime<S>, d: &Arc<Delivery>, attempt: u32, err: 
                 format!("{}; moving it failed: {e}", err.message()),
             );
             rt.metrics.count(Counted::Requeue);
+            tokio::time::sleep(REQUEUE_PAUSE).await;
             settle_or_log(d, Outcome::Requeue).await;
         }
+    }
+}
+
+/// How long a message whose move failed waits before it is requeued.
+const REQUEUE_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The longest error text a dead letter keeps once trimmed.
+const TRIMMED_ERROR: usize = 1000;
+
+/// Dead-letters `d` when the full dead letter does not fit: first with the
+/// error text shortened, then without the message's own headers (noted in
+/// `x-rabbitry-trimmed`), which always fits, since the delivery itself did.
+async fn dead_letter_trimmed<S>(
+    rt: &ConsumerRuntime<S>,
+    d: &Delivery,
+    attempt: u32,
+    error: &str,
+) -> crate::Result<()> {
+    let (exchange, routing_key) = retry::original_route(&d.properties, &d.exchange, &d.routing_key);
+    let short = crate::limits::shorten(error, TRIMMED_ERROR);
+    let letter = |properties| {
+        retry::for_dead_letter(
+            d.body.to_vec(),
+            properties,
+            (&exchange, &routing_key),
+            attempt,
+            &short,
+            &rt.queue,
+        )
+    };
+    match rt.replies.publish(letter(d.properties.clone())).await {
+        Err(e) if e.kind() == ErrorKind::Invalid => {
+            let mut bare = d.properties.clone();
+            let dropped: Vec<String> = std::mem::take(&mut bare.headers).into_keys().collect();
+            let mut m = letter(bare);
+            m.properties.headers.insert(
+                crate::headers::TRIMMED.into(),
+                format!(
+                    "the message's {} header(s) were dropped: with rabbitry's they did not fit in a frame ({})",
+                    dropped.len(),
+                    crate::limits::shorten(&dropped.join(", "), 200)
+                )
+                .into(),
+            );
+            rt.replies.publish(m).await
+        }
+        other => other,
     }
 }
 

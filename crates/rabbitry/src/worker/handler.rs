@@ -27,7 +27,8 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// What a failed handler wants done with the message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureKind {
-    /// Requeue at once: a conflict that trying again now can resolve.
+    /// A conflict that trying again soon can resolve: retried after the
+    /// shortest delay, counted against the retry budget like any retry.
     Conflict,
     /// Dead-letter at once: trying again cannot help (bad input).
     Invalid,
@@ -65,7 +66,8 @@ pub struct HandlerError {
 }
 
 impl HandlerError {
-    /// A conflict: the message is requeued at once.
+    /// A conflict: the message is retried after the shortest delay (never
+    /// requeued in a loop), and dead-lettered once the budget is spent.
     pub fn conflict(error: impl Into<BoxError>) -> Self {
         HandlerError::new(FailureKind::Conflict, error)
     }

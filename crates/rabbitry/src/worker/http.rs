@@ -7,8 +7,9 @@
 //! with the body and content type passed through, the AMQP properties as
 //! `amqp-*` headers, each AMQP header as `amqp-header-<name>`, and an AMQP
 //! header `authorization` as the HTTP `Authorization` header. The status
-//! decides the outcome: 2xx ack (the body is the reply), 409 requeue, other
-//! 4xx dead-letter, 5xx retry.
+//! decides the outcome: 2xx ack (the body is the reply); 409 a conflict,
+//! retried after the shortest delay; 408, 429 and 5xx retried; other 4xx
+//! dead-lettered. Every retry counts against the retry budget.
 //!
 //! Header values are text ([`HeaderValue::to_text`](crate::HeaderValue::to_text):
 //! numbers and decimals as number strings, tables and arrays as JSON).
@@ -285,6 +286,12 @@ pub(crate) fn from_response(resp: Response<Bytes>) -> Result<Reply, HandlerError
         })
     } else if status == StatusCode::CONFLICT {
         Err(HandlerError::conflict(detail()))
+    } else if matches!(
+        status,
+        StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS
+    ) {
+        // The app asks to be asked again later.
+        Err(HandlerError::retry(detail()))
     } else if status.is_client_error() {
         Err(HandlerError::invalid(detail()))
     } else {
