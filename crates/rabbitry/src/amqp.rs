@@ -149,7 +149,7 @@ pub(crate) fn from_basic(b: &BasicProperties) -> Properties {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -176,7 +176,8 @@ mod tests {
         assert_eq!(from_basic(&to_basic(&p)), p);
     }
 
-    fn header_value() -> impl proptest::strategy::Strategy<Value = HeaderValue> {
+    /// Any header value, nested tables and arrays included.
+    pub(crate) fn header_value() -> impl proptest::strategy::Strategy<Value = HeaderValue> {
         use proptest::prelude::*;
         let leaf = prop_oneof![
             any::<bool>().prop_map(HeaderValue::Bool),

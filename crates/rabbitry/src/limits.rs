@@ -300,6 +300,65 @@ mod tests {
         assert!(check_publish("", "q", &p, 10, &unlimited).is_ok());
     }
 
+    /// A short string of 0 to 300 bytes: past the limit a fifth of the time.
+    fn maybe_long() -> impl proptest::strategy::Strategy<Value = String> {
+        "[a-zA-Z0-9._é-]{0,150}"
+    }
+
+    fn properties() -> impl proptest::strategy::Strategy<Value = Properties> {
+        use proptest::prelude::*;
+        let short = || proptest::option::of(maybe_long());
+        (
+            (short(), short(), short(), short(), short()),
+            (short(), short(), short(), short()),
+            proptest::option::of(any::<u8>()),
+            proptest::option::of(any::<u64>()),
+            proptest::collection::btree_map(maybe_long(), crate::amqp::tests::header_value(), 0..6),
+        )
+            .prop_map(
+                |((ct, ce, cid, rt, exp), (mid, kind, uid, app), prio, ts, headers)| Properties {
+                    content_type: ct,
+                    content_encoding: ce,
+                    headers,
+                    delivery_mode: prio.map(|p| p % 3),
+                    priority: prio,
+                    correlation_id: cid,
+                    reply_to: rt,
+                    expiration: exp,
+                    message_id: mid,
+                    timestamp: ts,
+                    kind,
+                    user_id: uid,
+                    app_id: app,
+                },
+            )
+    }
+
+    proptest::proptest! {
+        /// What the check lets through, the AMQP client encodes without
+        /// panicking, in exactly the header size computed here; what it
+        /// refuses has a value past a limit.
+        #[test]
+        fn the_checked_size_is_the_clients_encoded_size(p in properties()) {
+            match check_properties(&p) {
+                Ok(()) => {
+                    let basic = crate::amqp::to_basic(&p);
+                    let encoded = amqp_serde::to_bytes(&basic).unwrap();
+                    // Class id, weight and body size come before the
+                    // properties (whose flags the client encodes).
+                    proptest::prop_assert_eq!(header_size(&p), 2 + 2 + 8 + encoded.len());
+                }
+                Err(e) => {
+                    let text = e.to_string();
+                    proptest::prop_assert!(
+                        text.contains("at most 255") || text.contains("expiration"),
+                        "{}", text
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_broker_version_sets_the_body_limit() {
         assert_eq!(Limits::of(4096, "3.10.8").max_body, MAX_MESSAGE_SIZE_3);

@@ -2,6 +2,7 @@
 //! One binary, grouped by topic, with shared helpers in `support`.
 
 mod admin;
+mod blast;
 mod consume;
 mod errors;
 mod hardening;

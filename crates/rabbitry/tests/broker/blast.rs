@@ -1,0 +1,422 @@
+//! One bad input stays alone: a message past a protocol limit, one the
+//! broker refuses without naming it, and outbox rows that a foreign writer
+//! got wrong each fail with their reason, while the messages and rows
+//! around them are delivered, in order, on a connection that never drops.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use rabbitry::outbox::{Database, Outbox, RelayOptions};
+use rabbitry::{
+    Connection, Consumer, ConsumerSettings, ErrorKind, HeaderValue, Message, Producer,
+    ProducerSettings,
+};
+
+use crate::support::{eventually, pg_url, settings, sqlite_url, unique, url};
+
+/// A connection that publishes on itself, so that its generation shows
+/// any reconnect the publisher went through.
+async fn single_connection() -> Connection {
+    let mut s = settings(&url(), &unique("blast"));
+    s.separate_publishing = false;
+    Connection::open(s).await.unwrap()
+}
+
+async fn queue(conn: &Connection) -> String {
+    let queue = unique("blast");
+    let mut t = rabbitry::Topology::default();
+    t.queue(rabbitry::Queue::durable(&queue));
+    conn.declare(&t).await.unwrap();
+    queue
+}
+
+/// Reads deliveries until `n` distinct message ids have arrived; returns
+/// the bodies of first arrivals, in arrival order (a resend after a channel
+/// error may deliver a message twice, never out of order).
+async fn first_arrivals(conn: &Connection, queue: &str, n: usize) -> Vec<String> {
+    let mut consumer = Consumer::start(conn, ConsumerSettings::new(queue))
+        .await
+        .unwrap();
+    let (mut seen, mut out) = (HashSet::new(), Vec::new());
+    while out.len() < n {
+        let d = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {n} arrived: {out:?}", out.len()))
+            .unwrap();
+        let id = d.properties.message_id.clone().expect("a message id");
+        if seen.insert(id) {
+            out.push(String::from_utf8(d.body.to_vec()).unwrap());
+        }
+        d.ack().await.unwrap();
+    }
+    out
+}
+
+/// Messages that cannot go, each for its own reason.
+fn past_a_limit() -> Vec<(&'static str, Message)> {
+    let mut big_headers = Message::new("big headers");
+    big_headers
+        .properties
+        .headers
+        .insert("pad".into(), HeaderValue::String("x".repeat(140_000)));
+    let mut long_header_name = Message::new("long header name");
+    long_header_name
+        .properties
+        .headers
+        .insert("h".repeat(300), HeaderValue::Int(1));
+    let mut long_nested_name = Message::new("long nested name");
+    long_nested_name.properties.headers.insert(
+        "t".into(),
+        HeaderValue::Table([("n".repeat(256), HeaderValue::Void)].into()),
+    );
+    vec![
+        (
+            "routing key",
+            Message::new("long key").routing_key("k".repeat(300)),
+        ),
+        ("frame_max", big_headers),
+        ("header name", long_header_name),
+        ("header 't' name", long_nested_name),
+        ("expiration", {
+            let mut m = Message::new("bad ttl");
+            m.properties.expiration = Some("soon".into());
+            m
+        }),
+        (
+            "correlation_id",
+            Message::new("long id").correlation_id("c".repeat(256)),
+        ),
+        (
+            "exchange",
+            Message::new("long exchange").exchange("e".repeat(256)),
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_past_a_protocol_limit_fails_alone_and_the_connection_stays() {
+    let conn = single_connection().await;
+    let queue = queue(&conn).await;
+    let producer = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
+        .await
+        .unwrap();
+    let generation = conn.generation();
+    // Submitted back to back, good ones between bad ones.
+    let mut waits = Vec::new();
+    let mut expected = Vec::new();
+    for (i, (limit, bad)) in past_a_limit().into_iter().enumerate() {
+        let good = format!("good {i}");
+        waits.push((None, producer.submit(Message::new(good.clone())).await));
+        expected.push(good);
+        waits.push((Some(limit), producer.submit(bad).await));
+    }
+    for (limit, submitted) in waits {
+        match limit {
+            None => submitted.unwrap().wait().await.unwrap(),
+            Some(limit) => {
+                let e = match submitted {
+                    Err(e) => e,
+                    Ok(w) => w.wait().await.unwrap_err(),
+                };
+                assert_eq!(e.kind(), ErrorKind::Invalid, "{limit}: {e}");
+                assert!(e.to_string().contains(limit), "{limit}: {e}");
+            }
+        }
+    }
+    assert_eq!(
+        first_arrivals(&conn, &queue, expected.len()).await,
+        expected
+    );
+    assert_eq!(
+        conn.generation(),
+        generation,
+        "the connection never dropped"
+    );
+    conn.delete_queue(&queue).await.unwrap();
+    conn.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_broker_refuses_without_naming_it_fails_alone() {
+    // RabbitMQ closes the channel over a `user_id` that is not the
+    // connection's user, quoting neither the exchange nor the message: the
+    // publisher finds it by sending the messages in flight one at a time.
+    let conn = single_connection().await;
+    let queue = queue(&conn).await;
+    let producer = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
+        .await
+        .unwrap();
+    let generation = conn.generation();
+    let mut waits = Vec::new();
+    for i in 0..60 {
+        let mut m = Message::new(format!("m{i}"));
+        if i == 25 {
+            m.properties.user_id = Some("mallory".into());
+        }
+        waits.push(producer.submit(m).await.unwrap());
+    }
+    let mut expected = Vec::new();
+    for (i, w) in waits.into_iter().enumerate() {
+        let result = w.wait().await;
+        if i == 25 {
+            let e = result.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Channel, "{e}");
+            assert!(e.to_string().contains("mallory"), "{e}");
+        } else {
+            result.unwrap_or_else(|e| panic!("m{i} failed with the refused one: {e}"));
+            expected.push(format!("m{i}"));
+        }
+    }
+    assert_eq!(first_arrivals(&conn, &queue, 59).await, expected);
+    // And the publisher goes on as before.
+    producer.publish(Message::new("after")).await.unwrap();
+    assert_eq!(first_arrivals(&conn, &queue, 1).await, ["after"]);
+    assert_eq!(conn.generation(), generation, "only the channel was closed");
+    conn.delete_queue(&queue).await.unwrap();
+    conn.close().await;
+}
+
+/// A row another program wrote: its columns as SQL literals.
+struct Foreign {
+    /// What the test expects: `None` for a good row, or a word the
+    /// failure's reason must contain.
+    fails_with: Option<&'static str>,
+    message_id: String,
+    exchange: String,
+    routing_key: String,
+    properties: String,
+    body: String,
+    mandatory: String,
+    created_at: String,
+    not_before: String,
+}
+
+impl Foreign {
+    fn good(queue: &str, n: usize) -> Foreign {
+        Foreign {
+            fails_with: None,
+            message_id: format!("'id-{n}'"),
+            exchange: "''".into(),
+            routing_key: format!("'{queue}'"),
+            properties: "'{\"content_type\": \"text/plain\"}'".into(),
+            body: format!("'good {n}'"),
+            mandatory: "FALSE".into(),
+            created_at: "1764950400000".into(),
+            not_before: "NULL".into(),
+        }
+    }
+
+    fn bad(
+        queue: &str,
+        n: usize,
+        fails_with: &'static str,
+        change: impl FnOnce(&mut Foreign),
+    ) -> Foreign {
+        let mut row = Foreign::good(queue, n);
+        row.fails_with = Some(fails_with);
+        row.body = format!("'bad {n}'");
+        change(&mut row);
+        row
+    }
+
+    fn insert(&self) -> String {
+        format!(
+            "INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, mandatory, created_at, not_before) \
+             VALUES ({}, {}, {}, {}, {}, {}, {}, {})",
+            self.message_id,
+            self.exchange,
+            self.routing_key,
+            self.properties,
+            self.body,
+            self.mandatory,
+            self.created_at,
+            self.not_before
+        )
+    }
+}
+
+/// Bad rows any database accepts: values past a limit, or that the broker
+/// refuses.
+fn bad_values(queue: &str, n: &mut usize) -> Vec<Foreign> {
+    let mut next = || {
+        *n += 1;
+        *n
+    };
+    let long_key = "k".repeat(300);
+    let pad = "x".repeat(140_000);
+    vec![
+        Foreign::bad(queue, next(), "routing key", |r| {
+            r.routing_key = format!("'{long_key}'")
+        }),
+        Foreign::bad(queue, next(), "frame_max", |r| {
+            r.properties = format!("'{{\"headers\": {{\"pad\": \"{pad}\"}}}}'")
+        }),
+        Foreign::bad(queue, next(), "expiration", |r| {
+            r.properties = "'{\"expiration\": \"tomorrow\"}'".into()
+        }),
+        Foreign::bad(queue, next(), "mallory", |r| {
+            r.properties = "'{\"user_id\": \"mallory\"}'".into()
+        }),
+        Foreign::bad(queue, next(), "properties", |r| {
+            r.properties = "'{not json'".into()
+        }),
+        Foreign::bad(queue, next(), "no exchange", |r| {
+            r.exchange = format!("'{}'", unique("missing"))
+        }),
+    ]
+}
+
+/// SQLite takes any type in any column: the mistakes a foreign writer
+/// makes there.
+fn bad_types(queue: &str, n: &mut usize) -> Vec<Foreign> {
+    let mut next = || {
+        *n += 1;
+        *n
+    };
+    vec![
+        Foreign::bad(queue, next(), "created_at", |r| {
+            r.created_at = "'yesterday'".into()
+        }),
+        Foreign::bad(queue, next(), "mandatory", |r| r.mandatory = "'yes'".into()),
+        Foreign::bad(queue, next(), "properties", |r| {
+            r.properties = "X'7B7D'".into()
+        }),
+        Foreign::bad(queue, next(), "not_before", |r| {
+            r.not_before = "'2026-12-05T10:00:00Z'".into()
+        }),
+        Foreign::bad(queue, next(), "exchange", |r| r.exchange = "X'00'".into()),
+    ]
+}
+
+async fn execute(db: &Database, sql: &str) {
+    let sql = sqlx::AssertSqlSafe(sql.to_owned());
+    match db {
+        Database::Sqlite(pool) => sqlx::raw_sql(sql).execute(pool).await.map(drop),
+        Database::Postgres(pool) => sqlx::raw_sql(sql).execute(pool).await.map(drop),
+    }
+    .unwrap();
+}
+
+/// Good rows around bad ones: every good row is published in order with
+/// its `message_id` column as its message id, every bad one fails with a
+/// reason naming the column or the limit, the status can be read all
+/// along, and a failed row fixed by hand goes out after `retry_failed`.
+async fn foreign_rows_fail_alone(url: String, sqlite: bool) {
+    let conn = single_connection().await;
+    let queue = queue(&conn).await;
+    let outbox = Outbox::connect(&url).await.unwrap();
+    let mut n = 0;
+    let mut rows = Vec::new();
+    let mut bad = bad_values(&queue, &mut n);
+    if sqlite {
+        bad.extend(bad_types(&queue, &mut n));
+        // Python's `time.time() * 1000` is milliseconds all the same.
+        n += 1;
+        let mut real = Foreign::good(&queue, n);
+        real.created_at = "1764950400000.25".into();
+        rows.push(real);
+    }
+    for b in bad {
+        n += 1;
+        rows.push(Foreign::good(&queue, n));
+        rows.push(b);
+    }
+    n += 1;
+    rows.push(Foreign::good(&queue, n));
+    for row in &rows {
+        execute(outbox.database(), &row.insert()).await;
+    }
+    let relay = outbox
+        .spawn_relay(&conn, RelayOptions::default())
+        .await
+        .unwrap();
+    let expected: Vec<String> = rows
+        .iter()
+        .filter(|r| r.fails_with.is_none())
+        .map(|r| r.body.trim_matches('\'').to_owned())
+        .collect();
+    // The message id is the column's.
+    let mut consumer = Consumer::start(&conn, ConsumerSettings::new(&queue))
+        .await
+        .unwrap();
+    let (mut seen, mut got) = (HashSet::new(), Vec::new());
+    while got.len() < expected.len() {
+        let d = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {got:?} arrived of {expected:?}"))
+            .unwrap();
+        let body = String::from_utf8(d.body.to_vec()).unwrap();
+        let id = d.properties.message_id.clone().unwrap_or_default();
+        assert_eq!(id, format!("id-{}", &body[5..]), "{body}");
+        if seen.insert(id) {
+            got.push(body);
+        }
+        d.ack().await.unwrap();
+    }
+    assert_eq!(got, expected);
+    let bad_count = rows.iter().filter(|r| r.fails_with.is_some()).count();
+    eventually(
+        Duration::from_secs(20),
+        "every bad row marked failed",
+        || {
+            let outbox = outbox.clone();
+            async move {
+                let status = outbox.status().await.unwrap();
+                status.failed.len() == bad_count && status.pending == 0
+            }
+        },
+    )
+    .await;
+    let status = outbox.status().await.unwrap();
+    for (row, failed) in rows
+        .iter()
+        .filter(|r| r.fails_with.is_some())
+        .zip(&status.failed)
+    {
+        let why = failed.error.clone().unwrap_or_default();
+        let word = row.fails_with.unwrap();
+        assert!(
+            why.contains(word),
+            "row {}: '{why}' should name {word}",
+            failed.id
+        );
+    }
+    // The cause fixed (here: the bad TTL), the row goes out on demand.
+    let ttl = status
+        .failed
+        .iter()
+        .find(|f| f.error.as_deref().unwrap_or("").contains("expiration"))
+        .unwrap()
+        .id;
+    execute(
+        outbox.database(),
+        &format!("UPDATE rabbitry_outbox SET properties = '{{}}' WHERE id = {ttl}"),
+    )
+    .await;
+    assert_eq!(outbox.retry_failed(Some(&[ttl])).await.unwrap(), 1);
+    let d = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+        .await
+        .expect("the retried row")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&d.body).starts_with("bad "));
+    d.ack().await.unwrap();
+    relay.stop().await.unwrap();
+    assert_eq!(
+        outbox.status().await.unwrap().failed.len(),
+        bad_count - 1,
+        "the others stay failed"
+    );
+    drop(consumer);
+    conn.delete_queue(&queue).await.unwrap();
+    conn.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_rows_on_sqlite_fail_alone_with_the_column_or_limit_named() {
+    foreign_rows_fail_alone(sqlite_url(), true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_rows_on_postgres_fail_alone_with_the_column_or_limit_named() {
+    foreign_rows_fail_alone(pg_url().await, false).await;
+}
