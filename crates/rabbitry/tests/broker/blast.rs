@@ -4,12 +4,15 @@
 //! around them are delivered, in order, on a connection that never drops.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rabbitry::outbox::{Database, Outbox, RelayOptions};
+use rabbitry::worker::{dead, HandlerError, Retry, State};
 use rabbitry::{
     Connection, Consumer, ConsumerSettings, ErrorKind, HeaderValue, Message, Producer,
-    ProducerSettings,
+    ProducerSettings, Worker,
 };
 
 use crate::support::{eventually, pg_url, settings, sqlite_url, unique, url};
@@ -419,4 +422,263 @@ async fn foreign_rows_on_sqlite_fail_alone_with_the_column_or_limit_named() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_rows_on_postgres_fail_alone_with_the_column_or_limit_named() {
     foreign_rows_fail_alone(pg_url().await, false).await;
+}
+
+/// A session of its own on the test's schema.
+async fn pg_session(url: &str) -> sqlx::PgConnection {
+    use sqlx::Connection as _;
+    sqlx::PgConnection::connect(url).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_current_schema_takes_no_lock_and_an_idle_relay_holds_no_transaction() {
+    use sqlx::Connection as _;
+    let url = pg_url().await;
+    let outbox = Outbox::connect(&url).await.unwrap();
+    let conn = single_connection().await;
+    let relay = outbox
+        .spawn_relay(&conn, RelayOptions::default())
+        .await
+        .unwrap();
+    // An idle relay has no transaction open: a session can take the
+    // table's strongest lock without waiting (before, the relay's claim
+    // stayed open, `idle in transaction`, for up to 30 s).
+    let mut admin = pg_session(&url).await;
+    let free = async {
+        loop {
+            let mut tx = admin.begin().await.unwrap();
+            let locked =
+                sqlx::raw_sql("LOCK TABLE rabbitry_outbox IN ACCESS EXCLUSIVE MODE NOWAIT")
+                    .execute(&mut *tx)
+                    .await
+                    .is_ok();
+            tx.rollback().await.unwrap();
+            if locked {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), free)
+        .await
+        .expect("the relay kept a transaction open on the table");
+    // Starting again on a current schema takes no lock at all: it goes
+    // through while another session holds the table exclusively.
+    let mut holder = pg_session(&url).await;
+    let mut tx = holder.begin().await.unwrap();
+    sqlx::raw_sql("LOCK TABLE rabbitry_outbox IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(30), Outbox::connect(&url))
+        .await
+        .expect("migrate waited for the table's lock")
+        .unwrap();
+    println!(
+        "migrate on a current schema beside an exclusive lock: {:?}",
+        started.elapsed()
+    );
+    tx.rollback().await.unwrap();
+    relay.stop().await.unwrap();
+    conn.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_inserts_go_on_while_relays_and_migrations_come_and_go() {
+    // A rolling restart: an application inserts into the outbox at a
+    // steady rate while relays start, migrate and stop. Each insert has a
+    // statement timeout of 5 s (a stall behind a migration's lock would
+    // reach it); the worst latency is printed, not asserted.
+    let url = pg_url().await;
+    let outbox = Outbox::connect(&url).await.unwrap();
+    let conn = single_connection().await;
+    let queue = queue(&conn).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writer = {
+        let (url, queue, stop) = (url.clone(), queue.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut session = pg_session(&url).await;
+            sqlx::raw_sql("SET statement_timeout = '5s'")
+                .execute(&mut session)
+                .await
+                .unwrap();
+            let (mut worst, mut n) = (Duration::ZERO, 0u32);
+            while !stop.is_cancelled() {
+                let started = std::time::Instant::now();
+                rabbitry::outbox::publish(
+                    &mut session,
+                    Message::new(format!("m{n}")).routing_key(&queue),
+                )
+                .await
+                .expect("an insert stalled behind a lock");
+                worst = worst.max(started.elapsed());
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (n, worst)
+        })
+    };
+    for _ in 0..5 {
+        let again = Outbox::connect(&url).await.unwrap();
+        let relay = again
+            .spawn_relay(&conn, RelayOptions::default())
+            .await
+            .unwrap();
+        let moved = conn.queue_status(&queue).await.unwrap().unwrap().messages;
+        eventually(Duration::from_secs(20), "the relay publishing", || {
+            let conn = conn.clone();
+            let queue = queue.clone();
+            async move { conn.queue_status(&queue).await.unwrap().unwrap().messages > moved }
+        })
+        .await;
+        relay.stop().await.unwrap();
+    }
+    stop.cancel();
+    let (n, worst) = writer.await.unwrap();
+    println!("{n} inserts beside 5 relay restarts; worst insert latency {worst:?}");
+    drop(outbox);
+    conn.delete_queue(&queue).await.unwrap();
+    conn.close().await;
+}
+
+/// Deletes a worker's queues: the queue, its dead-letter queue and the
+/// delay queues named.
+async fn delete_queues(conn: &Connection, queue: &str, delays: &[&str]) {
+    conn.delete_queue(queue).await.unwrap();
+    conn.delete_queue(&format!("{queue}.dead")).await.unwrap();
+    for d in delays {
+        conn.delete_queue(&format!("{queue}.retry.{d}"))
+            .await
+            .unwrap();
+    }
+}
+
+/// Waits for `n` dead letters in `queue`'s dead-letter queue.
+async fn dead_letters(conn: &Connection, queue: &str, n: usize) -> Vec<dead::DeadLetter> {
+    eventually(Duration::from_secs(20), "the dead letters", || {
+        let (conn, queue) = (conn.clone(), queue.to_owned());
+        async move { dead::list(&conn, &queue, n + 1).await.unwrap().len() >= n }
+    })
+    .await;
+    dead::list(conn, queue, n + 1).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_is_retried_after_the_shortest_delay_and_dead_lettered_after_the_budget() {
+    // Before, a conflict (HTTP 409) was requeued at once, for ever.
+    let conn = single_connection().await;
+    let queue = unique("conflict");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let running = Worker::new(&conn, calls.clone())
+        .shutdown_timeout(Duration::from_secs(5))
+        .consumer(
+            ConsumerSettings::new(&queue).name("busy"),
+            |State(calls): State<Arc<AtomicUsize>>| async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err::<(), _>(HandlerError::conflict("the row is locked"))
+            },
+        )
+        // A second retry after 10 s would time the test out: a conflict
+        // always waits the shortest delay.
+        .retry(Retry::attempts(3).delays([Duration::from_millis(100), Duration::from_secs(10)]))
+        .start()
+        .await
+        .unwrap();
+    Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
+        .await
+        .unwrap()
+        .publish(Message::new("update row 7"))
+        .await
+        .unwrap();
+    let letters = dead_letters(&conn, &queue, 1).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].attempts, Some(3));
+    assert!(letters[0].error.as_deref().unwrap_or("").contains("locked"));
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "three attempts, no requeue loop"
+    );
+    running.shutdown().await;
+    delete_queues(&conn, &queue, &["100ms", "10s"]).await;
+    conn.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_that_no_longer_fits_is_trimmed_and_the_other_consumers_go_on() {
+    let conn = single_connection().await;
+    let (poisoned, busy) = (unique("poisoned"), unique("busy"));
+    let running = Worker::new(&conn, ())
+        .shutdown_timeout(Duration::from_secs(5))
+        .consumer(
+            ConsumerSettings::new(&poisoned).name("poisoned"),
+            || async { Err::<(), _>(HandlerError::invalid("refused")) },
+        )
+        .retry(Retry::never())
+        .consumer(ConsumerSettings::new(&busy).name("busy"), || async {
+            Err::<(), _>(HandlerError::invalid("refused too"))
+        })
+        .retry(Retry::never())
+        .start()
+        .await
+        .unwrap();
+    let metrics = running.metrics();
+    // A message whose headers fill its frame but for 40 bytes, from a
+    // client that is not rabbitry: rabbitry's dead-letter headers would
+    // take it past the frame.
+    let raw = amqprs::connection::Connection::open(
+        &amqprs::connection::OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest"),
+    )
+    .await
+    .unwrap();
+    let fill = raw.frame_max() as usize - 8 - 27 - 40;
+    let ch = raw.open_channel(None).await.unwrap();
+    let mut headers = amqprs::FieldTable::new();
+    headers.insert(
+        "pad".try_into().unwrap(),
+        amqprs::FieldValue::S("p".repeat(fill).try_into().unwrap()),
+    );
+    let mut props = amqprs::BasicProperties::default();
+    props.with_headers(headers);
+    ch.basic_publish(
+        props.finish(),
+        b"the body stays".to_vec(),
+        amqprs::channel::BasicPublishArguments::new("", &poisoned),
+    )
+    .await
+    .unwrap();
+    // Meanwhile the other consumer of the process dead-letters its own.
+    let producer = Producer::new(&conn, ProducerSettings::default().routing_key(&busy))
+        .await
+        .unwrap();
+    for i in 0..100 {
+        producer
+            .publish(Message::new(format!("b{i}")))
+            .await
+            .unwrap();
+    }
+    let letters = dead_letters(&conn, &poisoned, 1).await;
+    let trimmed = letters[0]
+        .properties
+        .headers
+        .get(rabbitry::headers::TRIMMED)
+        .and_then(HeaderValue::as_str)
+        .expect("a note on what was dropped")
+        .to_owned();
+    assert!(trimmed.contains("pad"), "{trimmed}");
+    assert_eq!(letters[0].body, "the body stays");
+    let why = letters[0].error.clone().unwrap_or_default();
+    assert!(why.contains("refused") && why.contains("frame"), "{why}");
+    eventually(Duration::from_secs(20), "the other consumer's 100", || {
+        let m = metrics.clone();
+        async move { m.outcomes("busy", rabbitry::worker::metrics::Counted::DeadLetter) == 100 }
+    })
+    .await;
+    assert_eq!(dead_letters(&conn, &busy, 100).await.len(), 100);
+    raw.close().await.unwrap();
+    running.shutdown().await;
+    delete_queues(&conn, &poisoned, &[]).await;
+    delete_queues(&conn, &busy, &[]).await;
+    conn.close().await;
 }
