@@ -397,6 +397,43 @@ fn hostile_values_never_panic() {
             assert_eq!(code, Some(*want), "{args:?}: {err}");
         }
     }
+    // Names past AMQP's 255 bytes: a usage error that names the limit,
+    // before the client (which panicked on them) sees them.
+    let long = "n".repeat(300);
+    let long_header = format!("{long}=v");
+    let long_consumer = temp_file(
+        "long.toml",
+        format!("[consumers.{long}]\nqueue = \"q\"\nhandler = \"http://127.0.0.1:9/\"\n")
+            .as_bytes(),
+    );
+    let long_consumer = p(&long_consumer);
+    let long_names: Vec<Vec<&str>> = vec![
+        vec!["queues", &long],
+        vec!["rpc", "--routing-key", &long, "--timeout", "1s", "x"],
+        vec!["dead", "list", &long],
+        vec!["dead", "purge", &long],
+        vec!["dead", "replay", &long],
+        vec!["publish", "--routing-key", &long, "x"],
+        vec![
+            "publish",
+            "--routing-key",
+            &q,
+            "--header",
+            &long_header,
+            "x",
+        ],
+        vec!["publish", "--exchange", &long, "--routing-key", &q, "x"],
+        vec!["-c", &long_consumer, "worker"],
+    ];
+    for args in &long_names {
+        let out = rabbitry(args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("at most 255"),
+            "{args:?} names the limit: {err}"
+        );
+    }
     // A missing database is reported, not created.
     let path = missing_db.trim_start_matches("sqlite://");
     assert!(!std::path::Path::new(path).exists());

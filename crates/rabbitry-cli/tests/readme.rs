@@ -459,6 +459,77 @@ with db:
     conn.close().await;
 }
 
+/// The README's `retry-failed` block: a row refused for a bad TTL is fixed
+/// by hand, sent again by the command, and delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_retry_failed() {
+    let block = blocks_for("outbox_retry_failed")[0].text.clone();
+    let dir = std::env::temp_dir().join(rabbitry_test_support::unique("retry"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("sqlite://{}", dir.join("app.db").display());
+    let outbox = rabbitry::outbox::Outbox::connect(&url).await.unwrap();
+    let conn = rabbitry::Connection::open(rabbitry::ConnectionSettings::default())
+        .await
+        .unwrap();
+    let queue = example_queue(&conn, "retry-failed").await;
+    let rabbitry::outbox::Database::Sqlite(pool) = outbox.database() else {
+        unreachable!()
+    };
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, created_at) \
+         VALUES ('order-7', '', ?1, '{\"expiration\": \"1 day\"}', 'order 7 paid', 0) RETURNING id",
+    )
+    .bind(&queue)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let child = relay(&[&url]);
+    let exe = env!("CARGO_BIN_EXE_rabbitry");
+    let run = |command: &str| {
+        let command = command
+            .replace("sqlite://app.db", &url)
+            .replace("--id 42", &format!("--id {id}"));
+        let args: Vec<&str> = command.split_whitespace().skip(1).collect();
+        let out = Command::new(exe).args(&args).output().unwrap();
+        assert!(out.status.success(), "{command}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let commands: Vec<String> = steps(&block).into_iter().map(|s| s.command).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let status = run(&commands[0]);
+        if status.contains("failed: 1") || std::time::Instant::now() > deadline {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        status.contains("expiration") && status.contains(&format!("#{id}")),
+        "{status}"
+    );
+    sqlx::query("UPDATE rabbitry_outbox SET properties = '{}' WHERE id = ?1")
+        .bind(id)
+        .execute(pool)
+        .await
+        .unwrap();
+    let said = run(&commands[1]);
+    assert!(said.starts_with("1 failed row(s) pending again"), "{said}");
+    let mut consumer = rabbitry::Consumer::start(&conn, rabbitry::ConsumerSettings::new(&queue))
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+        .await
+        .expect("the fixed row, relayed")
+        .unwrap();
+    assert_eq!(&d.body[..], b"order 7 paid");
+    assert_eq!(d.properties.message_id.as_deref(), Some("order-7"));
+    d.ack().await.unwrap();
+    stop_relay(child).await;
+    drop(consumer);
+    conn.delete_queue(&queue).await.unwrap();
+    conn.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_rows_postgres() {
     let block = blocks_for("foreign_rows_postgres")[0].text.clone();

@@ -229,10 +229,15 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     drop(producer);
     conn.close().await;
     match failed {
-        Some(err) => {
+        Some((err, invalid)) => {
             eprintln!("error: {err}");
             eprintln!("published {done} of {} (confirmed)", args.count);
-            Ok(ExitCode::FAILURE)
+            // A message past a protocol limit is the arguments' fault.
+            Ok(ExitCode::from(if invalid {
+                crate::exit::USAGE
+            } else {
+                crate::exit::FAILURE
+            }))
         }
         None => {
             eprintln!("published {done} (confirmed)");
@@ -244,7 +249,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
 fn record(
     r: std::result::Result<rabbitry::Result<()>, tokio::task::JoinError>,
     done: &mut usize,
-    failed: &mut Option<String>,
+    failed: &mut Option<(String, bool)>,
     bar: Option<&ProgressBar>,
 ) {
     match r {
@@ -255,10 +260,10 @@ fn record(
             }
         }
         Ok(Err(e)) => {
-            failed.get_or_insert_with(|| e.to_string());
+            failed.get_or_insert_with(|| (e.to_string(), e.kind() == rabbitry::ErrorKind::Invalid));
         }
         Err(e) => {
-            failed.get_or_insert_with(|| e.to_string());
+            failed.get_or_insert_with(|| (e.to_string(), false));
         }
     }
 }

@@ -32,6 +32,9 @@ pub(super) trait Backend: Clone + Send + Sync + 'static {
     type Held: Send + 'static;
     /// How the database says a new row was committed, if it can.
     type Listener: Send + 'static;
+    /// What the active relay holds: PostgreSQL's advisory lock on a
+    /// session of its own, or when SQLite's lease was last renewed.
+    type Lead: Send + 'static;
     /// The database's name in errors.
     const NAME: &'static str;
 
@@ -55,6 +58,21 @@ pub(super) trait Backend: Clone + Send + Sync + 'static {
         held: Self::Held,
         outcome: &BatchOutcome,
     ) -> impl Future<Output = sqlx::Result<()>> + Send;
+
+    /// Becomes, or stays, the outbox's one active relay; `false` while
+    /// another relay is. One relay at a time keeps the commit order.
+    fn lead(
+        &self,
+        options: &RelayOptions,
+        lead: &mut Option<Self::Lead>,
+    ) -> impl Future<Output = sqlx::Result<bool>> + Send;
+
+    /// Gives the lead up (a clean stop): a standby takes over at once.
+    fn resign(
+        &self,
+        options: &RelayOptions,
+        lead: Option<Self::Lead>,
+    ) -> impl Future<Output = ()> + Send;
 
     /// Starts listening for commits, when the database can say.
     fn listen(&self) -> impl Future<Output = Option<Self::Listener>> + Send;

@@ -6,8 +6,9 @@
 //! confirms, in commit (id) order, and deletes a row only after its
 //! confirm; an unroutable or refused message is marked `failed` with the
 //! error (shown by `rabbitry outbox status`) instead of being retried in a
-//! tight loop. Several relays are safe: `FOR UPDATE SKIP LOCKED` on
-//! PostgreSQL, a lease on SQLite. The relay wakes at once: in-process when
+//! tight loop. Several relays may run on one outbox: one is active at a
+//! time (an advisory lock on PostgreSQL, a lease on SQLite), which keeps
+//! the commit order, and the others stand by to take over. The relay wakes at once: in-process when
 //! the commit goes through [`Outbox::commit`], by `LISTEN/NOTIFY` on
 //! PostgreSQL, and by polling otherwise.
 //!

@@ -1,7 +1,9 @@
-//! The outbox on PostgreSQL: several relays share the rows through row
-//! locks (`FOR UPDATE SKIP LOCKED`, held by the claim's transaction until
-//! its batch is confirmed), and an insert notifies listening relays
-//! (`pg_notify`, delivered when the writer's transaction commits).
+//! The outbox on PostgreSQL: one relay at a time is active, holding a
+//! session-level advisory lock (others stand by and take it when its
+//! session ends); claimed rows are locked (`FOR UPDATE SKIP LOCKED`, held
+//! by the claim's transaction until its batch is confirmed, which is what
+//! cancelling a scheduled row waits for); an insert notifies listening
+//! relays (`pg_notify`, delivered when the writer's transaction commits).
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -59,6 +61,13 @@ const CURRENT: &str = "SELECT to_regclass('rabbitry_outbox') IS NOT NULL \
         WHERE attrelid = to_regclass('rabbitry_outbox') AND attname = 'not_before' AND NOT attisdropped) \
     AND NOT EXISTS (SELECT 1 FROM pg_constraint \
         WHERE conrelid = to_regclass('rabbitry_outbox') AND conname = 'rabbitry_outbox_message_id_key')";
+
+/// The active relay's lock: a session-level advisory lock per schema (the
+/// table's), in the two-key space, apart from the migration's.
+const LEAD_LOCK: &str = "SELECT pg_try_advisory_lock(7263552, hashtext(current_schema()))";
+
+/// How often the active relay checks that its lock's session is alive.
+const LEAD_CHECK: Duration = Duration::from_secs(2);
 
 /// PostgreSQL's `lock_not_available`: `lock_timeout` passed.
 const LOCK_NOT_AVAILABLE: &str = "55P03";
@@ -126,6 +135,9 @@ impl Backend for PgPool {
     /// transaction` in front of a migration's lock.
     type Held = Option<Transaction<'static, Postgres>>;
     type Listener = PgListener;
+    /// The session that holds the advisory lock, and when it was last
+    /// seen alive.
+    type Lead = (PgConnection, tokio::time::Instant);
     const NAME: &'static str = "postgres";
 
     async fn migrate(&self) -> sqlx::Result<()> {
@@ -218,6 +230,49 @@ impl Backend for PgPool {
         // Rows that got neither stay pending: committing releases their
         // locks, and the next round takes them again.
         tx.commit().await
+    }
+
+    async fn lead(
+        &self,
+        _options: &RelayOptions,
+        lead: &mut Option<Self::Lead>,
+    ) -> sqlx::Result<bool> {
+        if let Some((session, seen)) = lead {
+            if seen.elapsed() < LEAD_CHECK {
+                return Ok(true);
+            }
+            match sqlx::query("SELECT 1").execute(&mut *session).await {
+                Ok(_) => {
+                    *seen = tokio::time::Instant::now();
+                    return Ok(true);
+                }
+                Err(e) => {
+                    // The session, and with it the lock, is gone: another
+                    // relay may be active already.
+                    tracing::warn!(error = %e, "the relay lost its lock's session; standing by");
+                    *lead = None;
+                }
+            }
+        }
+        // A session of its own, outside the pool: the lock ends with it,
+        // whether the relay stops, its process dies or the network drops.
+        let mut session = self.acquire().await?.detach();
+        let got: bool = sqlx::query_scalar(LEAD_LOCK)
+            .fetch_one(&mut session)
+            .await?;
+        if got {
+            *lead = Some((session, tokio::time::Instant::now()));
+        } else {
+            let _ = sqlx::Connection::close(session).await;
+        }
+        Ok(got)
+    }
+
+    async fn resign(&self, _options: &RelayOptions, lead: Option<Self::Lead>) {
+        if let Some((session, _)) = lead {
+            // Closing the session releases the lock.
+            let _ = sqlx::Connection::close(session).await;
+        }
     }
 
     async fn listen(&self) -> Option<PgListener> {

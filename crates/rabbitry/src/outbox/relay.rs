@@ -61,6 +61,9 @@ impl Relay {
 /// How often a relay that hears of commits looks anyway.
 const LISTENING_POLL: Duration = Duration::from_secs(30);
 
+/// How often a standby relay asks for the lead, at most.
+const STANDBY_POLL: Duration = Duration::from_millis(500);
+
 /// A claimed row, as the message it stores.
 pub(super) struct Claimed {
     pub(super) id: i64,
@@ -125,8 +128,23 @@ impl<B: Backend> Clone for RelayLoop<B> {
 }
 
 impl<B: Backend> RelayLoop<B> {
+    /// Publishes while this relay is the outbox's active one, stands by
+    /// while another is, and gives the lead up when it stops.
     async fn run(self, producer: Producer, stop: CancellationToken) -> Result<()> {
+        let mut lead = None;
+        let result = self.serve(&producer, &stop, &mut lead).await;
+        self.pool.resign(&self.options, lead).await;
+        result
+    }
+
+    async fn serve(
+        &self,
+        producer: &Producer,
+        stop: &CancellationToken,
+        lead: &mut Option<B::Lead>,
+    ) -> Result<()> {
         let options = self.options.clone();
+        let mut standing_by = false;
         let mut listener = self.pool.listen().await;
         // With commits announced (PostgreSQL), polling is only a safety
         // net; otherwise it is how other processes' commits are found.
@@ -144,6 +162,34 @@ impl<B: Backend> RelayLoop<B> {
             if stop.is_cancelled() {
                 drain(&mut in_flight).await?;
                 return Ok(());
+            }
+            // One active relay per outbox keeps the commit order; the
+            // others wait to take over.
+            match self.pool.lead(&options, lead).await {
+                Ok(true) if standing_by => {
+                    standing_by = false;
+                    tracing::info!(outbox = %self.url, owner = %options.owner, "now the outbox's active relay");
+                }
+                Ok(true) => {}
+                Ok(false) => {
+                    drain(&mut in_flight).await.ok();
+                    if !standing_by {
+                        standing_by = true;
+                        tracing::info!(outbox = %self.url, owner = %options.owner, "another relay is active on this outbox; standing by");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(options.poll.min(STANDBY_POLL)) => continue,
+                        _ = stop.cancelled() => return Ok(()),
+                    }
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, ?delay, "taking the relay's lead failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => continue,
+                        _ = stop.cancelled() => return drain(&mut in_flight).await,
+                    }
+                }
             }
             // Register for a wake-up before looking, so that a commit made
             // while we look is not missed.
@@ -165,7 +211,7 @@ impl<B: Backend> RelayLoop<B> {
             let (rows, held) = claimed;
             let got = !rows.is_empty();
             if got {
-                let submitted = submit_all(&producer, rows).await;
+                let submitted = submit_all(producer, rows).await;
                 let relay = self.clone();
                 in_flight.push_back(tokio::spawn(
                     async move { relay.finish(held, submitted).await },
@@ -311,7 +357,7 @@ pub(super) fn claimed_from(id: i64, c: Columns) -> Claimed {
         let (body, mandatory, message_id) = (c.body?, c.mandatory?, c.message_id?);
         c.created_at?;
         let mut properties = store::decode(&c.properties?)
-            .map_err(|e| format!("column properties: malformed JSON: {e}"))?;
+            .map_err(|e| format!("malformed properties (JSON) in column properties: {e}"))?;
         // The documented column is the message id when the properties do
         // not set one, so that consumers can tell a resend.
         if properties.message_id.is_none() {

@@ -1,5 +1,7 @@
 //! The outbox on SQLite, the embedded default: the file is opened in WAL
-//! mode; several relays share the rows through a lease (`lease_owner`,
+//! mode; one relay at a time is active, holding the lease in
+//! `rabbitry_outbox_relay` (others stand by and take over when it is not
+//! renewed); claimed rows carry a lease of their own (`lease_owner`,
 //! `lease_until`) taken and returned by one `UPDATE ... RETURNING`; other
 //! processes' commits are found by polling.
 
@@ -38,6 +40,11 @@ CREATE TABLE IF NOT EXISTS rabbitry_outbox (
     not_before INTEGER
 );
 CREATE INDEX IF NOT EXISTS rabbitry_outbox_pending ON rabbitry_outbox (status, id);
+CREATE TABLE IF NOT EXISTS rabbitry_outbox_relay (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    owner TEXT NOT NULL,
+    lease_until INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS rabbitry_inbox (
     consumer TEXT NOT NULL,
     message_id TEXT NOT NULL,
@@ -163,6 +170,7 @@ fn id_list(ids: &[i64]) -> String {
 impl Backend for SqlitePool {
     type Held = ();
     type Listener = ();
+    type Lead = tokio::time::Instant;
     const NAME: &'static str = "sqlite";
 
     async fn migrate(&self) -> sqlx::Result<()> {
@@ -269,6 +277,46 @@ impl Backend for SqlitePool {
             .await?;
         }
         tx.commit().await
+    }
+
+    async fn lead(
+        &self,
+        options: &RelayOptions,
+        lead: &mut Option<tokio::time::Instant>,
+    ) -> sqlx::Result<bool> {
+        // Renewed when a quarter of the lease has passed: one write every
+        // few seconds, whatever the relay's pace.
+        if lead.is_some_and(|renewed| renewed.elapsed() < options.lease / 4) {
+            return Ok(true);
+        }
+        let now = now_millis();
+        let taken = sqlx::query(
+            "INSERT INTO rabbitry_outbox_relay (id, owner, lease_until) VALUES (1, ?1, ?2) \
+             ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until \
+             WHERE rabbitry_outbox_relay.owner = excluded.owner OR rabbitry_outbox_relay.lease_until < ?3",
+        )
+        .bind(&options.owner)
+        .bind(now + options.lease.as_millis() as i64)
+        .bind(now)
+        .execute(self)
+        .await?
+        .rows_affected()
+            == 1;
+        *lead = taken.then(tokio::time::Instant::now);
+        Ok(taken)
+    }
+
+    async fn resign(&self, options: &RelayOptions, lead: Option<tokio::time::Instant>) {
+        if lead.is_none() {
+            return;
+        }
+        if let Err(e) = sqlx::query("DELETE FROM rabbitry_outbox_relay WHERE owner = ?1")
+            .bind(&options.owner)
+            .execute(self)
+            .await
+        {
+            tracing::warn!(error = %e, "giving up the relay's lease failed; it ends by itself");
+        }
     }
 
     async fn listen(&self) -> Option<()> {

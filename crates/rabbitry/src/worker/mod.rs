@@ -667,6 +667,16 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
                 .retry
                 .validate()
                 .map_err(|e| err(e.context().to_owned()))?;
+            // Every name it declares (its retry and dead-letter queues
+            // included) and its consumer tag fit in a short string.
+            crate::topology::check_names(&c.topology())
+                .and_then(|()| {
+                    crate::limits::check_short(
+                        "consumer tag (the consumer's name and 33 bytes)",
+                        &format!("{name}.{}", "0".repeat(32)),
+                    )
+                })
+                .map_err(|e| err(e.context().to_owned()))?;
             if c.options.concurrency == 0 {
                 return Err(err("concurrency must be at least 1".into()));
             }

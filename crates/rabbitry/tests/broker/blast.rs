@@ -682,3 +682,121 @@ async fn a_dead_letter_that_no_longer_fits_is_trimmed_and_the_other_consumers_go
     delete_queues(&conn, &busy, &[]).await;
     conn.close().await;
 }
+
+/// Two relays on one outbox while 3,000 rows are committed in 30
+/// transactions: every row arrives, and first arrivals are in commit order
+/// (before, two relays interleaved their batches: hundreds of inversions).
+async fn two_relays_keep_the_commit_order(url: String) {
+    let conn = single_connection().await;
+    let queue = queue(&conn).await;
+    let outbox = Outbox::connect(&url).await.unwrap();
+    let relays = [
+        outbox
+            .spawn_relay(&conn, RelayOptions::default())
+            .await
+            .unwrap(),
+        outbox
+            .spawn_relay(&conn, RelayOptions::default())
+            .await
+            .unwrap(),
+    ];
+    let writer = {
+        let (outbox, queue) = (outbox.clone(), queue.clone());
+        tokio::spawn(async move {
+            for t in 0..30 {
+                let messages = (0..100).map(|i| {
+                    Message::new(format!("{}", t * 100 + i))
+                        .routing_key(&queue)
+                        .message_id(format!("m{}", t * 100 + i))
+                });
+                match outbox.database() {
+                    Database::Sqlite(_) => {
+                        let mut tx = outbox.begin::<sqlx::Sqlite>().await.unwrap();
+                        messages.for_each(|m| drop(tx.publish(m).unwrap()));
+                        tx.commit().await.unwrap();
+                    }
+                    Database::Postgres(_) => {
+                        let mut tx = outbox.begin::<sqlx::Postgres>().await.unwrap();
+                        messages.for_each(|m| drop(tx.publish(m).unwrap()));
+                        tx.commit().await.unwrap();
+                    }
+                }
+            }
+        })
+    };
+    let got = first_arrivals(&conn, &queue, 3_000).await;
+    writer.await.unwrap();
+    let numbers: Vec<usize> = got.iter().map(|b| b.parse().unwrap()).collect();
+    let inversions = numbers.windows(2).filter(|w| w[0] > w[1]).count();
+    assert_eq!(inversions, 0, "first arrivals out of commit order");
+    assert_eq!(numbers, (0..3_000).collect::<Vec<_>>());
+    for r in relays {
+        r.stop().await.unwrap();
+    }
+    conn.delete_queue(&queue).await.unwrap();
+    conn.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_on_sqlite_keep_the_commit_order() {
+    two_relays_keep_the_commit_order(sqlite_url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_on_postgres_keep_the_commit_order() {
+    two_relays_keep_the_commit_order(pg_url().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sqlite_a_standby_relay_takes_over_when_the_active_ones_lease_runs_out() {
+    // The active relay died without giving its lease up: its row says so
+    // until the lease runs out.
+    let conn = single_connection().await;
+    let queue = queue(&conn).await;
+    let outbox = Outbox::connect(&sqlite_url()).await.unwrap();
+    let until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        + 600_000;
+    execute(
+        outbox.database(),
+        &format!(
+            "INSERT INTO rabbitry_outbox_relay (id, owner, lease_until) VALUES (1, 'dead-relay', {until})"
+        ),
+    )
+    .await;
+    let relay = outbox
+        .spawn_relay(&conn, RelayOptions::default())
+        .await
+        .unwrap();
+    let mut tx = outbox.begin::<sqlx::Sqlite>().await.unwrap();
+    tx.publish(Message::new("waits").routing_key(&queue).message_id("w"))
+        .unwrap();
+    tx.commit().await.unwrap();
+    let mut consumer = Consumer::start(&conn, ConsumerSettings::new(&queue))
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), consumer.next())
+            .await
+            .is_err(),
+        "published while another relay held the lease"
+    );
+    // The lease runs out (here: at once).
+    execute(
+        outbox.database(),
+        "UPDATE rabbitry_outbox_relay SET lease_until = 0",
+    )
+    .await;
+    let d = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+        .await
+        .expect("the standby took over")
+        .unwrap();
+    assert_eq!(&d.body[..], b"waits");
+    d.ack().await.unwrap();
+    relay.stop().await.unwrap();
+    drop(consumer);
+    conn.delete_queue(&queue).await.unwrap();
+    conn.close().await;
+}
