@@ -21,7 +21,16 @@ pub(crate) struct Args {
     /// age and failed rows of each database), /livez, /readyz, /status.
     #[arg(long, value_name = "ADDR")]
     admin: Option<std::net::SocketAddr>,
+    /// On SQLite, how long the active relay's lease lasts: a standby takes
+    /// over this long after the active relay died (default 10s). On
+    /// PostgreSQL a standby takes over as soon as the active relay's
+    /// session ends.
+    #[arg(long, value_name = "DURATION")]
+    lease: Option<String>,
 }
+
+/// How long a relay may take to finish its round when asked to stop.
+const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     if args.databases.is_empty() {
@@ -30,6 +39,13 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     if args.admin.is_some() {
         // Before the connection makes its metric handles.
         rabbitry::admin::install_prometheus();
+    }
+    let mut options = RelayOptions::default();
+    if let Some(lease) = &args.lease {
+        options.lease = rabbitry::config::parse_duration(lease)?;
+        if options.lease < std::time::Duration::from_millis(100) {
+            usage!("--lease {lease}: at least 100ms");
+        }
     }
     let settings = global.settings()?;
     // The databases first: a wrong URL is said before anything else runs.
@@ -40,7 +56,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     let conn = global.connect_default(&settings).await?;
     let mut relays = Vec::new();
     for outbox in &outboxes {
-        relays.push(outbox.spawn_relay(&conn, RelayOptions::default()).await?);
+        relays.push(outbox.spawn_relay(&conn, options.clone()).await?);
         eprintln!("relay: publishing the outbox of {}", outbox.url());
     }
     let admin = match args.admin {
@@ -62,9 +78,20 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     }
     let mut failed = false;
     for relay in relays {
-        if let Err(e) = relay.stop().await {
-            eprintln!("relay: {e}");
-            failed = true;
+        // Bounded, whatever the relay is doing: what was in flight stays
+        // pending and goes out again from the next relay.
+        match tokio::time::timeout(STOP_TIMEOUT, relay.stop()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                eprintln!("relay: {e}");
+                failed = true;
+            }
+            Err(_) => {
+                eprintln!(
+                    "relay: did not stop within {STOP_TIMEOUT:?}; its unconfirmed rows stay pending"
+                );
+                failed = true;
+            }
         }
     }
     conn.close().await;

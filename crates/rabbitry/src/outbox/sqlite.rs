@@ -302,6 +302,17 @@ impl Backend for SqlitePool {
         .await?
         .rows_affected()
             == 1;
+        if taken && lead.is_none() {
+            // Rows the previous active relay had claimed are free at once,
+            // so that they go out first, in order.
+            sqlx::query(
+                "UPDATE rabbitry_outbox SET lease_owner = NULL, lease_until = NULL \
+                 WHERE lease_owner IS NOT NULL AND substr(lease_owner, 1, length(?1) + 1) <> ?1 || ':'",
+            )
+            .bind(&options.owner)
+            .execute(self)
+            .await?;
+        }
         *lead = taken.then(tokio::time::Instant::now);
         Ok(taken)
     }
