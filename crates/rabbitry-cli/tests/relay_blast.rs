@@ -9,6 +9,8 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
@@ -207,6 +209,7 @@ fn relay(url: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_rabbitry"))
         .args(["relay", "--lease", "1s", "--database", url])
         .env("RABBITRY_LOG", "error")
+        .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("rabbitry relay")
@@ -419,4 +422,160 @@ fn generated_sqlite_outboxes_through_killed_relays_deliver_every_good_row_and_fa
 fn generated_postgres_outboxes_through_killed_relays_deliver_every_good_row_and_fail_each_bad_one()
 {
     check(false);
+}
+
+/// Two `rabbitry relay` processes on one outbox while an application
+/// commits a row every 10 ms: the active one is SIGKILLed, the standby
+/// takes over; every row arrives once in commit order. Prints the
+/// takeover time: from the kill to the first row the standby published.
+async fn takeover(url: String, lease: &str) {
+    let conn = Connection::open(rabbitry::ConnectionSettings::default())
+        .await
+        .unwrap();
+    let queue = unique("takeover");
+    let mut t = Topology::default();
+    t.queue(rabbitry::Queue::durable(&queue));
+    conn.declare(&t).await.unwrap();
+    let outbox = Outbox::connect(&url).await.unwrap();
+    let start = |url: &str| {
+        Command::new(env!("CARGO_BIN_EXE_rabbitry"))
+            .args(["relay", "--lease", lease, "--database", url])
+            .env("RABBITRY_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("rabbitry relay")
+    };
+    let first = start(&url);
+    let stop = flag::Flag::default();
+    let written = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (db, queue, stop) = (outbox.database().clone(), queue.clone(), stop.clone());
+        let written = written.clone();
+        tokio::spawn(async move {
+            let mut n = 0usize;
+            while !stop.is_set() {
+                // As the README says a foreign writer does: on PostgreSQL,
+                // a NOTIFY wakes the relay.
+                let (body, notify) = match db {
+                    Database::Sqlite(_) => (format!("CAST('{n}' AS BLOB)"), ""),
+                    Database::Postgres(_) => (
+                        format!("convert_to('{n}', 'UTF8')"),
+                        "; NOTIFY rabbitry_outbox",
+                    ),
+                };
+                execute(
+                    &db,
+                    format!(
+                        "INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, created_at) \
+                         VALUES ('id-{n}', '', '{queue}', '{{}}', {body}, 0){notify}"
+                    ),
+                )
+                .await;
+                n += 1;
+                written.store(n, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            n
+        })
+    };
+    let mut consumer = Consumer::start(&conn, ConsumerSettings::new(&queue))
+        .await
+        .unwrap();
+    let (mut seen, mut order) = (HashSet::new(), Vec::<usize>::new());
+    async fn one(consumer: &mut Consumer) -> usize {
+        let d = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await
+            .expect("a row within 30 s")
+            .unwrap();
+        let n = String::from_utf8(d.body.to_vec()).unwrap().parse().unwrap();
+        d.ack().await.unwrap();
+        n
+    }
+    // The first relay is active once rows flow; then the standby starts.
+    while order.len() < 50 {
+        let n = one(&mut consumer).await;
+        if seen.insert(n) {
+            order.push(n);
+        }
+    }
+    let standby = start(&url);
+    while order.len() < 100 {
+        let n = one(&mut consumer).await;
+        if seen.insert(n) {
+            order.push(n);
+        }
+    }
+    signal(&first, "-KILL");
+    let killed_at = std::time::Instant::now();
+    // Rows written from now on can only come from the standby.
+    let after_kill = written.load(Ordering::SeqCst);
+    exits_within(first, Duration::from_secs(5)).await;
+    let mut taken_over = None;
+    while order.len() < 300 {
+        let n = one(&mut consumer).await;
+        if seen.insert(n) {
+            order.push(n);
+        }
+        if taken_over.is_none() && n > after_kill {
+            taken_over = Some(killed_at.elapsed());
+        }
+    }
+    stop.set();
+    let written = writer.await.unwrap();
+    while order.len() < written {
+        let n = one(&mut consumer).await;
+        if seen.insert(n) {
+            order.push(n);
+        }
+    }
+    assert_eq!(
+        order,
+        (0..written).collect::<Vec<_>>(),
+        "every row once, in commit order"
+    );
+    println!(
+        "{}: takeover after SIGKILL of the active relay: {:?} ({written} rows, in order)",
+        if url.starts_with("sqlite") {
+            "sqlite, lease 1s"
+        } else {
+            "postgres"
+        },
+        taken_over.unwrap()
+    );
+    signal(&standby, "-TERM");
+    assert!(exits_within(standby, Duration::from_secs(15))
+        .await
+        .success());
+    drop(consumer);
+    conn.delete_queue(&queue).await.unwrap();
+    conn.close().await;
+}
+
+/// A flag shared with the writer task.
+mod flag {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    #[derive(Clone, Default)]
+    pub(crate) struct Flag(Arc<AtomicBool>);
+
+    impl Flag {
+        pub(crate) fn set(&self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+        pub(crate) fn is_set(&self) -> bool {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_standby_relay_takes_over_from_a_killed_one_in_order() {
+    takeover(pg_url().await, "10s").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sqlite_a_standby_relay_takes_over_from_a_killed_one_in_order() {
+    takeover(sqlite_url(), "1s").await;
 }
