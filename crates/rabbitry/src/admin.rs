@@ -10,13 +10,18 @@
 //! | `GET /status` | a live HTML page of the same, with the dead letters and Replay and Purge buttons |
 //! | `GET /api/status` | the same as JSON: connections, consumers (expected and broker-counted consumers, ready, rate, last error), dead-letter counts, outboxes, RPC calls in flight, the last 50 failures |
 //! | `GET /api/events` | server-sent events: the status with the dead letters, every second, read once for all listeners |
-//! | `GET /api/dead/{queue}` | the dead letters of a consumer's queue, with their reasons |
+//! | `GET /api/dead/{queue}` | the dead letters of a consumer's queue (`?limit=N`, at most [`MAX_DEAD_PAGE`]), with their reasons; their bodies only with the token |
 //! | `POST /api/dead/{queue}/replay` | sends dead letters back to their queue: all, `{"count": N}` or `{"message_ids": [...]}` (needs the token) |
 //! | `POST /api/dead/{queue}/purge` | deletes them, or the oldest `{"count": N}` (needs the token) |
 //!
 //! Changes need `Authorization: Bearer TOKEN`; without it the answer is
 //! 401 and nothing changes. The token is given ([`Admin::token`]), or read
 //! from `RABBITRY_ADMIN_TOKEN`, or made up at start and logged once.
+//!
+//! A request whose `Host` is a name other than `localhost` or one given
+//! ([`Admin::allowed_host`], `RABBITRY_ADMIN_HOSTS`) is refused with 421:
+//! a web page elsewhere cannot reach the listener through DNS rebinding.
+//! An IP address as the host is always accepted.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -113,6 +118,7 @@ pub struct Admin {
     outboxes: Outboxes,
     outbox_threshold: i64,
     token: Option<String>,
+    hosts: Vec<String>,
 }
 
 impl Default for Admin {
@@ -125,6 +131,7 @@ impl Default for Admin {
             outboxes: Vec::new(),
             outbox_threshold: DEFAULT_OUTBOX_THRESHOLD,
             token: None,
+            hosts: Vec::new(),
         }
     }
 }
@@ -216,8 +223,25 @@ impl Admin {
         self
     }
 
+    /// A host name (as in the `Host` header, without the port) the routes
+    /// answer besides `localhost` and IP addresses: the name the listener
+    /// is reached by behind a proxy, say.
+    pub fn allowed_host(mut self, host: impl Into<String>) -> Admin {
+        self.hosts.push(host.into().to_ascii_lowercase());
+        self
+    }
+
     /// The routes. Installs the Prometheus recorder if nothing did.
     pub fn router(self) -> Router {
+        let mut hosts = self.hosts;
+        if let Ok(list) = std::env::var("RABBITRY_ADMIN_HOSTS") {
+            hosts.extend(
+                list.split(',')
+                    .map(|h| h.trim().to_ascii_lowercase())
+                    .filter(|h| !h.is_empty()),
+            );
+        }
+        let hosts: Arc<[String]> = hosts.into();
         let token = self
             .token
             .or_else(|| std::env::var("RABBITRY_ADMIN_TOKEN").ok())
@@ -248,7 +272,54 @@ impl Admin {
             .route("/api/dead/{queue}", get(dead_list))
             .route("/api/dead/{queue}/{action}", post(dead_change))
             .with_state(shared)
+            .layer(axum::middleware::from_fn(move |req, next| {
+                check_host(hosts.clone(), req, next)
+            }))
     }
+}
+
+/// Refuses a request whose `Host` names a host this listener was not told
+/// about (DNS rebinding: a page on another site whose name now points
+/// here). IP addresses and `localhost` are accepted.
+async fn check_host(
+    hosts: Arc<[String]>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    if host_allowed(host, &hosts) {
+        next.run(req).await
+    } else {
+        (
+            StatusCode::MISDIRECTED_REQUEST,
+            Json(json!({ "error": format!(
+                "host '{}' is not one this admin listener answers; add it with Admin::allowed_host or RABBITRY_ADMIN_HOSTS",
+                crate::limits::shorten(host, 80)
+            ) })),
+        )
+            .into_response()
+    }
+}
+
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    // The name without the port; an IPv6 address keeps its brackets.
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !name.ends_with(':') => {
+            name
+        }
+        _ => host,
+    }
+    .to_ascii_lowercase();
+    let bare = name.trim_start_matches('[').trim_end_matches(']');
+    // No Host at all: not a browser.
+    name.is_empty()
+        || bare.parse::<std::net::IpAddr>().is_ok()
+        || name == "localhost"
+        || allowed.contains(&name)
 }
 
 async fn metrics_text(State(s): State<Arc<Shared>>) -> Response {
@@ -429,10 +500,13 @@ fn unauthorized() -> Response {
 
 /// Whether the request carries the token.
 fn authorized(s: &Shared, headers: &HeaderMap) -> bool {
+    // The scheme is case-insensitive (RFC 9110).
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
         .unwrap_or_default();
     // The same time whatever the first differing byte.
     given.len() == s.token.len()
@@ -465,18 +539,40 @@ struct ReplayBody {
     message_ids: Option<Vec<String>>,
 }
 
+/// The most dead letters one `GET /api/dead/{queue}` lists: each is held
+/// (unacknowledged) and kept in memory until the page is sent.
+pub const MAX_DEAD_PAGE: usize = 200;
+
 async fn dead_list(
     State(s): State<Arc<Shared>>,
     Path(queue): Path<String>,
     Query(q): Query<Limit>,
+    headers: HeaderMap,
 ) -> Response {
     let Some(c) = consumer_of(&s, &queue) else {
         return not_served(&queue);
     };
-    match dead::list(&c.connection, &queue, q.limit.unwrap_or(100)).await {
+    let limit = q.limit.unwrap_or(100).min(MAX_DEAD_PAGE);
+    let bodies = authorized(&s, &headers);
+    match dead::list(&c.connection, &queue, limit).await {
         Ok(letters) => {
-            let letters: Vec<_> = letters.iter().map(status::letter_json).collect();
-            Json(json!({ "queue": queue, "dead_letters": letters })).into_response()
+            let letters: Vec<_> = letters
+                .iter()
+                .map(|d| {
+                    let mut letter = status::letter_json(d);
+                    if !bodies {
+                        letter["body"] = serde_json::Value::Null;
+                    }
+                    letter
+                })
+                .collect();
+            Json(json!({
+                "queue": queue,
+                "limit": limit,
+                "bodies": if bodies { "shown" } else { "hidden: they need Authorization: Bearer TOKEN" },
+                "dead_letters": letters,
+            }))
+            .into_response()
         }
         Err(e) => failed(e),
     }

@@ -89,6 +89,13 @@ pub(crate) async fn serve_admin(
         .await
         .with_context(|| format!("binding the admin address {addr}"))?;
     let bound = listener.local_addr()?;
+    if !bound.ip().is_loopback() {
+        tracing::warn!(
+            address = %bound,
+            "the admin listener is reachable from other machines: /metrics, /status and the \
+             dead letters' headers are readable without the token; changes and bodies need it"
+        );
+    }
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, router).await;
     });

@@ -107,6 +107,7 @@ pub(super) struct RawConsumer {
     pub(super) reply_exchange: Option<String>,
     pub(super) concurrency: Option<usize>,
     pub(super) timeout: Option<String>,
+    pub(super) max_response: Option<usize>,
     pub(super) partitions: Option<u16>,
     pub(super) partition_key: Option<String>,
 }

@@ -313,6 +313,9 @@ fn consumer_section(
         reply_exchange: c.reply_exchange.unwrap_or_default(),
         delivery_limit: c.delivery_limit,
         partitions,
+        max_response: c
+            .max_response
+            .unwrap_or(crate::worker::DEFAULT_MAX_RESPONSE),
     };
     Ok(ConsumerConfig {
         connection,

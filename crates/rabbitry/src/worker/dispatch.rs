@@ -189,10 +189,11 @@ async fn run_handler<S: Clone + Send + Sync + 'static>(
                 Err(e) => return Err(e),
             };
             let service = service.clone();
+            let limit = rt.options.max_response;
             Box::pin(async move {
-                match service(req).await {
+                match service(req, limit).await {
                     Ok(resp) => http::from_response(resp),
-                    Err(e) => Err(HandlerError::retry(e)),
+                    Err(e) => Err(e),
                 }
             })
         }

@@ -72,10 +72,40 @@ where
 {
 }
 
-/// A service with its types erased: request in, status/headers/body out, or
-/// a transport error (unreachable, reset).
-pub(crate) type BoxService =
-    Arc<dyn Fn(Request<RequestBody>) -> BoxFuture<Result<Response<Bytes>, String>> + Send + Sync>;
+/// A service with its types erased: a request and the largest response
+/// body to read in; status, headers and body out, or why there is none (a
+/// transport error is retried; a response past the limit is not).
+pub(crate) type BoxService = Arc<
+    dyn Fn(Request<RequestBody>, usize) -> BoxFuture<Result<Response<Bytes>, HandlerError>>
+        + Send
+        + Sync,
+>;
+
+/// Reads a response body, at most `limit` bytes of it: past the limit, the
+/// rest is not read and the request fails for good (the same response
+/// would come again).
+async fn read_limited<B>(body: B, limit: usize, what: &str) -> Result<Bytes, HandlerError>
+where
+    B: http_body::Body<Data = Bytes> + Send,
+    B::Error: std::fmt::Display,
+{
+    let mut body = std::pin::pin!(body);
+    let mut read = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| HandlerError::retry(format!("{what}: reading the response: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            if read.len() + data.len() > limit {
+                return Err(HandlerError::invalid(format!(
+                    "{what}: the response body is larger than the consumer's max_response \
+                     ({limit} bytes); the rest was not read"
+                )));
+            }
+            read.extend_from_slice(&data);
+        }
+    }
+    Ok(read.freeze())
+}
 
 /// A handler URL must be an absolute `http://` URL with a host.
 pub(crate) fn check_url(url: &str) -> Result<(), String> {
@@ -301,16 +331,15 @@ pub(crate) fn from_response(resp: Response<Bytes>) -> Result<Reply, HandlerError
 
 /// Erases a tower service (an axum `Router`, say).
 pub(crate) fn boxed_service<Svc: RequestService<RB>, RB: ResponseBody>(service: Svc) -> BoxService {
-    Arc::new(move |req| {
+    Arc::new(move |req, limit| {
         let svc = service.clone();
         Box::pin(async move {
-            let resp = svc.oneshot(req).await.map_err(|e| e.to_string())?;
-            let (parts, body) = resp.into_parts();
-            let bytes = body
-                .collect()
+            let resp = svc
+                .oneshot(req)
                 .await
-                .map_err(|e| format!("reading the response body: {e}"))?
-                .to_bytes();
+                .map_err(|e| HandlerError::retry(e.to_string()))?;
+            let (parts, body) = resp.into_parts();
+            let bytes = read_limited(body, limit, "the service").await?;
             Ok(Response::from_parts(parts, bytes))
         })
     })
@@ -321,20 +350,16 @@ pub(crate) fn url_client(timeout: Duration) -> BoxService {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .build_http::<RequestBody>();
-    Arc::new(move |req| {
+    Arc::new(move |req, limit| {
         let client = client.clone();
         Box::pin(async move {
             let uri = req.uri().to_string();
             let resp = tokio::time::timeout(timeout, client.request(req))
                 .await
-                .map_err(|_| format!("{uri}: no response within {timeout:?}"))?
-                .map_err(|e| format!("{uri}: unreachable: {e}"))?;
+                .map_err(|_| HandlerError::retry(format!("{uri}: no response within {timeout:?}")))?
+                .map_err(|e| HandlerError::retry(format!("{uri}: unreachable: {e}")))?;
             let (parts, body) = resp.into_parts();
-            let bytes = body
-                .collect()
-                .await
-                .map_err(|e| format!("{uri}: reading the response: {e}"))?
-                .to_bytes();
+            let bytes = read_limited(body, limit, &uri).await?;
             Ok(Response::from_parts(parts, bytes))
         })
     })

@@ -89,6 +89,11 @@ pub type ErrorHandler = Arc<dyn Fn(Arc<Delivery>, HandlerError) -> BoxFuture<()>
 /// How long one handler may run unless told otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The largest response an HTTP handler may give, unless told otherwise
+/// (8 MiB: well under the broker's maximum message size, 16 MiB on
+/// RabbitMQ 4, so that the reply can go).
+pub const DEFAULT_MAX_RESPONSE: usize = 8 * 1024 * 1024;
+
 /// How long shutdown waits for handlers in flight unless told otherwise.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -112,6 +117,10 @@ pub struct ConsumerOptions {
     /// Split into partition queues for per-key ordering (see
     /// [`partition`]).
     pub partitions: Option<Partitions>,
+    /// The largest response body an HTTP handler (a tower service or an
+    /// HTTP URL) may give, in bytes. Past it, the request fails without
+    /// reading the rest, and the message is dead-lettered with the reason.
+    pub max_response: usize,
 }
 
 impl Default for ConsumerOptions {
@@ -123,6 +132,7 @@ impl Default for ConsumerOptions {
             reply_exchange: String::new(),
             delivery_limit: None,
             partitions: None,
+            max_response: DEFAULT_MAX_RESPONSE,
         }
     }
 }
@@ -381,6 +391,16 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
     /// When no consumer was added yet.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.last("timeout").options.timeout = timeout;
+        self
+    }
+
+    /// The largest response body (bytes) the HTTP handler of the consumer
+    /// added last may give ([`DEFAULT_MAX_RESPONSE`] unless set).
+    ///
+    /// # Panics
+    /// When no consumer was added yet.
+    pub fn max_response(mut self, bytes: usize) -> Self {
+        self.last("max_response").options.max_response = bytes;
         self
     }
 

@@ -45,10 +45,21 @@ async fn http_with(
     token: Option<&str>,
     body: &str,
 ) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    raw_http(addr, method, path, &format!("Host: {addr}\r\n{auth}"), body).await
+}
+
+/// One HTTP/1.1 request with the given header lines (each ending in CRLF).
+async fn raw_http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: admin\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).await.unwrap();
@@ -269,6 +280,77 @@ async fn dead_letters_are_listed_and_replayed_only_with_the_token() {
     replay_one(r#"{"count": 5}"#, 2).await;
     let (_, body) = http(addr, "GET", &list, None).await;
     assert!(body.contains("\"dead_letters\":[]"), "{body}");
+    running.shutdown().await;
+    cleanup(&conn, &queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_pages_are_bounded_bodies_need_the_token_and_foreign_hosts_are_refused() {
+    let conn = connect().await;
+    let (queue, consumer) = (unique("admin.bounds"), unique("bounds-consumer"));
+    let handled = Arc::new(AtomicUsize::new(0));
+    let refuse = Arc::new(AtomicBool::new(true));
+    let running = worker(&conn, &consumer, &queue, handled.clone(), refuse.clone()).await;
+    let token = unique("token");
+    let addr = serve(
+        Admin::new()
+            .token(&token)
+            .allowed_host("status.example")
+            .worker(&running),
+    )
+    .await;
+    let producer = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
+        .await
+        .unwrap();
+    for i in 0..5 {
+        producer
+            .publish(Message::new(format!("secret {i}")).message_id(format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let list = format!("/api/dead/{queue}?limit=100000000");
+    eventually(Duration::from_secs(10), "five dead letters", || async {
+        let (_, body) = http(addr, "GET", &list, Some(&token)).await;
+        body.matches("\"message_id\"").count() == 5
+    })
+    .await;
+    // The page size has a bound; the bodies need the token.
+    let (_, body) = http(addr, "GET", &list, None).await;
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(page["limit"], rabbitry::admin::MAX_DEAD_PAGE, "{body}");
+    assert!(!body.contains("secret"), "{body}");
+    assert!(page["dead_letters"][0]["body"].is_null(), "{body}");
+    // The scheme is case-insensitive.
+    let lower = format!("Host: {addr}\r\nAuthorization: bearer {token}\r\n");
+    let (_, body) = raw_http(addr, "GET", &list, &lower, "").await;
+    assert!(body.contains("secret 0"), "{body}");
+    // `count` is honoured: the oldest one goes, four stay.
+    let purge = format!("/api/dead/{queue}/purge");
+    let (status, answer) = http_with(addr, "POST", &purge, Some(&token), r#"{"count": 1}"#).await;
+    assert_eq!(
+        (status, answer.contains("\"purged\":1")),
+        (200, true),
+        "{answer}"
+    );
+    let (_, body) = http(addr, "GET", &list, Some(&token)).await;
+    assert!(
+        !body.contains("secret 0") && body.contains("secret 4"),
+        "{body}"
+    );
+    // Another site's name pointed here (DNS rebinding) gets nothing; a
+    // name the listener was given, an address, and localhost do.
+    for (host, want) in [
+        ("evil.example", 421),
+        ("evil.example:8080", 421),
+        ("status.example", 200),
+        ("localhost:9", 200),
+        ("[::1]:9", 200),
+        ("10.1.2.3", 200),
+    ] {
+        let headers = format!("Host: {host}\r\n");
+        let (status, body) = raw_http(addr, "GET", "/api/status", &headers, "").await;
+        assert_eq!(status, want, "{host}: {body}");
+    }
     running.shutdown().await;
     cleanup(&conn, &queue).await;
 }

@@ -800,3 +800,68 @@ async fn on_sqlite_a_standby_relay_takes_over_when_the_active_ones_lease_runs_ou
     conn.delete_queue(&queue).await.unwrap();
     conn.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_response_past_max_response_fails_that_request_alone() {
+    // An app that answers with as many bytes as the message asks for,
+    // streamed, in a process and behind a URL.
+    let app = || {
+        axum::Router::new().fallback(|body: axum::body::Bytes| async move {
+            let n: usize = String::from_utf8_lossy(&body).parse().unwrap_or(0);
+            let chunks = (0..n.div_ceil(64 * 1024)).map(move |i| {
+                let len = (n - i * 64 * 1024).min(64 * 1024);
+                Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(vec![b'x'; len]))
+            });
+            axum::body::Body::from_stream(futures_util::stream::iter(chunks))
+        })
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app()).await });
+    let conn = single_connection().await;
+    let (native, remote) = (unique("in-process"), unique("remote"));
+    let running = Worker::new(&conn, ())
+        .shutdown_timeout(Duration::from_secs(5))
+        .service(ConsumerSettings::new(&native).name("in-process"), app())
+        .max_response(1 << 20)
+        .retry(Retry::never())
+        .forward(
+            ConsumerSettings::new(&remote).name("remote"),
+            format!("http://{addr}/amqp"),
+        )
+        .max_response(1 << 20)
+        .retry(Retry::never())
+        .start()
+        .await
+        .unwrap();
+    let metrics = running.metrics();
+    for queue in [&native, &remote] {
+        let producer = Producer::new(&conn, ProducerSettings::default().routing_key(queue))
+            .await
+            .unwrap();
+        // 200 MB would have been read whole (and kept) before.
+        for size in ["1000", "200000000", "2000"] {
+            producer.publish(Message::new(size)).await.unwrap();
+        }
+    }
+    for (name, queue) in [("in-process", &native), ("remote", &remote)] {
+        let letters = dead_letters(&conn, queue, 1).await;
+        assert_eq!(letters.len(), 1, "{name}");
+        assert_eq!(letters[0].body, "200000000");
+        let why = letters[0].error.clone().unwrap_or_default();
+        assert!(
+            why.contains("max_response (1048576 bytes)"),
+            "{name}: {why}"
+        );
+        eventually(Duration::from_secs(20), "the small ones acked", || {
+            let m = metrics.clone();
+            async move { m.outcomes(name, rabbitry::worker::metrics::Counted::Ack) == 2 }
+        })
+        .await;
+    }
+    running.shutdown().await;
+    server.abort();
+    delete_queues(&conn, &native, &[]).await;
+    delete_queues(&conn, &remote, &[]).await;
+    conn.close().await;
+}
