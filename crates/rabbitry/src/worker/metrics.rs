@@ -46,7 +46,8 @@ type FailureLog = Mutex<VecDeque<Failure>>;
 pub enum Counted {
     /// Handled and acked.
     Ack,
-    /// Requeued at once (a conflict).
+    /// Requeued after a pause: moving the failed message to its retry or
+    /// dead-letter queue failed (the broker away).
     Requeue,
     /// Sent to a delay queue for another attempt.
     Retry,

@@ -865,3 +865,301 @@ async fn an_http_response_past_max_response_fails_that_request_alone() {
     delete_queues(&conn, &remote, &[]).await;
     conn.close().await;
 }
+
+/// What a generated message asks its handler to do.
+#[derive(Debug, Clone, Copy)]
+enum Ask {
+    Ack,
+    Reply(usize),
+    Invalid,
+    Retry,
+}
+
+impl Ask {
+    fn header(self) -> String {
+        match self {
+            Ask::Ack => "ack".into(),
+            Ask::Reply(n) => format!("reply {n}"),
+            Ask::Invalid => "invalid".into(),
+            Ask::Retry => "retry".into(),
+        }
+    }
+
+    fn of(text: &str) -> Ask {
+        match text.split_once(' ') {
+            Some(("reply", n)) => Ask::Reply(n.parse().unwrap_or(0)),
+            _ => match text {
+                "invalid" => Ask::Invalid,
+                "retry" => Ask::Retry,
+                _ => Ask::Ack,
+            },
+        }
+    }
+}
+
+/// A generated message: what it asks, its header padding (near and over
+/// what a frame leaves for rabbitry's headers), the length of the original
+/// routing key it claims (up to 400 bytes), and which handler kind gets it.
+#[derive(Debug, Clone)]
+struct Generated {
+    ask: Ask,
+    pad: usize,
+    original_key: Option<usize>,
+    handler: usize,
+}
+
+fn generated(frame_room: usize) -> impl proptest::strategy::Strategy<Value = Generated> {
+    use proptest::prelude::*;
+    let ask = prop_oneof![
+        Just(Ask::Ack),
+        (0usize..200_000).prop_map(Ask::Reply),
+        Just(Ask::Invalid),
+        Just(Ask::Retry),
+    ];
+    let pad = prop_oneof![0usize..2_000, (frame_room - 600)..frame_room];
+    (ask, pad, proptest::option::of(0usize..400), 0usize..3).prop_map(
+        |(ask, pad, original_key, handler)| Generated {
+            ask,
+            pad,
+            original_key,
+            handler,
+        },
+    )
+}
+
+/// The app behind the tower and HTTP consumers: the message's
+/// `x-test-ask` header says what to answer.
+fn asking_app() -> axum::Router {
+    axum::Router::new().fallback(|headers: axum::http::HeaderMap| async move {
+        let ask = headers
+            .get("amqp-header-x-test-ask")
+            .and_then(|v| v.to_str().ok())
+            .map_or(Ask::Ack, Ask::of);
+        match ask {
+            Ask::Ack => (axum::http::StatusCode::NO_CONTENT, Vec::new()),
+            Ask::Reply(n) => (axum::http::StatusCode::OK, vec![b'r'; n]),
+            Ask::Invalid => (axum::http::StatusCode::UNPROCESSABLE_ENTITY, Vec::new()),
+            Ask::Retry => (axum::http::StatusCode::SERVICE_UNAVAILABLE, Vec::new()),
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_messages_end_alone_through_every_handler_kind_while_another_consumer_goes_on() {
+    use rabbitry::worker::metrics::Counted;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, asking_app()).await });
+    let conn = single_connection().await;
+    let generation = conn.generation();
+    let queues: Vec<String> = ["native", "tower", "http", "canary"]
+        .iter()
+        .map(|k| unique(k))
+        .collect();
+    let names = ["native", "tower", "http", "canary"];
+    let quick = || Retry::attempts(2).delays([Duration::from_millis(50)]);
+    let running = Worker::new(&conn, ())
+        .shutdown_timeout(Duration::from_secs(5))
+        .consumer(
+            ConsumerSettings::new(&queues[0]).name(names[0]),
+            |meta: rabbitry::worker::Meta| async move {
+                let ask = meta
+                    .properties
+                    .headers
+                    .get("x-test-ask")
+                    .and_then(HeaderValue::as_str)
+                    .map_or(Ask::Ack, Ask::of);
+                match ask {
+                    Ask::Ack => Ok(rabbitry::worker::Reply::default()),
+                    Ask::Reply(n) => Ok(rabbitry::worker::Reply::new(vec![b'r'; n], "text/plain")),
+                    Ask::Invalid => Err(HandlerError::invalid("asked to fail")),
+                    Ask::Retry => Err(HandlerError::retry("asked to retry")),
+                }
+            },
+        )
+        .retry(quick())
+        .service(
+            ConsumerSettings::new(&queues[1]).name(names[1]),
+            asking_app(),
+        )
+        .retry(quick())
+        .forward(
+            ConsumerSettings::new(&queues[2]).name(names[2]),
+            format!("http://{addr}/amqp"),
+        )
+        .retry(quick())
+        .consumer(ConsumerSettings::new(&queues[3]).name(names[3]), || async {
+        })
+        .start()
+        .await
+        .unwrap();
+    let metrics = running.metrics();
+    // The replies go to a queue of their own, named long.
+    let replies = format!("{}.{}", unique("replies"), "r".repeat(200));
+    let mut t = rabbitry::Topology::default();
+    t.queue(rabbitry::Queue::durable(&replies));
+    conn.declare(&t).await.unwrap();
+
+    // A foreign client publishes; the canary's stream goes on meanwhile.
+    let raw = amqprs::connection::Connection::open(
+        &amqprs::connection::OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest"),
+    )
+    .await
+    .unwrap();
+    let ch = raw.open_channel(None).await.unwrap();
+    // Room for the padding in the frame: less the frame's own bytes, the
+    // content header's fixed part, the message id, reply_to, the table's
+    // length, the test's header and the longest original routing key.
+    let frame_room =
+        raw.frame_max() as usize - 8 - 14 - 5 - (1 + replies.len()) - 4 - 28 - 9 - 437 - 10;
+    let canary_sent = Arc::new(AtomicUsize::new(0));
+    let canary_stop = tokio_util::sync::CancellationToken::new();
+    let canary = {
+        let (conn, queue, sent, stop) = (
+            conn.clone(),
+            queues[3].clone(),
+            canary_sent.clone(),
+            canary_stop.clone(),
+        );
+        tokio::spawn(async move {
+            let p = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
+                .await
+                .unwrap();
+            while !stop.is_cancelled() {
+                p.publish(Message::new("tweet")).await.unwrap();
+                sent.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+        cases: 1,
+        failure_persistence: None,
+        ..Default::default()
+    });
+    let batch = proptest::collection::vec(generated(frame_room), 40..60);
+    let tree = proptest::strategy::Strategy::new_tree(&batch, &mut runner).unwrap();
+    let messages = proptest::strategy::ValueTree::current(&tree);
+    let mut sent = [0u64; 3];
+    let mut replied = 0usize;
+    for (i, m) in messages.iter().enumerate() {
+        let mut headers = amqprs::FieldTable::new();
+        headers.insert(
+            "x-test-ask".try_into().unwrap(),
+            amqprs::FieldValue::S(m.ask.header().try_into().unwrap()),
+        );
+        headers.insert(
+            "pad".try_into().unwrap(),
+            amqprs::FieldValue::S("p".repeat(m.pad).try_into().unwrap()),
+        );
+        if let Some(len) = m.original_key {
+            headers.insert(
+                "x-rabbitry-original-routing-key".try_into().unwrap(),
+                amqprs::FieldValue::S("o".repeat(len).try_into().unwrap()),
+            );
+        }
+        let mut props = amqprs::BasicProperties::default();
+        props
+            .with_headers(headers)
+            .with_message_id(&format!("g{i}"))
+            .with_reply_to(&replies);
+        ch.basic_publish(
+            props.finish(),
+            format!("g{i}").into_bytes(),
+            amqprs::channel::BasicPublishArguments::new("", &queues[m.handler]),
+        )
+        .await
+        .unwrap();
+        sent[m.handler] += 1;
+        if matches!(m.ask, Ask::Reply(n) if n > 0) {
+            replied += 1;
+        }
+    }
+    // Each message ends alone: acked (with its reply) or dead-lettered.
+    for (k, name) in names[..3].iter().enumerate() {
+        let want = sent[k];
+        eventually(Duration::from_secs(60), "every message settled", || {
+            let m = metrics.clone();
+            async move { m.outcomes(name, Counted::Ack) + m.outcomes(name, Counted::DeadLetter) == want }
+        })
+        .await;
+        assert_eq!(
+            metrics.outcomes(name, Counted::Requeue),
+            0,
+            "{name}: no requeue loop"
+        );
+        let dead = metrics.outcomes(name, Counted::DeadLetter) as usize;
+        assert_eq!(
+            dead_letters(&conn, &queues[k], dead).await.len(),
+            dead,
+            "{name}"
+        );
+    }
+    let acked_replies = conn.queue_status(&replies).await.unwrap().unwrap().messages as usize;
+    assert!(
+        acked_replies <= replied,
+        "{acked_replies} replies for {replied} asked"
+    );
+    canary_stop.cancel();
+    canary.await.unwrap();
+    let tweets = canary_sent.load(Ordering::SeqCst) as u64;
+    eventually(
+        Duration::from_secs(20),
+        "the canary's every message",
+        || {
+            let m = metrics.clone();
+            async move { m.outcomes("canary", Counted::Ack) == tweets }
+        },
+    )
+    .await;
+    assert_eq!(
+        conn.generation(),
+        generation,
+        "no connection was closed over a message"
+    );
+    let classes = messages
+        .iter()
+        .fold(BTreeMapCounter::default(), |mut c, m| {
+            c.add(match m.ask {
+                Ask::Ack => "ack",
+                Ask::Reply(n) if n > 0 => "reply",
+                Ask::Reply(_) => "empty reply",
+                Ask::Invalid => "invalid",
+                Ask::Retry => "retry",
+            });
+            c.add(if m.pad + 600 > frame_room {
+                "headers near the frame"
+            } else {
+                "small headers"
+            });
+            if m.original_key.is_some_and(|l| l > 255) {
+                c.add("original key > 255");
+            }
+            c
+        });
+    println!(
+        "{} messages ({:?} per handler), {tweets} canary messages, {acked_replies} replies; {:?}",
+        messages.len(),
+        sent,
+        classes.0
+    );
+    raw.close().await.unwrap();
+    running.shutdown().await;
+    server.abort();
+    for q in &queues[..3] {
+        delete_queues(&conn, q, &["50ms"]).await;
+    }
+    delete_queues(&conn, &queues[3], &["1s", "5s"]).await;
+    conn.delete_queue(&replies).await.unwrap();
+    conn.close().await;
+}
+
+/// Counts by name, for the printed summary.
+#[derive(Default)]
+struct BTreeMapCounter(std::collections::BTreeMap<&'static str, usize>);
+
+impl BTreeMapCounter {
+    fn add(&mut self, k: &'static str) {
+        *self.0.entry(k).or_insert(0) += 1;
+    }
+}
