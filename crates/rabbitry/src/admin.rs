@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `GET /metrics` | Prometheus text: every `rabbitry_*` metric (see [`crate::meters`]) and the application's own |
 //! | `GET /livez` | 200 while the process answers |
-//! | `GET /readyz` | 200 while every connection is open, every consumer is attached as the broker counts it, and every outbox's backlog is under its threshold; else 503 naming what is missing |
+//! | `GET /readyz` | 200 while every connection is open and its publishers make progress (no message unconfirmed past its confirm timeout), every consumer is attached as the broker counts it, and every outbox's backlog is under its threshold; else 503 naming what is missing |
 //! | `GET /status` | a live HTML page of the same, with the dead letters and Replay and Purge buttons |
 //! | `GET /api/status` | the same as JSON: connections, consumers (expected and broker-counted consumers, ready, rate, last error), dead-letter counts, outboxes, RPC calls in flight, the last 50 failures |
 //! | `GET /api/events` | server-sent events: the status with the dead letters, every second, read once for all listeners |
@@ -414,6 +414,12 @@ async fn missing(s: &Shared) -> Vec<String> {
     for c in &s.connections {
         if !c.is_connected() {
             missing.push(format!("connection '{}' is down", c.name()));
+        } else if let Some(waited) = c.publisher_stalled() {
+            missing.push(format!(
+                "connection '{}': a publisher's oldest message has waited {:.1}s for the broker's confirm",
+                c.name(),
+                waited.as_secs_f64()
+            ));
         }
     }
     for c in &s.consumers {

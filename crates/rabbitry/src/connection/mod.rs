@@ -176,7 +176,16 @@ struct Shared {
     /// Consumers the broker cancelled (their queue deleted, or its node
     /// gone) while the channel stayed open.
     cancelled_consumers: AtomicU64,
+    /// The publishers on this connection, for readiness.
+    publishers: Mutex<Vec<std::sync::Weak<dyn Stalled>>>,
     meters: crate::meters::ConnectionMeters,
+}
+
+/// A publisher's answer to "can you make progress?".
+pub(crate) trait Stalled: Send + Sync {
+    /// How long its oldest message has waited past its confirm timeout
+    /// without being confirmed or sent; `None` while it makes progress.
+    fn stalled_for(&self) -> Option<Duration>;
 }
 
 /// A supervised, recovering connection. Cheap to clone; clones share the
@@ -248,6 +257,7 @@ impl Connection {
             publishing: tokio::sync::OnceCell::new(),
             refused_declarations: AtomicU64::new(0),
             cancelled_consumers: AtomicU64::new(0),
+            publishers: Mutex::new(Vec::new()),
             meters: crate::meters::ConnectionMeters::new(&settings_name),
         });
         shared.meters.up.set(1.0);
@@ -532,6 +542,31 @@ impl Connection {
         if let Some(task) = task {
             task.stop().await;
         }
+    }
+
+    /// Watches a publisher's progress, for [`Connection::publisher_stalled`].
+    pub(crate) fn watch_publisher(&self, publisher: std::sync::Weak<dyn Stalled>) {
+        let mut list = lock(&self.shared.publishers);
+        list.retain(|p| p.strong_count() > 0);
+        list.push(publisher);
+    }
+
+    /// How long a publisher on this connection (or its publishing
+    /// connection) has been unable to get its oldest message confirmed,
+    /// once that is longer than its confirm timeout: the broker refuses
+    /// or never answers. `None` while every publisher makes progress.
+    pub fn publisher_stalled(&self) -> Option<Duration> {
+        let own = lock(&self.shared.publishers)
+            .iter()
+            .filter_map(|p| p.upgrade()?.stalled_for())
+            .max();
+        let publishing = self
+            .shared
+            .publishing
+            .get()
+            .filter(|p| !p.same_as(self))
+            .and_then(Connection::publisher_stalled);
+        own.into_iter().chain(publishing).max()
     }
 
     /// Subscribes to link changes.

@@ -155,7 +155,27 @@ struct Tracker {
     idle: Notify,
     /// What a message may be on the current channel.
     limits: Mutex<Limits>,
+    /// Since when messages have waited to be sent (no channel, or
+    /// suspects going one at a time), while they do.
+    blocked_since: Mutex<Option<Instant>>,
     meters: crate::meters::PublishMeters,
+}
+
+impl crate::connection::Stalled for Tracker {
+    fn stalled_for(&self) -> Option<Duration> {
+        let oldest_pending = lock(&self.pending)
+            .entries
+            .values()
+            .map(|e| e.first_sent)
+            .min();
+        let oldest_nacked = lock(&self.nacked).iter().map(|(e, _)| e.first_sent).min();
+        let blocked = *lock(&self.blocked_since);
+        let since = [oldest_pending, oldest_nacked, blocked]
+            .into_iter()
+            .flatten()
+            .min()?;
+        Some(since.elapsed()).filter(|waited| *waited > self.confirm_timeout)
+    }
 }
 
 impl Tracker {
@@ -392,6 +412,7 @@ impl Publisher {
                 isolate: AtomicBool::new(false),
                 idle: Notify::new(),
                 limits: Mutex::new(Limits::default()),
+                blocked_since: Mutex::default(),
                 meters: crate::meters::PublishMeters::new(conn.name()),
             }),
             channel: None,
@@ -405,6 +426,9 @@ impl Publisher {
         actor.install().await?;
         let (tx, rx) = mpsc::channel(max_in_flight.clamp(1, 4096));
         let tracker = actor.tracker.clone();
+        conn.watch_publisher(
+            Arc::downgrade(&tracker) as std::sync::Weak<dyn crate::connection::Stalled>
+        );
         let task = Background::spawn(move |stop| actor.run(rx, stop));
         Ok(Arc::new(Publisher {
             conn: conn.clone(),
@@ -584,6 +608,7 @@ impl Actor {
         self.tracker.meters.publishes.increment(1);
         let message = Arc::new(p.message);
         if !self.channel_live() || self.isolation_active() {
+            lock(&self.tracker.blocked_since).get_or_insert_with(Instant::now);
             self.waiting.push_back((message, p.done, p.deadline));
             return;
         }
@@ -720,6 +745,9 @@ impl Actor {
                 let _ = done.send(Err(gone(&m, "not sent")));
             }
         }
+        if self.waiting.is_empty() {
+            *lock(&self.tracker.blocked_since) = None;
+        }
         if now.duration_since(lost_at) >= timeout {
             self.tracker
                 .fail_where(|_| false, |m| gone(m, "not confirmed"));
@@ -849,6 +877,7 @@ impl Actor {
 
     /// Sends the messages that waited for a channel, in order.
     async fn send_waiting(&mut self, channel: &Channel) {
+        *lock(&self.tracker.blocked_since) = None;
         let waiting: Vec<_> = self.waiting.drain(..).collect();
         for (m, done, _) in waiting {
             if self.confirms {

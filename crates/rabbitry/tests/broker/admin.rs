@@ -356,6 +356,55 @@ async fn dead_letter_pages_are_bounded_bodies_need_the_token_and_foreign_hosts_a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_says_not_ready_while_a_publisher_cannot_get_its_messages_confirmed() {
+    let mut settings = crate::support::settings(&url(), &unique("admin.stall"));
+    settings.recovery_timeout = Duration::from_secs(60);
+    let conn = Connection::open(settings).await.unwrap();
+    // A full queue that refuses publishes: the broker nacks, the publisher
+    // tries again, and its oldest message waits.
+    let queue = unique("admin.full");
+    let mut q = Queue::durable(&queue);
+    q.arguments.insert("x-max-length".into(), 1i64.into());
+    q.arguments
+        .insert("x-overflow".into(), "reject-publish".into());
+    let mut t = Topology::default();
+    t.queue(q);
+    conn.declare(&t).await.unwrap();
+    let mut ps = ProducerSettings::default().routing_key(&queue);
+    ps.confirm_timeout = Duration::from_millis(200);
+    let producer = Producer::new(&conn, ps).await.unwrap();
+    producer.publish(Message::new("fits")).await.unwrap();
+    let addr = serve(Admin::new().token("t").connection(&conn)).await;
+    assert_eq!(http(addr, "GET", "/readyz", None).await.0, 200);
+    let waiting = {
+        let producer = producer.clone();
+        tokio::spawn(async move { producer.publish(Message::new("refused")).await })
+    };
+    eventually(
+        Duration::from_secs(20),
+        "503 naming the stalled publisher",
+        || async {
+            let (status, body) = http(addr, "GET", "/readyz", None).await;
+            status == 503 && body.contains("waited") && body.contains("confirm")
+        },
+    )
+    .await;
+    // Room again: the message goes, and the process is ready.
+    conn.purge(&queue).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the refused message confirmed once there is room")
+        .unwrap()
+        .unwrap();
+    eventually(Duration::from_secs(20), "ready again", || async {
+        http(addr, "GET", "/readyz", None).await.0 == 200
+    })
+    .await;
+    conn.delete_queue(&queue).await.unwrap();
+    conn.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_a_known_sequence_of_deliveries() {
     // Before the connection and the worker make their handles.
     assert!(rabbitry::admin::install_prometheus().is_some());
