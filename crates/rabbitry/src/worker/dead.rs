@@ -5,11 +5,12 @@
 //! channel of their own; listing never removes anything (the messages go
 //! back when the channel closes).
 
-use amqprs::channel::{BasicAckArguments, BasicGetArguments};
+use amqprs::channel::{BasicAckArguments, BasicGetArguments, Channel};
 use serde::Serialize;
 
 use super::retry;
 use crate::amqp::from_basic;
+use crate::channel::ChannelWatch;
 use crate::connection::{close_quietly, Connection};
 use crate::error::{ErrorKind, Result};
 use crate::message::{HeaderValue, Properties};
@@ -58,19 +59,63 @@ fn header_str(p: &Properties, k: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// A dead-letter queue read one message at a time on a channel of its own;
+/// what is not acked goes back to the queue when it closes.
+struct Reader {
+    channel: Channel,
+    watch: ChannelWatch,
+    dead: String,
+}
+
+impl Reader {
+    async fn open(conn: &Connection, queue: &str) -> Result<Reader> {
+        let dead = dead_queue_of(queue);
+        crate::limits::check_short("dead-letter queue name", &dead)?;
+        let (channel, watch, _) = conn.open_channel(None).await?;
+        Ok(Reader {
+            channel,
+            watch,
+            dead,
+        })
+    }
+
+    /// The next letter: its delivery tag, properties and body.
+    async fn next(&self) -> Result<Option<(u64, Properties, Vec<u8>)>> {
+        let got = self
+            .channel
+            .basic_get(BasicGetArguments::new(&self.dead))
+            .await
+            .map_err(|e| {
+                self.watch
+                    .refusal(ErrorKind::Channel, format!("queue '{}'", self.dead), e)
+            })?;
+        Ok(got.map(|(ok, props, body)| (ok.delivery_tag(), from_basic(&props), body)))
+    }
+
+    /// Removes the letter `tag` from the queue.
+    async fn ack(&self, tag: u64) -> Result<()> {
+        self.channel
+            .basic_ack(BasicAckArguments::new(tag, false))
+            .await
+            .map_err(|e| {
+                self.watch
+                    .refusal(ErrorKind::Channel, format!("ack on '{}'", self.dead), e)
+            })
+    }
+
+    async fn close(self) {
+        close_quietly(self.channel).await;
+    }
+}
+
 /// Lists up to `limit` dead letters of `queue` without removing them.
 pub async fn list(conn: &Connection, queue: &str, limit: usize) -> Result<Vec<DeadLetter>> {
-    let dead = dead_queue_of(queue);
-    crate::limits::check_short("dead-letter queue name", &dead)?;
-    let (channel, watch, _) = conn.open_channel(None).await?;
+    let reader = Reader::open(conn, queue).await?;
     let mut out = Vec::new();
     while out.len() < limit {
-        let got = channel
-            .basic_get(BasicGetArguments::new(&dead))
-            .await
-            .map_err(|e| watch.refusal(ErrorKind::Channel, format!("queue '{dead}'"), e))?;
-        let Some((_, props, body)) = got else { break };
-        let p = from_basic(&props);
+        let Some((_, p, body)) = reader.next().await? else {
+            break;
+        };
         out.push(DeadLetter {
             error: retry::dead_reason(&p),
             attempts: p.headers.get(retry::ATTEMPTS).and_then(HeaderValue::as_i64),
@@ -83,7 +128,7 @@ pub async fn list(conn: &Connection, queue: &str, limit: usize) -> Result<Vec<De
         });
     }
     // Unacked: closing the channel returns every message to the queue.
-    close_quietly(channel).await;
+    reader.close().await;
     Ok(out)
 }
 
@@ -112,8 +157,8 @@ async fn replay_matching(
     limit: usize,
     wanted: impl Fn(&Properties) -> bool,
 ) -> Result<usize> {
-    let dead = dead_queue_of(queue);
-    crate::limits::check_short("dead-letter queue name", &dead)?;
+    let reader = Reader::open(conn, queue).await?;
+    let dead = reader.dead.clone();
     let producer = Producer::new(
         conn,
         ProducerSettings {
@@ -124,15 +169,11 @@ async fn replay_matching(
         },
     )
     .await?;
-    let (channel, watch, _) = conn.open_channel(None).await?;
     let mut n = 0;
     while n < limit {
-        let got = channel
-            .basic_get(BasicGetArguments::new(&dead))
-            .await
-            .map_err(|e| watch.refusal(ErrorKind::Channel, format!("queue '{dead}'"), e))?;
-        let Some((ok, props, body)) = got else { break };
-        let properties = from_basic(&props);
+        let Some((tag, properties, body)) = reader.next().await? else {
+            break;
+        };
         if !wanted(&properties) {
             continue;
         }
@@ -152,13 +193,10 @@ async fn replay_matching(
             }
             Err(e) => return Err(e),
         }
-        channel
-            .basic_ack(BasicAckArguments::new(ok.delivery_tag(), false))
-            .await
-            .map_err(|e| watch.refusal(ErrorKind::Channel, format!("ack on '{dead}'"), e))?;
+        reader.ack(tag).await?;
         n += 1;
     }
-    close_quietly(channel).await;
+    reader.close().await;
     Ok(n)
 }
 
@@ -170,22 +208,15 @@ pub async fn purge(conn: &Connection, queue: &str) -> Result<u32> {
 /// Deletes the `count` oldest dead letters of `queue` (fewer if there are
 /// fewer); returns how many.
 pub async fn purge_oldest(conn: &Connection, queue: &str, count: usize) -> Result<usize> {
-    let dead = dead_queue_of(queue);
-    crate::limits::check_short("dead-letter queue name", &dead)?;
-    let (channel, watch, _) = conn.open_channel(None).await?;
+    let reader = Reader::open(conn, queue).await?;
     let mut n = 0;
     while n < count {
-        let got = channel
-            .basic_get(BasicGetArguments::new(&dead))
-            .await
-            .map_err(|e| watch.refusal(ErrorKind::Channel, format!("queue '{dead}'"), e))?;
-        let Some((ok, _, _)) = got else { break };
-        channel
-            .basic_ack(BasicAckArguments::new(ok.delivery_tag(), false))
-            .await
-            .map_err(|e| watch.refusal(ErrorKind::Channel, format!("ack on '{dead}'"), e))?;
+        let Some((tag, _, _)) = reader.next().await? else {
+            break;
+        };
+        reader.ack(tag).await?;
         n += 1;
     }
-    close_quietly(channel).await;
+    reader.close().await;
     Ok(n)
 }

@@ -33,6 +33,18 @@ async fn queue(conn: &Connection) -> String {
     queue
 }
 
+/// A connection, a queue, a producer to it, and the connection's
+/// generation before anything was published.
+async fn publishing() -> (Connection, String, Producer, u64) {
+    let conn = single_connection().await;
+    let queue = queue(&conn).await;
+    let producer = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
+        .await
+        .unwrap();
+    let generation = conn.generation();
+    (conn, queue, producer, generation)
+}
+
 /// Reads deliveries until `n` distinct message ids have arrived; returns
 /// the bodies of first arrivals, in arrival order (a resend after a channel
 /// error may deliver a message twice, never out of order).
@@ -98,12 +110,7 @@ fn past_a_limit() -> Vec<(&'static str, Message)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_past_a_protocol_limit_fails_alone_and_the_connection_stays() {
-    let conn = single_connection().await;
-    let queue = queue(&conn).await;
-    let producer = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
-        .await
-        .unwrap();
-    let generation = conn.generation();
+    let (conn, queue, producer, generation) = publishing().await;
     // Submitted back to back, good ones between bad ones.
     let mut waits = Vec::new();
     let mut expected = Vec::new();
@@ -144,12 +151,7 @@ async fn a_message_the_broker_refuses_without_naming_it_fails_alone() {
     // RabbitMQ closes the channel over a `user_id` that is not the
     // connection's user, quoting neither the exchange nor the message: the
     // publisher finds it by sending the messages in flight one at a time.
-    let conn = single_connection().await;
-    let queue = queue(&conn).await;
-    let producer = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
-        .await
-        .unwrap();
-    let generation = conn.generation();
+    let (conn, queue, producer, generation) = publishing().await;
     let mut waits = Vec::new();
     for i in 0..60 {
         let mut m = Message::new(format!("m{i}"));
