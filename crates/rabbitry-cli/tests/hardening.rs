@@ -538,25 +538,35 @@ async fn rpc_prints_the_reply_body_alone_on_stdout() {
         .await
         .unwrap();
     let responder_ch = ch.clone();
+    // A text reply, then bytes.
     let responder = tokio::spawn(async move {
-        let m = rx.recv().await.unwrap();
-        let props = m.basic_properties.unwrap();
-        let mut p = BasicProperties::default();
-        p.with_content_type("text/plain")
-            .with_correlation_id(props.correlation_id().unwrap());
-        responder_ch
-            .basic_publish(
-                p.finish(),
-                b"pong".to_vec(),
-                BasicPublishArguments::new("", props.reply_to().unwrap()),
-            )
-            .await
-            .unwrap();
+        for (content_type, body) in [
+            ("text/plain", b"pong".to_vec()),
+            ("application/octet-stream", vec![0, 1, 2, 255, b'\n']),
+        ] {
+            let m = rx.recv().await.unwrap();
+            let props = m.basic_properties.unwrap();
+            let mut p = BasicProperties::default();
+            p.with_content_type(content_type)
+                .with_correlation_id(props.correlation_id().unwrap());
+            responder_ch
+                .basic_publish(
+                    p.finish(),
+                    body,
+                    BasicPublishArguments::new("", props.reply_to().unwrap()),
+                )
+                .await
+                .unwrap();
+        }
     });
     let out = rabbitry(&["rpc", "--routing-key", &queue, "ping"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "pong\n");
     assert!(text(&out.stderr).contains("content-type: text/plain"));
+    // Bytes arrive as the bytes, not as JSON (stdout is a pipe here).
+    let out = rabbitry(&["rpc", "--routing-key", &queue, "ping"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(out.stdout, [0, 1, 2, 255, b'\n']);
     responder.await.unwrap();
     finish(conn, &ch, &[&queue]).await;
 }

@@ -80,6 +80,12 @@ pub fn parse_rfc3339(text: &str) -> Result<i64> {
         o if o.len() == 6 && (o.starts_with('+') || o.starts_with('-')) && &o[3..4] == ":" => {
             let h: i64 = o[1..3].parse().map_err(|_| bad("bad offset"))?;
             let m: i64 = o[4..6].parse().map_err(|_| bad("bad offset"))?;
+            // RFC 3339's time-numoffset: hours 00-23, minutes 00-59.
+            if h > 23 || m > 59 {
+                return Err(bad(
+                    "the offset's hours are 00 to 23 and its minutes 00 to 59",
+                ));
+            }
             let sign = if o.starts_with('-') { -1 } else { 1 };
             sign * (h * 60 + m)
         }
@@ -161,6 +167,17 @@ mod tests {
         assert_eq!(millis_of(time_of(-1500)), -1500);
     }
     use std::time::Duration;
+
+    #[test]
+    fn offsets_past_23_hours_or_59_minutes_are_refused() {
+        assert!(parse_rfc3339("2026-12-01T09:00:00+25:99").is_err());
+        assert!(parse_rfc3339("2026-12-01T09:00:00+05:60").is_err());
+        assert!(parse_rfc3339("2026-12-01T09:00:00-24:00").is_err());
+        assert_eq!(
+            parse_rfc3339("2026-12-01T09:00:00+23:59").unwrap(),
+            parse_rfc3339("2026-11-30T09:01:00Z").unwrap()
+        );
+    }
 
     #[test]
     fn rfc3339_formats_known_instants() {

@@ -56,10 +56,17 @@ async fn act(conn: &rabbitry::Connection, action: Action) -> Result<()> {
             for l in &letters {
                 outln!("{}", serde_json::to_string(l)?)?;
             }
+            // What the queue holds, beside what was listed: a listing cut
+            // short by --count says so.
+            let dead = dead::dead_queue_of(&queue);
+            let held = conn
+                .queue_status(&dead)
+                .await?
+                .map_or(0, |q| q.messages as usize)
+                .max(letters.len());
             eprintln!(
-                "{} dead letter(s) in {}",
-                letters.len(),
-                dead::dead_queue_of(&queue)
+                "listed {} of {held} dead letter(s) in {dead}",
+                letters.len()
             );
         }
         Action::Replay { queue, count } => {

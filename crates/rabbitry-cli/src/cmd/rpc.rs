@@ -65,7 +65,13 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     // Metadata on stderr; stdout is the reply's body alone, so it pipes.
     let content_type = reply.properties.content_type.clone().unwrap_or_default();
     eprintln!("content-type: {content_type}");
-    match (&args.output, reply.decode_value()) {
+    // Bytes are bytes: the body as it came, not a JSON rendering of it.
+    let decoded = if Serializer::for_content_type(&content_type) == Some(Serializer::Bytes) {
+        Ok(Decoded::Raw(reply.body.to_vec()))
+    } else {
+        reply.decode_value()
+    };
+    match (&args.output, decoded) {
         (Some(path), _) => {
             std::fs::write(path, &reply.body)
                 .with_context(|| format!("writing {}", path.display()))?;

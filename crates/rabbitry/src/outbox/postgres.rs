@@ -105,7 +105,8 @@ pub(super) async fn connect(url: &str) -> Result<PgPool> {
 
 /// The columns a claim reads, in the order [`claimed`] expects.
 const CLAIMED_COLUMNS: &str =
-    "id, exchange, routing_key, properties, body, mandatory, created_at, message_id";
+    "id, exchange, routing_key, properties, body, mandatory, created_at, message_id, \
+     GREATEST(COALESCE(not_before, 0), created_at)";
 
 fn claimed(r: &PgRow) -> sqlx::Result<Claimed> {
     // The schema types every column; a table made by hand with other
@@ -125,6 +126,7 @@ fn claimed(r: &PgRow) -> sqlx::Result<Claimed> {
         mandatory: get(r, 5, "mandatory"),
         created_at: get(r, 6, "created_at"),
         message_id: get(r, 7, "message_id"),
+        due_at: r.try_get(8).ok(),
     };
     Ok(claimed_from(r.try_get(0)?, columns))
 }

@@ -69,6 +69,9 @@ pub(super) struct Claimed {
     pub(super) id: i64,
     /// When the row was written (epoch milliseconds).
     created_at: i64,
+    /// When it was due: its write, or its scheduled time if later. The
+    /// commit-to-publish histogram measures from here.
+    due_at: i64,
     /// The message, or why the row cannot be one (a row another program
     /// wrote with malformed properties).
     message: std::result::Result<Message, String>,
@@ -340,6 +343,8 @@ pub(super) struct Columns {
     pub(super) body: std::result::Result<Vec<u8>, String>,
     pub(super) mandatory: std::result::Result<bool, String>,
     pub(super) created_at: std::result::Result<i64, String>,
+    /// The later of `created_at` and `not_before`, when readable.
+    pub(super) due_at: Option<i64>,
 }
 
 /// Why a column cannot be read: its name, what it holds, what it should.
@@ -352,6 +357,7 @@ pub(super) fn wrong_column(name: &str, found: &str, expected: &str) -> String {
 /// rows behind it.
 pub(super) fn claimed_from(id: i64, c: Columns) -> Claimed {
     let created_at = c.created_at.as_ref().copied().unwrap_or(0);
+    let due_at = c.due_at.unwrap_or(created_at).max(created_at);
     let message = (|| {
         let (exchange, routing_key) = (c.exchange?, c.routing_key?);
         let (body, mandatory, message_id) = (c.body?, c.mandatory?, c.message_id?);
@@ -374,6 +380,7 @@ pub(super) fn claimed_from(id: i64, c: Columns) -> Claimed {
     Claimed {
         id,
         created_at,
+        due_at,
         message,
     }
 }
@@ -398,7 +405,7 @@ impl BatchOutcome {
 
 /// A batch handed to the publisher, in order, whose confirms are pending.
 struct Submitted {
-    /// Row id, write time and the confirm to wait for.
+    /// Row id, due time and the confirm to wait for.
     waits: Vec<(i64, i64, Confirmation)>,
     /// Rows that are not messages, and why.
     malformed: Vec<(i64, String)>,
@@ -441,7 +448,7 @@ async fn submit_all(producer: &Producer, claimed: Vec<Claimed>) -> Submitted {
             }
         };
         match producer.submit(message).await {
-            Ok(w) => out.waits.push((c.id, c.created_at, w)),
+            Ok(w) => out.waits.push((c.id, c.due_at, w)),
             Err(e) if e.kind() == ErrorKind::Invalid => {
                 // Past a protocol limit: this row alone cannot go.
                 tracing::error!(id = c.id, error = %e, "outbox row cannot be published; marked failed");
@@ -464,10 +471,10 @@ impl Submitted {
             failed: self.malformed,
             ..BatchOutcome::default()
         };
-        for (id, created_at, w) in self.waits {
+        for (id, due_at, w) in self.waits {
             match w.wait().await {
                 Ok(()) => {
-                    let waited = (crate::clock::now_millis() - created_at).max(0);
+                    let waited = (crate::clock::now_millis() - due_at).max(0);
                     delay.record(waited as f64 / 1000.0);
                     out.sent.push(id);
                 }

@@ -90,7 +90,8 @@ pub(super) async fn connect(url: &str, create: bool) -> Result<SqlitePool> {
 const CLAIMED_COLUMNS: &str =
     "id, exchange, routing_key, properties, body, mandatory, created_at, \
      message_id, typeof(exchange), typeof(routing_key), typeof(properties), typeof(body), \
-     typeof(mandatory), typeof(created_at), typeof(message_id)";
+     typeof(mandatory), typeof(created_at), typeof(message_id), \
+     CAST(MAX(COALESCE(not_before, 0), created_at) AS INTEGER)";
 
 /// Column `i` of a claimed row (with its type at `i + 7`), read by `read`
 /// for the SQLite type it holds; the error names the column.
@@ -158,6 +159,7 @@ fn claimed(r: &SqliteRow) -> sqlx::Result<Claimed> {
             "null" => Some(Ok(None)),
             _ => None,
         }),
+        due_at: r.try_get(15).ok(),
     };
     Ok(claimed_from(r.try_get(0)?, columns))
 }

@@ -606,17 +606,49 @@ async fn an_outbox_backlog_over_its_threshold_is_not_ready_and_is_measured() {
         conn.queue_status(&queue).await.unwrap().unwrap().messages,
         3
     );
+    // A scheduled row counts from when it was due, not from its write (an
+    // hour earlier here).
+    let rabbitry::outbox::Database::Sqlite(pool) = outbox.database() else {
+        unreachable!()
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    sqlx::query(
+        "INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, created_at, not_before) \
+         VALUES ('due-now', '', ?1, '{}', X'00', ?2, ?3)",
+    )
+    .bind(&queue)
+    .bind(now - 3_600_000)
+    .bind(now)
+    .execute(pool)
+    .await
+    .unwrap();
+    outbox.wake();
     // Each row's time from its write to its confirmed publish (recorded
     // when the relay sees the confirm, a moment after the queue has it).
     let delays =
-        format!("rabbitry_outbox_commit_to_publish_seconds_count{{database=\"{database}\"}} 3");
-    eventually(Duration::from_secs(10), "three publish delays", || async {
+        format!("rabbitry_outbox_commit_to_publish_seconds_count{{database=\"{database}\"}} 4");
+    eventually(Duration::from_secs(10), "four publish delays", || async {
         http(addr, "GET", "/metrics", None)
             .await
             .1
             .contains(&delays)
     })
     .await;
+    let (_, text) = http(addr, "GET", "/metrics", None).await;
+    let sum_line =
+        format!("rabbitry_outbox_commit_to_publish_seconds_sum{{database=\"{database}\"}} ");
+    let sum: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&sum_line))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        sum < 600.0,
+        "the scheduled row was measured from its write: {sum} s"
+    );
     relay.stop().await.unwrap();
     conn.delete_queue(&queue).await.unwrap();
     conn.close().await;
