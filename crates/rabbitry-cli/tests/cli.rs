@@ -793,3 +793,46 @@ fn schedule_refuses_what_it_cannot_do_with_a_clear_error() {
         assert!(err.contains(says), "{args:?}: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declare_check_covers_a_workers_retry_and_dead_letter_queues() {
+    let queue = unique("drift-worker");
+    let dir = std::env::temp_dir().join(unique("cfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("worker.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[consumers.c]\nqueue = \"{queue}\"\nhandler = \"http://127.0.0.1:9/\"\nretry = {{ attempts = 2, delays = [\"1s\"] }}\n"
+        ),
+    )
+    .unwrap();
+    let cfg = file.to_str().unwrap();
+    let (dead, delay) = (format!("{queue}.dead"), format!("{queue}.retry.1s"));
+    let out = rabbitry(&["-c", cfg, "declare", "--check"]);
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    let report = text(&out.stdout);
+    for q in [&queue, &dead, &delay] {
+        assert!(
+            report.contains(&format!("queue '{q}': missing")),
+            "{report}"
+        );
+    }
+    let out = rabbitry(&["-c", cfg, "declare"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains(&dead), "{}", text(&out.stdout));
+    let out = rabbitry(&["-c", cfg, "declare", "--check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    // The dead-letter queue deleted: the check says so.
+    let conn = rabbitry::Connection::open(rabbitry::ConnectionSettings::default())
+        .await
+        .unwrap();
+    conn.delete_queue(&dead).await.unwrap();
+    let out = rabbitry(&["-c", cfg, "declare", "--check"]);
+    assert_eq!(out.status.code(), Some(5));
+    assert!(text(&out.stdout).contains(&format!("queue '{dead}': missing")));
+    for q in [&queue, &delay] {
+        conn.delete_queue(q).await.unwrap();
+    }
+    conn.close().await;
+}

@@ -182,16 +182,26 @@ impl Settings {
             t.merge(&p.producer.topology());
         }
         for c in self.consumers.values().filter(|c| c.connection == name) {
-            match &c.options.partitions {
-                None => {
-                    t.merge(&c.consumer.topology());
+            // A consumer with a handler is a worker's: its retry and
+            // dead-letter queues are part of what it needs.
+            let with_retries = |t: &mut Topology, s: &crate::ConsumerSettings| {
+                t.merge(&s.topology());
+                if c.handler.is_some() {
+                    t.merge(&crate::worker::retry::topology(
+                        &s.queue,
+                        crate::QueueType::of(&s.arguments),
+                        &c.options.retry,
+                    ));
                 }
+            };
+            match &c.options.partitions {
+                None => with_retries(&mut t, &c.consumer),
                 Some(p) => {
                     // The hashing exchange, and the partition queues bound
                     // to it, as the worker declares them.
                     t.merge(&p.routing(&c.consumer));
                     for i in 0..p.count {
-                        t.merge(&p.partition_settings(&c.consumer, i).topology());
+                        with_retries(&mut t, &p.partition_settings(&c.consumer, i));
                     }
                 }
             }
