@@ -471,8 +471,12 @@ async fn a_document_that_cannot_be_rendered_fails_with_the_reason() {
     assert_eq!(doc["status"], "failed", "{doc}");
     let why = doc["error"].as_str().unwrap();
     assert!(
-        why.contains("text/plain") && why.contains("/nonexistent/fonts/DejaVuSans.ttf"),
+        why.contains("text/plain") && why.contains("DejaVuSans.ttf"),
         "{why}"
+    );
+    assert!(
+        !why.contains("/nonexistent"),
+        "no server path in the reason: {why}"
     );
     assert!(doc["pdf_url"].is_null());
     demo.stop();
@@ -640,4 +644,95 @@ async fn the_site_page_holds_up_in_a_real_browser() {
     .await
     .unwrap()
     .stop();
+}
+
+/// Reads an event stream until its text contains `needle`.
+async fn stream_until(base: &str, path: &str, needle: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    while !String::from_utf8_lossy(&seen).contains(needle) {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the stream ended before '{needle}'");
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_open_pages_share_one_reader_and_each_sees_a_new_document() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let demo = Demo::start();
+    let base = demo.base.clone();
+    let title = format!("Seen by every page {}", uuid::Uuid::new_v4().simple());
+    let pages: Vec<_> = (0..40)
+        .map(|_| {
+            let (base, title) = (base.clone(), title.clone());
+            tokio::spawn(async move { stream_until(&base, "/sites/a/events", &title).await })
+        })
+        .collect();
+    // Every page has its first event before the document exists.
+    let first: Vec<_> = (0..40)
+        .map(|_| {
+            let base = base.clone();
+            tokio::spawn(async move { stream_until(&base, "/sites/a/events", "event: site").await })
+        })
+        .collect();
+    for f in first {
+        tokio::time::timeout(Duration::from_secs(30), f)
+            .await
+            .expect("a first event")
+            .unwrap();
+    }
+    create(&base, "a", &title).await;
+    for p in pages {
+        tokio::time::timeout(Duration::from_secs(60), p)
+            .await
+            .expect("every open page sees the new document")
+            .unwrap();
+    }
+    demo.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_demo_whose_port_is_taken_says_so_and_declares_nothing() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let instance = format!("demo-{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
+    let dir = std::env::temp_dir().join(format!("taken-{instance}"));
+    let out = tokio::task::spawn_blocking({
+        let (addr, instance, dir) = (addr.clone(), instance.clone(), dir.clone());
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_rabbitry"))
+                .args(["demo", "--listen", &addr, "--instance", &instance])
+                .arg("--data-dir")
+                .arg(&dir)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(&format!("binding {addr}")), "{err}");
+    let conn = rabbitry::Connection::open(rabbitry::ConnectionSettings::default())
+        .await
+        .unwrap();
+    let names = rabbitry_demo::names::Names::new(&instance);
+    for q in [names.results_queue("a"), names.jobs_queue("b")] {
+        assert!(
+            conn.queue_status(&q).await.unwrap().is_none(),
+            "{q} was declared"
+        );
+    }
+    conn.close().await;
+    drop(taken);
 }

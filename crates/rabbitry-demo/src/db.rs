@@ -129,6 +129,15 @@ pub async fn open(url: &str, site: &str) -> Result<Database> {
             }
         }
     }
+    // The listings read the newest rows through these, never the whole
+    // table (whose rows hold the PDFs).
+    let indexes = "CREATE INDEX IF NOT EXISTS documents_created ON documents (created_at);
+        CREATE INDEX IF NOT EXISTS feed_received ON feed (received_at);";
+    with_db!(&db, |pool, _sql| sqlx::raw_sql(indexes)
+        .execute(pool)
+        .await
+        .map(drop))
+    .map_err(|e| db_err("schema", e))?;
     Ok(db)
 }
 

@@ -33,17 +33,45 @@ pub const SERVICE_QUEUE_EXPIRES_MS: i64 = 3_600_000;
 /// How long an instance's queues live unused (ms): a week.
 pub const SITE_QUEUE_EXPIRES_MS: i64 = 7 * 24 * 3_600_000;
 
-/// The instance name for a demo whose data lives in `data_dir` (an
-/// absolute path): `demo-` and six hex digits of a stable hash of the path.
-/// Two demos with different data folders never share queues.
-pub fn default_instance(data_dir: &std::path::Path) -> String {
-    // FNV-1a: stable across Rust versions and platforms, unlike std's hasher.
-    let mut hash: u32 = 0x811c_9dc5;
-    for b in data_dir.to_string_lossy().bytes() {
-        hash ^= u32::from(b);
-        hash = hash.wrapping_mul(0x0100_0193);
+/// The instance name for a demo whose data lives in `data_dir`: `demo-`
+/// and six random hex digits, written to `data_dir/instance` on the first
+/// start and read from there afterwards. Two demos never share queues
+/// unless they share their data, even when their folders have the same
+/// path on two machines (two containers, two CI runners).
+pub fn default_instance(data_dir: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Write;
+    let file = data_dir.join("instance");
+    let read = |file: &std::path::Path| -> Option<String> {
+        let text = std::fs::read_to_string(file).ok()?;
+        let name = text.trim();
+        let ok = name.len() == 11
+            && name.starts_with("demo-")
+            && name[5..].bytes().all(|b| b.is_ascii_hexdigit());
+        ok.then(|| name.to_owned())
+    };
+    if let Some(name) = read(&file) {
+        return Ok(name);
     }
-    format!("demo-{:06x}", hash & 0x00ff_ffff)
+    std::fs::create_dir_all(data_dir)?;
+    let name = format!("demo-{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
+    // Two starts at once: the first file written wins, the other reads it.
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&file)
+    {
+        Ok(mut f) => {
+            f.write_all(format!("{name}\n").as_bytes())?;
+            Ok(name)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read(&file).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} is not a demo instance name", file.display()),
+            )
+        }),
+        Err(e) => Err(e),
+    }
 }
 
 /// The names one demo instance uses.
@@ -111,14 +139,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn default_instances_differ_by_data_folder_and_are_stable() {
-        let a = default_instance(std::path::Path::new("/home/a/.data/demo"));
-        let b = default_instance(std::path::Path::new("/home/b/.data/demo"));
-        assert_ne!(a, b);
-        assert_eq!(
-            a,
-            default_instance(std::path::Path::new("/home/a/.data/demo"))
-        );
+    fn an_instance_is_its_data_folders_and_two_folders_at_one_path_differ() {
+        let dir = std::env::temp_dir().join(format!("names-{}", uuid::Uuid::new_v4().simple()));
+        let a = default_instance(&dir).unwrap();
         assert!(a.starts_with("demo-") && a.len() == 11, "{a}");
+        assert_eq!(a, default_instance(&dir).unwrap(), "stable for its data");
+        // The same path on another machine (here: the folder made anew)
+        // is another instance.
+        std::fs::remove_dir_all(&dir).unwrap();
+        let b = default_instance(&dir).unwrap();
+        assert_ne!(a, b);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -47,9 +47,12 @@ fn fonts() -> Result<&'static Fonts, String> {
             let read = |name: &str| {
                 let path = dir.join(name);
                 std::fs::read(&path).map_err(|e| {
+                    // The path is for the operator's log; the reason that
+                    // travels to the site (and its users) names the font.
+                    tracing::error!(path = %path.display(), error = %e, "the PDF font cannot be read");
                     format!(
-                        "the PDF font {} cannot be read ({e}); install Debian's fonts-dejavu-core (scripts/demo does) or set RABBITRY_DEMO_FONTS",
-                        path.display()
+                        "the PDF font {name} cannot be read on the PDF service's host ({}); its operator installs Debian's fonts-dejavu-core (scripts/demo does) or sets RABBITRY_DEMO_FONTS",
+                        e.kind()
                     )
                 })
             };

@@ -208,6 +208,11 @@ pub async fn run_demo(
         )
         .with_source(e)
     })?;
+    // The front door's address first: a port that is taken is said before
+    // anything is created or declared.
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| Error::new(ErrorKind::Connect, format!("binding {listen}")).with_source(e))?;
     // Create the schemas once, before the processes race to.
     for site in SITES {
         db::open(&common.site_url(site), site).await?;
@@ -274,9 +279,6 @@ pub async fn run_demo(
         .filter(|t| !t.is_empty())
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let admin = status_admin(&common, &status_conn, &token).await?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| Error::new(ErrorKind::Connect, format!("binding {listen}")).with_source(e))?;
     let addr = listener
         .local_addr()
         .map_err(|e| Error::new(ErrorKind::Connect, "front door").with_source(e))?;

@@ -14,7 +14,7 @@ use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
-use axum::{Form, Json, Router};
+use axum::{Extension, Form, Json, Router};
 use rabbitry::outbox::{self, Database, Outbox};
 use rabbitry::rpc::durable;
 use rabbitry::{Connection, Message, Serializer};
@@ -48,6 +48,7 @@ pub struct Site {
 /// The site's routes, under `/sites/{site}`.
 pub fn router(site: Site) -> Router {
     let base = format!("/sites/{}", site.site);
+    let shared = Feed::start(site.clone());
     Router::new()
         .route(&format!("{base}/"), get(page))
         .route(&base, get(page))
@@ -59,6 +60,7 @@ pub fn router(site: Site) -> Router {
         .route(&format!("{base}/events"), get(events))
         .route(&format!("{base}/broker"), get(broker))
         .with_state(site)
+        .layer(Extension(shared))
 }
 
 #[derive(Deserialize)]
@@ -407,26 +409,35 @@ const EVENTS_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 /// How often it asks the broker for the panel's figures.
 const BROKER_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// `GET /sites/{site}/events`: server-sent events, each the site's
-/// documents and feed, sent when they change (the page patches its rows
-/// from them), with a keep-alive; a lost page reconnects within a second.
-async fn events(State(s): State<Site>) -> Response {
-    use axum::response::sse::{Event, KeepAlive, Sse};
-    // The database is read every half second, the broker asked every 2 s.
-    type Broker = Option<(std::time::Instant, serde_json::Value)>;
-    let state: (Site, Option<String>, bool, Broker) = (s, None, true, None);
-    let stream =
-        futures_util::stream::unfold(state, |(mut s, last, first, mut broker)| async move {
-            loop {
-                if *s.stopping.borrow() {
-                    return None;
-                }
-                if last.is_some() {
-                    tokio::select! {
-                        _ = tokio::time::sleep(EVENTS_EVERY) => {}
-                        _ = s.stopping.changed() => return None,
-                    }
-                }
+/// The site's state as the pages show it (documents, feed, broker panel),
+/// read by one task for every open page: a hundred pages cost what one
+/// does. The task reads only while a page listens.
+#[derive(Clone)]
+struct Feed {
+    latest: Arc<tokio::sync::watch::Sender<Option<Arc<str>>>>,
+    /// Wakes the task when a page arrives, so that it needs no wait.
+    wake: Arc<tokio::sync::Notify>,
+}
+
+impl Feed {
+    fn start(site: Site) -> Feed {
+        let feed = Feed {
+            latest: Arc::new(tokio::sync::watch::channel(None).0),
+            wake: Arc::new(tokio::sync::Notify::new()),
+        };
+        tokio::spawn(feed.clone().refresh(site));
+        feed
+    }
+
+    /// Every half second while a page listens: the site's state, sent on
+    /// when it changed. Ends when the site stops.
+    async fn refresh(self, mut s: Site) {
+        let mut broker: Option<(std::time::Instant, serde_json::Value)> = None;
+        loop {
+            if *s.stopping.borrow() {
+                return;
+            }
+            if self.latest.receiver_count() > 0 {
                 let mut docs = db::list_documents(&s.db, &s.site).await.unwrap_or_default();
                 explain_waiting(&s, &mut docs).await;
                 let feed = db::list_feed(&s.db).await.unwrap_or_default();
@@ -437,19 +448,62 @@ async fn events(State(s): State<Site>) -> Response {
                     broker = Some((std::time::Instant::now(), broker_figures(&s).await));
                 }
                 let figures = broker.as_ref().map(|(_, b)| b.clone());
-                let snapshot =
+                let snapshot: Arc<str> =
                     serde_json::json!({ "documents": docs, "feed": feed, "broker": figures })
-                        .to_string();
-                if last.as_deref() != Some(snapshot.as_str()) {
-                    let mut event = Event::default().event("site").data(snapshot.clone());
-                    if first {
-                        event = event.retry(std::time::Duration::from_millis(1000));
+                        .to_string()
+                        .into();
+                self.latest.send_if_modified(|latest| {
+                    let changed = latest.as_deref() != Some(&*snapshot);
+                    if changed {
+                        *latest = Some(snapshot);
                     }
-                    return Some((
-                        Ok::<_, std::convert::Infallible>(event),
-                        (s, Some(snapshot), false, broker),
-                    ));
+                    changed
+                });
+            } else {
+                // Nobody listens: the next page gets a fresh reading.
+                broker = None;
+                self.latest.send_replace(None);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(EVENTS_EVERY) => {}
+                _ = self.wake.notified() => {}
+                _ = s.stopping.changed() => return,
+            }
+        }
+    }
+}
+
+/// `GET /sites/{site}/events`: server-sent events, each the site's
+/// documents and feed, sent when they change (the page patches its rows
+/// from them), with a keep-alive; a lost page reconnects within a second.
+async fn events(State(s): State<Site>, Extension(feed): Extension<Feed>) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let mut latest = feed.latest.subscribe();
+    feed.wake.notify_one();
+    // What others already see goes out at once.
+    latest.mark_changed();
+    let state = (latest, s.stopping.clone(), true);
+    let stream =
+        futures_util::stream::unfold(state, |(mut latest, mut stopping, first)| async move {
+            loop {
+                if *stopping.borrow() {
+                    return None;
                 }
+                tokio::select! {
+                    changed = latest.changed() => changed.ok()?,
+                    _ = stopping.changed() => return None,
+                }
+                let Some(snapshot) = latest.borrow_and_update().clone() else {
+                    continue;
+                };
+                let mut event = Event::default().event("site").data(&*snapshot);
+                if first {
+                    event = event.retry(std::time::Duration::from_millis(1000));
+                }
+                return Some((
+                    Ok::<_, std::convert::Infallible>(event),
+                    (latest, stopping, false),
+                ));
             }
         });
     Sse::new(stream)

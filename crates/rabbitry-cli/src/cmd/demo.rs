@@ -67,9 +67,11 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         }
     }
     let data_dir = std::path::absolute(&args.data_dir).unwrap_or(args.data_dir);
-    let instance = args
-        .instance
-        .unwrap_or_else(|| names::default_instance(&data_dir));
+    let instance = match args.instance {
+        Some(instance) => instance,
+        None => names::default_instance(&data_dir)
+            .with_context(|| format!("the demo's instance file in {}", data_dir.display()))?,
+    };
     let common = Common {
         amqp_url: amqp_url(global)?,
         database: args.database,
