@@ -18,10 +18,12 @@
 //! 401 and nothing changes. The token is given ([`Admin::token`]), or read
 //! from `RABBITRY_ADMIN_TOKEN`, or made up at start and logged once.
 //!
-//! A request whose `Host` is a name other than `localhost` or one given
+//! A request for the status page or its API (`/status`, `/api/...`) whose
+//! `Host` is a name other than `localhost` or one given
 //! ([`Admin::allowed_host`], `RABBITRY_ADMIN_HOSTS`) is refused with 421:
-//! a web page elsewhere cannot reach the listener through DNS rebinding.
-//! An IP address as the host is always accepted.
+//! a web page elsewhere cannot read them through DNS rebinding. An IP
+//! address as the host is always accepted; `/metrics` and the probes
+//! answer any host (scrapers and load balancers use names).
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -262,19 +264,24 @@ impl Admin {
             token,
             prometheus: install_prometheus(),
         });
-        Router::new()
-            .route("/metrics", get(metrics_text))
-            .route("/livez", get(|| async { "ok\n" }))
-            .route("/readyz", get(readyz))
+        // What browsers read (the page and its API) answers only the hosts
+        // it knows; probes and metrics, read by machines by any name, do not
+        // care.
+        let pages = Router::new()
             .route("/status", get(status_page))
             .route("/api/status", get(status))
             .route("/api/events", get(status::events))
             .route("/api/dead/{queue}", get(dead_list))
             .route("/api/dead/{queue}/{action}", post(dead_change))
-            .with_state(shared)
             .layer(axum::middleware::from_fn(move |req, next| {
                 check_host(hosts.clone(), req, next)
-            }))
+            }));
+        Router::new()
+            .route("/metrics", get(metrics_text))
+            .route("/livez", get(|| async { "ok\n" }))
+            .route("/readyz", get(readyz))
+            .merge(pages)
+            .with_state(shared)
     }
 }
 

@@ -13,7 +13,7 @@
 //! by a semaphore: that is the backpressure.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -153,8 +153,10 @@ struct Tracker {
     isolate: AtomicBool,
     /// Signalled when nothing is waiting for a confirm.
     idle: Notify,
-    /// What a message may be on the current channel.
-    limits: Mutex<Limits>,
+    /// What a message may be on the current channel: its frame size and
+    /// the broker's body limit (read on every publish, without a lock).
+    frame_max: AtomicU32,
+    max_body: AtomicU64,
     /// Since when messages have waited to be sent (no channel, or
     /// suspects going one at a time), while they do.
     blocked_since: Mutex<Option<Instant>>,
@@ -411,7 +413,8 @@ impl Publisher {
                 nacking_since: Mutex::default(),
                 isolate: AtomicBool::new(false),
                 idle: Notify::new(),
-                limits: Mutex::new(Limits::default()),
+                frame_max: AtomicU32::new(Limits::default().frame_max),
+                max_body: AtomicU64::new(Limits::default().max_body),
                 blocked_since: Mutex::default(),
                 meters: crate::meters::PublishMeters::new(conn.name()),
             }),
@@ -446,7 +449,10 @@ impl Publisher {
 
     /// What a message may be on the current channel.
     pub(crate) fn limits(&self) -> Limits {
-        *lock(&self.tracker.limits)
+        Limits {
+            frame_max: self.tracker.frame_max.load(Ordering::Relaxed),
+            max_body: self.tracker.max_body.load(Ordering::Relaxed),
+        }
     }
 
     /// Queues one message for sending, in call order, and returns the wait
@@ -788,7 +794,13 @@ impl Actor {
                 .await
                 .map_err(|e| watch.refusal(ErrorKind::Channel, "confirm.select".into(), e))?;
         }
-        *lock(&self.tracker.limits) = watch.limits();
+        let limits = watch.limits();
+        self.tracker
+            .frame_max
+            .store(limits.frame_max, Ordering::Relaxed);
+        self.tracker
+            .max_body
+            .store(limits.max_body, Ordering::Relaxed);
         // Renumber what is pending for the new channel, keeping its order;
         // or, to find a message the broker refused without naming it, hold
         // them to be sent one at a time.

@@ -345,8 +345,10 @@ pub(crate) fn boxed_service<Svc: RequestService<RB>, RB: ResponseBody>(service: 
     })
 }
 
-/// A client for forwarding to an HTTP application.
-pub(crate) fn url_client(timeout: Duration) -> BoxService {
+/// A client for forwarding to an HTTP application. Its time is the
+/// consumer's handler timeout, which the dispatcher applies to the whole
+/// request (and reports, one way).
+pub(crate) fn url_client() -> BoxService {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .build_http::<RequestBody>();
@@ -354,10 +356,19 @@ pub(crate) fn url_client(timeout: Duration) -> BoxService {
         let client = client.clone();
         Box::pin(async move {
             let uri = req.uri().to_string();
-            let resp = tokio::time::timeout(timeout, client.request(req))
-                .await
-                .map_err(|_| HandlerError::retry(format!("{uri}: no response within {timeout:?}")))?
-                .map_err(|e| HandlerError::retry(format!("{uri}: unreachable: {e}")))?;
+            let resp = client.request(req).await.map_err(|e| {
+                // Which it was: no connection at all, or one the app
+                // dropped (reset, closed before answering).
+                let what = if e.is_connect() {
+                    "unreachable"
+                } else {
+                    "the connection failed before a response"
+                };
+                let cause = std::error::Error::source(&e)
+                    .map(|s| format!(" ({s})"))
+                    .unwrap_or_default();
+                HandlerError::retry(format!("{uri}: {what}: {e}{cause}"))
+            })?;
             let (parts, body) = resp.into_parts();
             let bytes = read_limited(body, limit, &uri).await?;
             Ok(Response::from_parts(parts, bytes))

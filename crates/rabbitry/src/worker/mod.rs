@@ -587,7 +587,7 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
                 },
                 #[cfg(feature = "http")]
                 Target::Url(url) => Route::Http {
-                    service: http::url_client(options.timeout),
+                    service: http::url_client(),
                     base: url,
                 },
             };

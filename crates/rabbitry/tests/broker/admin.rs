@@ -351,6 +351,9 @@ async fn dead_letter_pages_are_bounded_bodies_need_the_token_and_foreign_hosts_a
         let (status, body) = raw_http(addr, "GET", "/api/status", &headers, "").await;
         assert_eq!(status, want, "{host}: {body}");
     }
+    // Scrapers and probes reach /metrics and /readyz by any name.
+    let (status, _) = raw_http(addr, "GET", "/metrics", "Host: prometheus.internal\r\n", "").await;
+    assert_eq!(status, 200);
     running.shutdown().await;
     cleanup(&conn, &queue).await;
 }

@@ -1165,3 +1165,106 @@ impl BTreeMapCounter {
         *self.0.entry(k).or_insert(0) += 1;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_whose_body_is_over_the_brokers_maximum_fails_alone() {
+    // 128 MiB and one byte, between two good rows (SQLite makes the blob
+    // without the test holding it).
+    let conn = single_connection().await;
+    let queue = queue(&conn).await;
+    let url = sqlite_url();
+    let outbox = Outbox::connect(&url).await.unwrap();
+    for (id, body) in [
+        ("before", "CAST('before' AS BLOB)"),
+        ("huge", "zeroblob(134217729)"),
+        ("after", "CAST('after' AS BLOB)"),
+    ] {
+        execute(
+            outbox.database(),
+            &format!(
+                "INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, created_at) \
+                 VALUES ('{id}', '', '{queue}', '{{}}', {body}, 0)"
+            ),
+        )
+        .await;
+    }
+    let relay = outbox
+        .spawn_relay(&conn, RelayOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(first_arrivals(&conn, &queue, 2).await, ["before", "after"]);
+    eventually(Duration::from_secs(20), "the huge row failed", || {
+        let outbox = outbox.clone();
+        async move { outbox.status().await.unwrap().failed.len() == 1 }
+    })
+    .await;
+    let why = outbox.status().await.unwrap().failed[0]
+        .error
+        .clone()
+        .unwrap_or_default();
+    assert!(why.contains("max_message_size"), "{why}");
+    relay.stop().await.unwrap();
+    conn.delete_queue(&queue).await.unwrap();
+    conn.close().await;
+    // The file holds the 128 MiB row: not left behind.
+    let path = std::path::Path::new(url.trim_start_matches("sqlite://"));
+    std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_app_that_drops_the_connection_is_not_called_unreachable() {
+    // One app closes each connection as soon as it has the request; the
+    // other address listens nowhere.
+    let dropping = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dropping_addr = dropping.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        while let Ok((mut s, _)) = dropping.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            drop(s);
+        }
+    });
+    let nowhere = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let conn = single_connection().await;
+    let (dropped, refused) = (unique("dropped"), unique("refused"));
+    let running = Worker::new(&conn, ())
+        .shutdown_timeout(Duration::from_secs(5))
+        .forward(
+            ConsumerSettings::new(&dropped).name("dropped"),
+            format!("http://{dropping_addr}/"),
+        )
+        .retry(Retry::never())
+        .forward(
+            ConsumerSettings::new(&refused).name("refused"),
+            format!("http://{nowhere}/"),
+        )
+        .retry(Retry::never())
+        .start()
+        .await
+        .unwrap();
+    for queue in [&dropped, &refused] {
+        Producer::new(&conn, ProducerSettings::default().routing_key(queue))
+            .await
+            .unwrap()
+            .publish(Message::new("x"))
+            .await
+            .unwrap();
+    }
+    let why = |letters: Vec<dead::DeadLetter>| letters[0].error.clone().unwrap_or_default();
+    let d = why(dead_letters(&conn, &dropped, 1).await);
+    assert!(
+        d.contains("the connection failed before a response") && !d.contains("unreachable"),
+        "{d}"
+    );
+    let r = why(dead_letters(&conn, &refused, 1).await);
+    assert!(r.contains("unreachable"), "{r}");
+    running.shutdown().await;
+    server.abort();
+    delete_queues(&conn, &dropped, &[]).await;
+    delete_queues(&conn, &refused, &[]).await;
+    conn.close().await;
+}
