@@ -104,9 +104,16 @@ pub(crate) fn shorten(s: &str, max: usize) -> String {
 
 /// `value` fits in a short string; otherwise an error naming `what`.
 pub(crate) fn check_short(what: &str, value: &str) -> Result<()> {
+    check_short_with(|| what.to_owned(), value)
+}
+
+/// [`check_short`] with the name made only for the error: publishing
+/// allocates nothing for a value that fits.
+fn check_short_with(what: impl FnOnce() -> String, value: &str) -> Result<()> {
     if value.len() > SHORT_STRING_MAX {
         return Err(invalid(format!(
-            "{what} '{}' is {} bytes; AMQP allows at most {SHORT_STRING_MAX} (a short string)",
+            "{} '{}' is {} bytes; AMQP allows at most {SHORT_STRING_MAX} (a short string)",
+            what(),
             shorten(value, 40),
             value.len()
         )));
@@ -130,7 +137,7 @@ pub(crate) fn check_properties(p: &Properties) -> Result<()> {
     ];
     for (name, value) in shorts {
         if let Some(v) = value {
-            check_short(&format!("property {name}"), v)?;
+            check_short_with(|| format!("property {name}"), v)?;
         }
     }
     if let Some(e) = &p.expiration {
@@ -141,18 +148,26 @@ pub(crate) fn check_properties(p: &Properties) -> Result<()> {
 
 fn check_table(path: &str, table: &Headers) -> Result<()> {
     for (k, v) in table {
-        check_short(&format!("{path} name"), k)?;
-        check_value(&format!("{path} '{}'", shorten(k, 40)), v)?;
+        check_short_with(|| format!("{path} name"), k)?;
+        // Only nested values need a check of their own; the path is made
+        // only then.
+        if matches!(
+            v,
+            HeaderValue::Table(_) | HeaderValue::Array(_) | HeaderValue::String(_)
+        ) {
+            check_value(&|| format!("{path} '{}'", shorten(k, 40)), v)?;
+        }
     }
     Ok(())
 }
 
-fn check_value(path: &str, v: &HeaderValue) -> Result<()> {
+fn check_value(path: &dyn Fn() -> String, v: &HeaderValue) -> Result<()> {
     match v {
-        HeaderValue::Table(t) => check_table(path, t),
+        HeaderValue::Table(t) => check_table(&path(), t),
         HeaderValue::Array(items) => items.iter().try_for_each(|i| check_value(path, i)),
         HeaderValue::String(s) if s.len() > u32::MAX as usize => Err(invalid(format!(
-            "{path}: a string of {} bytes is longer than AMQP's 4 GiB",
+            "{}: a string of {} bytes is longer than AMQP's 4 GiB",
+            path(),
             s.len()
         ))),
         _ => Ok(()),
