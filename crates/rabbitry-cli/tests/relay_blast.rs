@@ -579,3 +579,42 @@ async fn on_postgres_a_standby_relay_takes_over_from_a_killed_one_in_order() {
 async fn on_sqlite_a_standby_relay_takes_over_from_a_killed_one_in_order() {
     takeover(sqlite_url(), "1s").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_still_starting_stops_cleanly_on_sigterm() {
+    // A "broker" that accepts and never answers: the relay is still
+    // connecting when the signal comes; its database exists by then.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let broker = format!("amqp://{}/", silent.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            open.push(s);
+        }
+    });
+    let url = sqlite_url();
+    let path = std::path::PathBuf::from(url.trim_start_matches("sqlite://"));
+    let child = Command::new(env!("CARGO_BIN_EXE_rabbitry"))
+        .args(["--url", &broker, "relay", "--database", &url])
+        .env("RABBITRY_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !path.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay never opened its database"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&child, "-TERM");
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+    assert!(err.contains("stopped before it started"), "{err}");
+    held.abort();
+}

@@ -141,6 +141,55 @@ pub(crate) fn init_logging(format: LogFormat) {
     };
 }
 
+/// Ctrl-C and SIGTERM, listened for from the moment this returns: a
+/// command that is still starting (connecting, migrating) stops cleanly
+/// too, instead of being ended by the signal's default action. The
+/// receiver turns true at the first signal; a second one ends the process
+/// at once with exit code 130.
+pub(crate) fn listen_for_shutdown(
+    what: &'static str,
+) -> Result<tokio::sync::watch::Receiver<bool>> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        // Created here, so the handlers are in place before any await.
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            eprintln!("{what}: stopping cleanly; press Ctrl-C again to stop at once");
+            tx.send_replace(true);
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            eprintln!("interrupted");
+            std::process::exit(i32::from(crate::exit::INTERRUPTED));
+        });
+    }
+    #[cfg(not(unix))]
+    tokio::spawn(async move {
+        shutdown_requested(what).await;
+        tx.send_replace(true);
+    });
+    Ok(rx)
+}
+
+/// Runs `starting` unless a shutdown is asked for first; `None` then.
+pub(crate) async fn unless_stopped<T>(
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+    starting: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        done = starting => Some(done),
+        _ = stop.wait_for(|s| *s) => None,
+    }
+}
+
 /// Waits for Ctrl-C or SIGTERM. After it, a second Ctrl-C or SIGTERM ends
 /// the process at once with exit code 130, whatever is still running.
 pub(crate) async fn shutdown_requested(what: &str) {

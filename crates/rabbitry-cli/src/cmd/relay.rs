@@ -48,17 +48,26 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         }
     }
     let settings = global.settings()?;
-    // The databases first: a wrong URL is said before anything else runs.
-    let mut outboxes = Vec::new();
-    for url in &args.databases {
-        outboxes.push(Outbox::connect(url).await?);
-    }
-    let conn = global.connect_default(&settings).await?;
-    let mut relays = Vec::new();
-    for outbox in &outboxes {
-        relays.push(outbox.spawn_relay(&conn, options.clone()).await?);
-        eprintln!("relay: publishing the outbox of {}", outbox.url());
-    }
+    let mut stop = super::listen_for_shutdown("relay")?;
+    let starting = async {
+        // The databases first: a wrong URL is said before anything else runs.
+        let mut outboxes = Vec::new();
+        for url in &args.databases {
+            outboxes.push(Outbox::connect(url).await?);
+        }
+        let conn = global.connect_default(&settings).await?;
+        let mut relays = Vec::new();
+        for outbox in &outboxes {
+            relays.push(outbox.spawn_relay(&conn, options.clone()).await?);
+            eprintln!("relay: publishing the outbox of {}", outbox.url());
+        }
+        anyhow::Ok((outboxes, conn, relays))
+    };
+    let Some(started) = super::unless_stopped(&mut stop, starting).await else {
+        eprintln!("relay: stopped before it started");
+        return Ok(ExitCode::SUCCESS);
+    };
+    let (outboxes, conn, relays) = started?;
     let admin = match args.admin {
         Some(addr) => {
             let mut admin = rabbitry::admin::Admin::new().connection(&conn);
@@ -72,7 +81,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         None => None,
     };
     eprintln!("relay: running; Ctrl-C or SIGTERM stops it cleanly");
-    super::shutdown_requested("relay").await;
+    let _ = stop.wait_for(|s| *s).await;
     if let Some(server) = admin {
         server.abort();
     }

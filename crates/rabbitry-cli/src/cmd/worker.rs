@@ -32,8 +32,13 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         // Before any connection or consumer makes its metric handles.
         rabbitry::admin::install_prometheus();
     }
-    let worker = settings.forwarding_worker().await?;
-    let running = worker.start().await?;
+    let mut stop = super::listen_for_shutdown("worker")?;
+    let starting = async { settings.forwarding_worker().await?.start().await };
+    let Some(running) = super::unless_stopped(&mut stop, starting).await else {
+        eprintln!("worker: stopped before it started");
+        return Ok(ExitCode::SUCCESS);
+    };
+    let running = running?;
     let admin_server = match args.admin {
         Some(addr) => {
             let app = rabbitry::admin::Admin::new().worker(&running).router();
@@ -44,7 +49,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         None => None,
     };
     eprintln!("worker: consuming; Ctrl-C or SIGTERM stops it cleanly");
-    super::shutdown_requested("worker").await;
+    let _ = stop.wait_for(|s| *s).await;
     if let Some(server) = admin_server {
         server.abort();
     }
