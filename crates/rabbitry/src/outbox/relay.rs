@@ -180,18 +180,18 @@ impl<B: Backend> RelayLoop<B> {
                         standing_by = true;
                         tracing::info!(outbox = %self.url, owner = %options.owner, "another relay is active on this outbox; standing by");
                     }
-                    tokio::select! {
-                        _ = tokio::time::sleep(options.poll.min(STANDBY_POLL)) => continue,
-                        _ = stop.cancelled() => return Ok(()),
+                    if stopped_during(stop, options.poll.min(STANDBY_POLL)).await {
+                        return Ok(());
                     }
+                    continue;
                 }
                 Err(e) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %e, ?delay, "taking the relay's lead failed");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => continue,
-                        _ = stop.cancelled() => return drain(&mut in_flight).await,
+                    if stopped_during(stop, delay).await {
+                        return drain(&mut in_flight).await;
                     }
+                    continue;
                 }
             }
             // Register for a wake-up before looking, so that a commit made
@@ -205,10 +205,10 @@ impl<B: Backend> RelayLoop<B> {
                 Err(e) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %e, ?delay, "claiming outbox rows failed");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => continue,
-                        _ = stop.cancelled() => return drain(&mut in_flight).await,
+                    if stopped_during(stop, delay).await {
+                        return drain(&mut in_flight).await;
                     }
+                    continue;
                 }
             };
             let (rows, held) = claimed;
@@ -317,6 +317,14 @@ async fn drain(in_flight: &mut VecDeque<JoinHandle<Result<usize>>>) -> Result<()
         }
     }
     first
+}
+
+/// Waits `pause`; `true` when the relay was asked to stop meanwhile.
+async fn stopped_during(stop: &CancellationToken, pause: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(pause) => false,
+        _ = stop.cancelled() => true,
+    }
 }
 
 async fn sleep_until_due(due: Option<Duration>) {
