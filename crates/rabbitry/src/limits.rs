@@ -54,11 +54,7 @@ impl Limits {
     /// `max_message_size` than its version's default refuses such a
     /// message itself; the publisher then fails that message alone.
     pub(crate) fn of(frame_max: u32, server_version: &str) -> Limits {
-        let major = server_version
-            .split('.')
-            .next()
-            .and_then(|m| m.parse::<u32>().ok())
-            .unwrap_or(3);
+        let major = crate::topology::major(server_version).unwrap_or(3);
         Limits {
             frame_max,
             max_body: if major >= 4 {

@@ -431,7 +431,8 @@ pub(crate) async fn declare(
 }
 
 /// The RabbitMQ major version in `version` (`3.10.8` is 3).
-fn major(version: &str) -> Option<u32> {
+/// The broker's major version, from its `connection.start` version text.
+pub(crate) fn major(version: &str) -> Option<u32> {
     version.split('.').next()?.parse().ok()
 }
 

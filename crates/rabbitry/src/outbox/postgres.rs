@@ -111,24 +111,7 @@ const CLAIMED_COLUMNS: &str =
 fn claimed(r: &PgRow) -> sqlx::Result<Claimed> {
     // The schema types every column; a table made by hand with other
     // types still fails row by row, naming the column.
-    fn get<'r, T: sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres>>(
-        r: &'r PgRow,
-        i: usize,
-        name: &str,
-    ) -> std::result::Result<T, String> {
-        r.try_get(i).map_err(|e| format!("column {name}: {e}"))
-    }
-    let columns = Columns {
-        exchange: get(r, 1, "exchange"),
-        routing_key: get(r, 2, "routing_key"),
-        properties: get(r, 3, "properties"),
-        body: get(r, 4, "body"),
-        mandatory: get(r, 5, "mandatory"),
-        created_at: get(r, 6, "created_at"),
-        message_id: get(r, 7, "message_id"),
-        due_at: r.try_get(8).ok(),
-    };
-    Ok(claimed_from(r.try_get(0)?, columns))
+    Ok(claimed_from(r.try_get(0)?, Columns::typed(r, 8)))
 }
 
 impl Backend for PgPool {

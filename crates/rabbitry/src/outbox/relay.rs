@@ -355,9 +355,39 @@ pub(super) struct Columns {
     pub(super) due_at: Option<i64>,
 }
 
-/// Why a column cannot be read: its name, what it holds, what it should.
-pub(super) fn wrong_column(name: &str, found: &str, expected: &str) -> String {
-    format!("column {name} holds {found}; expected {expected}")
+/// Column `i` of a claimed row as a `T`, or why not, naming the column.
+fn typed<'r, R: sqlx::Row, T>(r: &'r R, i: usize, name: &str) -> std::result::Result<T, String>
+where
+    usize: sqlx::ColumnIndex<R>,
+    T: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    r.try_get(i).map_err(|e| format!("column {name}: {e}"))
+}
+
+impl Columns {
+    /// A claimed row whose columns hold their documented types, read at
+    /// the claim's positions (id, then exchange to message_id as 1 to 7),
+    /// with the due time at `due_at`.
+    pub(super) fn typed<R: sqlx::Row>(r: &R, due_at: usize) -> Columns
+    where
+        usize: sqlx::ColumnIndex<R>,
+        for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+        for<'a> Option<String>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+        for<'a> Vec<u8>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+        for<'a> bool: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+        for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    {
+        Columns {
+            exchange: typed(r, 1, "exchange"),
+            routing_key: typed(r, 2, "routing_key"),
+            properties: typed(r, 3, "properties"),
+            body: typed(r, 4, "body"),
+            mandatory: typed(r, 5, "mandatory"),
+            created_at: typed(r, 6, "created_at"),
+            message_id: typed(r, 7, "message_id"),
+            due_at: r.try_get(due_at).ok(),
+        }
+    }
 }
 
 /// The message a claimed row stores, or why it cannot be one. A bad row is

@@ -12,7 +12,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
 use super::backend::{Backend, NEXT_DUE, SCHEDULE_INDEXES};
-use super::relay::{claimed_from, wrong_column, BatchOutcome, Claimed, Columns, RelayOptions};
+use super::relay::{claimed_from, BatchOutcome, Claimed, Columns, RelayOptions};
 use super::{db_error, OutboxExecutor, OutboxRow};
 use crate::clock::now_millis;
 use crate::connection::redact;
@@ -100,6 +100,11 @@ const CLAIMED_COLUMNS: &str =
 /// documented type (rabbitry's own rows, and most foreign ones).
 const PLAIN: usize = 16;
 
+/// Why a column cannot be read: its name, what it holds, what it should.
+fn wrong_column(name: &str, found: &str, expected: &str) -> String {
+    format!("column {name} holds {found}; expected {expected}")
+}
+
 /// Column `i` of a claimed row (with its type at `i + 7`), read by `read`
 /// for the SQLite type it holds; the error names the column.
 fn column<T>(
@@ -132,21 +137,7 @@ fn column<T>(
 fn claimed(r: &SqliteRow) -> sqlx::Result<Claimed> {
     if r.try_get::<bool, _>(PLAIN).unwrap_or(false) {
         // Every column of its type: read straight, no type names.
-        let get = |i: usize, name: &str| {
-            r.try_get(i)
-                .map_err(|e: sqlx::Error| format!("column {name}: {e}"))
-        };
-        let columns = Columns {
-            exchange: get(1, "exchange"),
-            routing_key: get(2, "routing_key"),
-            properties: get(3, "properties"),
-            body: r.try_get(4).map_err(|e| format!("column body: {e}")),
-            mandatory: r.try_get(5).map_err(|e| format!("column mandatory: {e}")),
-            created_at: r.try_get(6).map_err(|e| format!("column created_at: {e}")),
-            message_id: r.try_get(7).map_err(|e| format!("column message_id: {e}")),
-            due_at: r.try_get(15).ok(),
-        };
-        return Ok(claimed_from(r.try_get(0)?, columns));
+        return Ok(claimed_from(r.try_get(0)?, Columns::typed(r, 15)));
     }
     let text = |i, name| {
         column(r, i, name, "text", |k| {
