@@ -38,10 +38,7 @@ pub fn site_consumers(names: &Names, site: &str, other_sites: &[&str]) -> [Consu
     let results = names.results_queue(site);
     let feed_keys: Vec<String> = other_sites.iter().map(|o| names.rendered_key(o)).collect();
     let feed_keys: Vec<&str> = feed_keys.iter().map(String::as_str).collect();
-    let name = |cs: ConsumerSettings, n: &str| ConsumerSettings {
-        name: n.to_owned(),
-        ..expiring(cs, names::SITE_QUEUE_EXPIRES_MS)
-    };
+    let name = |cs: ConsumerSettings, n: &str| expiring(cs, names::SITE_QUEUE_EXPIRES_MS).name(n);
     [
         name(
             ConsumerSettings::new(&results).bind(
@@ -75,22 +72,21 @@ pub fn site_worker(
         .consumer(results, on_result)
         .consumer(feed, on_event)
         .consumer(jobs, on_job)
+        .done()
 }
 
 /// The PDF service's consumer: the shared `service.pdf` queue, bound to
 /// the seed's `service.tasks` with `service.my_template`.
 pub fn service_consumer(names: &Names) -> ConsumerSettings {
-    ConsumerSettings {
-        name: "render".into(),
-        ..expiring(
-            ConsumerSettings::new(names.service_queue()).bind(
-                names::TASKS_EXCHANGE,
-                ExchangeKind::Topic,
-                &[names::TEMPLATE_KEY],
-            ),
-            names::SERVICE_QUEUE_EXPIRES_MS,
-        )
-    }
+    expiring(
+        ConsumerSettings::new(names.service_queue()).bind(
+            names::TASKS_EXCHANGE,
+            ExchangeKind::Topic,
+            &[names::TEMPLATE_KEY],
+        ),
+        names::SERVICE_QUEUE_EXPIRES_MS,
+    )
+    .name("render")
 }
 
 /// The file whose presence makes the PDF service fail titles that ask for
@@ -108,6 +104,7 @@ pub fn service_worker(
         .consumer(service_consumer(names), render)
         .concurrency(2)
         .reply_exchange(names::RESULTS_EXCHANGE)
+        .done()
 }
 
 /// Everything the demo's workers declare: their consumers and their retry

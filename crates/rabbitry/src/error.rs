@@ -105,6 +105,8 @@ impl ErrorKind {
 pub struct Error {
     kind: ErrorKind,
     context: String,
+    /// The settings field a configuration error is about.
+    setting: Option<String>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
@@ -114,6 +116,7 @@ impl Error {
         Error {
             kind,
             context: context.into(),
+            setting: None,
             source: None,
         }
     }
@@ -134,9 +137,17 @@ impl Error {
         self.source.as_deref()
     }
 
-    /// The message naming what was involved, without the kind's description.
+    /// The message naming what was involved, without the kind's description
+    /// (nor the [`setting`](Error::setting) it is about).
     pub fn context(&self) -> &str {
         &self.context
+    }
+
+    /// For an error of a settings type's `validate`: the field it is about,
+    /// as a path (`concurrency`, `retry.delays[1]`). The configuration
+    /// layer puts its key path in front of it.
+    pub fn setting(&self) -> Option<&str> {
+        self.setting.as_deref()
     }
 
     /// Whether trying the same operation again later can succeed without a
@@ -156,6 +167,25 @@ impl Error {
         Error::new(ErrorKind::Config, context)
     }
 
+    /// A settings field that breaks a rule: `field` names it, `rule` says
+    /// what it must be.
+    pub(crate) fn invalid_setting(field: impl Into<String>, rule: impl Into<String>) -> Self {
+        Error {
+            setting: Some(field.into()),
+            ..Error::config(rule)
+        }
+    }
+
+    /// The same error about `outer.{field}`: a settings type that holds
+    /// another (a worker's options hold its retry policy) names the path.
+    pub(crate) fn within(mut self, outer: &str) -> Self {
+        self.setting = Some(match self.setting.take() {
+            Some(field) => format!("{outer}.{field}"),
+            None => outer.to_owned(),
+        });
+        self
+    }
+
     pub(crate) fn codec(context: impl Into<String>) -> Self {
         Error::new(ErrorKind::Codec, context)
     }
@@ -165,6 +195,9 @@ impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("Error");
         d.field("kind", &self.kind).field("context", &self.context);
+        if let Some(setting) = &self.setting {
+            d.field("setting", setting);
+        }
         if let Some(source) = &self.source {
             d.field("source", source);
         }
@@ -174,7 +207,11 @@ impl fmt::Debug for Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.kind.describe(), self.context)?;
+        write!(f, "{}: ", self.kind.describe())?;
+        if let Some(setting) = &self.setting {
+            write!(f, "{setting}: ")?;
+        }
+        f.write_str(&self.context)?;
         if let Some(source) = &self.source {
             write!(f, ": {source}")?;
         }
@@ -182,10 +219,19 @@ impl fmt::Display for Error {
     }
 }
 
-/// The cause is part of the message (`Display`), so `source()` does not
-/// return it again: a reporter that walks the chain (anyhow, the CLI)
-/// prints it once. [`Error::cause`] gives it to code that needs the value.
-impl std::error::Error for Error {}
+/// The cause is part of the message (`Display`), so that a log line with
+/// `%error` says everything, and it is also the `source()`, so that code can
+/// walk the chain and downcast it (an error handler looking for an
+/// `std::io::Error`). A reporter that prints the whole chain prints each
+/// text once by skipping a cause its effect already contains, as the CLI
+/// and [`HandlerError::message`](crate::worker::HandlerError::message) do.
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -196,11 +242,28 @@ mod tests {
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
         let e = Error::new(ErrorKind::Connect, "127.0.0.1:1").with_source(io);
         assert_eq!(e.to_string(), "connection failed: 127.0.0.1:1: refused");
-        // The cause is printed once: in the message, not again as source().
-        assert!(std::error::Error::source(&e).is_none());
+        // The cause is in the message, and also the source for code that
+        // walks the chain.
+        let source = std::error::Error::source(&e).unwrap();
+        assert_eq!(
+            source.downcast_ref::<std::io::Error>().unwrap().kind(),
+            std::io::ErrorKind::ConnectionRefused
+        );
         assert_eq!(e.cause().unwrap().to_string(), "refused");
         assert!(e.is_retryable());
         assert!(!Error::config("x").is_retryable());
         assert!(!Error::new(ErrorKind::NotFound, "queue 'q'").is_retryable());
+    }
+
+    #[test]
+    fn a_setting_error_names_its_field_path() {
+        let e = Error::invalid_setting("delays[1]", "a retry delay is between 1ms and 49d")
+            .within("retry");
+        assert_eq!(e.setting(), Some("retry.delays[1]"));
+        assert_eq!(e.context(), "a retry delay is between 1ms and 49d");
+        assert_eq!(
+            e.to_string(),
+            "configuration error: retry.delays[1]: a retry delay is between 1ms and 49d"
+        );
     }
 }

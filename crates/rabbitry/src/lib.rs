@@ -80,6 +80,7 @@ pub mod codec;
 pub mod config;
 pub mod connection;
 pub mod consume;
+pub mod defaults;
 pub mod error;
 pub mod headers;
 pub mod message;
@@ -98,6 +99,7 @@ pub mod worker;
 mod amqp;
 mod channel;
 mod limits;
+mod setters;
 mod task;
 
 pub use codec::{Decoded, Serializer};

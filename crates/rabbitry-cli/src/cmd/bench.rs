@@ -82,10 +82,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         rabbitry::admin::install_prometheus();
     }
     let settings = global.settings()?;
-    let url = settings
-        .connection(rabbitry::config::DEFAULT_CONNECTION)?
-        .urls[0]
-        .clone();
+    let url = settings.connection(rabbitry::defaults::CONNECTION)?.urls[0].clone();
     let opts = BenchOptions {
         url,
         messages: args.messages,

@@ -51,10 +51,7 @@ pub(crate) struct PartArgs {
 
 fn amqp_url(global: &Global) -> Result<String> {
     let settings = global.settings()?;
-    Ok(settings
-        .connection(rabbitry::config::DEFAULT_CONNECTION)?
-        .urls[0]
-        .clone())
+    Ok(settings.connection(rabbitry::defaults::CONNECTION)?.urls[0].clone())
 }
 
 pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {

@@ -19,7 +19,7 @@ pub(crate) mod worker;
 use std::path::PathBuf;
 
 use anyhow::Result;
-use rabbitry::config::DEFAULT_CONNECTION;
+use rabbitry::defaults::CONNECTION as DEFAULT_CONNECTION;
 use rabbitry::{Connection, Settings};
 
 use crate::exit::usage;

@@ -165,7 +165,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
             ps.auto_declare = args.exchange_type.is_some();
             ps.durable = !args.message.transient;
             ps.name = "cli".into();
-            (rabbitry::config::DEFAULT_CONNECTION.to_owned(), ps)
+            (rabbitry::defaults::CONNECTION.to_owned(), ps)
         }
     };
     if let Some(k) = &args.routing_key {

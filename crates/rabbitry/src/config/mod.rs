@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::connection::{redact, Connection, ConnectionSettings, DEFAULT_URL};
+use crate::connection::{redact, Connection, ConnectionSettings};
 mod raw;
 mod validate;
 
@@ -23,9 +23,6 @@ use crate::topology::Topology;
 use crate::worker::ConsumerOptions;
 #[cfg(feature = "http")]
 use crate::worker::Worker;
-
-/// The name of the connection used when none is given.
-pub const DEFAULT_CONNECTION: &str = "default";
 
 /// A configured consumer: what to read, on which connection, and how the
 /// worker handles it: the same types a worker built in code takes.
@@ -71,7 +68,7 @@ pub struct WorkerSettings {
 impl Default for WorkerSettings {
     fn default() -> Self {
         WorkerSettings {
-            connection: DEFAULT_CONNECTION.into(),
+            connection: crate::defaults::CONNECTION.into(),
             site: None,
             user: None,
             concurrency: 1,
@@ -135,16 +132,16 @@ impl Settings {
     /// where it came from. Replacing URLs a file gave is logged as a
     /// warning.
     pub fn replace_url(&mut self, url: String, source: &str) {
-        let from_file = self.connections.contains_key(DEFAULT_CONNECTION);
+        let from_file = self.connections.contains_key(crate::defaults::CONNECTION);
         let conn = self
             .connections
-            .entry(DEFAULT_CONNECTION.into())
-            .or_insert_with(|| ConnectionSettings::default().name(DEFAULT_CONNECTION));
+            .entry(crate::defaults::CONNECTION.into())
+            .or_insert_with(|| ConnectionSettings::default().name(crate::defaults::CONNECTION));
         if from_file && conn.urls != [url.clone()] {
             // Said out loud: a test once ran against another broker
             // because AMQP_URL silently replaced a three-node list.
             tracing::warn!(
-                connection = DEFAULT_CONNECTION,
+                connection = crate::defaults::CONNECTION,
                 replaced = ?conn.urls.iter().map(|u| redact(u)).collect::<Vec<_>>(),
                 from = %conn.urls_from,
                 by = %redact(&url),
@@ -160,8 +157,9 @@ impl Settings {
         if let Some(c) = self.connections.get(name) {
             return Ok(c.clone());
         }
-        if name == DEFAULT_CONNECTION {
-            let mut c = ConnectionSettings::new(DEFAULT_URL).name(DEFAULT_CONNECTION);
+        if name == crate::defaults::CONNECTION {
+            let mut c =
+                ConnectionSettings::new(crate::defaults::URL).name(crate::defaults::CONNECTION);
             c.urls_from = "the default URL".to_owned();
             return Ok(c);
         }
@@ -230,32 +228,24 @@ impl Settings {
     /// without a site, and the broker would get queues literally named
     /// `...${site}`.
     pub fn check_substituted(&self) -> Result<()> {
-        let hint = "it uses ${site} but no site is set: pass --site, set `site` in [worker], or call Settings::for_site";
-        for (name, c) in &self.consumers {
-            let cs = &c.consumer;
-            let mut fields = vec![("name", &cs.name), ("queue", &cs.queue)];
-            fields.extend(cs.routing_keys.iter().map(|k| ("routing_keys", k)));
-            for (field, value) in fields {
-                if value.contains("${site}") {
-                    return Err(Error::config(format!(
-                        "consumers.{name}.{field} = `{value}`: {hint}"
-                    )));
-                }
+        let at = |section: String| {
+            move |e: Error| {
+                Error::config(format!(
+                    "{section}.{}: {}",
+                    e.setting().unwrap_or_default(),
+                    e.context()
+                ))
             }
+        };
+        for (name, c) in &self.consumers {
+            c.consumer
+                .check_substituted()
+                .map_err(at(format!("consumers.{name}")))?;
         }
         for (name, p) in &self.producers {
-            let ps = &p.producer;
-            for (field, value) in [
-                ("routing_key", &ps.routing_key),
-                ("queue", &ps.queue),
-                ("reply_to", &ps.reply_to),
-            ] {
-                if let Some(v) = value.as_ref().filter(|v| v.contains("${site}")) {
-                    return Err(Error::config(format!(
-                        "producers.{name}.{field} = `{v}`: {hint}"
-                    )));
-                }
-            }
+            p.producer
+                .check_substituted()
+                .map_err(at(format!("producers.{name}")))?;
         }
         Ok(())
     }
@@ -316,7 +306,8 @@ impl Settings {
             worker = worker
                 .forward(c.consumer.clone(), url)
                 .options(c.options.clone())
-                .connection(&conn(&c.connection));
+                .connection(&conn(&c.connection))
+                .done();
         }
         if let Some(o) = &self.outbox {
             #[cfg(any(feature = "sqlite", feature = "postgres"))]
@@ -487,7 +478,7 @@ arguments = { "x-queue-type" = "quorum" }
             ("{ cafile = \"x\" }", "unknown field `cafile`"),
             (
                 "{ cert_file = \"c.pem\" }",
-                "set both `cert_file` and `key_file`",
+                "cert_file: is set without key_file: set both (mutual TLS), or neither",
             ),
             ("{ verify = false }", "danger_skip_verification"),
         ] {
@@ -597,7 +588,7 @@ arguments = { "x-queue-type" = "quorum" }
             ("partitions=2", "consumers.c.partitions", "need an exchange"),
             (
                 "exchange=\"x\"\npartitions=2\nconcurrency=4",
-                "consumers.c.partitions",
+                "consumers.c.concurrency",
                 "one message at a time",
             ),
             (

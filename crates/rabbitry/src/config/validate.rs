@@ -9,10 +9,10 @@ use super::raw::{
 };
 use super::{
     parse_duration, ConsumerConfig, OutboxSettings, ProducerConfig, Settings, WorkerSettings,
-    DEFAULT_CONNECTION,
 };
-use crate::connection::{ConnectionSettings, DEFAULT_URL};
+use crate::connection::{ConnectionSettings, TlsSettings};
 use crate::consume::ConsumerSettings;
+use crate::defaults;
 use crate::error::{Error, Result};
 use crate::message::HeaderValue;
 use crate::publish::ProducerSettings;
@@ -46,23 +46,35 @@ impl At<'_> {
     }
 
     fn duration(&self, value: Option<&String>, path: &str, default: Duration) -> Result<Duration> {
-        match value {
-            None => Ok(default),
-            Some(v) => parse_duration(v).map_err(|e| self.err(path, e.context())),
+        Ok(self.optional_duration(value, path)?.unwrap_or(default))
+    }
+
+    fn optional_duration(&self, value: Option<&String>, path: &str) -> Result<Option<Duration>> {
+        value
+            .map(|v| parse_duration(v).map_err(|e| self.err(path, e.context())))
+            .transpose()
+    }
+
+    /// A settings type's `validate` error, at the key path of the section
+    /// (`path`) and the field it names.
+    fn rule(&self, path: &str, e: Error) -> Error {
+        match e.setting() {
+            Some(field) => self.err(&format!("{path}.{field}"), e.context()),
+            None => self.err(path, e.context()),
         }
     }
 
     /// `conn` must be `default` or a configured connection.
     fn known_connection(&self, settings: &Settings, conn: &str, path: &str) -> Result<()> {
-        if conn == DEFAULT_CONNECTION || settings.connections.contains_key(conn) {
+        if conn == crate::defaults::CONNECTION || settings.connections.contains_key(conn) {
             return Ok(());
         }
-        let known = std::iter::once(DEFAULT_CONNECTION.to_owned())
+        let known = std::iter::once(crate::defaults::CONNECTION.to_owned())
             .chain(
                 settings
                     .connections
                     .keys()
-                    .filter(|k| *k != DEFAULT_CONNECTION)
+                    .filter(|k| *k != crate::defaults::CONNECTION)
                     .cloned(),
             )
             .collect::<Vec<_>>()
@@ -103,54 +115,65 @@ fn connection_section(at: &At<'_>, name: &str, c: RawConnection) -> Result<Conne
     let urls = match (c.url, c.urls) {
         (Some(_), Some(_)) => return Err(at.err(&path, "set either `url` or `urls`, not both")),
         (Some(u), None) => vec![u],
-        (None, Some(us)) if !us.is_empty() => us,
-        (None, Some(_)) => return Err(at.err(&format!("{path}.urls"), "is empty")),
-        (None, None) => vec![DEFAULT_URL.to_owned()],
+        (None, Some(us)) => us,
+        (None, None) => vec![defaults::URL.to_owned()],
     };
-    for (i, u) in urls.iter().enumerate() {
-        crate::connection::Endpoint::parse(u)
-            .map_err(|e| at.err(&format!("{path}.urls[{i}]"), e.context()))?;
-    }
-    let mut cs = ConnectionSettings::new(DEFAULT_URL).name(name);
-    cs.urls = urls;
-    cs.urls_from = at.source.to_owned();
-    cs.heartbeat = c.heartbeat.unwrap_or(cs.heartbeat);
-    cs.prefetch_count = c
-        .prefetch_count
-        .unwrap_or(crate::connection::DEFAULT_PREFETCH);
-    cs.separate_publishing = c.separate_publishing.unwrap_or(cs.separate_publishing);
-    cs.keep_url_order = c.keep_url_order.unwrap_or(cs.keep_url_order);
+    let mut cs = ConnectionSettings::new(defaults::URL)
+        .name(name)
+        .urls(urls)
+        .urls_from(at.source);
+    set(&mut cs, c.heartbeat, ConnectionSettings::heartbeat);
+    set(
+        &mut cs,
+        c.prefetch_count,
+        ConnectionSettings::prefetch_count,
+    );
+    set(
+        &mut cs,
+        c.separate_publishing,
+        ConnectionSettings::separate_publishing,
+    );
+    set(
+        &mut cs,
+        c.keep_url_order,
+        ConnectionSettings::keep_url_order,
+    );
     if let Some(tls) = c.tls {
-        if tls.cert_file.is_some() != tls.key_file.is_some() {
-            return Err(at.err(
-                &format!("{path}.tls"),
-                "set both `cert_file` and `key_file` (mutual TLS), or neither",
-            ));
-        }
-        cs.tls = crate::connection::TlsSettings {
-            ca_file: tls.ca_file.map(Into::into),
-            cert_file: tls.cert_file.map(Into::into),
-            key_file: tls.key_file.map(Into::into),
-            server_name: tls.server_name,
-            danger_skip_verification: tls.danger_skip_verification.unwrap_or(false),
-        };
+        let mut t = TlsSettings::default()
+            .danger_skip_verification(tls.danger_skip_verification.unwrap_or(false));
+        set(&mut t, tls.ca_file, TlsSettings::ca_file);
+        set(&mut t, tls.cert_file, TlsSettings::cert_file);
+        set(&mut t, tls.key_file, TlsSettings::key_file);
+        set(&mut t, tls.server_name, TlsSettings::server_name);
+        cs = cs.tls(t);
     }
-    cs.recovery_timeout = at.duration(
-        c.recovery_timeout.as_ref(),
-        &format!("{path}.recovery_timeout"),
-        cs.recovery_timeout,
-    )?;
-    cs.backoff_initial = at.duration(
-        c.backoff_initial.as_ref(),
-        &format!("{path}.backoff_initial"),
-        cs.backoff_initial,
-    )?;
-    cs.backoff_max = at.duration(
-        c.backoff_max.as_ref(),
-        &format!("{path}.backoff_max"),
-        cs.backoff_max,
-    )?;
+    let duration =
+        |v: Option<&String>, key: &str| at.optional_duration(v, &format!("{path}.{key}"));
+    set(
+        &mut cs,
+        duration(c.recovery_timeout.as_ref(), "recovery_timeout")?,
+        ConnectionSettings::recovery_timeout,
+    );
+    set(
+        &mut cs,
+        duration(c.backoff_initial.as_ref(), "backoff_initial")?,
+        ConnectionSettings::backoff_initial,
+    );
+    set(
+        &mut cs,
+        duration(c.backoff_max.as_ref(), "backoff_max")?,
+        ConnectionSettings::backoff_max,
+    );
+    cs.validate().map_err(|e| at.rule(&path, e))?;
     Ok(cs)
+}
+
+/// Applies `setter` when the file gave a value: the key maps to its
+/// setter, and the settings type keeps its own default otherwise.
+fn set<S: Clone, V>(settings: &mut S, value: Option<V>, setter: fn(S, V) -> S) {
+    if let Some(v) = value {
+        *settings = setter(settings.clone(), v);
+    }
 }
 
 fn producer_section(
@@ -159,34 +182,47 @@ fn producer_section(
     name: &str,
     p: RawProducer,
 ) -> Result<ProducerConfig> {
-    let connection = p.connection.unwrap_or_else(|| DEFAULT_CONNECTION.into());
+    let connection = p
+        .connection
+        .unwrap_or_else(|| crate::defaults::CONNECTION.into());
     at.known_connection(
         settings,
         &connection,
         &format!("producers.{name}.connection"),
     )?;
-    let defaults = ProducerSettings::default();
-    let producer = ProducerSettings {
-        name: name.to_owned(),
-        exchange: p.exchange.unwrap_or_default(),
-        exchange_type: p.exchange_type.unwrap_or_default(),
-        durable: p.durable.unwrap_or(defaults.durable),
-        auto_delete: p.auto_delete,
-        auto_declare: p.auto_declare.unwrap_or(defaults.auto_declare),
-        routing_key: p.routing_key,
-        queue: p.queue,
-        serializer: p.serializer.unwrap_or(defaults.serializer),
-        reply_to: p.reply_to,
-        mandatory: p.mandatory.unwrap_or(defaults.mandatory),
-        confirms: p.confirms.unwrap_or(defaults.confirms),
-        max_in_flight: p.max_in_flight.unwrap_or(defaults.max_in_flight),
-        confirm_timeout: at.duration(
-            p.confirm_timeout.as_ref(),
-            &format!("producers.{name}.confirm_timeout"),
-            defaults.confirm_timeout,
-        )?,
-        message_ids: true,
-    };
+    let path = format!("producers.{name}");
+    let mut producer = ProducerSettings::default()
+        .name(name)
+        .exchange(p.exchange.unwrap_or_default())
+        .exchange_type(p.exchange_type.unwrap_or_default());
+    set(&mut producer, p.durable, ProducerSettings::durable);
+    set(&mut producer, p.auto_delete, ProducerSettings::auto_delete);
+    set(
+        &mut producer,
+        p.auto_declare,
+        ProducerSettings::auto_declare,
+    );
+    set(&mut producer, p.routing_key, ProducerSettings::routing_key);
+    set(&mut producer, p.queue, ProducerSettings::queue);
+    set(&mut producer, p.serializer, ProducerSettings::serializer);
+    set(&mut producer, p.reply_to, ProducerSettings::reply_to);
+    set(&mut producer, p.mandatory, ProducerSettings::mandatory);
+    set(&mut producer, p.confirms, ProducerSettings::confirms);
+    set(
+        &mut producer,
+        p.max_in_flight,
+        ProducerSettings::max_in_flight,
+    );
+    let confirm_timeout = at.optional_duration(
+        p.confirm_timeout.as_ref(),
+        &format!("{path}.confirm_timeout"),
+    )?;
+    set(
+        &mut producer,
+        confirm_timeout,
+        ProducerSettings::confirm_timeout,
+    );
+    producer.validate().map_err(|e| at.rule(&path, e))?;
     Ok(ProducerConfig {
         connection,
         producer,
@@ -197,7 +233,7 @@ fn retry_section(at: &At<'_>, path: &str, r: Option<RawRetry>) -> Result<Retry> 
     let Some(r) = r else {
         return Ok(Retry::default());
     };
-    let mut retry = Retry::attempts(r.attempts.unwrap_or(Retry::default().attempts));
+    let mut retry = Retry::attempts(r.attempts.unwrap_or(defaults::RETRY_ATTEMPTS));
     if let Some(ds) = r.delays {
         let mut delays = Vec::with_capacity(ds.len());
         for (i, d) in ds.iter().enumerate() {
@@ -208,12 +244,7 @@ fn retry_section(at: &At<'_>, path: &str, r: Option<RawRetry>) -> Result<Retry> 
         }
         retry = retry.delays(delays);
     }
-    retry.validate().map_err(|e| {
-        // "retry: delays[0] = ...": keep the key path the file uses.
-        let detail = e.context().trim_start_matches("retry: ");
-        let key = detail.split([' ', ':']).next().unwrap_or_default();
-        at.err(&format!("{path}.{key}"), detail)
-    })?;
+    retry.validate().map_err(|e| at.rule(path, e))?;
     Ok(retry)
 }
 
@@ -224,57 +255,60 @@ fn consumer_section(
     c: RawConsumer,
 ) -> Result<ConsumerConfig> {
     let path = format!("consumers.{name}");
-    let connection = c.connection.unwrap_or_else(|| DEFAULT_CONNECTION.into());
+    let connection = c
+        .connection
+        .unwrap_or_else(|| crate::defaults::CONNECTION.into());
     at.known_connection(settings, &connection, &format!("{path}.connection"))?;
     let queue = c
         .queue
         .ok_or_else(|| at.err(&format!("{path}.queue"), "is required"))?;
     if let Some(url) = &c.handler {
         #[cfg(feature = "http")]
-        crate::worker::http::check_url(url).map_err(|m| at.err(&format!("{path}.handler"), m))?;
+        crate::worker::http::check_url(url).map_err(|e| at.rule(&path, e))?;
         #[cfg(not(feature = "http"))]
         return Err(at.err(
             &format!("{path}.handler"),
             format!("`{url}`: this build cannot forward to HTTP handlers (feature `http`)"),
         ));
     }
-    if c.concurrency == Some(0) {
-        return Err(at.err(&format!("{path}.concurrency"), "must be at least 1"));
-    }
     let routing_keys = match c.routing_keys {
         None => Vec::new(),
         Some(OneOrMany::One(k)) => vec![k],
         Some(OneOrMany::Many(ks)) => ks,
     };
-    let defaults = ConsumerSettings::default();
-    let mut consumer = ConsumerSettings {
-        name: name.to_owned(),
-        queue,
-        exchange: c.exchange.unwrap_or_default(),
-        exchange_type: c.exchange_type.unwrap_or_default(),
-        routing_keys,
-        durable: c.durable.unwrap_or(defaults.durable),
-        exclusive: c.exclusive.unwrap_or(defaults.exclusive),
-        auto_delete: c.auto_delete,
-        auto_declare: c.auto_declare.unwrap_or(defaults.auto_declare),
-        arguments: c
-            .arguments
-            .unwrap_or_default()
-            .iter()
-            .map(|(k, v)| (k.clone(), toml_to_header(v)))
-            .collect(),
-        prefetch_count: c.prefetch_count,
-    };
+    let mut consumer = ConsumerSettings::new(queue)
+        .name(name)
+        .exchange(c.exchange.unwrap_or_default())
+        .exchange_type(c.exchange_type.unwrap_or_default())
+        .routing_keys(routing_keys);
+    set(&mut consumer, c.durable, ConsumerSettings::durable);
+    set(&mut consumer, c.exclusive, ConsumerSettings::exclusive);
+    set(&mut consumer, c.auto_delete, ConsumerSettings::auto_delete);
+    set(
+        &mut consumer,
+        c.auto_declare,
+        ConsumerSettings::auto_declare,
+    );
+    set(
+        &mut consumer,
+        c.prefetch_count,
+        ConsumerSettings::prefetch_count,
+    );
+    if let Some(arguments) = c.arguments {
+        consumer = consumer.arguments(
+            arguments
+                .iter()
+                .map(|(k, v)| (k.clone(), toml_to_header(v)))
+                .collect(),
+        );
+    }
     if let Some(kind) = &c.queue_type {
         let kind: QueueType = kind
             .parse()
             .map_err(|e: Error| at.err(&format!("{path}.queue_type"), e.context()))?;
         consumer = consumer.queue_type(kind);
     }
-    if let Some(limit) = c.delivery_limit {
-        crate::worker::retry::check_delivery_limit(QueueType::of(&consumer.arguments), limit)
-            .map_err(|m| at.err(&format!("{path}.delivery_limit"), m))?;
-    }
+    consumer.validate().map_err(|e| at.rule(&path, e))?;
     let partitions = match (c.partitions, &c.partition_key) {
         (None, None) => None,
         (None, Some(_)) => {
@@ -290,33 +324,29 @@ fn consumer_section(
                     .map_err(|e: Error| at.err(&format!("{path}.partition_key"), e.context()))?,
                 None => crate::worker::PartitionKey::RoutingKey,
             };
-            let p = crate::worker::Partitions::new(n, key);
-            // Partitions handle one message at a time each, whatever the
-            // worker-wide concurrency says.
-            p.check(&consumer, c.concurrency.unwrap_or(1))
-                .map_err(|e| at.err(&format!("{path}.partitions"), e.context()))?;
-            Some(p)
+            Some(crate::worker::Partitions::new(n, key))
         }
     };
-    let concurrency = match &partitions {
-        Some(_) => 1,
-        None => c.concurrency.unwrap_or(settings.worker.concurrency),
-    };
-    let options = ConsumerOptions {
-        retry: retry_section(at, &format!("{path}.retry"), c.retry)?,
-        concurrency,
-        timeout: at.duration(
-            c.timeout.as_ref(),
-            &format!("{path}.timeout"),
-            crate::worker::DEFAULT_TIMEOUT,
-        )?,
-        reply_exchange: c.reply_exchange.unwrap_or_default(),
-        delivery_limit: c.delivery_limit,
-        partitions,
-        max_response: c
-            .max_response
-            .unwrap_or(crate::worker::DEFAULT_MAX_RESPONSE),
-    };
+    let mut options = ConsumerOptions::default()
+        .retry(retry_section(at, &format!("{path}.retry"), c.retry)?)
+        .reply_exchange(c.reply_exchange.unwrap_or_default());
+    // Partitions handle one message at a time each, whatever the
+    // worker-wide concurrency says; a consumer's own setting is checked.
+    options = options.concurrency(match (&partitions, c.concurrency) {
+        (_, Some(n)) => n,
+        (Some(_), None) => 1,
+        (None, None) => settings.worker.concurrency,
+    });
+    set(&mut options, partitions, ConsumerOptions::partitions);
+    set(
+        &mut options,
+        c.delivery_limit,
+        ConsumerOptions::delivery_limit,
+    );
+    set(&mut options, c.max_response, ConsumerOptions::max_response);
+    let timeout = at.optional_duration(c.timeout.as_ref(), &format!("{path}.timeout"))?;
+    set(&mut options, timeout, ConsumerOptions::timeout);
+    options.validate(&consumer).map_err(|e| at.rule(&path, e))?;
     Ok(ConsumerConfig {
         connection,
         consumer,
@@ -326,27 +356,35 @@ fn consumer_section(
 }
 
 fn worker_section(at: &At<'_>, settings: &Settings, w: RawWorker) -> Result<WorkerSettings> {
-    let connection = w.connection.unwrap_or_else(|| DEFAULT_CONNECTION.into());
+    let connection = w
+        .connection
+        .unwrap_or_else(|| crate::defaults::CONNECTION.into());
     at.known_connection(settings, &connection, "worker.connection")?;
-    if w.concurrency == Some(0) {
-        return Err(at.err("worker.concurrency", "must be at least 1"));
+    if let Some(n) = w.concurrency {
+        // The default of the consumers that set none: their rule.
+        ConsumerOptions::default()
+            .concurrency(n)
+            .validate(&ConsumerSettings::default())
+            .map_err(|e| at.rule("worker", e))?;
     }
     Ok(WorkerSettings {
         connection,
         site: w.site,
         user: w.user,
-        concurrency: w.concurrency.unwrap_or(1),
+        concurrency: w.concurrency.unwrap_or(defaults::CONCURRENCY),
         prefix: w.prefix.unwrap_or_default(),
         shutdown_timeout: at.duration(
             w.shutdown_timeout.as_ref(),
             "worker.shutdown_timeout",
-            crate::worker::DEFAULT_SHUTDOWN_TIMEOUT,
+            crate::defaults::SHUTDOWN_TIMEOUT,
         )?,
     })
 }
 
 fn outbox_section(at: &At<'_>, settings: &Settings, o: RawOutbox) -> Result<OutboxSettings> {
-    let connection = o.connection.unwrap_or_else(|| DEFAULT_CONNECTION.into());
+    let connection = o
+        .connection
+        .unwrap_or_else(|| crate::defaults::CONNECTION.into());
     at.known_connection(settings, &connection, "outbox.connection")?;
     if !(o.database.starts_with("sqlite:") || o.database.starts_with("postgres")) {
         return Err(at.err(

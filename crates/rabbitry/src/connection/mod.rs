@@ -29,22 +29,30 @@ pub use tls::TlsSettings;
 
 pub(crate) use crate::channel::{ChannelWatch, ConfirmSink, Events};
 
+use crate::defaults;
 use crate::error::{Error, ErrorKind, Result};
 use crate::limits::check_short;
+use crate::setters::setters;
 use crate::task::Background;
 use crate::topology::{self, Topology};
 
-/// The URL used when none is configured: the local broker as guest.
-pub const DEFAULT_URL: &str = "amqp://guest:guest@localhost:5672/%2f";
-
-/// Unacknowledged deliveries a plain consumer holds when nothing else is
-/// set: enough to keep a consumer busy over a network round trip, and
-/// bounded, so that a backlog stays on the broker rather than in one
-/// process. A worker's consumers hold as many as their concurrency.
-pub const DEFAULT_PREFETCH: u16 = 250;
-
-/// Settings for one named connection.
+/// Settings for one named connection: [`ConnectionSettings::new`] (or
+/// `default()`) and a setter per field. New fields can come in a minor
+/// release: the struct is `#[non_exhaustive]`, so no user code builds it
+/// with a literal.
+///
+/// ```
+/// use std::time::Duration;
+/// use rabbitry::ConnectionSettings;
+///
+/// let settings = ConnectionSettings::new("amqp://guest:guest@localhost:5672/%2f")
+///     .name("shop")
+///     .heartbeat(30)
+///     .recovery_timeout(Duration::from_secs(60));
+/// assert!(settings.validate().is_ok());
+/// ```
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct ConnectionSettings {
     /// The connection's name. The broker shows it, with the process's name
     /// and id, as the client-provided name: `shop (worker, pid 4242)`.
@@ -64,7 +72,7 @@ pub struct ConnectionSettings {
     /// Heartbeat interval in seconds; 0 turns heartbeats off.
     pub heartbeat: u16,
     /// Default prefetch for consumers on this connection:
-    /// [`DEFAULT_PREFETCH`] unless set; 0 means unlimited, which lets a
+    /// [`defaults::PREFETCH`](crate::defaults::PREFETCH) unless set; 0 means unlimited, which lets a
     /// slow consumer hold a whole backlog in memory.
     pub prefetch_count: u16,
     /// First reconnect delay.
@@ -83,34 +91,71 @@ pub struct ConnectionSettings {
 }
 
 impl ConnectionSettings {
-    /// Settings for `url` with the defaults: heartbeat 60 s, prefetch
-    /// [`DEFAULT_PREFETCH`], backoff 1 s to 60 s, a 30 s recovery timeout.
+    /// Settings for `url` with the [`defaults`](crate::defaults): heartbeat
+    /// 60 s, prefetch 250, backoff 1 s to 60 s, a 30 s recovery timeout.
     pub fn new(url: impl Into<String>) -> Self {
         ConnectionSettings {
-            name: "default".to_owned(),
+            name: defaults::CONNECTION.to_owned(),
             urls: vec![url.into()],
             keep_url_order: false,
             urls_from: "code".to_owned(),
             tls: TlsSettings::default(),
-            heartbeat: 60,
-            prefetch_count: DEFAULT_PREFETCH,
-            backoff_initial: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(60),
-            recovery_timeout: Duration::from_secs(30),
+            heartbeat: defaults::HEARTBEAT,
+            prefetch_count: defaults::PREFETCH,
+            backoff_initial: defaults::BACKOFF_INITIAL,
+            backoff_max: defaults::BACKOFF_MAX,
+            recovery_timeout: defaults::RECOVERY_TIMEOUT,
             separate_publishing: true,
         }
     }
 
-    /// Sets the name.
-    pub fn name(mut self, name: impl Into<String>) -> Self {
-        self.name = name.into();
-        self
+    setters! {
+        /// Sets the name.
+        name: into String;
+        /// Sets the broker URLs (the nodes of a cluster).
+        urls: Vec<String>;
+        /// Tries the URLs in the order given instead of a random one.
+        keep_url_order: bool;
+        /// Says where the URLs came from, for the log.
+        urls_from: into String;
+        /// Sets the TLS settings for `amqps://` URLs.
+        tls: TlsSettings;
+        /// Sets the heartbeat interval in seconds (0: off).
+        heartbeat: u16;
+        /// Sets the default prefetch of consumers on this connection.
+        prefetch_count: u16;
+        /// Sets the first reconnect delay.
+        backoff_initial: Duration;
+        /// Sets the largest reconnect delay.
+        backoff_max: Duration;
+        /// Sets how long operations wait for a lost connection to return.
+        recovery_timeout: Duration;
+        /// Publishes on a connection of its own (the default) or not.
+        separate_publishing: bool;
+    }
+
+    /// Checks the rules of these settings, naming the field that breaks
+    /// one ([`Error::setting`](crate::Error::setting)): at least one URL, each a valid AMQP URL,
+    /// and a client certificate with its key or neither.
+    /// [`Connection::open`] calls it.
+    pub fn validate(&self) -> Result<()> {
+        if self.urls.is_empty() {
+            return Err(Error::invalid_setting(
+                "urls",
+                "is empty: give at least one broker URL",
+            ));
+        }
+        for (i, u) in self.urls.iter().enumerate() {
+            Endpoint::parse(u)
+                .map_err(|e| Error::invalid_setting(format!("urls[{i}]"), e.context()))?;
+        }
+        self.tls.validate().map_err(|e| e.within("tls"))
     }
 }
 
 impl Default for ConnectionSettings {
     fn default() -> Self {
-        ConnectionSettings::new(DEFAULT_URL)
+        ConnectionSettings::new(crate::defaults::URL)
     }
 }
 
@@ -222,12 +267,14 @@ impl Connection {
     /// # conn.close().await; Ok(()) }
     /// ```
     pub async fn open(settings: ConnectionSettings) -> Result<Connection> {
-        if settings.urls.is_empty() {
-            return Err(Error::config(format!(
-                "connection '{}' has no URL",
-                settings.name
-            )));
-        }
+        settings.validate().map_err(|e| {
+            let field = e.setting().unwrap_or_default().to_owned();
+            Error::config(format!(
+                "connection '{}': {field}: {}",
+                settings.name,
+                e.context()
+            ))
+        })?;
         let endpoints = settings
             .urls
             .iter()

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 /// `keyfile`, `server_name_indication`, `verify`) overrides them for that
 /// URL. They apply to `amqps://` URLs only.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TlsSettings {
     /// PEM file of the certificate authorities that sign the brokers'
     /// certificates. Unset: the system's root certificates.
@@ -28,6 +29,35 @@ pub struct TlsSettings {
 }
 
 impl TlsSettings {
+    crate::setters::setters! {
+        /// Sets the PEM file of the certificate authorities.
+        ca_file: some into PathBuf;
+        /// Sets the PEM file of the client's certificate chain.
+        cert_file: some into PathBuf;
+        /// Sets the PEM file of the client certificate's private key.
+        key_file: some into PathBuf;
+        /// Sets the name the broker's certificate must carry.
+        server_name: some into String;
+        /// Accepts any certificate from the broker (for tests only).
+        danger_skip_verification: bool;
+    }
+
+    /// Checks the one rule of these settings: a client certificate comes
+    /// with its key, or neither is set (mutual TLS needs both).
+    pub fn validate(&self) -> crate::Result<()> {
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), None) => Err(crate::Error::invalid_setting(
+                "cert_file",
+                "is set without key_file: set both (mutual TLS), or neither",
+            )),
+            (None, Some(_)) => Err(crate::Error::invalid_setting(
+                "key_file",
+                "is set without cert_file: set both (mutual TLS), or neither",
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// These settings with a URL's own TLS options laid over them: what a
     /// connect to that URL uses.
     pub fn with_url(&self, url: &super::UrlOptions) -> TlsSettings {
@@ -105,8 +135,15 @@ mod client {
                 .map_err(|e| Error::config(format!("TLS: {e}")))?
                 .dangerous()
                 .with_custom_certificate_verifier(verifier);
+            // A URL's options can set one of the pair: check what is used.
+            tls.validate().map_err(|e| {
+                Error::config(format!(
+                    "TLS: {}: {}",
+                    e.setting().unwrap_or_default(),
+                    e.context()
+                ))
+            })?;
             let config = match (&tls.cert_file, &tls.key_file) {
-                (None, None) => builder.with_no_client_auth(),
                 (Some(cert), Some(key)) => builder
                     .with_client_auth_cert(certificates(cert, "client certificate")?, private_key(key)?)
                     .map_err(|e| {
@@ -116,12 +153,7 @@ mod client {
                             key.display()
                         ))
                     })?,
-                (Some(_), None) => {
-                    return Err(Error::config("TLS: cert_file (certfile) is set without key_file (keyfile)"))
-                }
-                (None, Some(_)) => {
-                    return Err(Error::config("TLS: key_file (keyfile) is set without cert_file (certfile)"))
-                }
+                _ => builder.with_no_client_auth(),
             };
             let server_name = tls.server_name.clone().unwrap_or_else(|| ep.host.clone());
             ServerName::try_from(server_name.as_str()).map_err(|_| {

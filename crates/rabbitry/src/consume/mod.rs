@@ -25,6 +25,7 @@ use crate::amqp::from_basic;
 use crate::connection::{close_quietly, Backoff, Connection};
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::Headers;
+use crate::setters::setters;
 use crate::task::{Background, CancellationToken};
 use crate::topology::{self, is_reserved, Exchange, ExchangeKind, Queue, QueueType, Topology};
 
@@ -35,8 +36,21 @@ pub const QUORUM_MAX_PREFETCH: u16 = 2_000;
 /// How long stopping waits for the broker to confirm a cancel.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What a consumer reads and how.
+/// What a consumer reads and how: [`ConsumerSettings::new`] (or
+/// `default()`) and a setter per field. The struct is `#[non_exhaustive]`,
+/// so a new field is not a breaking change.
+///
+/// ```
+/// use rabbitry::{ConsumerSettings, ExchangeKind, QueueType};
+///
+/// let orders = ConsumerSettings::new("orders")
+///     .bind("shop", ExchangeKind::Topic, &["order.*"])
+///     .queue_type(QueueType::Quorum)
+///     .prefetch_count(50);
+/// assert!(orders.validate().is_ok());
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ConsumerSettings {
     /// The consumer's name (also its consumer tag prefix).
     pub name: String,
@@ -91,10 +105,69 @@ impl ConsumerSettings {
         }
     }
 
-    /// Names the consumer (in logs, metrics and its consumer tag).
-    pub fn name(mut self, name: impl Into<String>) -> Self {
-        self.name = name.into();
-        self
+    setters! {
+        /// Names the consumer (in logs, metrics and its consumer tag).
+        name: into String;
+        /// Sets the queue (empty: the broker names it).
+        queue: into String;
+        /// Sets the exchange to bind to (see also [`bind`](Self::bind)).
+        exchange: into String;
+        /// Sets the exchange's type.
+        exchange_type: ExchangeKind;
+        /// Sets the binding keys.
+        routing_keys: Vec<String>;
+        /// Durable queue and exchange (the default) or not.
+        durable: bool;
+        /// Exclusive to this connection or not (the default).
+        exclusive: bool;
+        /// Auto-delete or not (unset: `!durable`).
+        auto_delete: some bool;
+        /// Declares the exchange, queue and bindings (the default) or not.
+        auto_declare: bool;
+        /// Sets the queue arguments.
+        arguments: Headers;
+        /// Sets how many unacknowledged deliveries it holds at once.
+        prefetch_count: some u16;
+    }
+
+    /// Checks the rules of these settings, naming the field that breaks
+    /// one ([`Error::setting`](crate::Error::setting)): the consumer's name, queue, exchange and
+    /// binding keys fit in an AMQP short string (255 bytes).
+    pub fn validate(&self) -> Result<()> {
+        let mut fields = vec![
+            ("name".to_owned(), &self.name),
+            ("queue".to_owned(), &self.queue),
+            ("exchange".to_owned(), &self.exchange),
+        ];
+        fields.extend(
+            self.routing_keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (format!("routing_keys[{i}]"), k)),
+        );
+        for (field, value) in fields {
+            crate::limits::check_short(&field, value)
+                .map_err(|e| Error::invalid_setting(field.clone(), e.context()))?;
+        }
+        Ok(())
+    }
+
+    /// Fails when a name still holds `${site}`, naming the field: such
+    /// settings are used without a site
+    /// ([`Settings::for_site`](crate::config::Settings::for_site) substitutes
+    /// it), and the broker would get queues literally named `...${site}`.
+    pub fn check_substituted(&self) -> Result<()> {
+        let mut fields = vec![
+            ("name".to_owned(), &self.name),
+            ("queue".to_owned(), &self.queue),
+        ];
+        fields.extend(
+            self.routing_keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (format!("routing_keys[{i}]"), k)),
+        );
+        unsubstituted(fields.iter().map(|(f, v)| (f.as_str(), Some(v.as_str()))))
     }
 
     /// Declares the queue as `kind` (the `x-queue-type` argument):
@@ -492,6 +565,22 @@ fn to_delivery(m: ConsumerMessage, channel: &Channel, queue: &str) -> Option<Del
         deliver.delivery_tag(),
         channel.clone(),
     ))
+}
+
+/// The one home of the `${site}` rule: the first field whose value still
+/// holds the placeholder fails, named.
+pub(crate) fn unsubstituted<'a>(
+    fields: impl IntoIterator<Item = (&'a str, Option<&'a str>)>,
+) -> Result<()> {
+    for (field, value) in fields {
+        if let Some(v) = value.filter(|v| v.contains("${site}")) {
+            return Err(Error::invalid_setting(
+                field,
+                format!("`{v}` uses ${{site}} but no site is set: pass --site, set `site` in [worker], or call Settings::for_site"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -15,8 +15,18 @@ use crate::message::{HeaderValue, Message};
 use crate::publish::{Confirmation, Producer, ProducerSettings};
 use crate::task::{Background, CancellationToken};
 
-/// How a relay works.
+/// How a relay works: `default()` and a setter per field. The struct is
+/// `#[non_exhaustive]`, so a new option is not a breaking change.
+///
+/// ```
+/// use std::time::Duration;
+/// use rabbitry::outbox::RelayOptions;
+///
+/// let options = RelayOptions::default().batch(200).lease(Duration::from_secs(5));
+/// assert!(options.validate().is_ok());
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RelayOptions {
     /// Rows claimed and published per round.
     pub batch: usize,
@@ -33,11 +43,43 @@ pub struct RelayOptions {
 impl Default for RelayOptions {
     fn default() -> Self {
         RelayOptions {
-            batch: 500,
-            poll: Duration::from_millis(500),
-            lease: Duration::from_secs(10),
+            batch: crate::defaults::RELAY_BATCH,
+            poll: crate::defaults::RELAY_POLL,
+            lease: crate::defaults::RELAY_LEASE,
             owner: format!("relay-{}", uuid::Uuid::new_v4().simple()),
         }
+    }
+}
+
+impl RelayOptions {
+    crate::setters::setters! {
+        /// Sets how many rows are claimed and published per round.
+        batch: usize;
+        /// Sets the polling interval when nothing wakes the relay.
+        poll: Duration;
+        /// Sets how long a lease (on the lead, on claimed rows) lasts.
+        lease: Duration;
+        /// Names this relay in leases.
+        owner: into String;
+    }
+
+    /// Checks the rules of these options, naming the field that breaks
+    /// one ([`Error::setting`](crate::Error::setting)): at least one row per round, a polling
+    /// interval and a lease of at least a millisecond, and an owner name.
+    /// [`Outbox::spawn_relay`] calls it.
+    pub fn validate(&self) -> Result<()> {
+        if self.batch == 0 {
+            return Err(Error::invalid_setting("batch", "must be at least 1"));
+        }
+        for (field, value) in [("poll", self.poll), ("lease", self.lease)] {
+            if value < Duration::from_millis(1) {
+                return Err(Error::invalid_setting(field, "must be at least 1ms"));
+            }
+        }
+        if self.owner.is_empty() {
+            return Err(Error::invalid_setting("owner", "is empty"));
+        }
+        Ok(())
     }
 }
 
@@ -80,15 +122,14 @@ pub(super) struct Claimed {
 impl Outbox {
     /// Starts a relay that publishes this outbox's rows on `conn`.
     pub async fn spawn_relay(&self, conn: &Connection, options: RelayOptions) -> Result<Relay> {
+        options.validate()?;
         let producer = Producer::new(
             conn,
-            ProducerSettings {
-                name: "outbox-relay".into(),
-                auto_declare: false,
-                message_ids: false,
-                max_in_flight: 2 * options.batch.max(1),
-                ..ProducerSettings::default()
-            },
+            ProducerSettings::default()
+                .name("outbox-relay")
+                .auto_declare(false)
+                .message_ids(false)
+                .max_in_flight(2 * options.batch),
         )
         .await?;
         let task = with_pool!(&self.db, |pool| {

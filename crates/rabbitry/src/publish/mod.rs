@@ -18,21 +18,32 @@ use crate::connection::Connection;
 use crate::error::{Error, Result};
 use crate::limits::{check_publish, shorten};
 use crate::message::{Message, PERSISTENT, TRANSIENT};
+use crate::setters::setters;
 use crate::telemetry::{self, Parent};
 use crate::topology::{is_reserved, Exchange, ExchangeKind, Topology};
 
 pub use confirms::Confirmation;
 
-/// How long a confirm may take before the message is published again.
-/// Long enough for a busy broker, short enough to notice a confirm lost
-/// with a cluster node (RabbitMQ elects a quorum queue's new leader within
-/// a second or two).
-pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) use confirms::{Outgoing, Publisher};
 
 /// How a producer publishes. Defaults follow collective.zamqp: the default
 /// exchange, type `direct`, durable, declared automatically, msgpack.
+/// Built from [`ProducerSettings::new`] (or `default()`) and a setter per
+/// field; the struct is `#[non_exhaustive]`, so a new field is not a
+/// breaking change.
+///
+/// ```
+/// use std::time::Duration;
+/// use rabbitry::{ExchangeKind, ProducerSettings, Serializer};
+///
+/// let events = ProducerSettings::new("events", ExchangeKind::Topic)
+///     .name("events")
+///     .serializer(Serializer::Json)
+///     .confirm_timeout(Duration::from_secs(5));
+/// assert!(events.validate().is_ok());
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ProducerSettings {
     /// The producer's name.
     pub name: String,
@@ -85,8 +96,8 @@ impl Default for ProducerSettings {
             reply_to: None,
             mandatory: false,
             confirms: true,
-            max_in_flight: 1024,
-            confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
+            max_in_flight: crate::defaults::MAX_IN_FLIGHT,
+            confirm_timeout: crate::defaults::CONFIRM_TIMEOUT,
             message_ids: true,
         }
     }
@@ -102,10 +113,71 @@ impl ProducerSettings {
         }
     }
 
-    /// Sets the default routing key.
-    pub fn routing_key(mut self, key: impl Into<String>) -> Self {
-        self.routing_key = Some(key.into());
-        self
+    setters! {
+        /// Names the producer.
+        name: into String;
+        /// Sets the exchange (empty: the default exchange).
+        exchange: into String;
+        /// Sets the exchange's type.
+        exchange_type: ExchangeKind;
+        /// Durable exchange and persistent messages (the default) or not.
+        durable: bool;
+        /// Auto-delete exchange or not (unset: `!durable`).
+        auto_delete: some bool;
+        /// Declares the exchange (the default) or not.
+        auto_declare: bool;
+        /// Sets the default routing key.
+        routing_key: some into String;
+        /// Sets the queue name used as the routing key when none is given.
+        queue: some into String;
+        /// Sets how [`Producer::send`] encodes values.
+        serializer: Serializer;
+        /// Sets `reply_to` for messages that do not set one.
+        reply_to: some into String;
+        /// Makes every message mandatory or not (the default).
+        mandatory: bool;
+        /// Waits for publisher confirms (the default) or not.
+        confirms: bool;
+        /// Sets how many messages wait for a confirm at once.
+        max_in_flight: usize;
+        /// Sets how long a confirm may take before the message is sent again.
+        confirm_timeout: Duration;
+        /// Gives messages without one a UUID `message_id` (the default) or not.
+        message_ids: bool;
+    }
+
+    /// Checks the rules of these settings, naming the field that breaks
+    /// one ([`Error::setting`](crate::Error::setting)): names that fit in an AMQP short string,
+    /// and at least one message in flight. [`Producer::new`] calls it.
+    pub fn validate(&self) -> Result<()> {
+        for (field, value) in [
+            ("exchange", Some(&self.exchange)),
+            ("routing_key", self.routing_key.as_ref()),
+            ("queue", self.queue.as_ref()),
+            ("reply_to", self.reply_to.as_ref()),
+        ] {
+            if let Some(v) = value {
+                crate::limits::check_short(field, v)
+                    .map_err(|e| Error::invalid_setting(field, e.context()))?;
+            }
+        }
+        if self.max_in_flight == 0 {
+            return Err(Error::invalid_setting(
+                "max_in_flight",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Fails when a name still holds `${site}`, naming the field (see
+    /// [`ConsumerSettings::check_substituted`](crate::ConsumerSettings::check_substituted)).
+    pub fn check_substituted(&self) -> Result<()> {
+        crate::consume::unsubstituted([
+            ("routing_key", self.routing_key.as_deref()),
+            ("queue", self.queue.as_deref()),
+            ("reply_to", self.reply_to.as_deref()),
+        ])
     }
 
     /// The exchange this producer declares, if any.
@@ -159,6 +231,9 @@ impl Producer {
     /// Declares what the producer needs (remembered for recovery) and opens
     /// its channel.
     pub async fn new(conn: &Connection, settings: ProducerSettings) -> Result<Producer> {
+        settings
+            .validate()
+            .map_err(|e| Error::config(format!("producer '{}': {e}", settings.name)))?;
         let topology = settings.topology();
         if !topology.is_empty() {
             conn.declare(&topology).await?;

@@ -107,9 +107,15 @@ where
     Ok(read.freeze())
 }
 
-/// A handler URL must be an absolute `http://` URL with a host.
-pub(crate) fn check_url(url: &str) -> Result<(), String> {
-    let bad = |why: &str| format!("`{url}` {why}; expected an URL like http://127.0.0.1:8000/amqp");
+/// A handler URL must be an absolute `http://` URL with a host: the one
+/// home of that rule (the worker's start and the configuration call it).
+pub(crate) fn check_url(url: &str) -> crate::Result<()> {
+    let bad = |why: &str| {
+        crate::Error::invalid_setting(
+            "handler",
+            format!("`{url}` {why}; expected an URL like http://127.0.0.1:8000/amqp"),
+        )
+    };
     let uri: http::Uri = url.parse().map_err(|_| bad("is not a URL"))?;
     match uri.scheme_str() {
         Some("http") => {}

@@ -5,8 +5,10 @@
 //! A worker is built in code, in the manner of axum's `Router`: one
 //! [`Worker::consumer`] (or [`service`](Worker::service), or
 //! [`forward`](Worker::forward)) per queue, each followed by the options
-//! that concern it ([`retry`](Worker::retry),
-//! [`concurrency`](Worker::concurrency), [`timeout`](Worker::timeout)...).
+//! that concern it on the [`ConsumerBuilder`] it returns
+//! ([`retry`](ConsumerBuilder::retry),
+//! [`concurrency`](ConsumerBuilder::concurrency),
+//! [`timeout`](ConsumerBuilder::timeout)...).
 //! A configuration file is parsed into the same types
 //! ([`Settings::forwarding_worker`](crate::Settings::forwarding_worker)).
 //!
@@ -74,6 +76,7 @@ use crate::connection::Connection;
 use crate::consume::{Consumer, ConsumerSettings, Delivery};
 use crate::error::{Error, Result};
 use crate::publish::{Producer, ProducerSettings};
+use crate::setters::setters;
 use crate::task::{Background, CancellationToken};
 use crate::topology::{QueueType, Topology};
 use dispatch::ConsumerRuntime;
@@ -86,19 +89,11 @@ pub use partition::{PartitionKey, Partitions};
 /// Called with a failed delivery and its error; the delivery is then acked.
 pub type ErrorHandler = Arc<dyn Fn(Arc<Delivery>, HandlerError) -> BoxFuture<()> + Send + Sync>;
 
-/// How long one handler may run unless told otherwise.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The largest response an HTTP handler may give, unless told otherwise
-/// (8 MiB: well under the broker's maximum message size, 16 MiB on
-/// RabbitMQ 4, so that the reply can go).
-pub const DEFAULT_MAX_RESPONSE: usize = 8 * 1024 * 1024;
-
-/// How long shutdown waits for handlers in flight unless told otherwise.
-pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How a worker handles one consumer's deliveries.
+/// How a worker handles one consumer's deliveries: `default()` and a
+/// setter per field (or [`ConsumerBuilder`]'s methods). The struct is
+/// `#[non_exhaustive]`, so a new option is not a breaking change.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ConsumerOptions {
     /// How failures are retried.
     pub retry: Retry,
@@ -127,13 +122,60 @@ impl Default for ConsumerOptions {
     fn default() -> Self {
         ConsumerOptions {
             retry: Retry::default(),
-            concurrency: 1,
-            timeout: DEFAULT_TIMEOUT,
+            concurrency: crate::defaults::CONCURRENCY,
+            timeout: crate::defaults::HANDLER_TIMEOUT,
             reply_exchange: String::new(),
             delivery_limit: None,
             partitions: None,
-            max_response: DEFAULT_MAX_RESPONSE,
+            max_response: crate::defaults::MAX_RESPONSE,
         }
+    }
+}
+
+impl ConsumerOptions {
+    setters! {
+        /// Sets how failures are retried.
+        retry: Retry;
+        /// Sets how many handlers run at once (1: one at a time, in order).
+        concurrency: usize;
+        /// Sets how long one handler may run.
+        timeout: Duration;
+        /// Sets the exchange replies go through.
+        reply_exchange: into String;
+        /// Sets the delivery limit (quorum queues only).
+        delivery_limit: some u32;
+        /// Splits the consumer into partition queues.
+        partitions: some Partitions;
+        /// Sets the largest response body an HTTP handler may give.
+        max_response: usize;
+    }
+
+    /// Checks these options for a consumer of `settings`, naming the field
+    /// that breaks a rule ([`Error::setting`](crate::Error::setting)): a concurrency of at least
+    /// 1, a valid retry policy, a delivery limit only on a quorum queue,
+    /// partitions with an exchange and one message at a time, and no
+    /// stream queue (a worker settles messages one by one; a stream is
+    /// read from an offset). The one home of these rules: the worker calls
+    /// it at [`start`](Worker::start), and the configuration at parsing.
+    pub fn validate(&self, settings: &ConsumerSettings) -> Result<()> {
+        if self.concurrency == 0 {
+            return Err(Error::invalid_setting("concurrency", "must be at least 1"));
+        }
+        self.retry.validate().map_err(|e| e.within("retry"))?;
+        let kind = QueueType::of(&settings.arguments);
+        if kind == Some(QueueType::Stream) {
+            return Err(Error::invalid_setting(
+                "queue_type",
+                "a worker cannot consume a stream queue (its messages are read from an offset, not settled one by one); use a Consumer",
+            ));
+        }
+        if let Some(limit) = self.delivery_limit {
+            retry::check_delivery_limit(kind, limit)?;
+        }
+        if let Some(p) = &self.partitions {
+            p.check(settings, self.concurrency)?;
+        }
+        Ok(())
     }
 }
 
@@ -306,7 +348,7 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
             user: None,
             #[cfg(feature = "http")]
             prefix: String::new(),
-            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            shutdown_timeout: crate::defaults::SHUTDOWN_TIMEOUT,
             error_handlers: HashMap::new(),
             #[cfg(any(feature = "sqlite", feature = "postgres"))]
             outbox: None,
@@ -315,20 +357,20 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
         }
     }
 
-    fn add(mut self, settings: ConsumerSettings, target: Target<S>) -> Self {
-        let conn = self.conn.clone();
-        self.consumers.push(ConsumerSpec {
+    fn add(self, settings: ConsumerSettings, target: Target<S>) -> ConsumerBuilder<S> {
+        let spec = ConsumerSpec {
             settings,
             target,
             options: ConsumerOptions::default(),
-            conn,
-        });
-        self
+            conn: self.conn.clone(),
+        };
+        ConsumerBuilder { worker: self, spec }
     }
 
     /// Consumes what `settings` describe and handles each delivery with a
     /// native `handler`: an async function whose arguments are extractors.
-    pub fn consumer<H, T>(self, settings: ConsumerSettings, handler: H) -> Self
+    /// The consumer's options follow ([`ConsumerBuilder`]).
+    pub fn consumer<H, T>(self, settings: ConsumerSettings, handler: H) -> ConsumerBuilder<S>
     where
         H: Handler<T, S>,
         T: 'static,
@@ -340,7 +382,7 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
     /// Consumes what `settings` describe and hands each delivery to a tower
     /// service (an axum `Router`) as
     /// `POST {prefix}/{connection}/{exchange}/{routing_key}[/{correlation_id}]`.
-    pub fn service<Svc, RB>(self, settings: ConsumerSettings, service: Svc) -> Self
+    pub fn service<Svc, RB>(self, settings: ConsumerSettings, service: Svc) -> ConsumerBuilder<S>
     where
         Svc: http::RequestService<RB>,
         RB: http::ResponseBody,
@@ -353,107 +395,8 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
     /// HTTP application at `url` (`http://host:port/path`), in any
     /// language. A URL that is not one is an error at
     /// [`start`](Worker::start).
-    pub fn forward(self, settings: ConsumerSettings, url: impl Into<String>) -> Self {
+    pub fn forward(self, settings: ConsumerSettings, url: impl Into<String>) -> ConsumerBuilder<S> {
         self.add(settings, Target::Url(url.into()))
-    }
-
-    fn last(&mut self, what: &str) -> &mut ConsumerSpec<S> {
-        match self.consumers.last_mut() {
-            Some(c) => c,
-            // A programming error, like axum's routing conflicts: the
-            // option has no consumer to apply to.
-            None => panic!("Worker::{what} applies to the consumer added before it; add one first"),
-        }
-    }
-
-    /// The retry policy of the consumer added last.
-    ///
-    /// # Panics
-    /// When no consumer was added yet.
-    pub fn retry(mut self, retry: Retry) -> Self {
-        self.last("retry").options.retry = retry;
-        self
-    }
-
-    /// How many deliveries the consumer added last handles at once (1, the
-    /// default: one at a time, in order).
-    ///
-    /// # Panics
-    /// When no consumer was added yet.
-    pub fn concurrency(mut self, n: usize) -> Self {
-        self.last("concurrency").options.concurrency = n;
-        self
-    }
-
-    /// How long one handler of the consumer added last may run.
-    ///
-    /// # Panics
-    /// When no consumer was added yet.
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.last("timeout").options.timeout = timeout;
-        self
-    }
-
-    /// The largest response body (bytes) the HTTP handler of the consumer
-    /// added last may give ([`DEFAULT_MAX_RESPONSE`] unless set).
-    ///
-    /// # Panics
-    /// When no consumer was added yet.
-    pub fn max_response(mut self, bytes: usize) -> Self {
-        self.last("max_response").options.max_response = bytes;
-        self
-    }
-
-    /// The delivery limit of the consumer added last, whose queue must be
-    /// a quorum queue ([`ConsumerSettings::queue_type`]): a message whose
-    /// handling killed the process `limit` times goes to `<queue>.dead`.
-    ///
-    /// # Panics
-    /// When no consumer was added yet.
-    pub fn delivery_limit(mut self, limit: u32) -> Self {
-        self.last("delivery_limit").options.delivery_limit = Some(limit);
-        self
-    }
-
-    /// Splits the consumer added last into `count` partition queues, each
-    /// read one message at a time by a single active consumer, so that
-    /// messages with the same `key` are handled in order while different
-    /// keys go in parallel, over several worker processes (see
-    /// [`partition`]). Its exchange becomes a consistent-hash exchange.
-    ///
-    /// # Panics
-    /// When no consumer was added yet.
-    pub fn partitions(mut self, count: u16, key: PartitionKey) -> Self {
-        self.last("partitions").options.partitions = Some(Partitions::new(count, key));
-        self
-    }
-
-    /// The exchange the replies of the consumer added last go through.
-    ///
-    /// # Panics
-    /// When no consumer was added yet.
-    pub fn reply_exchange(mut self, exchange: impl Into<String>) -> Self {
-        self.last("reply_exchange").options.reply_exchange = exchange.into();
-        self
-    }
-
-    /// All the options of the consumer added last at once.
-    ///
-    /// # Panics
-    /// When no consumer was added yet.
-    pub fn options(mut self, options: ConsumerOptions) -> Self {
-        self.last("options").options = options;
-        self
-    }
-
-    /// The connection of the consumer added last, when it is not the
-    /// worker's.
-    ///
-    /// # Panics
-    /// When no consumer was added yet.
-    pub fn connection(mut self, conn: &Connection) -> Self {
-        self.last("connection").conn = conn.clone();
-        self
     }
 
     /// The site handlers see in [`Meta::site`] (and HTTP applications in
@@ -594,12 +537,10 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
             let producer = match replies.iter().find(|(c, _)| c.same_as(&consumer_conn)) {
                 Some((_, p)) => p.clone(),
                 None => {
-                    let ps = ProducerSettings {
-                        name: format!("{}.replies", consumer_conn.name()),
-                        auto_declare: false,
-                        message_ids: false,
-                        ..ProducerSettings::default()
-                    };
+                    let ps = ProducerSettings::default()
+                        .name(format!("{}.replies", consumer_conn.name()))
+                        .auto_declare(false)
+                        .message_ids(false);
                     let p = Producer::new(&consumer_conn, ps).await?;
                     replies.push((consumer_conn.clone(), p.clone()));
                     p
@@ -671,22 +612,26 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
         })
     }
 
-    /// Every check that can be made before anything is declared.
+    /// Every check that can be made before anything is declared: each
+    /// consumer's settings and options by their own `validate`, its
+    /// handler's URL, its names and `${site}`, and one name per consumer.
     fn check(&self) -> Result<()> {
         let mut names = std::collections::HashSet::new();
         for c in &self.consumers {
             let name = &c.settings.name;
-            let err = |what: String| Error::config(format!("consumer '{name}': {what}"));
+            let err = |e: Error| {
+                let field = e.setting().map(|f| format!("{f}: ")).unwrap_or_default();
+                Error::config(format!("consumer '{name}': {field}{}", e.context()))
+            };
             if !names.insert(name.as_str()) {
-                return Err(err(
-                    "two consumers have this name; give each its own (ConsumerSettings::name)"
-                        .into(),
-                ));
+                return Err(err(Error::invalid_setting(
+                    "name",
+                    "two consumers have this name; give each its own (ConsumerSettings::name)",
+                )));
             }
-            c.options
-                .retry
-                .validate()
-                .map_err(|e| err(e.context().to_owned()))?;
+            c.settings.validate().map_err(err)?;
+            c.settings.check_substituted().map_err(err)?;
+            c.options.validate(&c.settings).map_err(err)?;
             // Every name it declares (its retry and dead-letter queues
             // included) and its consumer tag fit in a short string.
             crate::topology::check_names(&c.topology())
@@ -696,37 +641,188 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
                         &format!("{name}.{}", "0".repeat(32)),
                     )
                 })
-                .map_err(|e| err(e.context().to_owned()))?;
-            if c.options.concurrency == 0 {
-                return Err(err("concurrency must be at least 1".into()));
-            }
-            if let Some(p) = &c.options.partitions {
-                p.check(&c.settings, c.options.concurrency)
-                    .map_err(|e| err(e.context().to_owned()))?;
-            }
-            let kind = QueueType::of(&c.settings.arguments);
-            if kind == Some(QueueType::Stream) {
-                return Err(err(
-                    "a worker cannot consume a stream queue (its messages are read from an offset, not settled one by one); use a Consumer".into(),
-                ));
-            }
-            if let Some(limit) = c.options.delivery_limit {
-                retry::check_delivery_limit(kind, limit).map_err(err)?;
-            }
+                .map_err(err)?;
             #[cfg(feature = "http")]
             if let Target::Url(url) = &c.target {
                 http::check_url(url).map_err(err)?;
             }
-            let s = &c.settings;
-            for value in [&s.name, &s.queue].into_iter().chain(&s.routing_keys) {
-                if value.contains("${site}") {
-                    return Err(err(format!(
-                        "`{value}` uses ${{site}} but no site is set: substitute it (Settings::for_site) before building the worker"
-                    )));
-                }
-            }
         }
         Ok(())
+    }
+}
+
+/// A consumer being added to a [`Worker`]: its options, then the next
+/// consumer, the worker's own settings, or [`start`](Self::start).
+///
+/// [`Worker::consumer`], [`service`](Worker::service) and
+/// [`forward`](Worker::forward) return it, so an option always has its
+/// consumer: there is no "consumer added last" to get wrong.
+#[must_use = "the consumer is added when the chain goes on: call start, run or done"]
+pub struct ConsumerBuilder<S = ()> {
+    worker: Worker<S>,
+    spec: ConsumerSpec<S>,
+}
+
+impl<S> std::fmt::Debug for ConsumerBuilder<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerBuilder")
+            .field("consumer", &self.spec.settings.name)
+            .field("options", &self.spec.options)
+            .finish()
+    }
+}
+
+impl<S: Clone + Send + Sync + 'static> ConsumerBuilder<S> {
+    fn option(mut self, set: impl FnOnce(ConsumerOptions) -> ConsumerOptions) -> Self {
+        self.spec.options = set(std::mem::take(&mut self.spec.options));
+        self
+    }
+
+    /// How this consumer's failures are retried.
+    pub fn retry(self, retry: Retry) -> Self {
+        self.option(|o| o.retry(retry))
+    }
+
+    /// How many deliveries it handles at once (1, the default: one at a
+    /// time, in order).
+    pub fn concurrency(self, n: usize) -> Self {
+        self.option(|o| o.concurrency(n))
+    }
+
+    /// How long one of its handlers may run.
+    pub fn timeout(self, timeout: Duration) -> Self {
+        self.option(|o| o.timeout(timeout))
+    }
+
+    /// The largest response body (bytes) its HTTP handler may give
+    /// ([`defaults::MAX_RESPONSE`](crate::defaults::MAX_RESPONSE) unless set).
+    pub fn max_response(self, bytes: usize) -> Self {
+        self.option(|o| o.max_response(bytes))
+    }
+
+    /// Its delivery limit; its queue must be a quorum queue
+    /// ([`ConsumerSettings::queue_type`]): a message whose handling killed
+    /// the process `limit` times goes to `<queue>.dead`.
+    pub fn delivery_limit(self, limit: u32) -> Self {
+        self.option(|o| o.delivery_limit(limit))
+    }
+
+    /// Splits it into `count` partition queues, each read one message at
+    /// a time by a single active consumer, so that messages with the same
+    /// `key` are handled in order while different keys go in parallel,
+    /// over several worker processes (see [`partition`]). Its exchange
+    /// becomes a consistent-hash exchange.
+    pub fn partitions(self, count: u16, key: PartitionKey) -> Self {
+        self.option(|o| o.partitions(Partitions::new(count, key)))
+    }
+
+    /// The exchange its replies go through.
+    pub fn reply_exchange(self, exchange: impl Into<String>) -> Self {
+        self.option(|o| o.reply_exchange(exchange))
+    }
+
+    /// All its options at once.
+    pub fn options(self, options: ConsumerOptions) -> Self {
+        self.option(|_| options)
+    }
+
+    /// The connection it consumes on, when it is not the worker's.
+    pub fn connection(mut self, conn: &Connection) -> Self {
+        self.spec.conn = conn.clone();
+        self
+    }
+
+    /// Adds the consumer and goes back to the worker.
+    pub fn done(self) -> Worker<S> {
+        let ConsumerBuilder { mut worker, spec } = self;
+        worker.consumers.push(spec);
+        worker
+    }
+
+    /// Adds it, then the next consumer ([`Worker::consumer`]).
+    pub fn consumer<H, T>(self, settings: ConsumerSettings, handler: H) -> ConsumerBuilder<S>
+    where
+        H: Handler<T, S>,
+        T: 'static,
+    {
+        self.done().consumer(settings, handler)
+    }
+
+    #[cfg(feature = "http")]
+    /// Adds it, then the next consumer ([`Worker::service`]).
+    pub fn service<Svc, RB>(self, settings: ConsumerSettings, service: Svc) -> ConsumerBuilder<S>
+    where
+        Svc: http::RequestService<RB>,
+        RB: http::ResponseBody,
+    {
+        self.done().service(settings, service)
+    }
+
+    #[cfg(feature = "http")]
+    /// Adds it, then the next consumer ([`Worker::forward`]).
+    pub fn forward(self, settings: ConsumerSettings, url: impl Into<String>) -> ConsumerBuilder<S> {
+        self.done().forward(settings, url)
+    }
+
+    /// Adds it, then sets the worker's site ([`Worker::site`]).
+    pub fn site(self, site: impl Into<String>) -> Worker<S> {
+        self.done().site(site)
+    }
+
+    /// Adds it, then sets the worker's user ([`Worker::user`]).
+    pub fn user(self, user: impl Into<String>) -> Worker<S> {
+        self.done().user(user)
+    }
+
+    #[cfg(feature = "http")]
+    /// Adds it, then sets the worker's path prefix ([`Worker::prefix`]).
+    pub fn prefix(self, prefix: impl Into<String>) -> Worker<S> {
+        self.done().prefix(prefix)
+    }
+
+    /// Adds it, then sets the worker's shutdown timeout
+    /// ([`Worker::shutdown_timeout`]).
+    pub fn shutdown_timeout(self, timeout: Duration) -> Worker<S> {
+        self.done().shutdown_timeout(timeout)
+    }
+
+    /// Adds it, then sets an error handler ([`Worker::on_error`]).
+    pub fn on_error<F, Fut>(self, exchange: &str, f: F) -> Worker<S>
+    where
+        F: Fn(Arc<Delivery>, HandlerError) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.done().on_error(exchange, f)
+    }
+
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
+    /// Adds it, then relays `outbox` ([`Worker::with_outbox`]).
+    pub fn with_outbox(self, outbox: crate::outbox::Outbox) -> Worker<S> {
+        self.done().with_outbox(outbox)
+    }
+
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
+    /// Adds it, then sets the relay's connection ([`Worker::relay_on`]).
+    pub fn relay_on(self, conn: &Connection) -> Worker<S> {
+        self.done().relay_on(conn)
+    }
+
+    /// Everything the worker declares with this consumer added
+    /// ([`Worker::topology`]).
+    pub fn topology(&self) -> Topology {
+        let mut t = self.worker.topology();
+        t.merge(&self.spec.topology());
+        t
+    }
+
+    /// Adds it and starts the worker ([`Worker::start`]).
+    pub async fn start(self) -> Result<RunningWorker> {
+        self.done().start().await
+    }
+
+    /// Adds it and runs the worker until `shutdown` ([`Worker::run`]).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        self.done().run(shutdown).await
     }
 }
 

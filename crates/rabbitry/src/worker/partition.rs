@@ -87,20 +87,24 @@ impl Partitions {
     /// Checks the split against the consumer it applies to.
     pub(crate) fn check(&self, settings: &ConsumerSettings, concurrency: usize) -> Result<()> {
         if self.count == 0 {
-            return Err(Error::config("partitions must be at least 1"));
+            return Err(Error::invalid_setting("partitions", "must be at least 1"));
         }
         if settings.exchange.is_empty() {
-            return Err(Error::config(
-                "partitions need an exchange: producers publish to it, and it spreads their messages over the partitions",
+            return Err(Error::invalid_setting(
+                "partitions",
+                "need an exchange: producers publish to it, and it spreads their messages over the partitions",
             ));
         }
         if concurrency != 1 {
-            return Err(Error::config(format!(
+            return Err(Error::invalid_setting("concurrency", format!(
                 "a partitioned consumer handles one message at a time per partition (concurrency {concurrency} would reorder them); parallelism comes from the partitions"
             )));
         }
         if QueueType::of(&settings.arguments) == Some(QueueType::Stream) {
-            return Err(Error::config("partitions cannot be stream queues"));
+            return Err(Error::invalid_setting(
+                "partitions",
+                "cannot be stream queues",
+            ));
         }
         Ok(())
     }

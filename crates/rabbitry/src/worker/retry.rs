@@ -31,6 +31,7 @@ pub use crate::headers::{
 /// assert_eq!(retry.delay_before(4), Duration::from_secs(30));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Retry {
     /// Attempts in all, the first included.
     pub attempts: u32,
@@ -42,8 +43,8 @@ impl Default for Retry {
     /// Three attempts, 1 s and then 5 s apart.
     fn default() -> Self {
         Retry {
-            attempts: 3,
-            delays: vec![Duration::from_secs(1), Duration::from_secs(5)],
+            attempts: crate::defaults::RETRY_ATTEMPTS,
+            delays: crate::defaults::RETRY_DELAYS.to_vec(),
         }
     }
 }
@@ -63,6 +64,7 @@ impl Retry {
     }
 
     /// Sets the delays before the retries.
+    #[must_use]
     pub fn delays(mut self, delays: impl IntoIterator<Item = Duration>) -> Self {
         self.delays = delays.into_iter().collect();
         self
@@ -73,22 +75,26 @@ impl Retry {
         delay_for(self, retry)
     }
 
-    /// Checks the policy: at least one attempt, a delay for retries, each
-    /// delay from 1 ms to RabbitMQ's longest message TTL (2^32-1 ms).
+    /// Checks the policy, naming the field that breaks a rule
+    /// ([`Error::setting`](crate::Error::setting)(crate::Error::setting)): at least one attempt, a
+    /// delay for retries, each delay from 1 ms to RabbitMQ's longest
+    /// message TTL (2^32-1 ms).
     pub fn validate(&self) -> Result<()> {
         if self.attempts == 0 {
-            return Err(Error::config("retry: attempts must be at least 1"));
+            return Err(Error::invalid_setting("attempts", "must be at least 1"));
         }
         if self.attempts > 1 && self.delays.is_empty() {
-            return Err(Error::config(
-                "retry: delays needs at least one delay when attempts > 1",
+            return Err(Error::invalid_setting(
+                "delays",
+                "needs at least one delay when attempts > 1",
             ));
         }
         for (i, d) in self.delays.iter().enumerate() {
             if d.as_millis() == 0 || *d > MAX_DELAY {
-                return Err(Error::config(format!(
-                    "retry: delays[{i}] = {d:?}: a retry delay is between 1ms and 49d (RabbitMQ's longest message TTL)"
-                )));
+                return Err(Error::invalid_setting(
+                    format!("delays[{i}]"),
+                    format!("{d:?}: a retry delay is between 1ms and 49d (RabbitMQ's longest message TTL)"),
+                ));
             }
         }
         Ok(())
@@ -228,17 +234,18 @@ pub fn limit_deliveries(arguments: &mut Headers, queue: &str, limit: u32) {
 }
 
 /// Whether a delivery limit can apply to a queue of `kind`.
-pub fn check_delivery_limit(
-    kind: Option<QueueType>,
-    limit: u32,
-) -> std::result::Result<(), String> {
+pub(crate) fn check_delivery_limit(kind: Option<QueueType>, limit: u32) -> Result<()> {
     if limit == 0 {
-        return Err("delivery_limit must be at least 1".into());
+        return Err(Error::invalid_setting(
+            "delivery_limit",
+            "must be at least 1",
+        ));
     }
     if kind != Some(QueueType::Quorum) {
-        return Err(
-            "delivery_limit needs queue_type = quorum: only quorum queues count deliveries".into(),
-        );
+        return Err(Error::invalid_setting(
+            "delivery_limit",
+            "needs queue_type = quorum: only quorum queues count deliveries",
+        ));
     }
     Ok(())
 }

@@ -250,7 +250,7 @@ async fn a_plain_consumer_holds_at_most_the_default_prefetch() {
     for i in 0..400 {
         producer.publish(Message::new(i.to_string())).await.unwrap();
     }
-    let default = rabbitry::connection::DEFAULT_PREFETCH;
+    let default = rabbitry::defaults::PREFETCH;
     let mut consumer = Consumer::start(&conn, ConsumerSettings::new(&queue))
         .await
         .unwrap();

@@ -97,11 +97,7 @@ async fn transient_producer_and_queue_name_as_routing_key() {
     let mut consumer = Consumer::start(&conn, ConsumerSettings::new(&queue))
         .await
         .unwrap();
-    let settings = ProducerSettings {
-        durable: false,
-        queue: Some(queue.clone()),
-        ..ProducerSettings::default()
-    };
+    let settings = ProducerSettings::default().durable(false).queue(&queue);
     let producer = Producer::new(&conn, settings).await.unwrap();
     producer.send("plain").await.unwrap();
     let d = tokio::time::timeout(Duration::from_secs(5), consumer.next())

@@ -385,13 +385,7 @@ async fn a_mark_lost_after_publishing_resends_with_the_same_id_and_the_inbox_ded
         .await
         .unwrap();
     let relay = outbox
-        .spawn_relay(
-            &conn,
-            RelayOptions {
-                lease: Duration::from_secs(1),
-                ..RelayOptions::default()
-            },
-        )
+        .spawn_relay(&conn, RelayOptions::default().lease(Duration::from_secs(1)))
         .await
         .unwrap();
     let first = tokio::time::timeout(Duration::from_secs(10), consumer.next())
@@ -486,21 +480,9 @@ async fn two_relays_on_postgres_drain_ten_thousand_rows_without_duplicates() {
         }
         tx.commit().await.unwrap();
     }
-    let opts = RelayOptions {
-        batch: 200,
-        ..RelayOptions::default()
-    };
+    let opts = RelayOptions::default().batch(200);
     let a = outbox.spawn_relay(&conn, opts.clone()).await.unwrap();
-    let b = outbox
-        .spawn_relay(
-            &conn,
-            RelayOptions {
-                owner: "b".into(),
-                ..opts
-            },
-        )
-        .await
-        .unwrap();
+    let b = outbox.spawn_relay(&conn, opts.owner("b")).await.unwrap();
     let mut consumer = Consumer::start(&conn, ConsumerSettings::new(&queue))
         .await
         .unwrap();
