@@ -10,7 +10,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use super::handler::{BoxFuture, Context, FailureKind, HandlerError, Meta, Reply};
+use super::handler::{Because, BoxFuture, Context, FailureKind, HandlerError, Meta, Reply};
 #[cfg(feature = "http")]
 use super::http;
 use super::metrics::{ConsumerMeter, Counted};
@@ -213,7 +213,10 @@ async fn run_handler<S: Clone + Send + Sync + 'static>(
                 .unwrap_or_else(|| "a non-string payload".into());
             Err(HandlerError::retry(format!("handler panicked: {text}")))
         }
-        Ok(Err(join)) => Err(HandlerError::retry(format!("handler task failed: {join}"))),
+        Ok(Err(join)) => Err(HandlerError::retry(Because::new(
+            "the handler's task failed",
+            join,
+        ))),
         Err(_) => {
             // Tear the handler down before anything else happens to this
             // delivery: a native handler's future (and its unit of work) is
@@ -221,8 +224,9 @@ async fn run_handler<S: Clone + Send + Sync + 'static>(
             // may a retry or the next delivery start.
             task.abort();
             let _ = task.await;
-            Err(HandlerError::retry(format!(
-                "handler timed out after {timeout:?}; it was cancelled"
+            Err(HandlerError::retry(crate::Error::new(
+                ErrorKind::Timeout,
+                format!("the handler ran past its {timeout:?}; it was cancelled"),
             )))
         }
     }
@@ -239,13 +243,12 @@ async fn succeed<S>(
     reply: Reply,
 ) {
     if let Err(e) = unit.commit(None).await {
-        let text = format!("publishing the handler's messages failed: {e}");
         // A message past a protocol limit will not fit next time either.
-        let err = if e.kind() == ErrorKind::Invalid {
-            HandlerError::invalid(text)
-        } else {
-            HandlerError::retry(text)
-        };
+        let kind = failure_of(&e);
+        let err = HandlerError::new(
+            kind,
+            Because::new("publishing the handler's messages failed", e),
+        );
         return fail(rt, d, attempt, err).await;
     }
     if let (Some(reply_to), false) = (&d.properties.reply_to, reply.body.is_empty()) {
@@ -275,17 +278,14 @@ async fn succeed<S>(
                 rt.metrics.reply_unroutable();
             }
             Err(e) => {
-                let text = format!(
-                    "publishing the reply to '{}' failed: {e}",
-                    crate::limits::shorten(reply_to, 60)
-                );
                 // A reply that cannot go (too large, a reply_to past 255
                 // bytes) would not go next time: dead-letter the request.
-                let err = if e.kind() == ErrorKind::Invalid {
-                    HandlerError::invalid(text)
-                } else {
-                    HandlerError::retry(text)
-                };
+                let kind = failure_of(&e);
+                let context = format!(
+                    "publishing the reply to '{}' failed",
+                    crate::limits::shorten(reply_to, 60)
+                );
+                let err = HandlerError::new(kind, Because::new(context, e));
                 return fail(rt, d, attempt, err).await;
             }
         }
@@ -293,6 +293,17 @@ async fn succeed<S>(
     tracing::Span::current().record("outcome", "ack");
     rt.metrics.count(Counted::Ack);
     settle_or_log(d, Outcome::Ack).await;
+}
+
+/// What a failed publish of the worker's own means for the delivery: a
+/// message past a protocol limit would not go next time either, so the
+/// delivery is dead-lettered; anything else is retried.
+fn failure_of(e: &crate::Error) -> FailureKind {
+    if e.kind() == ErrorKind::Invalid {
+        FailureKind::Invalid
+    } else {
+        FailureKind::Retry
+    }
 }
 
 /// The exchange a reply to `reply_to` goes through: the default exchange

@@ -50,6 +50,36 @@ impl FailureKind {
 /// Any error, boxed: what a [`HandlerError`] keeps as its cause.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// What the worker was doing when an error happened, with the error as its
+/// source: the worker's own failures wrap their cause this way instead of
+/// formatting it into a string, so that [`HandlerError::find`] reaches it.
+#[derive(Debug)]
+pub(crate) struct Because {
+    context: String,
+    cause: BoxError,
+}
+
+impl Because {
+    pub(crate) fn new(context: impl Into<String>, cause: impl Into<BoxError>) -> Self {
+        Because {
+            context: context.into(),
+            cause: cause.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Because {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.context)
+    }
+}
+
+impl std::error::Error for Because {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.cause)
+    }
+}
+
 /// A handler's failure: what to do with the message, and the error that
 /// caused it, kept with its sources.
 ///
@@ -98,6 +128,20 @@ impl HandlerError {
     /// The error that caused the failure (its sources hang off it).
     pub fn error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
         &*self.error
+    }
+
+    /// The first error of type `E` in the chain: the cause itself or one
+    /// of its sources. An error handler finds the [`rabbitry::Error`]
+    /// (crate::Error) behind a failed publish this way, with its kind.
+    pub fn find<E: std::error::Error + 'static>(&self) -> Option<&E> {
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(self.error());
+        while let Some(e) = next {
+            if let Some(found) = e.downcast_ref::<E>() {
+                return Some(found);
+            }
+            next = e.source();
+        }
+        None
     }
 
     /// The cause and its sources, each once: what goes into
@@ -310,9 +354,9 @@ pub struct Msg<T>(pub T);
 impl<S, T: DeserializeOwned> FromContext<S> for Msg<T> {
     fn from_context(ctx: &Context, _: &S) -> Result<Self, HandlerError> {
         ctx.delivery.decode::<T>().map(Msg).map_err(|e| {
-            HandlerError::invalid(format!(
-                "body does not decode into {}: {e}",
-                std::any::type_name::<T>()
+            HandlerError::invalid(Because::new(
+                format!("body does not decode into {}", std::any::type_name::<T>()),
+                e,
             ))
         })
     }
@@ -462,5 +506,26 @@ mod tests {
         );
         assert_eq!(parsed.retry().unwrap_err().kind(), FailureKind::Retry);
         assert_eq!(HandlerError::invalid("no title").message(), "no title");
+    }
+
+    #[test]
+    fn a_wrapped_cause_is_found_by_type_and_printed_once() {
+        let cause = Error::new(ErrorKind::Unroutable, "exchange '', routing key 'x'")
+            .with_source(std::io::Error::other("NO_ROUTE"));
+        let err = HandlerError::retry(Because::new("publishing the reply failed", cause));
+        assert_eq!(
+            err.find::<Error>().map(Error::kind),
+            Some(ErrorKind::Unroutable)
+        );
+        assert_eq!(
+            err.find::<std::io::Error>()
+                .map(ToString::to_string)
+                .as_deref(),
+            Some("NO_ROUTE")
+        );
+        assert_eq!(
+            err.message(),
+            "publishing the reply failed: unroutable message: exchange '', routing key 'x': NO_ROUTE"
+        );
     }
 }

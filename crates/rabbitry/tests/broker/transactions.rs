@@ -660,3 +660,49 @@ async fn a_failed_publish_at_commit_is_not_acked_as_success() {
         conn.delete_queue(&q).await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_handler_finds_the_rabbitry_error_behind_a_failed_commit() {
+    // The worker wraps the cause of its own failures instead of formatting
+    // it: an error handler reaches the publish's rabbitry::Error, kind and
+    // all, through HandlerError::find.
+    let conn = connect().await;
+    let queue = unique("uow-find");
+    let mut ps = ProducerSettings::default().routing_key(unique("nowhere"));
+    ps.mandatory = true;
+    let nowhere = Producer::new(&conn, ps).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let running = Worker::new(&conn, nowhere)
+        .consumer(
+            ConsumerSettings::new(&queue),
+            |unit: UnitOfWork, State(nowhere): State<Producer>| async move {
+                unit.publish(&nowhere, Message::new("lost?"))?;
+                Ok::<(), HandlerError>(())
+            },
+        )
+        .on_error("", move |_delivery, err| {
+            let found = err.find::<rabbitry::Error>().map(rabbitry::Error::kind);
+            let _ = tx.send((found, err.message()));
+            async {}
+        })
+        .start()
+        .await
+        .unwrap();
+    let p = Producer::new(&conn, ProducerSettings::default().routing_key(&queue))
+        .await
+        .unwrap();
+    p.publish(Message::new("job")).await.unwrap();
+    let (kind, message) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("the error handler was called")
+        .unwrap();
+    running.shutdown().await;
+    assert_eq!(kind, Some(rabbitry::ErrorKind::Unroutable), "{message}");
+    assert!(
+        message.starts_with("publishing the handler's messages failed: ")
+            && message.matches("NO_ROUTE").count() == 1,
+        "each cause once: {message}"
+    );
+    conn.delete_queue(&queue).await.unwrap();
+    conn.delete_queue(&format!("{queue}.dead")).await.unwrap();
+}
