@@ -382,7 +382,7 @@ async fn broker_figures(s: &Site) -> serde_json::Value {
             let q = rabbitry::worker::retry::retry_queue(&queue, delay);
             retrying += depth(s.conn.queue_status(&q).await.ok().flatten());
         }
-        let dead_queue = rabbitry::worker::retry::dead_queue(&queue);
+        let dead_queue = rabbitry::worker::dead::dead_queue_of(&queue);
         let dead = depth(s.conn.queue_status(&dead_queue).await.ok().flatten());
         out.push(QueueFigures {
             role,

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use rabbitry::outbox::{self, Database};
 use rabbitry::rpc::durable;
-use rabbitry::worker::{retry, Body, HandlerError, Meta, Msg, Reply, Retry, State, Worker};
+use rabbitry::worker::{Body, HandlerError, Meta, Msg, Reply, Retry, State, Worker};
 use rabbitry::{Connection, ConsumerSettings, ExchangeKind, HeaderValue, Message, Serializer};
 use serde::Deserialize;
 use tokio::sync::Mutex;
@@ -113,7 +113,7 @@ pub fn topology(consumers: &[ConsumerSettings]) -> rabbitry::Topology {
     let mut t = rabbitry::Topology::default();
     for c in consumers {
         t.merge(&c.topology());
-        t.merge(&retry::topology(&c.queue, None, &Retry::default()));
+        t.merge(&Retry::default().topology(&c.queue, None));
     }
     t
 }

@@ -39,7 +39,7 @@ use serde_json::json;
 
 use crate::connection::Connection;
 use crate::rpc::RpcClient;
-use crate::worker::metrics::WorkerMetrics;
+use crate::worker::WorkerMetrics;
 use crate::worker::{dead, RunningWorker, WorkerConsumer};
 
 mod status;

@@ -197,12 +197,12 @@ pub fn decode_value(content_type: Option<&str>, body: &[u8]) -> Result<Decoded> 
 }
 
 /// `{"base64": "..."}`, the JSON form of bytes that are not text.
-pub fn base64_value(body: &[u8]) -> serde_json::Value {
+pub(crate) fn base64_value(body: &[u8]) -> serde_json::Value {
     serde_json::json!({ "base64": base64_encode(body) })
 }
 
 /// Standard base64 with padding. Small enough not to need a dependency.
-pub fn base64_encode(bytes: &[u8]) -> String {
+pub(crate) fn base64_encode(bytes: &[u8]) -> String {
     const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {

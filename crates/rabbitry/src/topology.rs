@@ -83,7 +83,7 @@ impl FromStr for ExchangeKind {
 }
 
 /// The queue argument that names a queue's type.
-pub const QUEUE_TYPE: &str = "x-queue-type";
+pub(crate) const QUEUE_TYPE: &str = "x-queue-type";
 
 /// A queue's type, as RabbitMQ knows it (`x-queue-type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -145,7 +145,7 @@ impl FromStr for QueueType {
 }
 
 /// Whether a name belongs to the broker (`amq.*`, or the default exchange).
-pub fn is_reserved(name: &str) -> bool {
+pub(crate) fn is_reserved(name: &str) -> bool {
     name.is_empty() || name.starts_with("amq.")
 }
 

@@ -208,7 +208,7 @@ pub(super) async fn collect(s: &Shared, with_dead: bool) -> Value {
     let mut failures: Vec<_> = s.workers.iter().flat_map(|w| w.failures()).collect();
     // Newest first across workers; RFC 3339 times in UTC sort as text.
     failures.sort_by(|a, b| b.at.cmp(&a.at));
-    failures.truncate(crate::worker::metrics::FAILURES_KEPT);
+    failures.truncate(crate::worker::FAILURES_KEPT);
     json!({
         "connections": connections,
         "consumers": consumers,

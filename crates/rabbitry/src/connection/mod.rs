@@ -72,7 +72,7 @@ pub struct ConnectionSettings {
     /// Heartbeat interval in seconds; 0 turns heartbeats off.
     pub heartbeat: u16,
     /// Default prefetch for consumers on this connection:
-    /// [`defaults::PREFETCH`](crate::defaults::PREFETCH) unless set; 0 means unlimited, which lets a
+    /// [`defaults::PREFETCH`] unless set; 0 means unlimited, which lets a
     /// slow consumer hold a whole backlog in memory.
     pub prefetch_count: u16,
     /// First reconnect delay.
@@ -91,7 +91,7 @@ pub struct ConnectionSettings {
 }
 
 impl ConnectionSettings {
-    /// Settings for `url` with the [`defaults`](crate::defaults): heartbeat
+    /// Settings for `url` with the [`defaults`]: heartbeat
     /// 60 s, prefetch 250, backoff 1 s to 60 s, a 30 s recovery timeout.
     pub fn new(url: impl Into<String>) -> Self {
         ConnectionSettings {

@@ -137,7 +137,7 @@ macro_rules! with_pool {
 pub(crate) use with_pool;
 
 /// The channel relays listen on for new rows (PostgreSQL).
-pub const NOTIFY_CHANNEL: &str = "rabbitry_outbox";
+pub(crate) const NOTIFY_CHANNEL: &str = "rabbitry_outbox";
 
 /// A database pool: SQLite (the embedded default, feature `sqlite`) or
 /// PostgreSQL (feature `postgres`).

@@ -35,15 +35,16 @@ pub struct DeadLetter {
     /// The body's size in bytes.
     pub body_len: usize,
     /// The body as text (invalid UTF-8 replaced), its first
-    /// [`BODY_PREVIEW`] bytes.
+    /// 4 KiB.
     pub body: String,
 }
 
 /// How much of a dead letter's body [`DeadLetter::body`] shows.
-pub const BODY_PREVIEW: usize = 4096;
+pub(crate) const BODY_PREVIEW: usize = 4096;
 
-/// The dead-letter queue for `queue` (`queue` itself if it already ends
-/// in `.dead`).
+/// The dead-letter queue of `queue`: `<queue>.dead`, or `queue` itself
+/// when it is one (ends in `.dead`), as every function of this module
+/// takes either. The one public name of a consumer's dead-letter queue.
 pub fn dead_queue_of(queue: &str) -> String {
     if queue.ends_with(".dead") {
         queue.to_owned()
@@ -118,10 +119,13 @@ pub async fn list(conn: &Connection, queue: &str, limit: usize) -> Result<Vec<De
         };
         out.push(DeadLetter {
             error: retry::dead_reason(&p),
-            attempts: p.headers.get(retry::ATTEMPTS).and_then(HeaderValue::as_i64),
-            original_exchange: header_str(&p, retry::ORIGINAL_EXCHANGE),
-            original_routing_key: header_str(&p, retry::ORIGINAL_ROUTING_KEY),
-            failed_at: header_str(&p, retry::FAILED_AT),
+            attempts: p
+                .headers
+                .get(crate::headers::ATTEMPTS)
+                .and_then(HeaderValue::as_i64),
+            original_exchange: header_str(&p, crate::headers::ORIGINAL_EXCHANGE),
+            original_routing_key: header_str(&p, crate::headers::ORIGINAL_ROUTING_KEY),
+            failed_at: header_str(&p, crate::headers::FAILED_AT),
             properties: p,
             body_len: body.len(),
             body: String::from_utf8_lossy(&body[..body.len().min(BODY_PREVIEW)]).into_owned(),

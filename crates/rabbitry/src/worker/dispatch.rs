@@ -123,7 +123,7 @@ async fn handle_delivery<S: Clone + Send + Sync + 'static>(
     if let Some(deadline) = d
         .properties
         .headers
-        .get(retry::DEADLINE)
+        .get(crate::headers::DEADLINE)
         .and_then(HeaderValue::as_i64)
     {
         let late = crate::clock::now_millis() - deadline;

@@ -131,8 +131,8 @@ impl HandlerError {
     }
 
     /// The first error of type `E` in the chain: the cause itself or one
-    /// of its sources. An error handler finds the [`rabbitry::Error`]
-    /// (crate::Error) behind a failed publish this way, with its kind.
+    /// of its sources. An error handler finds the [`rabbitry::Error`](crate::Error)
+    /// behind a failed publish this way, with its kind.
     pub fn find<E: std::error::Error + 'static>(&self) -> Option<&E> {
         let mut next: Option<&(dyn std::error::Error + 'static)> = Some(self.error());
         while let Some(e) = next {

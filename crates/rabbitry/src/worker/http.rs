@@ -147,7 +147,7 @@ fn segment(s: &str) -> String {
 }
 
 /// The path a delivery is dispatched to, under `base` (a prefix or URL).
-pub fn request_path(base: &str, ctx_meta: &super::handler::Meta) -> String {
+pub(crate) fn request_path(base: &str, ctx_meta: &super::handler::Meta) -> String {
     let exchange = if ctx_meta.exchange.is_empty() {
         "(default)"
     } else {

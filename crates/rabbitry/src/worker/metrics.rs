@@ -18,7 +18,7 @@ use std::time::Duration;
 use crate::connection::lock;
 
 /// How many failures a worker remembers.
-pub const FAILURES_KEPT: usize = 50;
+pub(crate) const FAILURES_KEPT: usize = 50;
 
 /// A delivery whose handler failed, as the status page lists it.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -201,7 +201,7 @@ impl WorkerMetrics {
             .clone()
     }
 
-    /// The last failures (at most [`FAILURES_KEPT`]), newest first.
+    /// The last failures (at most 50), newest first.
     pub fn failures(&self) -> Vec<Failure> {
         lock(&self.failures).iter().rev().cloned().collect()
     }

@@ -12,7 +12,7 @@
 //! A configuration file is parsed into the same types
 //! ([`Settings::forwarding_worker`](crate::Settings::forwarding_worker)).
 //!
-//! A handler is a native async function with extractors ([`handler`]),
+//! A handler is a native async function with extractors ([`Handler`]),
 //! any tower `Service` such as an axum `Router`, or the URL of an HTTP
 //! application in any language ([`http`]). Whatever it is, its result
 //! decides the outcome: success acks (after its unit of work has
@@ -54,11 +54,11 @@
 mod dispatch;
 
 pub mod dead;
-pub mod handler;
+mod handler;
 #[cfg(feature = "http")]
 pub mod http;
-pub mod metrics;
-pub mod partition;
+mod metrics;
+mod partition;
 pub mod retry;
 
 use std::collections::HashMap;
@@ -83,7 +83,8 @@ use dispatch::ConsumerRuntime;
 use handler::BoxHandler;
 #[cfg(feature = "http")]
 use http::BoxService;
-use metrics::WorkerMetrics;
+pub(crate) use metrics::FAILURES_KEPT;
+pub use metrics::{Counted, Failure, WorkerMetrics};
 pub use partition::{PartitionKey, Partitions};
 
 /// Called with a failed delivery and its error; the delivery is then acked.
@@ -110,7 +111,7 @@ pub struct ConsumerOptions {
     /// the message to `<queue>.dead` instead of delivering it again.
     pub delivery_limit: Option<u32>,
     /// Split into partition queues for per-key ordering (see
-    /// [`partition`]).
+    /// [`Partitions`]).
     pub partitions: Option<Partitions>,
     /// The largest response body an HTTP handler (a tower service or an
     /// HTTP URL) may give, in bytes. Past it, the request fails without
@@ -337,7 +338,7 @@ impl<S> std::fmt::Debug for Worker<S> {
 impl<S: Clone + Send + Sync + 'static> Worker<S> {
     /// A worker on `conn` (its consumers consume there, and their replies,
     /// retries and dead letters are published there, unless
-    /// [`connection`](Worker::connection) says otherwise), with `state`
+    /// [`ConsumerBuilder::connection`] says otherwise), with `state`
     /// shared by native handlers through [`State`].
     pub fn new(conn: &Connection, state: S) -> Self {
         Worker {
@@ -710,7 +711,7 @@ impl<S: Clone + Send + Sync + 'static> ConsumerBuilder<S> {
     /// Splits it into `count` partition queues, each read one message at
     /// a time by a single active consumer, so that messages with the same
     /// `key` are handled in order while different keys go in parallel,
-    /// over several worker processes (see [`partition`]). Its exchange
+    /// over several worker processes (see [`Partitions`]). Its exchange
     /// becomes a consistent-hash exchange.
     pub fn partitions(self, count: u16, key: PartitionKey) -> Self {
         self.option(|o| o.partitions(Partitions::new(count, key)))

@@ -30,7 +30,7 @@ use crate::topology::{Exchange, ExchangeKind, QueueType, Topology};
 
 /// The queue argument that makes the broker deliver to one consumer at a
 /// time and fail over to the next.
-pub const SINGLE_ACTIVE_CONSUMER: &str = "x-single-active-consumer";
+pub(crate) const SINGLE_ACTIVE_CONSUMER: &str = "x-single-active-consumer";
 
 /// What a message's partition is computed from.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -15,8 +15,8 @@ use crate::error::{Error, Result};
 use crate::message::{HeaderValue, Headers, Message, Properties};
 use crate::topology::{Queue, QueueType, Topology};
 
-pub use crate::headers::{
-    ATTEMPT, ATTEMPTS, DEADLINE, ERROR, FAILED_AT, ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY,
+use crate::headers::{
+    ATTEMPT, ATTEMPTS, ERROR, FAILED_AT, ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY,
 };
 
 /// How a consumer's failed messages are retried: `attempts` in all (the
@@ -70,6 +70,13 @@ impl Retry {
         self
     }
 
+    /// Its delay queues and the dead-letter queue of `queue` (of `kind`):
+    /// what a worker declares for a consumer of `queue` with this policy,
+    /// for a program that declares ahead of its workers.
+    pub fn topology(&self, queue: &str, kind: Option<QueueType>) -> Topology {
+        topology(queue, kind, self)
+    }
+
     /// The delay before retry number `retry` (1-based).
     pub fn delay_before(&self, retry: u32) -> Duration {
         delay_for(self, retry)
@@ -102,10 +109,10 @@ impl Retry {
 }
 
 /// The longest retry delay: RabbitMQ's message TTL is at most 2^32-1 ms.
-pub const MAX_DELAY: Duration = Duration::from_millis(u32::MAX as u64);
+pub(crate) const MAX_DELAY: Duration = Duration::from_millis(u32::MAX as u64);
 
 /// `1s`, `500ms`, `2m`: the delay as it appears in a queue name.
-pub fn delay_label(d: Duration) -> String {
+pub(crate) fn delay_label(d: Duration) -> String {
     let ms = d.as_millis();
     if ms.is_multiple_of(60_000) && ms > 0 {
         format!("{}m", ms / 60_000)
@@ -122,13 +129,13 @@ pub fn retry_queue(queue: &str, delay: Duration) -> String {
 }
 
 /// The dead-letter queue for `queue`.
-pub fn dead_queue(queue: &str) -> String {
+pub(crate) fn dead_queue(queue: &str) -> String {
     format!("{queue}.dead")
 }
 
 /// The delay before retry number `retry` (1-based): the configured list,
 /// whose last entry repeats.
-pub fn delay_for(policy: &Retry, retry: u32) -> Duration {
+pub(crate) fn delay_for(policy: &Retry, retry: u32) -> Duration {
     let i = (retry as usize).saturating_sub(1);
     policy
         .delays
@@ -140,9 +147,9 @@ pub fn delay_for(policy: &Retry, retry: u32) -> Duration {
 
 /// Where the broker says a message it dead-lettered first died, and why
 /// (`delivery_limit`, `expired`, `rejected`, `maxlen`).
-pub const FIRST_DEATH_QUEUE: &str = "x-first-death-queue";
+pub(crate) const FIRST_DEATH_QUEUE: &str = "x-first-death-queue";
 /// See [`FIRST_DEATH_QUEUE`].
-pub const FIRST_DEATH_REASON: &str = "x-first-death-reason";
+pub(crate) const FIRST_DEATH_REASON: &str = "x-first-death-reason";
 /// Every header the broker adds when it dead-letters a message.
 const BROKER_DEATH: [&str; 7] = [
     "x-death",
@@ -156,7 +163,7 @@ const BROKER_DEATH: [&str; 7] = [
 
 /// Why a dead letter is dead: the worker's error header, or else what the
 /// broker says of a message it dead-lettered itself.
-pub fn dead_reason(p: &Properties) -> Option<String> {
+pub(crate) fn dead_reason(p: &Properties) -> Option<String> {
     let get = |k: &str| p.headers.get(k).and_then(HeaderValue::as_str);
     if let Some(error) = get(ERROR) {
         return Some(error.to_owned());
@@ -176,7 +183,7 @@ pub fn dead_reason(p: &Properties) -> Option<String> {
 /// too, and the delay queues dead-letter back `at-least-once`: the broker
 /// keeps a message until the queue it goes back to has confirmed it, so a
 /// node lost in between loses nothing.
-pub fn topology(queue: &str, kind: Option<QueueType>, policy: &Retry) -> Topology {
+pub(crate) fn topology(queue: &str, kind: Option<QueueType>, policy: &Retry) -> Topology {
     let quorum = kind == Some(QueueType::Quorum);
     let of_kind = |name: String| {
         if quorum {
@@ -223,7 +230,7 @@ fn dead_letter_to(arguments: &mut Headers, target: &str, quorum: bool) {
 /// handling them, again and again), the broker dead-letters the message to
 /// `<queue>.dead`, at least once, instead of redelivering it forever. Only
 /// quorum queues count deliveries; [`check_delivery_limit`] says so.
-pub fn limit_deliveries(arguments: &mut Headers, queue: &str, limit: u32) {
+pub(crate) fn limit_deliveries(arguments: &mut Headers, queue: &str, limit: u32) {
     // Positive only: on RabbitMQ 3.x a negative limit means "dead-letter
     // after the first delivery".
     arguments.insert(
@@ -251,7 +258,7 @@ pub(crate) fn check_delivery_limit(kind: Option<QueueType>, limit: u32) -> Resul
 }
 
 /// The attempt number carried by a message (1 when absent).
-pub fn attempt_of(p: &Properties) -> u32 {
+pub(crate) fn attempt_of(p: &Properties) -> u32 {
     p.headers
         .get(ATTEMPT)
         .and_then(HeaderValue::as_i64)
@@ -262,7 +269,11 @@ pub fn attempt_of(p: &Properties) -> u32 {
 
 /// The exchange and routing key the message was first published with:
 /// from the headers of a retried message, or as delivered.
-pub fn original_route(p: &Properties, exchange: &str, routing_key: &str) -> (String, String) {
+pub(crate) fn original_route(
+    p: &Properties,
+    exchange: &str,
+    routing_key: &str,
+) -> (String, String) {
     let get = |k: &str| {
         p.headers
             .get(k)
@@ -276,7 +287,7 @@ pub fn original_route(p: &Properties, exchange: &str, routing_key: &str) -> (Str
 }
 
 /// The copy of a failed message for the delay queue of its next attempt.
-pub fn for_retry(
+pub(crate) fn for_retry(
     body: Vec<u8>,
     mut p: Properties,
     original: (&str, &str),
@@ -302,7 +313,7 @@ pub fn for_retry(
 }
 
 /// The copy of a failed message for the dead-letter queue.
-pub fn for_dead_letter(
+pub(crate) fn for_dead_letter(
     body: Vec<u8>,
     mut p: Properties,
     original: (&str, &str),
@@ -332,7 +343,7 @@ pub fn for_dead_letter(
 
 /// A dead letter made ready to go back where it came from: the rabbitry
 /// headers removed, so attempts start again at 1.
-pub fn for_replay(body: Vec<u8>, mut p: Properties) -> Option<Message> {
+pub(crate) fn for_replay(body: Vec<u8>, mut p: Properties) -> Option<Message> {
     let get = |k: &str| {
         p.headers
             .get(k)

@@ -674,7 +674,7 @@ async fn a_dead_letter_that_no_longer_fits_is_trimmed_and_the_other_consumers_go
     assert!(why.contains("refused") && why.contains("frame"), "{why}");
     eventually(Duration::from_secs(20), "the other consumer's 100", || {
         let m = metrics.clone();
-        async move { m.outcomes("busy", rabbitry::worker::metrics::Counted::DeadLetter) == 100 }
+        async move { m.outcomes("busy", rabbitry::worker::Counted::DeadLetter) == 100 }
     })
     .await;
     assert_eq!(dead_letters(&conn, &busy, 100).await.len(), 100);
@@ -857,7 +857,7 @@ async fn an_http_response_past_max_response_fails_that_request_alone() {
         );
         eventually(Duration::from_secs(20), "the small ones acked", || {
             let m = metrics.clone();
-            async move { m.outcomes(name, rabbitry::worker::metrics::Counted::Ack) == 2 }
+            async move { m.outcomes(name, rabbitry::worker::Counted::Ack) == 2 }
         })
         .await;
     }
@@ -948,7 +948,7 @@ fn asking_app() -> axum::Router {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_messages_end_alone_through_every_handler_kind_while_another_consumer_goes_on() {
-    use rabbitry::worker::metrics::Counted;
+    use rabbitry::worker::Counted;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move { axum::serve(listener, asking_app()).await });

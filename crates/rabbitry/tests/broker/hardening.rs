@@ -177,7 +177,7 @@ async fn a_reply_to_a_missing_queue_is_counted_and_the_request_acked_not_retried
     .await;
     eventually(Duration::from_secs(5), "the request acked", || {
         let m = metrics.clone();
-        async move { m.outcomes("svc", rabbitry::worker::metrics::Counted::Ack) == 1 }
+        async move { m.outcomes("svc", rabbitry::worker::Counted::Ack) == 1 }
     })
     .await;
     assert_eq!(
@@ -185,10 +185,7 @@ async fn a_reply_to_a_missing_queue_is_counted_and_the_request_acked_not_retried
         1,
         "handled once, not retried"
     );
-    assert_eq!(
-        metrics.outcomes("svc", rabbitry::worker::metrics::Counted::Retry),
-        0
-    );
+    assert_eq!(metrics.outcomes("svc", rabbitry::worker::Counted::Retry), 0);
     running.shutdown().await;
     cleanup(&conn, &queue, &[&tasks]).await;
 }

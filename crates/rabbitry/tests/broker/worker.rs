@@ -265,10 +265,10 @@ async fn four_cases(kind: Kind) {
     // acked; flaky failed twice into retry; the 400 was dead-lettered.
     let metrics = running.metrics();
     eventually(Duration::from_secs(10), "three acks counted", || async {
-        metrics.outcomes("orders", rabbitry::worker::metrics::Counted::Ack) == 3
+        metrics.outcomes("orders", rabbitry::worker::Counted::Ack) == 3
     })
     .await;
-    use rabbitry::worker::metrics::Counted;
+    use rabbitry::worker::Counted;
     assert_eq!(metrics.outcomes("orders", Counted::Retry), 2);
     assert_eq!(metrics.outcomes("orders", Counted::DeadLetter), 1);
     assert_eq!(metrics.handler_runs("orders"), 6);
@@ -627,7 +627,7 @@ async fn expired_request_is_acked_without_handling_and_error_handler_takes_failu
         .publish(
             Message::new("x")
                 .routing_key("late")
-                .header(rabbitry::worker::retry::DEADLINE, HeaderValue::Int(past)),
+                .header(rabbitry::headers::DEADLINE, HeaderValue::Int(past)),
         )
         .await
         .unwrap();
