@@ -98,6 +98,8 @@ pub mod worker;
 
 mod amqp;
 mod channel;
+#[cfg(test)]
+mod layering;
 mod limits;
 mod setters;
 mod task;

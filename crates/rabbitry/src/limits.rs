@@ -48,13 +48,20 @@ pub(crate) struct Limits {
     pub(crate) max_body: u64,
 }
 
+/// The broker's major version, from its `connection.start` version text
+/// (`3.10.8` is 3): what its limits, and some arguments' meanings,
+/// depend on.
+pub(crate) fn major(version: &str) -> Option<u32> {
+    version.split('.').next()?.parse().ok()
+}
+
 impl Limits {
     /// The limits of a connection that negotiated `frame_max` with a
     /// broker of `server_version`. A broker configured with a smaller
     /// `max_message_size` than its version's default refuses such a
     /// message itself; the publisher then fails that message alone.
     pub(crate) fn of(frame_max: u32, server_version: &str) -> Limits {
-        let major = crate::topology::major(server_version).unwrap_or(3);
+        let major = major(server_version).unwrap_or(3);
         Limits {
             frame_max,
             max_body: if major >= 4 {

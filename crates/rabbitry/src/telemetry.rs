@@ -172,10 +172,22 @@ pub(crate) struct Scope {
     owned: bool,
 }
 
+/// What a process span says of a delivery: telemetry sits below the
+/// consumers, so they describe their deliveries to it with this.
+#[cfg_attr(not(feature = "otel"), allow(dead_code))]
+pub(crate) struct Received<'a> {
+    pub(crate) exchange: &'a str,
+    pub(crate) routing_key: &'a str,
+    pub(crate) properties: &'a crate::message::Properties,
+    pub(crate) body_len: usize,
+    pub(crate) queue: &'a str,
+    pub(crate) delivery_tag: u64,
+}
+
 /// Starts the process span of a delivery, a child of the context its
 /// headers carry.
 #[cfg_attr(not(feature = "otel"), allow(unused_variables))]
-pub(crate) fn process(delivery: &crate::consume::Delivery, conn: &Connection) -> Scope {
+pub(crate) fn process(delivery: Received<'_>, conn: &Connection) -> Scope {
     #[cfg(feature = "otel")]
     {
         Scope {
@@ -457,7 +469,7 @@ mod otel {
         Span { inner: Some(span) }
     }
 
-    pub(super) fn process(d: &crate::consume::Delivery, conn: &Connection) -> Context {
+    pub(super) fn process(d: super::Received<'_>, conn: &Connection) -> Context {
         let parent = match extract(&d.properties.headers) {
             Some(sc) => Context::new().with_remote_span_context(sc),
             None => Context::new(),
@@ -465,19 +477,19 @@ mod otel {
         let mut attributes = common(
             "process",
             "process",
-            &d.exchange,
-            &d.routing_key,
-            &d.properties,
-            d.body.len(),
+            d.exchange,
+            d.routing_key,
+            d.properties,
+            d.body_len,
             conn,
         );
         attributes.push(KeyValue::new(
             "messaging.destination.subscription.name",
-            d.queue.clone(),
+            d.queue.to_owned(),
         ));
         attributes.push(KeyValue::new(
             "messaging.rabbitmq.message.delivery_tag",
-            d.delivery_tag() as i64,
+            d.delivery_tag as i64,
         ));
         let tracer = tracer();
         let span = tracer

@@ -430,12 +430,6 @@ pub(crate) async fn declare(
     Ok(names)
 }
 
-/// The RabbitMQ major version in `version` (`3.10.8` is 3).
-/// The broker's major version, from its `connection.start` version text.
-pub(crate) fn major(version: &str) -> Option<u32> {
-    version.split('.').next()?.parse().ok()
-}
-
 /// Refuses what means something else on the broker's version than it
 /// does on others: a negative `x-delivery-limit` is "unlimited" on
 /// RabbitMQ 4 but "dead-letter after the first delivery" on 3.x, so it is
@@ -445,7 +439,7 @@ fn check_for_server(q: &Queue, server_version: &str) -> Result<()> {
         .arguments
         .get("x-delivery-limit")
         .and_then(HeaderValue::as_i64);
-    match (limit, major(server_version)) {
+    match (limit, crate::limits::major(server_version)) {
         (Some(limit), Some(major)) if limit < 0 && major < 4 => Err(Error::new(
             ErrorKind::Declare,
             format!(

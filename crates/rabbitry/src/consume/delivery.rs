@@ -163,6 +163,18 @@ impl Delivery {
         self.acker.tag
     }
 
+    /// This delivery as its process span describes it.
+    pub(crate) fn received(&self) -> crate::telemetry::Received<'_> {
+        crate::telemetry::Received {
+            exchange: &self.exchange,
+            routing_key: &self.routing_key,
+            properties: &self.properties,
+            body_len: self.body.len(),
+            queue: &self.queue,
+            delivery_tag: self.delivery_tag(),
+        }
+    }
+
     /// The handle that settles this delivery; clones share its "settled"
     /// flag.
     pub fn acker(&self) -> Acker {

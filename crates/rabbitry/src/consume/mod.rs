@@ -386,7 +386,7 @@ impl Consumer {
     {
         while let Some(d) = self.next().await {
             let acker = d.acker();
-            let scope = crate::telemetry::process(&d, &self.conn);
+            let scope = crate::telemetry::process(d.received(), &self.conn);
             let outcome = scope.run(handler(d)).await;
             match acker.settle(outcome).await {
                 Ok(()) => {}

@@ -5,7 +5,8 @@
 
 use std::future::Future;
 
-use super::relay::{BatchOutcome, Claimed, RelayOptions};
+use super::claim::{BatchOutcome, Claimed};
+use super::options::RelayOptions;
 
 /// The scheduling indexes, the same on every database (run after the
 /// `not_before` column exists): rows due now are found through the first,

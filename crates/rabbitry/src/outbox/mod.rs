@@ -95,6 +95,8 @@ macro_rules! outbox_executor {
 }
 
 mod backend;
+mod claim;
+mod options;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod relay;
@@ -109,7 +111,8 @@ use std::sync::Arc;
 use sqlx::Row;
 use tokio::sync::Notify;
 
-pub use relay::{Relay, RelayOptions};
+pub use options::RelayOptions;
+pub use relay::Relay;
 pub use transaction::{OutboxDatabase, Transaction};
 
 /// Rows per multi-row `INSERT`: 8 parameters each stays well under
@@ -135,9 +138,6 @@ macro_rules! with_pool {
     };
 }
 pub(crate) use with_pool;
-
-/// The channel relays listen on for new rows (PostgreSQL).
-pub(crate) const NOTIFY_CHANNEL: &str = "rabbitry_outbox";
 
 /// A database pool: SQLite (the embedded default, feature `sqlite`) or
 /// PostgreSQL (feature `postgres`).

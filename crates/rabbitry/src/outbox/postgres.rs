@@ -12,8 +12,12 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
 
 use super::backend::{Backend, NEXT_DUE, SCHEDULE_INDEXES};
-use super::relay::{claimed_from, BatchOutcome, Claimed, Columns, RelayOptions};
-use super::{db_error, OutboxExecutor, OutboxRow, NOTIFY_CHANNEL};
+use super::claim::{claimed_from, BatchOutcome, Claimed, Columns};
+use super::options::RelayOptions;
+use super::{db_error, OutboxExecutor, OutboxRow};
+
+/// The channel relays listen on for new rows.
+const NOTIFY_CHANNEL: &str = "rabbitry_outbox";
 use crate::clock::now_millis;
 use crate::error::Result;
 

@@ -12,7 +12,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
 use super::backend::{Backend, NEXT_DUE, SCHEDULE_INDEXES};
-use super::relay::{claimed_from, BatchOutcome, Claimed, Columns, RelayOptions};
+use super::claim::{claimed_from, BatchOutcome, Claimed, Columns};
+use super::options::RelayOptions;
 use super::{db_error, OutboxExecutor, OutboxRow};
 use crate::clock::now_millis;
 use crate::connection::redact;

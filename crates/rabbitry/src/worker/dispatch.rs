@@ -108,7 +108,7 @@ async fn process<S: Clone + Send + Sync + 'static>(
         message_id = d.properties.message_id.as_deref().unwrap_or(""),
         outcome = tracing::field::Empty,
     );
-    let processing = telemetry::process(&d, &rt.conn);
+    let processing = telemetry::process(d.received(), &rt.conn);
     processing
         .run(handle_delivery(rt, state, d))
         .instrument(span)

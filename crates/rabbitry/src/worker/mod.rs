@@ -83,6 +83,7 @@ use dispatch::ConsumerRuntime;
 use handler::BoxHandler;
 #[cfg(feature = "http")]
 use http::BoxService;
+#[cfg(feature = "admin")]
 pub(crate) use metrics::FAILURES_KEPT;
 pub use metrics::{Counted, Failure, WorkerMetrics};
 pub use partition::{PartitionKey, Partitions};
