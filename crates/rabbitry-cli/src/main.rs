@@ -1,5 +1,5 @@
-//! The `rabbitry` command: publish, consume, declare, inspect queues and
-//! benchmark. Flags are parsed here; the work is done by the library.
+//! The `rabbitry` command: publish, consume, declare, inspect queues, run
+//! workers and relays. Flags are parsed here; the work is done by the library.
 
 /// Writes one line to stdout and returns the `io::Result`, so that a
 /// reader that went away (`rabbitry ... | head`) ends the command quietly
@@ -12,7 +12,6 @@ macro_rules! outln {
     }};
 }
 
-mod bench;
 mod cmd;
 mod exit;
 
@@ -48,8 +47,6 @@ enum Command {
     Declare(cmd::declare::Args),
     /// Show ready messages and consumers per queue.
     Queues(cmd::queues::Args),
-    /// Compare the gateway with the raw client, same run.
-    Bench(cmd::bench::Args),
     /// Send a request and wait for its reply.
     Rpc(cmd::rpc::Args),
     /// Run the consumers of a config file, dispatching to their handlers.
@@ -103,7 +100,6 @@ fn main() -> ExitCode {
             Command::Consume(args) => cmd::consume::run(&global, args).await,
             Command::Declare(args) => cmd::declare::run(&global, args).await,
             Command::Queues(args) => cmd::queues::run(&global, args).await,
-            Command::Bench(args) => cmd::bench::run(&global, args).await,
             Command::Rpc(args) => cmd::rpc::run(&global, args).await,
             Command::Worker(args) => cmd::worker::run(&global, args).await,
             Command::Dead(args) => cmd::dead::run(&global, args).await,

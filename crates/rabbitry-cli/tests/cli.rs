@@ -552,50 +552,6 @@ async fn outbox_migrate_and_status_show_backlog_and_failed_rows() {
     );
 }
 
-#[test]
-fn bench_json_reports_medians_spreads_and_cpu_per_scenario() {
-    let out = rabbitry(&[
-        "bench",
-        "--json",
-        "--only",
-        "core,http,observability",
-        "--messages",
-        "300",
-        "--rounds",
-        "3",
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let scenarios = report["scenarios"].as_array().unwrap();
-    assert_eq!(scenarios.len(), 7, "{report}");
-    for name in [
-        "worker_http_dispatch_keep_alive",
-        "observed_worker_native_handler",
-        "observed_worker_axum_router",
-    ] {
-        assert!(
-            scenarios.iter().any(|s| s["name"] == name),
-            "{name}: {report}"
-        );
-    }
-    for s in scenarios {
-        for key in [
-            "raw_msgs_per_s",
-            "gateway_msgs_per_s",
-            "ratio",
-            "raw_spread",
-            "gateway_spread",
-            "raw_cpu_s_per_100k",
-            "gateway_cpu_s_per_100k",
-        ] {
-            assert!(s[key].as_f64().is_some_and(|v| v >= 0.0), "{key}: {s}");
-        }
-        assert_eq!(s["rounds"], 3);
-        assert!(s["stable"].is_boolean(), "{s}");
-        assert!(s["raw_msgs_per_s"].as_f64().unwrap() > 0.0, "{s}");
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schedule_list_cancel_and_relay_from_the_command_line() {
     let dir = std::env::temp_dir().join(unique("schedule"));

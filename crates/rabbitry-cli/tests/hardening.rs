@@ -348,10 +348,6 @@ fn hostile_values_never_panic() {
         // Names and numbers.
         (vec!["dead", "list", ""], None),
         (vec!["dead", "replay", &q, "--count", "-1"], Some(2)),
-        (vec!["bench", "--only", "nope"], Some(2)),
-        (vec!["bench", "--rounds", "0"], Some(2)),
-        // The observability group compares with and without metrics.
-        (vec!["bench", "--metrics"], Some(2)),
         (
             vec![
                 "publish",

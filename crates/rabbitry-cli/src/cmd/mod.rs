@@ -1,7 +1,6 @@
 //! One module per subcommand, and what they share: loading settings
 //! (TOML, then environment, then flags) and opening connections.
 
-pub(crate) mod bench;
 pub(crate) mod consume;
 pub(crate) mod dead;
 pub(crate) mod declare;

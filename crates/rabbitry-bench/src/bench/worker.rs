@@ -16,7 +16,7 @@ use rabbitry::Result;
 use super::*;
 
 /// Worker scenarios: the end-to-end rate through the worker with a native
-/// handler and with `service` (an axum `Router` in `rabbitry bench`),
+/// handler and with `service` (an axum `Router` in `rabbitry-bench`),
 /// against raw consume with manual acks, same prefetch (500), same run.
 pub(crate) async fn run_worker<Svc, RB>(
     opts: &BenchOptions,

@@ -1,26 +1,56 @@
-//! `rabbitry bench`: the gateway against the raw client, in one run.
+//! `rabbitry-bench`: the gateway against the raw client, in one run.
+//!
+//! A workspace binary of its own, so that the installed `rabbitry` command
+//! carries neither the benchmark nor raw amqprs. `scripts/bench` builds it
+//! in release mode and runs it; its tests run it as a process.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use crate::bench::{self, BenchOptions, Report};
 use anyhow::Result;
+use clap::Parser;
 
-use super::Global;
-use crate::exit::usage;
+mod bench;
+
+use bench::{BenchOptions, Report};
+
+/// Writes a line to stdout; a closed stdout is an error the caller sees.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, $($arg)*).and_then(|()| out.flush())
+    }};
+}
+
+/// The benchmark's groups, for `--only`.
+const GROUPS: [&str; 8] = [
+    "core",
+    "worker",
+    "observability",
+    "http",
+    "outbox",
+    "order",
+    "rpc",
+    "cluster",
+];
 
 /// Benchmark the gateway against raw amqprs on the same scenarios.
-#[derive(clap::Args)]
-pub(crate) struct Args {
+#[derive(Parser)]
+#[command(name = "rabbitry-bench", version)]
+struct Args {
+    /// The broker (`AMQP_URL` when set).
+    #[arg(long, env = "AMQP_URL", default_value = rabbitry::defaults::URL, hide_env_values = true)]
+    url: String,
     /// Print {"scenarios":[...],"latencies":[...]} as JSON.
     #[arg(long)]
     json: bool,
     /// Messages per scenario run.
-    #[arg(long, default_value_t = 20_000)]
-    messages: usize,
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..))]
+    messages: u32,
     /// Rounds per side, raw and gateway interleaved; the median is reported.
-    #[arg(long, default_value_t = 3)]
-    rounds: usize,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
     /// Groups to run: core, worker, observability (the worker with metrics
     /// and tracing on against off), http, outbox, order (scheduled
     /// lateness, foreign rows, per-key ordering), rpc, and cluster, which
@@ -30,7 +60,8 @@ pub(crate) struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "core,worker,observability,http,outbox,order,rpc"
+        default_value = "core,worker,observability,http,outbox,order,rpc",
+        value_parser = clap::builder::PossibleValuesParser::new(GROUPS)
     )]
     only: Vec<String>,
     /// Databases for the outbox and order groups (default: a temporary SQLite file and
@@ -51,42 +82,64 @@ pub(crate) struct Args {
     failover_rounds: usize,
 }
 
-/// The benchmark's groups, for `--only`.
-const GROUPS: [&str; 8] = [
-    "core",
-    "worker",
-    "observability",
-    "http",
-    "outbox",
-    "order",
-    "rpc",
-    "cluster",
-];
+/// Exit code of a usage error, as clap gives for bad flags.
+const USAGE: u8 = 2;
 
-pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
-    if let Some(bad) = args.only.iter().find(|o| !GROUPS.contains(&o.as_str())) {
-        usage!(
-            "--only: unknown group `{bad}`, expected one of: {}",
-            GROUPS.join(", ")
-        );
-    }
-    if args.rounds == 0 || args.messages == 0 {
-        usage!("--rounds and --messages must be at least 1");
-    }
+fn main() -> ExitCode {
+    let args = Args::parse();
     let wants = |g: &str| args.only.iter().any(|o| o == g);
     if args.metrics && wants("observability") {
-        usage!("--metrics records everything; the observability group compares with and without: leave one out (--only)");
+        eprintln!("error: --metrics records everything; the observability group compares with and without: leave one out (--only)");
+        return ExitCode::from(USAGE);
     }
+    let directives = std::env::var("RABBITRY_LOG").unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&directives)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(args));
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            // Each cause once: rabbitry's errors include their source.
+            let mut text = String::new();
+            for cause in e.chain().map(ToString::to_string) {
+                if !text.contains(&cause) {
+                    text.push_str(if text.is_empty() { "" } else { ": " });
+                    text.push_str(&cause);
+                }
+            }
+            eprintln!("error: {text}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<ExitCode> {
+    let wants = |g: &str| args.only.iter().any(|o| o == g);
     if args.metrics {
         // Before any connection or consumer makes its handles.
         rabbitry::admin::install_prometheus();
     }
-    let settings = global.settings()?;
-    let url = settings.connection(rabbitry::defaults::CONNECTION)?.urls[0].clone();
+    let url = args.url.clone();
     let opts = BenchOptions {
         url,
-        messages: args.messages,
-        rounds: args.rounds,
+        messages: args.messages as usize,
+        rounds: args.rounds as usize,
     };
     let tty = std::io::stderr().is_terminal();
     let progress = move |step: &str| {

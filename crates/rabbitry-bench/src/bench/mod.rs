@@ -1,4 +1,4 @@
-//! The benchmark behind `rabbitry bench`: the raw AMQP client and the
+//! The benchmark behind `rabbitry-bench`: the raw AMQP client and the
 //! gateway, on the same scenarios, in the same process and run.
 //!
 //! Each scenario runs raw, gateway, raw, gateway... and reports each side's

@@ -1,0 +1,76 @@
+//! `rabbitry-bench` as a process against the local broker: its report,
+//! and its refusal of bad flags.
+
+use std::process::{Command, Output};
+
+fn bench(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rabbitry-bench"))
+        .args(args)
+        .env_remove("AMQP_URL")
+        .env("RABBITRY_LOG", "error")
+        .output()
+        .expect("run rabbitry-bench")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn bench_json_reports_medians_spreads_and_cpu_per_scenario() {
+    let out = bench(&[
+        "--json",
+        "--only",
+        "core,http,observability",
+        "--messages",
+        "300",
+        "--rounds",
+        "3",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let scenarios = report["scenarios"].as_array().unwrap();
+    assert_eq!(scenarios.len(), 7, "{report}");
+    for name in [
+        "worker_http_dispatch_keep_alive",
+        "observed_worker_native_handler",
+        "observed_worker_axum_router",
+    ] {
+        assert!(
+            scenarios.iter().any(|s| s["name"] == name),
+            "{name}: {report}"
+        );
+    }
+    for s in scenarios {
+        for key in [
+            "raw_msgs_per_s",
+            "gateway_msgs_per_s",
+            "ratio",
+            "raw_spread",
+            "gateway_spread",
+            "raw_cpu_s_per_100k",
+            "gateway_cpu_s_per_100k",
+        ] {
+            assert!(s[key].as_f64().is_some_and(|v| v >= 0.0), "{key}: {s}");
+        }
+        assert_eq!(s["rounds"], 3);
+        assert!(s["stable"].is_boolean(), "{s}");
+        assert!(s["raw_msgs_per_s"].as_f64().unwrap() > 0.0, "{s}");
+    }
+}
+
+#[test]
+fn bad_flags_are_usage_errors_that_name_the_flag() {
+    for (args, names) in [
+        (vec!["--only", "nope"], "nope"),
+        (vec!["--rounds", "0"], "--rounds"),
+        (vec!["--messages", "0"], "--messages"),
+        // The observability group compares with and without metrics.
+        (vec!["--metrics"], "--metrics"),
+    ] {
+        let out = bench(&args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(names), "{args:?}: {err}");
+    }
+}
