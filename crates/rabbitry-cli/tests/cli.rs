@@ -223,6 +223,50 @@ async fn consume_requeue_leaves_messages_on_the_queue() {
     delete(&conn, &queue).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_count_goes_through_the_producers_pipeline_in_order() {
+    // More messages than the pipeline holds: each is handed to the
+    // publisher in order and confirmed, so they arrive in order.
+    let conn = raw().await;
+    let queue = unique("pipeline");
+    declare(&conn, &queue).await;
+    let n = 2500;
+    let out = rabbitry(&[
+        "publish",
+        "--routing-key",
+        &queue,
+        "--serializer",
+        "text",
+        "--message-id",
+        "m",
+        "--count",
+        &n.to_string(),
+        "hi",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains(&format!("published {n} (confirmed)")),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = rabbitry(&["consume", &queue, "--count", &n.to_string(), "--ack"]);
+    let ids: Vec<String> = text(&out.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["properties"]["message_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    let expected: Vec<String> = (0..n).map(|i| format!("m-{i}")).collect();
+    assert!(
+        ids == expected,
+        "{} ids, first out of order at {:?}",
+        ids.len(),
+        ids.iter().zip(&expected).position(|(a, b)| a != b)
+    );
+    delete(&conn, &queue).await;
+}
+
 #[test]
 fn wrong_credentials_and_host_give_clear_errors_without_panic() {
     let out = rabbitry(&[

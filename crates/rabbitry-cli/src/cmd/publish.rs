@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use rabbitry::publish::Confirmation;
 use rabbitry::{ExchangeKind, HeaderValue, Message, Producer, ProducerSettings, Serializer};
-use tokio::task::JoinSet;
 
 use super::Global;
 
@@ -179,7 +179,7 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
             ps.exchange = e.clone();
         }
     }
-    ps.max_in_flight = 1000;
+    ps.max_in_flight = PIPELINE;
     // A configured producer's serializer applies; otherwise the BODY decides.
     let serializer = args
         .message
@@ -197,7 +197,10 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
         );
         bar
     });
-    let mut set = JoinSet::new();
+    // The producer's own pipelined path, as the relay uses it: each message
+    // is handed to the publisher in order (waiting when max_in_flight are
+    // unconfirmed), and the confirms are awaited oldest first.
+    let mut pending: std::collections::VecDeque<Confirmation> = std::collections::VecDeque::new();
     let mut done = 0usize;
     let mut failed = None;
     for i in 0..args.count {
@@ -207,19 +210,31 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
                 msg.properties.message_id = Some(format!("{id}-{i}"));
             }
         }
-        if set.len() >= 1000 {
-            if let Some(r) = set.join_next().await {
-                record(r, &mut done, &mut failed, bar.as_ref());
+        while pending.len() >= PIPELINE {
+            if let Some(confirmation) = pending.pop_front() {
+                record(
+                    confirmation.wait().await,
+                    &mut done,
+                    &mut failed,
+                    bar.as_ref(),
+                );
             }
         }
-        let p = producer.clone();
-        set.spawn(async move { p.publish(msg).await });
+        match producer.submit(msg).await {
+            Ok(confirmation) => pending.push_back(confirmation),
+            Err(e) => record(Err(e), &mut done, &mut failed, bar.as_ref()),
+        }
         if failed.is_some() {
             break;
         }
     }
-    while let Some(r) = set.join_next().await {
-        record(r, &mut done, &mut failed, bar.as_ref());
+    for confirmation in pending {
+        record(
+            confirmation.wait().await,
+            &mut done,
+            &mut failed,
+            bar.as_ref(),
+        );
     }
     if let Some(bar) = bar {
         bar.finish_and_clear();
@@ -246,24 +261,24 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     }
 }
 
+/// Confirmations awaited at once: as many as the producer keeps in flight.
+const PIPELINE: usize = 1000;
+
 fn record(
-    r: std::result::Result<rabbitry::Result<()>, tokio::task::JoinError>,
+    r: rabbitry::Result<()>,
     done: &mut usize,
     failed: &mut Option<(String, bool)>,
     bar: Option<&ProgressBar>,
 ) {
     match r {
-        Ok(Ok(())) => {
+        Ok(()) => {
             *done += 1;
             if let Some(bar) = bar {
                 bar.inc(1);
             }
         }
-        Ok(Err(e)) => {
-            failed.get_or_insert_with(|| (e.to_string(), e.kind() == rabbitry::ErrorKind::Invalid));
-        }
         Err(e) => {
-            failed.get_or_insert_with(|| (e.to_string(), false));
+            failed.get_or_insert_with(|| (e.to_string(), e.kind() == rabbitry::ErrorKind::Invalid));
         }
     }
 }
