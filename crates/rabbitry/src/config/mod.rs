@@ -71,9 +71,9 @@ impl Default for WorkerSettings {
             connection: crate::defaults::CONNECTION.into(),
             site: None,
             user: None,
-            concurrency: 1,
+            concurrency: crate::defaults::CONCURRENCY,
             prefix: String::new(),
-            shutdown_timeout: Duration::from_secs(30),
+            shutdown_timeout: crate::defaults::SHUTDOWN_TIMEOUT,
         }
     }
 }
@@ -335,16 +335,12 @@ impl Settings {
             .iter()
             .map(|(name, c)| {
                 let mut c = c.clone();
-                c.consumer.name = sub(&c.consumer.name);
-                c.consumer.queue = sub(&c.consumer.queue);
-                c.consumer.routing_keys = c.consumer.routing_keys.iter().map(|k| sub(k)).collect();
+                c.consumer = c.consumer.for_site(site);
                 (sub(name), c)
             })
             .collect();
         for p in out.producers.values_mut() {
-            p.producer.routing_key = p.producer.routing_key.as_deref().map(sub);
-            p.producer.queue = p.producer.queue.as_deref().map(sub);
-            p.producer.reply_to = p.producer.reply_to.as_deref().map(sub);
+            p.producer = p.producer.clone().for_site(site);
         }
         out
     }

@@ -134,10 +134,20 @@ impl ConsumerSettings {
     /// one ([`Error::setting`](crate::Error::setting)): the consumer's name, queue, exchange and
     /// binding keys fit in an AMQP short string (255 bytes).
     pub fn validate(&self) -> Result<()> {
+        let exchange = ("exchange".to_owned(), &self.exchange);
+        for (field, value) in self.site_names().into_iter().chain([exchange]) {
+            crate::limits::check_short(&field, value)
+                .map_err(|e| Error::invalid_setting(field.clone(), e.context()))?;
+        }
+        Ok(())
+    }
+
+    /// The fields that may hold `${site}`, by name: the consumer's name,
+    /// its queue and its binding keys.
+    fn site_names(&self) -> Vec<(String, &String)> {
         let mut fields = vec![
             ("name".to_owned(), &self.name),
             ("queue".to_owned(), &self.queue),
-            ("exchange".to_owned(), &self.exchange),
         ];
         fields.extend(
             self.routing_keys
@@ -145,11 +155,7 @@ impl ConsumerSettings {
                 .enumerate()
                 .map(|(i, k)| (format!("routing_keys[{i}]"), k)),
         );
-        for (field, value) in fields {
-            crate::limits::check_short(&field, value)
-                .map_err(|e| Error::invalid_setting(field.clone(), e.context()))?;
-        }
-        Ok(())
+        fields
     }
 
     /// Fails when a name still holds `${site}`, naming the field: such
@@ -157,17 +163,19 @@ impl ConsumerSettings {
     /// ([`Settings::for_site`](crate::config::Settings::for_site) substitutes
     /// it), and the broker would get queues literally named `...${site}`.
     pub fn check_substituted(&self) -> Result<()> {
-        let mut fields = vec![
-            ("name".to_owned(), &self.name),
-            ("queue".to_owned(), &self.queue),
-        ];
-        fields.extend(
-            self.routing_keys
-                .iter()
-                .enumerate()
-                .map(|(i, k)| (format!("routing_keys[{i}]"), k)),
-        );
+        let fields = self.site_names();
         unsubstituted(fields.iter().map(|(f, v)| (f.as_str(), Some(v.as_str()))))
+    }
+
+    /// These settings with `${site}` replaced by `site` in every field
+    /// [`check_substituted`](Self::check_substituted) looks at.
+    #[cfg(feature = "config")]
+    pub(crate) fn for_site(mut self, site: &str) -> Self {
+        let sub = |s: &mut String| *s = s.replace("${site}", site);
+        sub(&mut self.name);
+        sub(&mut self.queue);
+        self.routing_keys.iter_mut().for_each(sub);
+        self
     }
 
     /// Declares the queue as `kind` (the `x-queue-type` argument):

@@ -408,7 +408,7 @@ impl Publisher {
                 nack_arrived: Notify::new(),
                 nack_bound: conn.settings().recovery_timeout,
                 // Never a busy loop of re-publishing.
-                confirm_timeout: confirm_timeout.max(Duration::from_millis(100)),
+                confirm_timeout: confirm_timeout.max(crate::defaults::MIN_CONFIRM_TIMEOUT),
                 republished: AtomicU64::new(0),
                 nacking_since: Mutex::default(),
                 isolate: AtomicBool::new(false),

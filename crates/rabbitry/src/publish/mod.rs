@@ -180,6 +180,19 @@ impl ProducerSettings {
         ])
     }
 
+    /// These settings with `${site}` replaced by `site` in every field
+    /// [`check_substituted`](Self::check_substituted) looks at.
+    #[cfg(feature = "config")]
+    pub(crate) fn for_site(mut self, site: &str) -> Self {
+        for s in [&mut self.routing_key, &mut self.queue, &mut self.reply_to]
+            .into_iter()
+            .flatten()
+        {
+            *s = s.replace("${site}", site);
+        }
+        self
+    }
+
     /// The exchange this producer declares, if any.
     pub fn topology(&self) -> Topology {
         let mut t = Topology::default();
