@@ -42,10 +42,12 @@ pub(crate) async fn run(global: &Global, args: Args) -> Result<ExitCode> {
     }
     let mut options = RelayOptions::default();
     if let Some(lease) = &args.lease {
-        options.lease = rabbitry::config::parse_duration(lease)?;
-        if options.lease < std::time::Duration::from_millis(100) {
-            usage!("--lease {lease}: at least 100ms");
-        }
+        options = options.lease(rabbitry::config::parse_duration(lease)?);
+    }
+    // The options' own rules, said before anything starts.
+    if let Err(e) = options.validate() {
+        let field = e.setting().unwrap_or_default();
+        usage!("--{field}: {}", e.context());
     }
     let settings = global.settings()?;
     let mut stop = super::listen_for_shutdown("relay")?;

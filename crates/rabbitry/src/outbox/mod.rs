@@ -111,7 +111,7 @@ use std::sync::Arc;
 use sqlx::Row;
 use tokio::sync::Notify;
 
-pub use options::RelayOptions;
+pub use options::{RelayOptions, MIN_LEASE};
 pub use relay::Relay;
 pub use transaction::{OutboxDatabase, Transaction};
 

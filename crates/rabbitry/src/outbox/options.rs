@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 
+/// The shortest lease a relay takes: it is renewed every quarter of itself.
+pub const MIN_LEASE: Duration = Duration::from_millis(100);
+
 /// How a relay works: `default()` and a setter per field. The struct is
 /// `#[non_exhaustive]`, so a new option is not a breaking change.
 ///
@@ -55,17 +58,23 @@ impl RelayOptions {
     }
 
     /// Checks the rules of these options, naming the field that breaks
-    /// one ([`Error::setting`](crate::Error::setting)): at least one row per round, a polling
-    /// interval and a lease of at least a millisecond, and an owner name.
-    /// [`Outbox::spawn_relay`] calls it.
+    /// one ([`Error::setting`](crate::Error::setting)): at least one row
+    /// per round, a polling interval of at least a millisecond, a lease of
+    /// at least [`MIN_LEASE`] (it is renewed every quarter of itself), and
+    /// an owner name. [`Outbox::spawn_relay`](super::Outbox::spawn_relay)
+    /// calls it.
     pub fn validate(&self) -> Result<()> {
         if self.batch == 0 {
             return Err(Error::invalid_setting("batch", "must be at least 1"));
         }
-        for (field, value) in [("poll", self.poll), ("lease", self.lease)] {
-            if value < Duration::from_millis(1) {
-                return Err(Error::invalid_setting(field, "must be at least 1ms"));
-            }
+        if self.poll < Duration::from_millis(1) {
+            return Err(Error::invalid_setting("poll", "must be at least 1ms"));
+        }
+        if self.lease < MIN_LEASE {
+            return Err(Error::invalid_setting(
+                "lease",
+                format!("{:?}: must be at least {MIN_LEASE:?}", self.lease),
+            ));
         }
         if self.owner.is_empty() {
             return Err(Error::invalid_setting("owner", "is empty"));
