@@ -83,6 +83,8 @@ pub mod consume;
 pub mod defaults;
 pub mod error;
 pub mod headers;
+#[cfg(feature = "testing")]
+pub mod memory;
 pub mod message;
 pub mod meters;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
