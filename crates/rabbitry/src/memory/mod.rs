@@ -30,6 +30,8 @@
 //! does RabbitMQ), priorities, streams, `x-max-length-bytes`, policies,
 //! transactions (`tx.*`), flow control, cycles of dead-lettering detected.
 
+mod death;
+mod flow;
 mod routing;
 mod state;
 
@@ -40,7 +42,8 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
-pub use state::{Published, Settle};
+pub use flow::Settle;
+pub use state::Published;
 
 use crate::message::{Headers, Properties};
 use crate::topology::ExchangeKind;
@@ -182,7 +185,11 @@ impl MemoryBroker {
 
     /// Runs `f` on the state at tokio's now, then wakes the clock task.
     fn with<T>(&self, f: impl FnOnce(&mut State, Instant) -> T) -> T {
-        let out = f(&mut self.lock(), Instant::now());
+        let now = Instant::now();
+        let mut state = self.lock();
+        let out = f(&mut state, now);
+        state.flush(now);
+        drop(state);
         self.inner.changed.notify_one();
         out
     }

@@ -1,19 +1,18 @@
-//! The in-memory broker's state and its rules: exchanges, queues and
-//! bindings; publishing with confirms, returns and overflow; consumers
-//! with prefetch, acks, nacks and rejects; TTLs, queue expiry, length
-//! limits, dead-lettering with `x-death`, and the quorum delivery limit.
-//! Everything here is synchronous, under the broker's one lock, and reads
-//! time from tokio's clock, so that a paused test clock drives it.
+//! The in-memory broker's state: exchanges, queues and bindings,
+//! connections and channels, and the declarations that make and remove
+//! them, refused in RabbitMQ's words. Messages move in `flow.rs`; time and
+//! dead-lettering are `death.rs`. Everything is synchronous, under the
+//! broker's one lock, and reads time from tokio's clock, so that a paused
+//! test clock drives it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::routing::{matching, Binding, Destination};
-use super::{Event, MemoryDelivery, Refusal};
+use super::routing::{Binding, Destination};
+use super::{Event, Refusal};
 use crate::message::{HeaderValue, Headers, Properties};
 use crate::topology::{ExchangeKind, QueueType};
 
@@ -30,49 +29,49 @@ pub(super) struct Stored {
     pub(super) routing_key: String,
     pub(super) properties: Properties,
     pub(super) body: Bytes,
-    expires_at: Option<Instant>,
-    redelivered: bool,
+    pub(super) expires_at: Option<Instant>,
+    pub(super) redelivered: bool,
     /// Times it went back to its queue unsettled (the quorum delivery count).
-    returns: u32,
+    pub(super) returns: u32,
 }
 
 #[derive(Debug)]
 pub(super) struct Exchange {
     pub(super) kind: ExchangeKind,
-    durable: bool,
-    auto_delete: bool,
-    arguments: Headers,
-    bindings: Vec<Binding>,
+    pub(super) durable: bool,
+    pub(super) auto_delete: bool,
+    pub(super) arguments: Headers,
+    pub(super) bindings: Vec<Binding>,
 }
 
 #[derive(Debug)]
 pub(super) struct Queue {
-    durable: bool,
-    exclusive: Option<ConnId>,
-    auto_delete: bool,
-    arguments: Headers,
-    messages: VecDeque<Stored>,
+    pub(super) durable: bool,
+    pub(super) exclusive: Option<ConnId>,
+    pub(super) auto_delete: bool,
+    pub(super) arguments: Headers,
+    pub(super) messages: VecDeque<Stored>,
     /// Its consumers, in the order they came: (channel, tag).
-    consumers: Vec<(ChannelId, String)>,
-    next_consumer: usize,
-    had_consumer: bool,
-    last_used: Instant,
+    pub(super) consumers: Vec<(ChannelId, String)>,
+    pub(super) next_consumer: usize,
+    pub(super) had_consumer: bool,
+    pub(super) last_used: Instant,
 }
 
 impl Queue {
-    fn kind(&self) -> Option<QueueType> {
+    pub(super) fn kind(&self) -> Option<QueueType> {
         QueueType::of(&self.arguments)
     }
 
-    fn int_arg(&self, name: &str) -> Option<i64> {
+    pub(super) fn int_arg(&self, name: &str) -> Option<i64> {
         self.arguments.get(name).and_then(HeaderValue::as_i64)
     }
 
-    fn str_arg(&self, name: &str) -> Option<&str> {
+    pub(super) fn str_arg(&self, name: &str) -> Option<&str> {
         self.arguments.get(name).and_then(HeaderValue::as_str)
     }
 
-    fn single_active(&self) -> bool {
+    pub(super) fn single_active(&self) -> bool {
         matches!(
             self.arguments.get("x-single-active-consumer"),
             Some(HeaderValue::Bool(true))
@@ -81,28 +80,30 @@ impl Queue {
 }
 
 #[derive(Debug)]
-struct Consumer {
-    queue: String,
-    no_ack: bool,
-    events: mpsc::UnboundedSender<Event>,
+pub(super) struct Consumer {
+    pub(super) queue: String,
+    pub(super) no_ack: bool,
+    pub(super) events: mpsc::UnboundedSender<Event>,
+    /// Its deliveries not yet settled, against the channel's prefetch.
+    pub(super) in_flight: usize,
 }
 
 #[derive(Debug)]
-struct Unacked {
-    queue: String,
-    consumer: Option<String>,
-    message: Stored,
+pub(super) struct Unacked {
+    pub(super) queue: String,
+    pub(super) consumer: Option<String>,
+    pub(super) message: Stored,
 }
 
 #[derive(Debug)]
-struct Channel {
-    conn: ConnId,
-    prefetch: u16,
-    consumers: BTreeMap<String, Consumer>,
-    unacked: BTreeMap<u64, Unacked>,
-    next_tag: u64,
+pub(super) struct Channel {
+    pub(super) conn: ConnId,
+    pub(super) prefetch: u16,
+    pub(super) consumers: BTreeMap<String, Consumer>,
+    pub(super) unacked: BTreeMap<u64, Unacked>,
+    pub(super) next_tag: u64,
     /// This channel's direct reply-to consumer, if it has one.
-    reply_to: Option<String>,
+    pub(super) reply_to: Option<String>,
 }
 
 /// What became of one publish.
@@ -119,13 +120,15 @@ pub enum Published {
 /// The whole broker.
 #[derive(Debug, Default)]
 pub(super) struct State {
+    /// Queues that may have messages for their consumers now.
+    pub(super) dirty: std::collections::BTreeSet<String>,
     pub(super) exchanges: BTreeMap<String, Exchange>,
     pub(super) queues: BTreeMap<String, Queue>,
-    channels: HashMap<ChannelId, Channel>,
-    next_id: u64,
+    pub(super) channels: HashMap<ChannelId, Channel>,
+    pub(super) next_id: u64,
 }
 
-fn not_found(what: &str, name: &str) -> Refusal {
+pub(super) fn not_found(what: &str, name: &str) -> Refusal {
     Refusal::channel(404, format!("NOT_FOUND - no {what} '{name}' in vhost '/'"))
 }
 
@@ -213,7 +216,7 @@ impl State {
         id
     }
 
-    fn channel(&mut self, id: ChannelId) -> Result<&mut Channel, Refusal> {
+    pub(super) fn channel(&mut self, id: ChannelId) -> Result<&mut Channel, Refusal> {
         self.channels
             .get_mut(&id)
             .ok_or_else(|| Refusal::channel(504, "CHANNEL_ERROR - the channel is closed".into()))
@@ -514,7 +517,7 @@ impl State {
         }
     }
 
-    fn remove_queue(&mut self, name: &str) -> Option<u32> {
+    pub(super) fn remove_queue(&mut self, name: &str) -> Option<u32> {
         let q = self.queues.remove(name)?;
         for (channel, tag) in &q.consumers {
             if let Some(ch) = self.channels.get_mut(channel) {
@@ -548,613 +551,10 @@ impl State {
         Ok(n)
     }
 
-    /// Publishes from `channel` (for direct reply-to's `reply_to`).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn publish(
-        &mut self,
-        channel: ChannelId,
-        exchange: &str,
-        routing_key: &str,
-        mandatory: bool,
-        mut properties: Properties,
-        body: Bytes,
-        now: Instant,
-    ) -> Result<Published, Refusal> {
-        let ch = self.channel(channel)?;
-        if properties.reply_to.as_deref() == Some(REPLY_TO) {
-            match &ch.reply_to {
-                Some(token) => properties.reply_to = Some(format!("{REPLY_TO}.{token}")),
-                None => {
-                    return Err(Refusal::channel(
-                        406,
-                        "PRECONDITION_FAILED - fast reply consumer does not exist".into(),
-                    ))
-                }
-            }
-        }
-        if let Some(exp) = &properties.expiration {
-            if exp.parse::<u32>().is_err() {
-                return Err(Refusal::channel(
-                    406,
-                    format!("PRECONDITION_FAILED - invalid expiration '{exp}': no_integer"),
-                ));
-            }
-        }
-        if !self.exchanges.contains_key(exchange) {
-            return Err(not_found("exchange", exchange));
-        }
-        if exchange.is_empty() {
-            if let Some(token) = routing_key.strip_prefix(&format!("{REPLY_TO}.")) {
-                return Ok(self.reply(token, routing_key, properties, body, mandatory));
-            }
-        }
-        let message = Stored {
-            exchange: exchange.to_owned(),
-            routing_key: routing_key.to_owned(),
-            properties,
-            body,
-            expires_at: None,
-            redelivered: false,
-            returns: 0,
-        };
-        let queues = self.route(exchange, routing_key, &message.properties.headers);
-        if queues.is_empty() {
-            return Ok(if mandatory {
-                Published::Returned
-            } else {
-                Published::Ack
-            });
-        }
-        let mut refused = false;
-        for q in queues {
-            refused |= !self.enqueue(&q, message.clone(), now);
-        }
-        self.dispatch(now);
-        Ok(if refused {
-            Published::Nack
-        } else {
-            Published::Ack
-        })
-    }
-
-    /// A reply to a direct reply-to consumer, delivered at once (no ack).
-    fn reply(
-        &mut self,
-        token: &str,
-        routing_key: &str,
-        properties: Properties,
-        body: Bytes,
-        mandatory: bool,
-    ) -> Published {
-        let target = self
-            .channels
-            .iter_mut()
-            .find(|(_, c)| c.reply_to.as_deref() == Some(token));
-        let Some((_, ch)) = target else {
-            return if mandatory {
-                Published::Returned
-            } else {
-                Published::Ack
-            };
-        };
-        if let Some(c) = ch.consumers.get(REPLY_TO) {
-            let _ = c.events.send(Event::Delivery(Box::new(MemoryDelivery {
-                delivery_tag: 0,
-                consumer_tag: REPLY_TO.into(),
-                exchange: String::new(),
-                routing_key: routing_key.to_owned(),
-                redelivered: false,
-                properties,
-                body,
-            })));
-        }
-        Published::Ack
-    }
-
-    /// The queues a message reaches from `exchange`, following
-    /// exchange-to-exchange bindings, each once.
-    fn route(&self, exchange: &str, routing_key: &str, headers: &Headers) -> Vec<String> {
-        let mut queues: Vec<String> = Vec::new();
-        let mut seen = vec![exchange.to_owned()];
-        let mut todo = vec![exchange.to_owned()];
-        while let Some(name) = todo.pop() {
-            let Some(e) = self.exchanges.get(&name) else {
-                continue;
-            };
-            if name.is_empty() {
-                if self.queues.contains_key(routing_key) && !queues.iter().any(|q| q == routing_key)
-                {
-                    queues.push(routing_key.to_owned());
-                }
-                continue;
-            }
-            for b in matching(e.kind, &e.arguments, &e.bindings, routing_key, headers) {
-                match &b.destination {
-                    Destination::Queue(q) => {
-                        if !queues.contains(q) {
-                            queues.push(q.clone());
-                        }
-                    }
-                    Destination::Exchange(x) => {
-                        if !seen.contains(x) {
-                            seen.push(x.clone());
-                            todo.push(x.clone());
-                        }
-                    }
-                }
-            }
-        }
-        queues
-    }
-
-    /// Puts `message` on queue `name`, applying its TTL and length limit;
-    /// `false` when the queue refused it (`reject-publish`).
-    fn enqueue(&mut self, name: &str, mut message: Stored, now: Instant) -> bool {
-        let Some(q) = self.queues.get_mut(name) else {
-            return true;
-        };
-        let per_message = message
-            .properties
-            .expiration
-            .as_deref()
-            .and_then(|e| e.parse::<u64>().ok());
-        let per_queue = q
-            .int_arg("x-message-ttl")
-            .and_then(|t| u64::try_from(t).ok());
-        message.expires_at = match (per_message, per_queue) {
-            (None, None) => None,
-            (a, b) => {
-                Some(now + Duration::from_millis(a.unwrap_or(u64::MAX).min(b.unwrap_or(u64::MAX))))
-            }
-        };
-        let full = q
-            .int_arg("x-max-length")
-            .is_some_and(|max| q.messages.len() as i64 >= max.max(0));
-        let overflow = q.str_arg("x-overflow").map(str::to_owned);
-        if full {
-            match overflow.as_deref() {
-                Some("reject-publish") => return false,
-                Some("reject-publish-dlx") => {
-                    self.dead_letter(name, message, "maxlen", now);
-                    return false;
-                }
-                // drop-head: the oldest goes, dead-lettered.
-                _ => {
-                    let head = q.messages.pop_front();
-                    q.messages.push_back(message);
-                    if let Some(head) = head {
-                        self.dead_letter(name, head, "maxlen", now);
-                    }
-                    return true;
-                }
-            }
-        }
-        q.messages.push_back(message);
-        true
-    }
-
-    /// Dead-letters `message` from queue `from` for `reason` (`rejected`,
-    /// `expired`, `maxlen`, `delivery_limit`) through the queue's
-    /// dead-letter exchange, with the `x-death` history RabbitMQ keeps. A
-    /// queue without one drops it.
-    fn dead_letter(&mut self, from: &str, mut message: Stored, reason: &str, now: Instant) {
-        let Some(q) = self.queues.get(from) else {
-            return;
-        };
-        let Some(dlx) = q.str_arg("x-dead-letter-exchange").map(str::to_owned) else {
-            return;
-        };
-        let key = q
-            .str_arg("x-dead-letter-routing-key")
-            .map(str::to_owned)
-            .unwrap_or_else(|| message.routing_key.clone());
-        let headers = &mut message.properties.headers;
-        let mut deaths: Vec<HeaderValue> = match headers.remove("x-death") {
-            Some(HeaderValue::Array(items)) => items,
-            _ => Vec::new(),
-        };
-        let same = |d: &HeaderValue| {
-            matches!(d, HeaderValue::Table(t)
-                if t.get("queue").and_then(HeaderValue::as_str) == Some(from)
-                && t.get("reason").and_then(HeaderValue::as_str) == Some(reason))
-        };
-        let count = match deaths.iter().position(same) {
-            Some(i) => {
-                let old = deaths.remove(i);
-                match old {
-                    HeaderValue::Table(t) => {
-                        t.get("count").and_then(HeaderValue::as_i64).unwrap_or(0) + 1
-                    }
-                    _ => 1,
-                }
-            }
-            None => 1,
-        };
-        let mut death = Headers::new();
-        death.insert("count".into(), HeaderValue::Int(count));
-        death.insert("reason".into(), HeaderValue::String(reason.into()));
-        death.insert("queue".into(), HeaderValue::String(from.into()));
-        death.insert(
-            "time".into(),
-            HeaderValue::Timestamp(crate::clock::now_millis().max(0) as u64 / 1000),
-        );
-        death.insert(
-            "exchange".into(),
-            HeaderValue::String(message.exchange.clone()),
-        );
-        death.insert(
-            "routing-keys".into(),
-            HeaderValue::Array(vec![HeaderValue::String(message.routing_key.clone())]),
-        );
-        if let Some(exp) = message.properties.expiration.take() {
-            death.insert("original-expiration".into(), HeaderValue::String(exp));
-        }
-        deaths.insert(0, HeaderValue::Table(death));
-        headers.insert("x-death".into(), HeaderValue::Array(deaths));
-        for (name, value) in [
-            ("x-first-death-queue", from),
-            ("x-first-death-reason", reason),
-            ("x-first-death-exchange", message.exchange.as_str()),
-        ] {
-            headers
-                .entry(name.into())
-                .or_insert_with(|| HeaderValue::String(value.to_owned()));
-        }
-        let again = Stored {
-            exchange: dlx.clone(),
-            routing_key: key.clone(),
-            expires_at: None,
-            redelivered: false,
-            returns: 0,
-            ..message
-        };
-        if self.exchanges.contains_key(&dlx) {
-            for target in self.route(&dlx, &key, &again.properties.headers) {
-                self.enqueue(&target, again.clone(), now);
-            }
-        }
-    }
-
-    /// Back to its queue, at the front (RabbitMQ keeps a requeued
-    /// message's place as far as it can), marked redelivered; on a quorum
-    /// queue, past its delivery limit it is dead-lettered instead.
-    fn requeue(&mut self, u: Unacked, now: Instant) {
-        let Some(q) = self.queues.get_mut(&u.queue) else {
-            return;
-        };
-        let mut message = u.message;
-        message.redelivered = true;
-        if q.kind() == Some(QueueType::Quorum) {
-            message.returns += 1;
-            if let Some(limit) = q.int_arg("x-delivery-limit") {
-                if limit >= 0 && i64::from(message.returns) > limit {
-                    self.dead_letter(&u.queue, message, "delivery_limit", now);
-                    return;
-                }
-            }
-        }
-        q.messages.push_front(message);
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn consume(
-        &mut self,
-        channel: ChannelId,
-        queue: &str,
-        tag: &str,
-        no_ack: bool,
-        exclusive: bool,
-        events: mpsc::UnboundedSender<Event>,
-        now: Instant,
-    ) -> Result<(), Refusal> {
-        let conn = self.channel(channel)?.conn;
-        if queue == REPLY_TO {
-            if !no_ack {
-                return Err(Refusal::channel(
-                    406,
-                    "PRECONDITION_FAILED - reply consumer cannot acknowledge".into(),
-                ));
-            }
-            let token = uuid::Uuid::new_v4().simple().to_string();
-            let ch = self.channel(channel)?;
-            ch.reply_to = Some(token);
-            ch.consumers.insert(
-                REPLY_TO.to_owned(),
-                Consumer {
-                    queue: REPLY_TO.to_owned(),
-                    no_ack: true,
-                    events,
-                },
-            );
-            return Ok(());
-        }
-        let q = self
-            .queues
-            .get_mut(queue)
-            .ok_or_else(|| not_found("queue", queue))?;
-        if q.exclusive.is_some_and(|owner| owner != conn) {
-            return Err(Refusal::channel(
-                405,
-                format!("RESOURCE_LOCKED - cannot obtain exclusive access to locked queue '{queue}' in vhost '/'."),
-            ));
-        }
-        if exclusive && !q.consumers.is_empty() {
-            return Err(Refusal::channel(
-                403,
-                format!("ACCESS_REFUSED - queue '{queue}' in vhost '/' in exclusive use"),
-            ));
-        }
-        q.consumers.push((channel, tag.to_owned()));
-        q.had_consumer = true;
-        q.last_used = now;
-        self.channel(channel)?.consumers.insert(
-            tag.to_owned(),
-            Consumer {
-                queue: queue.to_owned(),
-                no_ack,
-                events,
-            },
-        );
-        self.dispatch(now);
-        Ok(())
-    }
-
-    pub(super) fn cancel(
-        &mut self,
-        channel: ChannelId,
-        tag: &str,
-        now: Instant,
-    ) -> Result<(), Refusal> {
-        let ch = self.channel(channel)?;
-        if let Some(c) = ch.consumers.remove(tag) {
-            self.detach(&c.queue, channel, tag, now);
-        }
-        Ok(())
-    }
-
-    /// Takes a consumer off its queue; an auto-delete queue that loses its
-    /// last consumer goes.
-    fn detach(&mut self, queue: &str, channel: ChannelId, tag: &str, now: Instant) {
-        let Some(q) = self.queues.get_mut(queue) else {
-            return;
-        };
-        q.consumers.retain(|(c, t)| !(*c == channel && t == tag));
-        q.last_used = now;
-        if q.auto_delete && q.had_consumer && q.consumers.is_empty() {
-            self.remove_queue(queue);
-        }
-    }
-
-    /// Settles deliveries on `channel`: `ack`, or (`requeue` or not) nack.
-    pub(super) fn settle(
-        &mut self,
-        channel: ChannelId,
-        tag: u64,
-        multiple: bool,
-        outcome: Settle,
-        now: Instant,
-    ) -> Result<(), Refusal> {
-        let ch = self.channel(channel)?;
-        let tags: Vec<u64> = if multiple {
-            let upto = if tag == 0 { u64::MAX } else { tag };
-            ch.unacked.range(..=upto).map(|(t, _)| *t).collect()
-        } else if ch.unacked.contains_key(&tag) {
-            vec![tag]
-        } else {
-            Vec::new()
-        };
-        if tags.is_empty() {
-            return Err(Refusal::channel(
-                406,
-                format!("PRECONDITION_FAILED - unknown delivery tag {tag}"),
-            ));
-        }
-        let settled: Vec<Unacked> = tags.iter().filter_map(|t| ch.unacked.remove(t)).collect();
-        for u in settled {
-            match outcome {
-                Settle::Ack => {}
-                Settle::Requeue => self.requeue(u, now),
-                Settle::Discard => {
-                    let queue = u.queue.clone();
-                    self.dead_letter(&queue, u.message, "rejected", now);
-                }
-            }
-        }
-        self.dispatch(now);
-        Ok(())
-    }
-
-    /// `basic.get`: the next ready message of `queue`, if any.
-    pub(super) fn get(
-        &mut self,
-        channel: ChannelId,
-        queue: &str,
-        no_ack: bool,
-        now: Instant,
-    ) -> Result<Option<(MemoryDelivery, u32)>, Refusal> {
-        self.expire(now);
-        let q = self
-            .queues
-            .get_mut(queue)
-            .ok_or_else(|| not_found("queue", queue))?;
-        q.last_used = now;
-        let Some(message) = q.messages.pop_front() else {
-            return Ok(None);
-        };
-        let left = q.messages.len() as u32;
-        let queue_kind = q.kind();
-        let ch = self.channel(channel)?;
-        ch.next_tag += 1;
-        let tag = ch.next_tag;
-        let delivery = delivery_of(&message, tag, "", queue_kind);
-        if !no_ack {
-            ch.unacked.insert(
-                tag,
-                Unacked {
-                    queue: queue.to_owned(),
-                    consumer: None,
-                    message,
-                },
-            );
-        }
-        Ok(Some((delivery, left)))
-    }
-
-    /// Drops expired messages from the heads of queues (dead-lettering
-    /// them), and deletes queues unused past their `x-expires`.
-    pub(super) fn expire(&mut self, now: Instant) {
-        let names: Vec<String> = self.queues.keys().cloned().collect();
-        for name in names {
-            while let Some(q) = self.queues.get_mut(&name) {
-                let due = q
-                    .messages
-                    .front()
-                    .and_then(|m| m.expires_at)
-                    .is_some_and(|t| t <= now);
-                if !due {
-                    break;
-                }
-                let message = q.messages.pop_front().expect("a head");
-                self.dead_letter(&name, message, "expired", now);
-            }
-            let unused_past = self.queues.get(&name).and_then(|q| {
-                let ms = q.int_arg("x-expires")?;
-                (q.consumers.is_empty()
-                    && q.last_used + Duration::from_millis(ms.max(0) as u64) <= now)
-                    .then_some(())
-            });
-            if unused_past.is_some() {
-                self.remove_queue(&name);
-            }
-        }
-    }
-
-    /// The next time something expires: a queue's head, or an unused queue.
-    pub(super) fn next_deadline(&self) -> Option<Instant> {
-        self.queues
-            .values()
-            .flat_map(|q| {
-                let head = q.messages.front().and_then(|m| m.expires_at);
-                let unused = q
-                    .int_arg("x-expires")
-                    .filter(|_| q.consumers.is_empty())
-                    .map(|ms| q.last_used + Duration::from_millis(ms.max(0) as u64));
-                [head, unused]
-            })
-            .flatten()
-            .min()
-    }
-
-    /// Hands ready messages to consumers with room under their prefetch,
-    /// in turn (only the first, on a single-active-consumer queue).
-    pub(super) fn dispatch(&mut self, now: Instant) {
-        self.expire(now);
-        let names: Vec<String> = self
-            .queues
-            .iter()
-            .filter(|(_, q)| !q.messages.is_empty() && !q.consumers.is_empty())
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in names {
-            while let Some(q) = self.queues.get(&name) {
-                if q.messages.is_empty() || q.consumers.is_empty() {
-                    break;
-                }
-                let candidates: Vec<(ChannelId, String)> = if q.single_active() {
-                    q.consumers.iter().take(1).cloned().collect()
-                } else {
-                    let n = q.consumers.len();
-                    (0..n)
-                        .map(|i| q.consumers[(q.next_consumer + i) % n].clone())
-                        .collect()
-                };
-                let kind = q.kind();
-                let chosen = candidates.into_iter().enumerate().find(|(_, (ch, tag))| {
-                    self.channels.get(ch).is_some_and(|c| {
-                        c.prefetch == 0
-                            || c.unacked
-                                .values()
-                                .filter(|u| u.consumer.as_deref() == Some(tag))
-                                .count()
-                                < usize::from(c.prefetch)
-                    })
-                });
-                let Some((offset, (channel, tag))) = chosen else {
-                    break;
-                };
-                let q = self.queues.get_mut(&name).expect("checked");
-                q.next_consumer = (q.next_consumer + offset + 1) % q.consumers.len().max(1);
-                let message = q.messages.pop_front().expect("not empty");
-                let ch = self.channels.get_mut(&channel).expect("chosen");
-                ch.next_tag += 1;
-                let delivery_tag = ch.next_tag;
-                let Some(consumer) = ch.consumers.get(&tag) else {
-                    break;
-                };
-                let delivery = delivery_of(&message, delivery_tag, &tag, kind);
-                let no_ack = consumer.no_ack;
-                if consumer
-                    .events
-                    .send(Event::Delivery(Box::new(delivery)))
-                    .is_err()
-                {
-                    // The consumer's receiver is gone: it is cancelled, and
-                    // the message stays first in line.
-                    ch.consumers.remove(&tag);
-                    self.detach(&name, channel, &tag, now);
-                    if let Some(q) = self.queues.get_mut(&name) {
-                        q.messages.push_front(message);
-                    }
-                    continue;
-                }
-                if !no_ack {
-                    ch.unacked.insert(
-                        delivery_tag,
-                        Unacked {
-                            queue: name.clone(),
-                            consumer: Some(tag),
-                            message,
-                        },
-                    );
-                }
-            }
-        }
-    }
-
     /// A queue's ready messages and consumers, if it exists.
     pub(super) fn queue_counts(&self, name: &str) -> Option<(u32, u32)> {
         self.queues
             .get(name)
             .map(|q| (q.messages.len() as u32, q.consumers.len() as u32))
-    }
-}
-
-/// How a delivery is settled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Settle {
-    /// `basic.ack`.
-    Ack,
-    /// `basic.nack`/`basic.reject` with `requeue = true`.
-    Requeue,
-    /// The same with `requeue = false`: dead-lettered, or dropped.
-    Discard,
-}
-
-fn delivery_of(m: &Stored, tag: u64, consumer: &str, kind: Option<QueueType>) -> MemoryDelivery {
-    let mut properties = m.properties.clone();
-    if kind == Some(QueueType::Quorum) && m.returns > 0 {
-        properties.headers.insert(
-            "x-delivery-count".into(),
-            HeaderValue::Int(i64::from(m.returns)),
-        );
-    }
-    MemoryDelivery {
-        delivery_tag: tag,
-        consumer_tag: consumer.to_owned(),
-        exchange: m.exchange.clone(),
-        routing_key: m.routing_key.clone(),
-        redelivered: m.redelivered,
-        properties,
-        body: m.body.clone(),
     }
 }
