@@ -30,7 +30,7 @@ impl State {
         let key = q
             .str_arg("x-dead-letter-routing-key")
             .map(str::to_owned)
-            .unwrap_or_else(|| message.routing_key.clone());
+            .unwrap_or_else(|| message.routing_key.to_string());
         let headers = &mut message.properties.headers;
         let mut deaths: Vec<HeaderValue> = match headers.remove("x-death") {
             Some(HeaderValue::Array(items)) => items,
@@ -63,11 +63,11 @@ impl State {
         );
         death.insert(
             "exchange".into(),
-            HeaderValue::String(message.exchange.clone()),
+            HeaderValue::String(message.exchange.to_string()),
         );
         death.insert(
             "routing-keys".into(),
-            HeaderValue::Array(vec![HeaderValue::String(message.routing_key.clone())]),
+            HeaderValue::Array(vec![HeaderValue::String(message.routing_key.to_string())]),
         );
         if let Some(exp) = message.properties.expiration.take() {
             death.insert("original-expiration".into(), HeaderValue::String(exp));
@@ -77,15 +77,15 @@ impl State {
         for (name, value) in [
             ("x-first-death-queue", from),
             ("x-first-death-reason", reason),
-            ("x-first-death-exchange", message.exchange.as_str()),
+            ("x-first-death-exchange", &*message.exchange),
         ] {
             headers
                 .entry(name.into())
                 .or_insert_with(|| HeaderValue::String(value.to_owned()));
         }
         let again = Stored {
-            exchange: dlx.clone(),
-            routing_key: key.clone(),
+            exchange: dlx.as_str().into(),
+            routing_key: key.as_str().into(),
             expires_at: None,
             redelivered: false,
             returns: 0,

@@ -3,6 +3,7 @@
 //! their prefetch, settling, `basic.get`, and handing ready messages to
 //! consumers.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -52,13 +53,16 @@ impl State {
             return Err(not_found("exchange", exchange));
         }
         if exchange.is_empty() {
-            if let Some(token) = routing_key.strip_prefix(&format!("{REPLY_TO}.")) {
+            if let Some(token) = routing_key
+                .strip_prefix(REPLY_TO)
+                .and_then(|rest| rest.strip_prefix('.'))
+            {
                 return Ok(self.reply(token, routing_key, properties, body, mandatory));
             }
         }
         let message = Stored {
-            exchange: exchange.to_owned(),
-            routing_key: routing_key.to_owned(),
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
             properties,
             body,
             expires_at: None,
@@ -115,8 +119,8 @@ impl State {
             let _ = c.events.send(Event::Delivery(Box::new(MemoryDelivery {
                 delivery_tag: 0,
                 consumer_tag: REPLY_TO.into(),
-                exchange: String::new(),
-                routing_key: routing_key.to_owned(),
+                exchange: "".into(),
+                routing_key: routing_key.into(),
                 redelivered: false,
                 properties,
                 body,
@@ -133,6 +137,13 @@ impl State {
         routing_key: &str,
         headers: &Headers,
     ) -> Vec<String> {
+        if exchange.is_empty() {
+            // The default exchange: the queue of that name, if any.
+            return match self.queues.contains_key(routing_key) {
+                true => vec![routing_key.to_owned()],
+                false => Vec::new(),
+            };
+        }
         let mut queues: Vec<String> = Vec::new();
         let mut seen = vec![exchange.to_owned()];
         let mut todo = vec![exchange.to_owned()];
@@ -173,7 +184,7 @@ impl State {
             return true;
         };
         if !q.consumers.is_empty() && !self.dirty.contains(name) {
-            self.dirty.insert(name.to_owned());
+            self.dirty.insert(q.name.clone());
         }
         let Some(q) = self.queues.get_mut(name) else {
             return true;
@@ -192,11 +203,13 @@ impl State {
                 Some(now + Duration::from_millis(a.unwrap_or(u64::MAX).min(b.unwrap_or(u64::MAX))))
             }
         };
+        // A new deadline (the clock task looks again; only heads expire).
+        self.wake |= message.expires_at.is_some();
         let full = q
             .int_arg("x-max-length")
             .is_some_and(|max| q.messages.len() as i64 >= max.max(0));
-        let overflow = q.str_arg("x-overflow").map(str::to_owned);
         if full {
+            let overflow = q.str_arg("x-overflow").map(str::to_owned);
             match overflow.as_deref() {
                 Some("reject-publish") => return false,
                 Some("reject-publish-dlx") => {
@@ -222,7 +235,7 @@ impl State {
     /// message's place as far as it can), marked redelivered; on a quorum
     /// queue, past its delivery limit it is dead-lettered instead.
     pub(super) fn requeue(&mut self, u: Unacked, now: Instant) {
-        let Some(q) = self.queues.get_mut(&u.queue) else {
+        let Some(q) = self.queues.get_mut(&*u.queue) else {
             return;
         };
         let mut message = u.message;
@@ -236,6 +249,7 @@ impl State {
                 }
             }
         }
+        self.wake |= message.expires_at.is_some();
         q.messages.push_front(message);
         self.dirty.insert(u.queue);
     }
@@ -265,6 +279,7 @@ impl State {
             ch.consumers.insert(
                 REPLY_TO.to_owned(),
                 Consumer {
+                    tag: REPLY_TO.into(),
                     queue: REPLY_TO.to_owned(),
                     no_ack: true,
                     events,
@@ -295,13 +310,14 @@ impl State {
         self.channel(channel)?.consumers.insert(
             tag.to_owned(),
             Consumer {
+                tag: tag.into(),
                 queue: queue.to_owned(),
                 no_ack,
                 events,
                 in_flight: 0,
             },
         );
-        self.dirty.insert(queue.to_owned());
+        self.dirty.insert(queue.into());
         Ok(())
     }
 
@@ -326,6 +342,8 @@ impl State {
         };
         q.consumers.retain(|(c, t)| !(*c == channel && t == tag));
         q.last_used = now;
+        // An unused queue's expiry starts now.
+        self.wake |= q.consumers.is_empty() && q.arguments.contains_key("x-expires");
         if q.auto_delete && q.had_consumer && q.consumers.is_empty() {
             self.remove_queue(queue);
         }
@@ -358,9 +376,9 @@ impl State {
         let settled: Vec<Unacked> = tags.iter().filter_map(|t| ch.unacked.remove(t)).collect();
         // Room under the prefetch of the consumers that had them, and
         // whatever went back: the queues to look at again.
-        let mut touched: Vec<String> = Vec::new();
+        let mut touched: Vec<Arc<str>> = Vec::new();
         for u in &settled {
-            if let Some(c) = u.consumer.as_ref().and_then(|t| ch.consumers.get_mut(t)) {
+            if let Some(c) = u.consumer.as_ref().and_then(|t| ch.consumers.get_mut(&**t)) {
                 c.in_flight = c.in_flight.saturating_sub(1);
             }
             if !touched.contains(&u.queue) {
@@ -389,7 +407,7 @@ impl State {
         no_ack: bool,
         now: Instant,
     ) -> Result<Option<(MemoryDelivery, u32)>, Refusal> {
-        self.expire(now);
+        self.expire_queue(queue, now);
         let q = self
             .queues
             .get_mut(queue)
@@ -400,15 +418,16 @@ impl State {
         };
         let left = q.messages.len() as u32;
         let queue_kind = q.kind();
+        let queue_name = q.name.clone();
         let ch = self.channel(channel)?;
         ch.next_tag += 1;
         let tag = ch.next_tag;
-        let delivery = delivery_of(&message, tag, "", queue_kind);
+        let delivery = delivery_of(&message, tag, &Arc::from(""), queue_kind);
         if !no_ack {
             ch.unacked.insert(
                 tag,
                 Unacked {
-                    queue: queue.to_owned(),
+                    queue: queue_name,
                     consumer: None,
                     message,
                 },
@@ -465,8 +484,9 @@ impl State {
                 let ch = self.channels.get(channel)?;
                 let c = ch.consumers.get(tag)?;
                 (c.no_ack || ch.prefetch == 0 || c.in_flight < usize::from(ch.prefetch))
-                    .then(|| (i, *channel, tag.clone()))
+                    .then(|| (i, *channel, c.tag.clone()))
             });
+            let queue_name = q.name.clone();
             let Some((offset, channel, tag)) = chosen else {
                 break;
             };
@@ -476,7 +496,7 @@ impl State {
             let ch = self.channels.get_mut(&channel).expect("chosen");
             ch.next_tag += 1;
             let delivery_tag = ch.next_tag;
-            let consumer = ch.consumers.get_mut(&tag).expect("chosen");
+            let consumer = ch.consumers.get_mut(&*tag).expect("chosen");
             let delivery = delivery_of(&message, delivery_tag, &tag, kind);
             if consumer
                 .events
@@ -485,7 +505,7 @@ impl State {
             {
                 // The consumer's receiver is gone: it is cancelled, and the
                 // message stays first in line.
-                ch.consumers.remove(&tag);
+                ch.consumers.remove(&*tag);
                 self.detach(name, channel, &tag, now);
                 if let Some(q) = self.queues.get_mut(name) {
                     q.messages.push_front(message);
@@ -497,7 +517,7 @@ impl State {
                 ch.unacked.insert(
                     delivery_tag,
                     Unacked {
-                        queue: name.to_owned(),
+                        queue: queue_name,
                         consumer: Some(tag),
                         message,
                     },
@@ -518,7 +538,12 @@ pub enum Settle {
     Discard,
 }
 
-fn delivery_of(m: &Stored, tag: u64, consumer: &str, kind: Option<QueueType>) -> MemoryDelivery {
+fn delivery_of(
+    m: &Stored,
+    tag: u64,
+    consumer: &Arc<str>,
+    kind: Option<QueueType>,
+) -> MemoryDelivery {
     let mut properties = m.properties.clone();
     if kind == Some(QueueType::Quorum) && m.returns > 0 {
         properties.headers.insert(
@@ -528,7 +553,7 @@ fn delivery_of(m: &Stored, tag: u64, consumer: &str, kind: Option<QueueType>) ->
     }
     MemoryDelivery {
         delivery_tag: tag,
-        consumer_tag: consumer.to_owned(),
+        consumer_tag: consumer.clone(),
         exchange: m.exchange.clone(),
         routing_key: m.routing_key.clone(),
         redelivered: m.redelivered,

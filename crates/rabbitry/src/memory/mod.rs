@@ -87,11 +87,11 @@ pub struct MemoryDelivery {
     /// Its tag on the channel, for settling it (0 for direct reply-to).
     pub delivery_tag: u64,
     /// The consumer it went to (empty for `basic.get`).
-    pub consumer_tag: String,
+    pub consumer_tag: Arc<str>,
     /// The exchange it was published to.
-    pub exchange: String,
+    pub exchange: Arc<str>,
     /// Its routing key.
-    pub routing_key: String,
+    pub routing_key: Arc<str>,
     /// Whether it was delivered before.
     pub redelivered: bool,
     /// Its properties.
@@ -189,8 +189,11 @@ impl MemoryBroker {
         let mut state = self.lock();
         let out = f(&mut state, now);
         state.flush(now);
+        let wake = std::mem::take(&mut state.wake);
         drop(state);
-        self.inner.changed.notify_one();
+        if wake {
+            self.inner.changed.notify_one();
+        }
         out
     }
 

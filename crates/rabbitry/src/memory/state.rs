@@ -6,6 +6,7 @@
 //! test clock drives it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -25,8 +26,8 @@ pub(super) type ChannelId = u64;
 /// A message as a queue holds it.
 #[derive(Debug, Clone)]
 pub(super) struct Stored {
-    pub(super) exchange: String,
-    pub(super) routing_key: String,
+    pub(super) exchange: Arc<str>,
+    pub(super) routing_key: Arc<str>,
     pub(super) properties: Properties,
     pub(super) body: Bytes,
     pub(super) expires_at: Option<Instant>,
@@ -46,6 +47,8 @@ pub(super) struct Exchange {
 
 #[derive(Debug)]
 pub(super) struct Queue {
+    /// Its name, shared with its messages in flight.
+    pub(super) name: Arc<str>,
     pub(super) durable: bool,
     pub(super) exclusive: Option<ConnId>,
     pub(super) auto_delete: bool,
@@ -81,6 +84,8 @@ impl Queue {
 
 #[derive(Debug)]
 pub(super) struct Consumer {
+    /// Its tag, shared with its deliveries.
+    pub(super) tag: Arc<str>,
     pub(super) queue: String,
     pub(super) no_ack: bool,
     pub(super) events: mpsc::UnboundedSender<Event>,
@@ -90,8 +95,8 @@ pub(super) struct Consumer {
 
 #[derive(Debug)]
 pub(super) struct Unacked {
-    pub(super) queue: String,
-    pub(super) consumer: Option<String>,
+    pub(super) queue: Arc<str>,
+    pub(super) consumer: Option<Arc<str>>,
     pub(super) message: Stored,
 }
 
@@ -121,7 +126,10 @@ pub enum Published {
 #[derive(Debug, Default)]
 pub(super) struct State {
     /// Queues that may have messages for their consumers now.
-    pub(super) dirty: std::collections::BTreeSet<String>,
+    pub(super) dirty: std::collections::BTreeSet<Arc<str>>,
+    /// Whether something may now expire sooner than the clock task
+    /// thinks: it is woken to look again.
+    pub(super) wake: bool,
     pub(super) exchanges: BTreeMap<String, Exchange>,
     pub(super) queues: BTreeMap<String, Queue>,
     pub(super) channels: HashMap<ChannelId, Channel>,
@@ -436,6 +444,7 @@ impl State {
         self.queues.insert(
             name.clone(),
             Queue {
+                name: name.as_str().into(),
                 durable,
                 exclusive: exclusive.then_some(conn),
                 auto_delete,
@@ -447,6 +456,7 @@ impl State {
                 last_used: now,
             },
         );
+        self.wake |= arguments.contains_key("x-expires");
         // Every queue is bound to the default exchange by its name.
         Ok((name, 0, 0))
     }
