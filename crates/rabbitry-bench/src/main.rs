@@ -80,6 +80,15 @@ struct Args {
     /// reported.
     #[arg(long, default_value_t = 5)]
     failover_rounds: usize,
+    /// Count instructions per message instead of timing (valgrind's
+    /// callgrind; `--messages` is then the smaller of two runs, 2000 unless
+    /// given): publishing with confirms and end to end, raw and gateway.
+    #[arg(long)]
+    instructions: bool,
+    /// Run one workload and exit (what `--instructions` runs under
+    /// callgrind): raw:NAME or gateway:NAME.
+    #[arg(long, hide = true)]
+    workload: Option<String>,
 }
 
 /// Exit code of a usage error, as clap gives for bad flags.
@@ -130,12 +139,16 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<ExitCode> {
-    let wants = |g: &str| args.only.iter().any(|o| o == g);
+    let wants = |g: &str| !args.instructions && args.only.iter().any(|o| o == g);
     if args.metrics {
         // Before any connection or consumer makes its handles.
         rabbitry::admin::install_prometheus();
     }
     let url = args.url.clone();
+    if let Some(which) = &args.workload {
+        bench::workload(&url, which, args.messages as usize).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let opts = BenchOptions {
         url,
         messages: args.messages as usize,
@@ -150,7 +163,18 @@ async fn run(args: Args) -> Result<ExitCode> {
         }
     };
     let mut report = Report::default();
-    if wants("core") {
+    if args.instructions {
+        let messages = if std::env::args().any(|a| a == "--messages") {
+            args.messages as usize
+        } else {
+            2000
+        };
+        let url = args.url.clone();
+        report.instructions = tokio::task::spawn_blocking(move || {
+            bench::run_instructions(&url, messages, &|step: &str| eprintln!("{step}"))
+        })
+        .await??;
+    } else if wants("core") {
         report = bench::run(&opts, &progress).await?;
     }
     if wants("worker") {
@@ -237,38 +261,40 @@ async fn run(args: Args) -> Result<ExitCode> {
     if args.json {
         outln!("{}", serde_json::to_string(&report)?)?;
     } else {
-        outln!(
-            "{:<58} {:>10} {:>10} {:>9} {:>13} {:>15}",
-            "scenario (median of rounds)",
-            "raw msg/s",
-            "gateway",
-            "ratio",
-            "spread raw/gw",
-            "CPU-s/100k r/gw"
-        )?;
-        for s in &report.scenarios {
-            // A ratio whose rounds disagree is not a result: say so.
-            let ratio = if s.stable {
-                format!("{:.2}", s.ratio)
-            } else {
-                format!("{:.2}?", s.ratio)
-            };
+        if !report.scenarios.is_empty() {
             outln!(
                 "{:<58} {:>10} {:>10} {:>9} {:>13} {:>15}",
-                s.name,
-                s.raw_msgs_per_s,
-                s.gateway_msgs_per_s,
-                ratio,
-                format!(
-                    "{:.0}%/{:.0}%",
-                    s.raw_spread * 100.0,
-                    s.gateway_spread * 100.0
-                ),
-                format!(
-                    "{:.2}/{:.2}",
-                    s.raw_cpu_s_per_100k, s.gateway_cpu_s_per_100k
-                )
+                "scenario (median of rounds)",
+                "raw msg/s",
+                "gateway",
+                "ratio",
+                "spread raw/gw",
+                "CPU-s/100k r/gw"
             )?;
+            for s in &report.scenarios {
+                // A ratio whose rounds disagree is not a result: say so.
+                let ratio = if s.stable {
+                    format!("{:.2}", s.ratio)
+                } else {
+                    format!("{:.2}?", s.ratio)
+                };
+                outln!(
+                    "{:<58} {:>10} {:>10} {:>9} {:>13} {:>15}",
+                    s.name,
+                    s.raw_msgs_per_s,
+                    s.gateway_msgs_per_s,
+                    ratio,
+                    format!(
+                        "{:.0}%/{:.0}%",
+                        s.raw_spread * 100.0,
+                        s.gateway_spread * 100.0
+                    ),
+                    format!(
+                        "{:.2}/{:.2}",
+                        s.raw_cpu_s_per_100k, s.gateway_cpu_s_per_100k
+                    )
+                )?;
+            }
         }
         if report
             .scenarios
@@ -301,6 +327,24 @@ async fn run(args: Args) -> Result<ExitCode> {
                     l.name,
                     raw,
                     format!("{:.3}/{:.3}", l.gateway_p50_ms, l.gateway_p99_ms)
+                )?;
+            }
+        }
+        if !report.instructions.is_empty() {
+            outln!(
+                "{:<44} {:>14} {:>14} {:>7}",
+                "instructions per message (callgrind)",
+                "raw",
+                "gateway",
+                "ratio"
+            )?;
+            for c in &report.instructions {
+                outln!(
+                    "{:<44} {:>14} {:>14} {:>7.2}",
+                    c.name,
+                    c.raw_per_message,
+                    c.gateway_per_message,
+                    c.ratio
                 )?;
             }
         }

@@ -74,3 +74,29 @@ fn bad_flags_are_usage_errors_that_name_the_flag() {
         assert!(err.contains(names), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn instructions_are_counted_per_message_for_both_sides() {
+    // valgrind's callgrind counts a small workload twice per side; the
+    // difference per message is reported, raw and gateway.
+    let out = bench(&["--instructions", "--json", "--messages", "200"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let counts = report["instructions"].as_array().unwrap();
+    let names: Vec<&str> = counts.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["publish_persistent_confirms", "end_to_end_two_connections"]
+    );
+    for c in counts {
+        let (raw, gateway) = (
+            c["raw_per_message"].as_u64().unwrap(),
+            c["gateway_per_message"].as_u64().unwrap(),
+        );
+        assert!(raw > 0 && gateway > 0, "{c}");
+        let ratio = c["ratio"].as_f64().unwrap();
+        assert!((ratio - gateway as f64 / raw as f64).abs() < 0.01, "{c}");
+        assert_eq!(c["messages"], 200);
+    }
+    assert!(report["scenarios"].as_array().unwrap().is_empty());
+}

@@ -9,6 +9,7 @@
 
 mod cluster;
 mod http;
+mod instructions;
 mod observability;
 mod order;
 mod outbox;
@@ -18,6 +19,7 @@ mod worker;
 
 pub(crate) use cluster::run_cluster;
 pub(crate) use http::run_http;
+pub(crate) use instructions::{run_instructions, workload};
 pub(crate) use observability::run_observability;
 pub(crate) use order::{run_foreign_relay, run_partitions, run_schedule_lateness};
 pub(crate) use outbox::run_outbox;
@@ -199,6 +201,8 @@ pub(crate) struct Report {
     pub latencies: Vec<LatencyResult>,
     /// Failover times on the cluster, when that group ran.
     pub failovers: Vec<cluster::FailoverResult>,
+    /// Instructions per message, with `--instructions`.
+    pub instructions: Vec<instructions::InstructionCount>,
 }
 
 /// The p-th percentile (0..=100) of `samples` in milliseconds.
