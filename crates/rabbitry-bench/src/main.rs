@@ -24,7 +24,7 @@ macro_rules! outln {
 }
 
 /// The benchmark's groups, for `--only`.
-const GROUPS: [&str; 8] = [
+const GROUPS: [&str; 9] = [
     "core",
     "worker",
     "observability",
@@ -33,6 +33,7 @@ const GROUPS: [&str; 8] = [
     "order",
     "rpc",
     "cluster",
+    "peers",
 ];
 
 /// Benchmark the gateway against raw amqprs on the same scenarios.
@@ -55,8 +56,9 @@ struct Args {
     /// and tracing on against off), http, outbox, order (scheduled
     /// lateness, foreign rows, per-key ordering), rpc, and cluster, which
     /// needs the local three-node cluster of scripts/cluster (it is started
-    /// and stopped again when down) and is not in the default set
-    /// (comma-separated).
+    /// and stopped again when down), and peers (end to end with rabbitry,
+    /// raw amqprs and, when Node is installed, amqplib, interleaved); the
+    /// last two are not in the default set (comma-separated).
     #[arg(
         long,
         value_delimiter = ',',
@@ -247,6 +249,11 @@ async fn run(args: Args) -> Result<ExitCode> {
         let (scenarios, latencies) = bench::run_rpc(&opts, &progress).await?;
         report.scenarios.extend(scenarios);
         report.latencies.extend(latencies);
+    }
+    if wants("peers") {
+        report
+            .scenarios
+            .extend(bench::run_peers(&opts, &progress).await?);
     }
     if wants("cluster") {
         let (scenarios, failovers) =

@@ -100,3 +100,36 @@ fn instructions_are_counted_per_message_for_both_sides() {
     }
     assert!(report["scenarios"].as_array().unwrap().is_empty());
 }
+
+#[test]
+fn the_peers_scenario_compares_rabbitry_with_raw_amqprs_and_amqplib() {
+    let out = bench(&[
+        "--only",
+        "peers",
+        "--json",
+        "--messages",
+        "300",
+        "--rounds",
+        "1",
+    ]);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = report["scenarios"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names[0], "peers_end_to_end_rabbitry_vs_raw_amqprs");
+    // amqplib runs where Node and its package are; otherwise the run says
+    // why it left it out.
+    match names.get(1) {
+        Some(name) => assert_eq!(*name, "peers_end_to_end_rabbitry_vs_amqplib"),
+        None => assert!(err.contains("amqplib left out"), "{err}"),
+    }
+    for s in report["scenarios"].as_array().unwrap() {
+        assert!(s["raw_msgs_per_s"].as_f64().unwrap() > 0.0, "{s}");
+        assert!(s["gateway_msgs_per_s"].as_f64().unwrap() > 0.0, "{s}");
+    }
+}
