@@ -10,7 +10,6 @@ use amqprs::channel::{BasicAckArguments, BasicPublishArguments, Channel, Confirm
 use amqprs::connection::Connection as RawConnection;
 use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, Nack, Return};
 use tokio::sync::{Notify, Semaphore};
-use tokio::task::JoinSet;
 
 use rabbitry::connection::Connection;
 use rabbitry::Message;
@@ -93,21 +92,21 @@ async fn gateway_publish_all(gw: &Connection, queue: &str, n: usize, confirms: b
         }
         return Ok(());
     }
-    let mut set = JoinSet::new();
+    // The producer's pipelined path: each message handed over in order
+    // (waiting while 1,000 are unconfirmed), the confirms awaited oldest
+    // first, as `rabbitry publish` and the relay do it.
+    let mut pending: std::collections::VecDeque<rabbitry::publish::Confirmation> =
+        std::collections::VecDeque::with_capacity(1000);
     for _ in 0..n {
-        if set.len() >= 1000 {
-            set.join_next()
-                .await
-                .transpose()
-                .ok()
-                .flatten()
-                .transpose()?;
+        if pending.len() >= 1000 {
+            if let Some(confirmation) = pending.pop_front() {
+                confirmation.wait().await?;
+            }
         }
-        let p = producer.clone();
-        set.spawn(async move { p.publish(Message::new(vec![b'x'; BODY])).await });
+        pending.push_back(producer.submit(Message::new(vec![b'x'; BODY])).await?);
     }
-    while let Some(r) = set.join_next().await {
-        r.map_err(|e| Error::new(ErrorKind::Closed, "bench task").with_source(e))??;
+    for confirmation in pending {
+        confirmation.wait().await?;
     }
     Ok(())
 }
