@@ -14,10 +14,8 @@ use std::process::Command;
 
 use serde::Serialize;
 
-use super::publishing::{end_to_end_case, publish_case};
-use super::{open_raw, purge, raw_err, Progress};
-use amqprs::channel::{QueueDeclareArguments, QueueDeleteArguments};
-use rabbitry::connection::{Connection, ConnectionSettings, Endpoint};
+use super::publishing::publish_case;
+use super::{Progress, Sides};
 use rabbitry::{Error, ErrorKind, Result};
 
 /// The workloads counted: each scenario, raw and through the gateway.
@@ -143,46 +141,15 @@ pub(crate) async fn workload(url: &str, which: &str, n: usize) -> Result<()> {
             )
         })?;
     let gateway = side == "gateway";
-    let ep = Endpoint::parse(url)?;
-    let raw = open_raw(&ep).await?;
-    let raw_publisher = open_raw(&ep).await?;
-    let settings = ConnectionSettings::new(url).name("rabbitry-bench-instructions");
-    let gw = Connection::open(settings.clone()).await?;
-    let gw_publisher =
-        Connection::open(settings.name("rabbitry-bench-instructions-publisher")).await?;
-    let queue = format!(
-        "rabbitry.bench.instructions.{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    let setup = raw.open_channel(None).await.map_err(raw_err)?;
-    let mut declare = QueueDeclareArguments::new(&queue);
-    declare.durable(true);
-    setup
-        .queue_declare(declare.finish())
-        .await
-        .map_err(raw_err)?;
+    let sides = Sides::open(url, "instructions").await?;
     let result = match name {
-        "publish_persistent_confirms" => publish_case(&raw, &gw, &queue, n, gateway, true).await,
-        _ => {
-            end_to_end_case(
-                &raw,
-                &raw_publisher,
-                &gw,
-                &gw_publisher,
-                &queue,
-                n,
-                gateway,
-                false,
-            )
-            .await
+        "publish_persistent_confirms" => {
+            publish_case(&sides.raw, &sides.gw, &sides.queue, n, gateway, true).await
         }
+        _ => sides.end_to_end(n, gateway).await,
     };
-    let _ = purge(&raw, &queue).await;
-    let _ = setup.queue_delete(QueueDeleteArguments::new(&queue)).await;
-    let _ = raw_publisher.close().await;
-    let _ = raw.close().await;
-    gw_publisher.close().await;
-    gw.close().await;
+    let _ = sides.purge().await;
+    sides.close().await;
     result.map(|_| ())
 }
 

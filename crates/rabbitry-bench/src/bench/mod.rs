@@ -380,6 +380,83 @@ pub(crate) async fn run_cases(
     Ok(scenarios)
 }
 
+/// Both sides' two connections (consuming, publishing) and a durable
+/// queue of the scenario's own, for the end-to-end cases run outside
+/// [`run_cases`].
+pub(crate) struct Sides {
+    pub raw: RawConnection,
+    pub raw_publisher: RawConnection,
+    pub gw: Connection,
+    pub gw_publisher: Connection,
+    pub queue: String,
+    setup: amqprs::channel::Channel,
+}
+
+impl Sides {
+    /// Opens the four connections, named after `what`, and declares
+    /// `rabbitry.bench.<what>.<8 hex>`.
+    pub(crate) async fn open(url: &str, what: &str) -> Result<Sides> {
+        let ep = Endpoint::parse(url)?;
+        let raw = open_raw(&ep).await?;
+        let raw_publisher = open_raw(&ep).await?;
+        let settings = ConnectionSettings::new(url).name(format!("rabbitry-bench-{what}"));
+        let gw = Connection::open(settings.clone()).await?;
+        let gw_publisher =
+            Connection::open(settings.name(format!("rabbitry-bench-{what}-publisher"))).await?;
+        let queue = format!(
+            "rabbitry.bench.{what}.{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let setup = raw.open_channel(None).await.map_err(raw_err)?;
+        let mut declare = QueueDeclareArguments::new(&queue);
+        declare.durable(true);
+        setup
+            .queue_declare(declare.finish())
+            .await
+            .map_err(raw_err)?;
+        Ok(Sides {
+            raw,
+            raw_publisher,
+            gw,
+            gw_publisher,
+            queue,
+            setup,
+        })
+    }
+
+    /// Empties the queue between rounds.
+    pub(crate) async fn purge(&self) -> Result<()> {
+        purge(&self.raw, &self.queue).await
+    }
+
+    /// One end-to-end round of one side.
+    pub(crate) async fn end_to_end(&self, n: usize, gateway: bool) -> Result<Duration> {
+        end_to_end_case(
+            &self.raw,
+            &self.raw_publisher,
+            &self.gw,
+            &self.gw_publisher,
+            &self.queue,
+            n,
+            gateway,
+            false,
+        )
+        .await
+    }
+
+    /// Deletes the queue and closes the connections.
+    pub(crate) async fn close(self) {
+        let _ = self
+            .setup
+            .queue_delete(QueueDeleteArguments::new(&self.queue))
+            .await;
+        let _ = self.raw_publisher.close().await;
+        let _ = self.raw.close().await;
+        self.gw_publisher.close().await;
+        self.gw.close().await;
+    }
+}
+
 /// A durable queue for one scenario: `rabbitry.bench.<what>.<8 hex>`.
 async fn bench_queue(gw: &Connection, what: &str) -> Result<String> {
     let queue = format!(

@@ -9,12 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use amqprs::channel::{QueueDeclareArguments, QueueDeleteArguments};
-use rabbitry::connection::{Connection, ConnectionSettings, Endpoint};
 use rabbitry::{Error, ErrorKind, Result};
 
-use super::publishing::end_to_end_case;
-use super::{open_raw, purge, raw_err, BenchOptions, Progress, Rounds, ScenarioResult};
+use super::{BenchOptions, Progress, Rounds, ScenarioResult, Sides};
 
 /// The amqplib side's script.
 const AMQPLIB_SCRIPT: &str = include_str!("../../peers/amqplib_end_to_end.js");
@@ -36,74 +33,29 @@ pub(crate) async fn run_peers(
             None
         }
     };
-    let ep = Endpoint::parse(&opts.url)?;
-    let raw = open_raw(&ep).await?;
-    let raw_publisher = open_raw(&ep).await?;
-    let settings = ConnectionSettings::new(&opts.url).name("rabbitry-bench-peers");
-    let gw = Connection::open(settings.clone()).await?;
-    let gw_publisher = Connection::open(settings.name("rabbitry-bench-peers-publisher")).await?;
-    let queue = format!(
-        "rabbitry.bench.peers.{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    let setup = raw.open_channel(None).await.map_err(raw_err)?;
-    let mut declare = QueueDeclareArguments::new(&queue);
-    declare.durable(true);
-    setup
-        .queue_declare(declare.finish())
-        .await
-        .map_err(raw_err)?;
+    let sides = Sides::open(&opts.url, "peers").await?;
     let n = opts.messages;
     let mut vs_raw = Rounds::default();
     let mut vs_amqplib = Rounds::default();
     for round in 1..=opts.rounds.max(1) {
         progress(&format!("peers: rabbitry, round {round}"));
         let cpu = super::cpu_time();
-        let took = end_to_end_case(
-            &raw,
-            &raw_publisher,
-            &gw,
-            &gw_publisher,
-            &queue,
-            n,
-            true,
-            false,
-        )
-        .await?;
+        let took = sides.end_to_end(n, true).await?;
         let cpu = super::cpu_time().saturating_sub(cpu);
         vs_raw.record(true, n, took, cpu);
         vs_amqplib.record(true, n, took, cpu);
-        purge(&raw, &queue).await?;
+        sides.purge().await?;
         progress(&format!("peers: raw amqprs, round {round}"));
-        vs_raw
-            .measure(
-                false,
-                n,
-                end_to_end_case(
-                    &raw,
-                    &raw_publisher,
-                    &gw,
-                    &gw_publisher,
-                    &queue,
-                    n,
-                    false,
-                    false,
-                ),
-            )
-            .await?;
-        purge(&raw, &queue).await?;
+        vs_raw.measure(false, n, sides.end_to_end(n, false)).await?;
+        sides.purge().await?;
         if let Some(dir) = &node {
             progress(&format!("peers: amqplib, round {round}"));
-            let (took, cpu) = amqplib_round(dir, &opts.url, &queue, n).await?;
+            let (took, cpu) = amqplib_round(dir, &opts.url, &sides.queue, n).await?;
             vs_amqplib.record(false, n, took, cpu);
-            purge(&raw, &queue).await?;
+            sides.purge().await?;
         }
     }
-    let _ = setup.queue_delete(QueueDeleteArguments::new(&queue)).await;
-    let _ = raw_publisher.close().await;
-    let _ = raw.close().await;
-    gw_publisher.close().await;
-    gw.close().await;
+    sides.close().await;
     let mut results = vec![vs_raw.result("peers_end_to_end_rabbitry_vs_raw_amqprs")];
     if node.is_some() {
         results.push(vs_amqplib.result("peers_end_to_end_rabbitry_vs_amqplib"));

@@ -30,6 +30,16 @@ struct Got {
 }
 
 impl Got {
+    /// What the in-memory broker delivered.
+    fn of(d: rabbitry::memory::MemoryDelivery) -> Got {
+        Got {
+            tag: d.delivery_tag,
+            body: String::from_utf8_lossy(&d.body).into_owned(),
+            redelivered: d.redelivered,
+            properties: d.properties,
+        }
+    }
+
     /// The newest `x-death` entry: queue, reason, count.
     fn death(&self) -> (String, String, i64) {
         let Some(HeaderValue::Array(deaths)) = self.properties.headers.get("x-death") else {
@@ -219,13 +229,7 @@ impl Chan for MemChan {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Some(Event::Delivery(d)) = events.recv().await {
-                let got = Got {
-                    tag: d.delivery_tag,
-                    body: String::from_utf8_lossy(&d.body).into_owned(),
-                    redelivered: d.redelivered,
-                    properties: d.properties,
-                };
-                if tx.send(got).is_err() {
+                if tx.send(Got::of(*d)).is_err() {
                     break;
                 }
             }
@@ -236,12 +240,11 @@ impl Chan for MemChan {
         self.0.settle(tag, false, outcome).map_err(refused)
     }
     async fn get(&self, queue: &str) -> Result<Option<Got>, Refused> {
-        Ok(self.0.get(queue, true).map_err(refused)?.map(|(d, _)| Got {
-            tag: d.delivery_tag,
-            body: String::from_utf8_lossy(&d.body).into_owned(),
-            redelivered: d.redelivered,
-            properties: d.properties,
-        }))
+        Ok(self
+            .0
+            .get(queue, true)
+            .map_err(refused)?
+            .map(|(d, _)| Got::of(d)))
     }
     async fn delete_queue(&self, queue: &str) {
         let _ = self.0.delete_queue(queue);
