@@ -66,15 +66,15 @@ impl At<'_> {
 
     /// `conn` must be `default` or a configured connection.
     fn known_connection(&self, settings: &Settings, conn: &str, path: &str) -> Result<()> {
-        if conn == crate::defaults::CONNECTION || settings.connections.contains_key(conn) {
+        if conn == defaults::CONNECTION || settings.connections.contains_key(conn) {
             return Ok(());
         }
-        let known = std::iter::once(crate::defaults::CONNECTION.to_owned())
+        let known = std::iter::once(defaults::CONNECTION.to_owned())
             .chain(
                 settings
                     .connections
                     .keys()
-                    .filter(|k| *k != crate::defaults::CONNECTION)
+                    .filter(|k| *k != defaults::CONNECTION)
                     .cloned(),
             )
             .collect::<Vec<_>>()
@@ -182,9 +182,7 @@ fn producer_section(
     name: &str,
     p: RawProducer,
 ) -> Result<ProducerConfig> {
-    let connection = p
-        .connection
-        .unwrap_or_else(|| crate::defaults::CONNECTION.into());
+    let connection = p.connection.unwrap_or_else(|| defaults::CONNECTION.into());
     at.known_connection(
         settings,
         &connection,
@@ -255,9 +253,7 @@ fn consumer_section(
     c: RawConsumer,
 ) -> Result<ConsumerConfig> {
     let path = format!("consumers.{name}");
-    let connection = c
-        .connection
-        .unwrap_or_else(|| crate::defaults::CONNECTION.into());
+    let connection = c.connection.unwrap_or_else(|| defaults::CONNECTION.into());
     at.known_connection(settings, &connection, &format!("{path}.connection"))?;
     let queue = c
         .queue
@@ -356,9 +352,7 @@ fn consumer_section(
 }
 
 fn worker_section(at: &At<'_>, settings: &Settings, w: RawWorker) -> Result<WorkerSettings> {
-    let connection = w
-        .connection
-        .unwrap_or_else(|| crate::defaults::CONNECTION.into());
+    let connection = w.connection.unwrap_or_else(|| defaults::CONNECTION.into());
     at.known_connection(settings, &connection, "worker.connection")?;
     if let Some(n) = w.concurrency {
         // The default of the consumers that set none: their rule.
@@ -376,15 +370,13 @@ fn worker_section(at: &At<'_>, settings: &Settings, w: RawWorker) -> Result<Work
         shutdown_timeout: at.duration(
             w.shutdown_timeout.as_ref(),
             "worker.shutdown_timeout",
-            crate::defaults::SHUTDOWN_TIMEOUT,
+            defaults::SHUTDOWN_TIMEOUT,
         )?,
     })
 }
 
 fn outbox_section(at: &At<'_>, settings: &Settings, o: RawOutbox) -> Result<OutboxSettings> {
-    let connection = o
-        .connection
-        .unwrap_or_else(|| crate::defaults::CONNECTION.into());
+    let connection = o.connection.unwrap_or_else(|| defaults::CONNECTION.into());
     at.known_connection(settings, &connection, "outbox.connection")?;
     if !(o.database.starts_with("sqlite:") || o.database.starts_with("postgres")) {
         return Err(at.err(
