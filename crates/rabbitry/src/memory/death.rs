@@ -2,6 +2,7 @@
 //! of their queue, queues expiring unused, and dead-lettering with the
 //! `x-death` history RabbitMQ 3.x keeps.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -31,7 +32,9 @@ impl State {
             .str_arg("x-dead-letter-routing-key")
             .map(str::to_owned)
             .unwrap_or_else(|| message.routing_key.to_string());
-        let headers = &mut message.properties.headers;
+        let properties = Arc::make_mut(&mut message.properties);
+        let expiration = properties.expiration.take();
+        let headers = &mut properties.headers;
         let mut deaths: Vec<HeaderValue> = match headers.remove("x-death") {
             Some(HeaderValue::Array(items)) => items,
             _ => Vec::new(),
@@ -69,7 +72,7 @@ impl State {
             "routing-keys".into(),
             HeaderValue::Array(vec![HeaderValue::String(message.routing_key.to_string())]),
         );
-        if let Some(exp) = message.properties.expiration.take() {
+        if let Some(exp) = expiration {
             death.insert("original-expiration".into(), HeaderValue::String(exp));
         }
         deaths.insert(0, HeaderValue::Table(death));

@@ -63,7 +63,7 @@ impl State {
         let message = Stored {
             exchange: exchange.into(),
             routing_key: routing_key.into(),
-            properties,
+            properties: Arc::new(properties),
             body,
             expires_at: None,
             redelivered: false,
@@ -122,7 +122,7 @@ impl State {
                 exchange: "".into(),
                 routing_key: routing_key.into(),
                 redelivered: false,
-                properties,
+                properties: Arc::new(properties),
                 body,
             })));
         }
@@ -546,7 +546,7 @@ fn delivery_of(
 ) -> MemoryDelivery {
     let mut properties = m.properties.clone();
     if kind == Some(QueueType::Quorum) && m.returns > 0 {
-        properties.headers.insert(
+        Arc::make_mut(&mut properties).headers.insert(
             "x-delivery-count".into(),
             HeaderValue::Int(i64::from(m.returns)),
         );

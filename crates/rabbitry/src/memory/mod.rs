@@ -94,8 +94,8 @@ pub struct MemoryDelivery {
     pub routing_key: Arc<str>,
     /// Whether it was delivered before.
     pub redelivered: bool,
-    /// Its properties.
-    pub properties: Properties,
+    /// Its properties (shared with the broker's copy).
+    pub properties: Arc<Properties>,
     /// Its body.
     pub body: Bytes,
 }

@@ -28,7 +28,9 @@ pub(super) type ChannelId = u64;
 pub(super) struct Stored {
     pub(super) exchange: Arc<str>,
     pub(super) routing_key: Arc<str>,
-    pub(super) properties: Properties,
+    /// Shared with its deliveries: copied only when dead-lettering
+    /// or a quorum delivery count changes it.
+    pub(super) properties: Arc<Properties>,
     pub(super) body: Bytes,
     pub(super) expires_at: Option<Instant>,
     pub(super) redelivered: bool,

@@ -36,7 +36,7 @@ impl Got {
             tag: d.delivery_tag,
             body: String::from_utf8_lossy(&d.body).into_owned(),
             redelivered: d.redelivered,
-            properties: d.properties,
+            properties: (*d.properties).clone(),
         }
     }
 
