@@ -382,6 +382,9 @@ struct Publish {
 /// (the actor); callers talk to it through a bounded queue.
 pub(crate) struct Publisher {
     conn: Connection,
+    /// What a confirmation says when the publisher is gone: made once,
+    /// shared by every confirmation instead of formatted for each.
+    closed_text: Arc<str>,
     tracker: Arc<Tracker>,
     permits: Arc<Semaphore>,
     tx: mpsc::Sender<Publish>,
@@ -435,6 +438,7 @@ impl Publisher {
         let task = Background::spawn(move |stop| actor.run(rx, stop));
         Ok(Arc::new(Publisher {
             conn: conn.clone(),
+            closed_text: format!("publisher on connection '{}' closed", conn.name()).into(),
             tracker,
             permits: Arc::new(Semaphore::new(max_in_flight.max(1))),
             tx,
@@ -476,7 +480,7 @@ impl Publisher {
         Ok(Confirmation {
             result,
             _permit: permit,
-            closed: self.closed(),
+            closed: self.closed_text.clone(),
             span: crate::telemetry::Span::default(),
         })
     }
@@ -489,10 +493,7 @@ impl Publisher {
     }
 
     fn closed(&self) -> Error {
-        Error::new(
-            ErrorKind::Closed,
-            format!("publisher on connection '{}' closed", self.conn.name()),
-        )
+        Error::new(ErrorKind::Closed, &*self.closed_text)
     }
 }
 
@@ -500,7 +501,8 @@ impl Publisher {
 pub struct Confirmation {
     result: oneshot::Receiver<Result<()>>,
     _permit: tokio::sync::OwnedSemaphorePermit,
-    closed: Error,
+    /// The error's text, should the publisher go before the confirm.
+    closed: Arc<str>,
     /// The publish span, ended with the confirm.
     span: crate::telemetry::Span,
 }
@@ -521,7 +523,9 @@ impl Confirmation {
             span,
             ..
         } = self;
-        let result = result.await.unwrap_or(Err(closed));
+        let result = result
+            .await
+            .unwrap_or_else(|_| Err(Error::new(ErrorKind::Closed, &*closed)));
         span.finish(&result);
         result
     }
