@@ -176,6 +176,22 @@ impl Error {
         }
     }
 
+    /// A settings error said of its owner (a consumer, a connection, a
+    /// producer): a configuration error whose message is `owner`, then the
+    /// field when there is one, then the rule.
+    pub(crate) fn config_of(self, owner: impl fmt::Display) -> Self {
+        let context = match &self.setting {
+            Some(field) => format!("{owner}: {field}: {}", self.context),
+            None => format!("{owner}: {}", self.context),
+        };
+        Error {
+            kind: ErrorKind::Config,
+            context,
+            setting: None,
+            source: self.source,
+        }
+    }
+
     /// The same error about `outer.{field}`: a settings type that holds
     /// another (a worker's options hold its retry policy) names the path.
     pub(crate) fn within(mut self, outer: &str) -> Self {
@@ -264,6 +280,17 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "configuration error: retry.delays[1]: a retry delay is between 1ms and 49d"
+        );
+        let e = e.config_of("consumer 'orders'");
+        assert_eq!(
+            e.to_string(),
+            "configuration error: consumer 'orders': retry.delays[1]: a retry delay is between 1ms and 49d"
+        );
+        assert_eq!(e.setting(), None);
+        let plain = Error::new(ErrorKind::Invalid, "name 'x' is long").config_of("consumer 'x'");
+        assert_eq!(
+            (plain.kind(), plain.context()),
+            (ErrorKind::Config, "consumer 'x': name 'x' is long")
         );
     }
 }

@@ -228,24 +228,16 @@ impl Settings {
     /// without a site, and the broker would get queues literally named
     /// `...${site}`.
     pub fn check_substituted(&self) -> Result<()> {
-        let at = |section: String| {
-            move |e: Error| {
-                Error::config(format!(
-                    "{section}.{}: {}",
-                    e.setting().unwrap_or_default(),
-                    e.context()
-                ))
-            }
-        };
+        // The field's key path: `consumers.orders.routing_keys[0]`.
         for (name, c) in &self.consumers {
             c.consumer
                 .check_substituted()
-                .map_err(at(format!("consumers.{name}")))?;
+                .map_err(|e| e.within(&format!("consumers.{name}")))?;
         }
         for (name, p) in &self.producers {
             p.producer
                 .check_substituted()
-                .map_err(at(format!("producers.{name}")))?;
+                .map_err(|e| e.within(&format!("producers.{name}")))?;
         }
         Ok(())
     }

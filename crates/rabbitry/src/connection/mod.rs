@@ -267,14 +267,9 @@ impl Connection {
     /// # conn.close().await; Ok(()) }
     /// ```
     pub async fn open(settings: ConnectionSettings) -> Result<Connection> {
-        settings.validate().map_err(|e| {
-            let field = e.setting().unwrap_or_default().to_owned();
-            Error::config(format!(
-                "connection '{}': {field}: {}",
-                settings.name,
-                e.context()
-            ))
-        })?;
+        settings
+            .validate()
+            .map_err(|e| e.config_of(format_args!("connection '{}'", settings.name)))?;
         let endpoints = settings
             .urls
             .iter()

@@ -136,13 +136,7 @@ mod client {
                 .dangerous()
                 .with_custom_certificate_verifier(verifier);
             // A URL's options can set one of the pair: check what is used.
-            tls.validate().map_err(|e| {
-                Error::config(format!(
-                    "TLS: {}: {}",
-                    e.setting().unwrap_or_default(),
-                    e.context()
-                ))
-            })?;
+            tls.validate().map_err(|e| e.config_of("TLS"))?;
             let config = match (&tls.cert_file, &tls.key_file) {
                 (Some(cert), Some(key)) => builder
                     .with_client_auth_cert(certificates(cert, "client certificate")?, private_key(key)?)

@@ -186,9 +186,6 @@ impl State {
         if !q.consumers.is_empty() && !self.dirty.contains(name) {
             self.dirty.insert(q.name.clone());
         }
-        let Some(q) = self.queues.get_mut(name) else {
-            return true;
-        };
         let per_message = message
             .properties
             .expiration

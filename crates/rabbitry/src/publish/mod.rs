@@ -246,7 +246,7 @@ impl Producer {
     pub async fn new(conn: &Connection, settings: ProducerSettings) -> Result<Producer> {
         settings
             .validate()
-            .map_err(|e| Error::config(format!("producer '{}': {e}", settings.name)))?;
+            .map_err(|e| e.config_of(format_args!("producer '{}'", settings.name)))?;
         let topology = settings.topology();
         if !topology.is_empty() {
             conn.declare(&topology).await?;

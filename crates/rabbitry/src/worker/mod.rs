@@ -621,10 +621,7 @@ impl<S: Clone + Send + Sync + 'static> Worker<S> {
         let mut names = std::collections::HashSet::new();
         for c in &self.consumers {
             let name = &c.settings.name;
-            let err = |e: Error| {
-                let field = e.setting().map(|f| format!("{f}: ")).unwrap_or_default();
-                Error::config(format!("consumer '{name}': {field}{}", e.context()))
-            };
+            let err = |e: Error| e.config_of(format_args!("consumer '{name}'"));
             if !names.insert(name.as_str()) {
                 return Err(err(Error::invalid_setting(
                     "name",
