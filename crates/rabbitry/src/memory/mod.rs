@@ -237,9 +237,8 @@ impl MemoryBroker {
                     }
                     let Some(inner) = weak.upgrade() else { return };
                     let now = Instant::now();
-                    let mut state = lock(&inner);
-                    state.expire(now);
-                    state.dispatch(now);
+                    // Expires what is due, then hands out what is ready.
+                    lock(&inner).dispatch(now);
                 }
             });
         });
