@@ -141,7 +141,7 @@ pub(crate) async fn workload(url: &str, which: &str, n: usize) -> Result<()> {
             )
         })?;
     let gateway = side == "gateway";
-    let sides = Sides::open(url, "instructions").await?;
+    let sides = Sides::open(url, "instructions", false).await?;
     let result = match name {
         "publish_persistent_confirms" => {
             publish_case(&sides.raw, &sides.gw, &sides.queue, n, gateway, true).await

@@ -268,45 +268,26 @@ pub(crate) async fn run_cases(
     progress: Progress<'_>,
     cases: &Cases,
 ) -> Result<Vec<ScenarioResult>> {
-    let ep = Endpoint::parse(&opts.url)?;
-    let raw = open_raw(&ep).await?;
-    let mut settings = ConnectionSettings::new(&opts.url).name("rabbitry-bench");
-    settings.heartbeat = 60;
-    let gw = Connection::open(settings.clone()).await?;
-    // The second connection of each side, for publishing apart from
-    // consuming, as RabbitMQ advises.
-    let raw_publisher = open_raw(&ep).await?;
-    let gw_publisher = Connection::open(settings.name("rabbitry-bench-publisher")).await?;
-    let queue = format!(
-        "rabbitry.bench.{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    let setup = raw.open_channel(None).await.map_err(raw_err)?;
-    let mut declare = QueueDeclareArguments::new(&queue);
-    declare.durable(true);
-    if cases.quorum {
-        let mut arguments = amqprs::FieldTable::new();
-        arguments.insert(
-            "x-queue-type".try_into().expect("a short name"),
-            amqprs::FieldValue::S("quorum".try_into().expect("a short value")),
-        );
-        declare.arguments(arguments);
-    }
-    setup
-        .queue_declare(declare.finish())
-        .await
-        .map_err(raw_err)?;
+    let sides = Sides::open(&opts.url, "core", cases.quorum).await?;
+    let Sides {
+        raw,
+        raw_publisher,
+        gw,
+        gw_publisher,
+        queue,
+        ..
+    } = &sides;
     if cases.quorum {
         // A new quorum queue may nack its first publishes while it elects
         // a leader: wait until it takes one (the gateway publishes a
         // nacked message again), so that no round starts before.
         let producer = rabbitry::Producer::new(
-            &gw,
-            rabbitry::ProducerSettings::default().routing_key(&queue),
+            gw,
+            rabbitry::ProducerSettings::default().routing_key(queue.as_str()),
         )
         .await?;
         producer.publish(rabbitry::Message::new("warm-up")).await?;
-        purge(&raw, &queue).await?;
+        purge(raw, queue).await?;
     }
 
     let n = opts.messages;
@@ -321,19 +302,19 @@ pub(crate) async fn run_cases(
         (
             "publish_transient_no_confirms",
             true,
-            Box::new(|gateway| Box::pin(publish_case(&raw, &gw, &queue, n, gateway, false))),
+            Box::new(|gateway| Box::pin(publish_case(raw, gw, queue, n, gateway, false))),
         ),
         (
             "publish_persistent_confirms_1000_in_flight",
             false,
-            Box::new(|gateway| Box::pin(publish_case(&raw, &gw, &queue, n, gateway, true))),
+            Box::new(|gateway| Box::pin(publish_case(raw, gw, queue, n, gateway, true))),
         ),
         (
             "end_to_end_manual_ack_prefetch_500",
             true,
             Box::new(|gateway| {
                 Box::pin(end_to_end_case(
-                    &raw, &raw, &gw, &gw, &queue, n, gateway, confirmed,
+                    raw, raw, gw, gw, queue, n, gateway, confirmed,
                 ))
             }),
         ),
@@ -342,11 +323,11 @@ pub(crate) async fn run_cases(
             false,
             Box::new(|gateway| {
                 Box::pin(end_to_end_case(
-                    &raw,
-                    &raw_publisher,
-                    &gw,
-                    &gw_publisher,
-                    &queue,
+                    raw,
+                    raw_publisher,
+                    gw,
+                    gw_publisher,
+                    queue,
                     n,
                     gateway,
                     confirmed,
@@ -366,17 +347,13 @@ pub(crate) async fn run_cases(
                     round + 1
                 ));
                 rounds.measure(gateway, n, case(gateway)).await?;
-                purge(&raw, &queue).await?;
+                purge(raw, queue).await?;
             }
         }
         scenarios.push(rounds.result(name));
     }
     drop(all);
-    let _ = setup.queue_delete(QueueDeleteArguments::new(&queue)).await;
-    let _ = raw_publisher.close().await;
-    let _ = raw.close().await;
-    gw_publisher.close().await;
-    gw.close().await;
+    sides.close().await;
     Ok(scenarios)
 }
 
@@ -394,8 +371,8 @@ pub(crate) struct Sides {
 
 impl Sides {
     /// Opens the four connections, named after `what`, and declares
-    /// `rabbitry.bench.<what>.<8 hex>`.
-    pub(crate) async fn open(url: &str, what: &str) -> Result<Sides> {
+    /// `rabbitry.bench.<what>.<8 hex>` (a quorum queue when `quorum`).
+    pub(crate) async fn open(url: &str, what: &str, quorum: bool) -> Result<Sides> {
         let ep = Endpoint::parse(url)?;
         let raw = open_raw(&ep).await?;
         let raw_publisher = open_raw(&ep).await?;
@@ -410,6 +387,14 @@ impl Sides {
         let setup = raw.open_channel(None).await.map_err(raw_err)?;
         let mut declare = QueueDeclareArguments::new(&queue);
         declare.durable(true);
+        if quorum {
+            let mut arguments = amqprs::FieldTable::new();
+            arguments.insert(
+                "x-queue-type".try_into().expect("a short name"),
+                amqprs::FieldValue::S("quorum".try_into().expect("a short value")),
+            );
+            declare.arguments(arguments);
+        }
         setup
             .queue_declare(declare.finish())
             .await

@@ -33,7 +33,7 @@ pub(crate) async fn run_peers(
             None
         }
     };
-    let sides = Sides::open(&opts.url, "peers").await?;
+    let sides = Sides::open(&opts.url, "peers", false).await?;
     let n = opts.messages;
     let mut vs_raw = Rounds::default();
     let mut vs_amqplib = Rounds::default();
