@@ -16,8 +16,8 @@ use rabbitry::{
 
 /// Publishes "ok", "bad" and "ok" to a queue of `prefix`, consumes them,
 /// rejects "bad" to a dead-letter queue, and returns (acked, dead-lettered).
-pub(crate) async fn run(prefix: &str) -> rabbitry::Result<(usize, u32)> {
-    let conn = Connection::open(ConnectionSettings::default()).await?;
+pub(crate) async fn run(url: &str, prefix: &str) -> rabbitry::Result<(usize, u32)> {
+    let conn = Connection::open(ConnectionSettings::new(url)).await?;
     let queue = format!("{prefix}.tasks");
     let dead = format!("{prefix}.tasks.dead");
     let mut topology = Topology::default();
@@ -79,7 +79,10 @@ pub(crate) async fn run(prefix: &str) -> rabbitry::Result<(usize, u32)> {
 
 #[tokio::main]
 async fn main() -> rabbitry::Result<()> {
-    run(&format!("example.{}", std::process::id()))
-        .await
-        .map(drop)
+    run(
+        rabbitry::defaults::URL,
+        &format!("example.{}", std::process::id()),
+    )
+    .await
+    .map(drop)
 }

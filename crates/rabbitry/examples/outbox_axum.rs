@@ -50,10 +50,14 @@ async fn create_order(State(app): State<App>, Json(order): Json<Order>) -> Statu
     }
 }
 
-/// Serves the app, posts one order to it over HTTP, and returns the body
+/// Builds the app, posts one order to it, and returns the body
 /// of the message that arrived on the queue of `prefix`.
-pub(crate) async fn run(prefix: &str, database_dir: &std::path::Path) -> rabbitry::Result<String> {
-    let conn = Connection::open(ConnectionSettings::default()).await?;
+pub(crate) async fn run(
+    url: &str,
+    prefix: &str,
+    database_dir: &std::path::Path,
+) -> rabbitry::Result<String> {
+    let conn = Connection::open(ConnectionSettings::new(url)).await?;
     let queue = format!("{prefix}.orders");
     let url = format!("sqlite://{}/shop.db", database_dir.display());
     let outbox = Outbox::connect(&url).await?; // creates the outbox tables
@@ -72,30 +76,19 @@ pub(crate) async fn run(prefix: &str, database_dir: &std::path::Path) -> rabbitr
             outbox,
             queue: queue.clone(),
         });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
+    // A client posts an order. The router is called as the server would
+    // call it (`axum::serve(listener, app)` in a real app), so the example
+    // needs no port.
+    let request = axum::http::Request::post("/orders")
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(r#"{"item":"book"}"#))
         .map_err(|e| {
-            rabbitry::Error::new(rabbitry::ErrorKind::Connect, "binding").with_source(e)
+            rabbitry::Error::new(rabbitry::ErrorKind::Invalid, "the request").with_source(e)
         })?;
-    let addr = listener.local_addr().map_err(|e| {
-        rabbitry::Error::new(rabbitry::ErrorKind::Connect, "local address").with_source(e)
-    })?;
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
-
-    // A client posts an order (plain HTTP/1.1, to keep the example small).
-    let body = r#"{"item":"book"}"#;
-    let request = format!(
-        "POST /orders HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let mut stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| {
-        rabbitry::Error::new(rabbitry::ErrorKind::Connect, "the app").with_source(e)
-    })?;
-    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+    let response = tower::ServiceExt::oneshot(app, request)
         .await
-        .map_err(|e| {
-            rabbitry::Error::new(rabbitry::ErrorKind::Connect, "posting").with_source(e)
-        })?;
+        .map_err(|e| match e {})?;
+    println!("the app answered {}", response.status());
 
     let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
         .await
@@ -108,7 +101,6 @@ pub(crate) async fn run(prefix: &str, database_dir: &std::path::Path) -> rabbitr
     println!("the relay published: {text}");
     delivery.ack().await?;
 
-    server.abort();
     relay.stop().await?;
     consumer.cancel().await;
     conn.delete_queue(&queue).await?;
@@ -123,7 +115,11 @@ async fn main() -> rabbitry::Result<()> {
         rabbitry::Error::new(rabbitry::ErrorKind::Database, "creating the data folder")
             .with_source(e)
     })?;
-    run(&format!("example.{}", std::process::id()), &dir)
-        .await
-        .map(drop)
+    run(
+        rabbitry::defaults::URL,
+        &format!("example.{}", std::process::id()),
+        &dir,
+    )
+    .await
+    .map(drop)
 }

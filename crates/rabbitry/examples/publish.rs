@@ -12,8 +12,8 @@ use rabbitry::{
 
 /// Publishes three orders to a queue of `prefix` and returns how many the
 /// queue holds, then shows what an unroutable message does.
-pub(crate) async fn run(prefix: &str) -> rabbitry::Result<u32> {
-    let conn = Connection::open(ConnectionSettings::default()).await?;
+pub(crate) async fn run(url: &str, prefix: &str) -> rabbitry::Result<u32> {
+    let conn = Connection::open(ConnectionSettings::new(url)).await?;
     let queue = format!("{prefix}.orders");
     let mut topology = Topology::default();
     topology.queue(Queue::durable(&queue));
@@ -46,7 +46,10 @@ pub(crate) async fn run(prefix: &str) -> rabbitry::Result<u32> {
 
 #[tokio::main]
 async fn main() -> rabbitry::Result<()> {
-    run(&format!("example.{}", std::process::id()))
-        .await
-        .map(drop)
+    run(
+        rabbitry::defaults::URL,
+        &format!("example.{}", std::process::id()),
+    )
+    .await
+    .map(drop)
 }

@@ -18,8 +18,8 @@ struct Sum {
 }
 
 /// Starts a responder on a queue of `prefix`, calls it, returns the answer.
-pub(crate) async fn run(prefix: &str) -> rabbitry::Result<i64> {
-    let conn = Connection::open(ConnectionSettings::default()).await?;
+pub(crate) async fn run(url: &str, prefix: &str) -> rabbitry::Result<i64> {
+    let conn = Connection::open(ConnectionSettings::new(url)).await?;
     let queue = format!("{prefix}.sums");
     // The responder: whatever the handler returns goes to `reply_to`.
     let responder = Worker::new(&conn, ())
@@ -62,7 +62,10 @@ pub(crate) async fn run(prefix: &str) -> rabbitry::Result<i64> {
 
 #[tokio::main]
 async fn main() -> rabbitry::Result<()> {
-    run(&format!("example.{}", std::process::id()))
-        .await
-        .map(drop)
+    run(
+        rabbitry::defaults::URL,
+        &format!("example.{}", std::process::id()),
+    )
+    .await
+    .map(drop)
 }

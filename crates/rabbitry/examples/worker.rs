@@ -39,8 +39,8 @@ async fn save_order(
 
 /// Runs a worker with both kinds of handler on queues of `prefix`, sends
 /// two orders and two invoices, and returns how many were handled.
-pub(crate) async fn run(prefix: &str) -> rabbitry::Result<usize> {
-    let conn = Connection::open(ConnectionSettings::default()).await?;
+pub(crate) async fn run(url: &str, prefix: &str) -> rabbitry::Result<usize> {
+    let conn = Connection::open(ConnectionSettings::new(url)).await?;
     let shop = format!("{prefix}.shop");
     let handled = Arc::new(AtomicUsize::new(0));
     let invoices = axum::Router::new().route(
@@ -102,7 +102,10 @@ pub(crate) async fn run(prefix: &str) -> rabbitry::Result<usize> {
 
 #[tokio::main]
 async fn main() -> rabbitry::Result<()> {
-    run(&format!("example.{}", std::process::id()))
-        .await
-        .map(drop)
+    run(
+        rabbitry::defaults::URL,
+        &format!("example.{}", std::process::id()),
+    )
+    .await
+    .map(drop)
 }

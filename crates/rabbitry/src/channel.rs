@@ -70,7 +70,7 @@ impl ChannelWatch {
         &self,
         kind: ErrorKind,
         what: String,
-        err: amqprs::error::Error,
+        err: impl std::error::Error + Send + Sync + 'static,
     ) -> Error {
         match self.reason() {
             Some(r) => {
@@ -110,22 +110,15 @@ pub(crate) trait ConfirmSink: Send + Sync + 'static {
 }
 
 /// The callback registered on every channel rabbitry opens.
+#[derive(Clone)]
 pub(crate) struct Events {
     pub(crate) watch: ChannelWatch,
     pub(crate) confirms: Option<Arc<dyn ConfirmSink>>,
 }
 
-#[async_trait::async_trait]
-impl ChannelCallback for Events {
-    async fn close(
-        &mut self,
-        _channel: &Channel,
-        close: CloseChannel,
-    ) -> std::result::Result<(), amqprs::error::Error> {
-        let reason = CloseReason {
-            code: close.reply_code(),
-            text: close.reply_text().clone(),
-        };
+impl Events {
+    /// The broker closed the channel: keep its reason, tell the publisher.
+    pub(crate) fn broker_closed(&self, reason: CloseReason) {
         if reason.code == NOT_FOUND {
             // Usually a passive check of something that may be missing; the
             // caller's error names it, and callers that expect it stay quiet.
@@ -137,6 +130,20 @@ impl ChannelCallback for Events {
         if let Some(sink) = &self.confirms {
             sink.closed(&reason);
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl ChannelCallback for Events {
+    async fn close(
+        &mut self,
+        _channel: &Channel,
+        close: CloseChannel,
+    ) -> std::result::Result<(), amqprs::error::Error> {
+        self.broker_closed(CloseReason {
+            code: close.reply_code(),
+            text: close.reply_text().clone(),
+        });
         Ok(())
     }
 

@@ -105,6 +105,7 @@ mod layering;
 mod limits;
 mod setters;
 mod task;
+mod wire;
 
 pub use codec::{Decoded, Serializer};
 #[cfg(feature = "config")]

@@ -9,13 +9,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use amqprs::channel::{
-    Channel, ExchangeDeclareArguments, QueueBindArguments, QueueDeclareArguments,
-};
 use serde::{Deserialize, Serialize};
 
-use crate::amqp::to_table;
-use crate::channel::ChannelWatch;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{HeaderValue, Headers};
 
@@ -330,28 +325,6 @@ impl Topology {
     }
 }
 
-pub(crate) fn exchange_args(e: &Exchange, passive: bool) -> ExchangeDeclareArguments {
-    let mut args = ExchangeDeclareArguments::new(&e.name, e.kind.as_str());
-    args.durable = e.durable;
-    args.auto_delete = e.auto_delete;
-    args.passive = passive;
-    args.arguments = to_table(&e.arguments);
-    args
-}
-
-pub(crate) fn queue_args(q: &Queue, passive: bool) -> QueueDeclareArguments {
-    QueueDeclareArguments::new(&q.name)
-        .durable(q.durable)
-        .exclusive(q.exclusive)
-        .auto_delete(q.auto_delete)
-        .passive(passive)
-        .arguments(to_table(&q.arguments))
-        .finish()
-}
-
-/// Declares `topology` on `channel`. Returns the names the queues got (the
-/// broker picks names for queues declared with an empty one).
-///
 /// Every name, key and argument name in `t` fits in an AMQP short string:
 /// one past 255 bytes is an error naming it, before the client (which
 /// panics on it) sees it.
@@ -377,64 +350,11 @@ pub(crate) fn check_names(t: &Topology) -> Result<()> {
     Ok(())
 }
 
-/// A refusal names the object and carries the broker's reason, such as
-/// `PRECONDITION_FAILED - inequivalent arg 'durable' for queue 'q'`.
-pub(crate) async fn declare(
-    channel: &Channel,
-    watch: &ChannelWatch,
-    topology: &Topology,
-) -> Result<Vec<String>> {
-    check_names(topology)?;
-    for e in &topology.exchanges {
-        channel
-            .exchange_declare(exchange_args(e, false))
-            .await
-            .map_err(|err| {
-                watch.refusal(ErrorKind::Declare, format!("exchange '{}'", e.name), err)
-            })?;
-    }
-    let mut names = Vec::with_capacity(topology.queues.len());
-    for q in &topology.queues {
-        check_for_server(q, &watch.server_version)?;
-        let declared = channel
-            .queue_declare(queue_args(q, false))
-            .await
-            .map_err(|err| watch.refusal(ErrorKind::Declare, format!("queue '{}'", q.name), err))?;
-        names.push(
-            declared
-                .map(|(name, _, _)| name)
-                .unwrap_or_else(|| q.name.clone()),
-        );
-    }
-    for b in &topology.bindings {
-        // A binding to a server-named queue uses the name it just got.
-        let queue = if b.queue.is_empty() {
-            names.first().cloned().unwrap_or_default()
-        } else {
-            b.queue.clone()
-        };
-        channel
-            .queue_bind(QueueBindArguments::new(&queue, &b.exchange, &b.routing_key))
-            .await
-            .map_err(|err| {
-                watch.refusal(
-                    ErrorKind::Declare,
-                    format!(
-                        "binding of queue '{}' to exchange '{}' with key '{}'",
-                        queue, b.exchange, b.routing_key
-                    ),
-                    err,
-                )
-            })?;
-    }
-    Ok(names)
-}
-
 /// Refuses what means something else on the broker's version than it
 /// does on others: a negative `x-delivery-limit` is "unlimited" on
 /// RabbitMQ 4 but "dead-letter after the first delivery" on 3.x, so it is
 /// never sent to a 3.x broker.
-fn check_for_server(q: &Queue, server_version: &str) -> Result<()> {
+pub(crate) fn check_for_server(q: &Queue, server_version: &str) -> Result<()> {
     let limit = q
         .arguments
         .get("x-delivery-limit")

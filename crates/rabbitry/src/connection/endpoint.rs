@@ -1,6 +1,6 @@
 //! Broker addresses: parsing `amqp://user:password@host:port/vhost?query`
 //! and `amqps://...`, with the query string of RabbitMQ's URI
-//! specification.
+//! specification, and `memory://NAME` for the in-memory broker.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 
 /// One broker address, parsed from an AMQP URL.
 #[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Endpoint {
     /// Host name or address.
     pub host: String,
@@ -26,6 +27,9 @@ pub struct Endpoint {
     pub vhost: String,
     /// What the URL's query string sets.
     pub options: UrlOptions,
+    /// `memory://NAME` (feature `testing`): the in-memory broker called
+    /// `NAME` (in `host`) in this process, not a socket.
+    pub in_memory: bool,
 }
 
 /// The query string of an AMQP URL, as in RabbitMQ's URI specification:
@@ -130,8 +134,12 @@ impl UrlOptions {
 
 impl Endpoint {
     /// Parses an `amqp://` or `amqps://` URL. A build without the `tls`
-    /// feature refuses `amqps://` with an error that says so.
+    /// feature refuses `amqps://` with an error that says so, and one
+    /// without `testing` refuses `memory://`.
     pub fn parse(url: &str) -> Result<Endpoint> {
+        if let Some(name) = url.strip_prefix("memory://") {
+            return Endpoint::in_memory(name, url);
+        }
         let (rest, tls) = if let Some(rest) = url.strip_prefix("amqp://") {
             (rest, false)
         } else if let Some(rest) = url.strip_prefix("amqps://") {
@@ -198,11 +206,40 @@ impl Endpoint {
             password,
             vhost,
             options,
+            in_memory: false,
         })
     }
 
-    /// `host:port`, for messages.
+    /// `memory://NAME`: the in-memory broker `NAME`.
+    fn in_memory(name: &str, url: &str) -> Result<Endpoint> {
+        if !cfg!(feature = "testing") {
+            return Err(Error::config(format!(
+                "`{url}`: memory:// (the in-memory broker) needs rabbitry's `testing` cargo \
+                 feature, which this build leaves out"
+            )));
+        }
+        if name.is_empty() || name.contains(['/', '?', '@']) {
+            return Err(Error::config(format!(
+                "`{url}`: expected memory://NAME, a name without '/', '?' or '@'"
+            )));
+        }
+        Ok(Endpoint {
+            host: name.to_owned(),
+            port: 0,
+            tls: false,
+            user: String::new(),
+            password: String::new(),
+            vhost: "/".to_owned(),
+            options: UrlOptions::default(),
+            in_memory: true,
+        })
+    }
+
+    /// `host:port` (`memory://NAME` for the in-memory broker), for messages.
     pub fn address(&self) -> String {
+        if self.in_memory {
+            return format!("memory://{}", self.host);
+        }
         format!("{}:{}", self.host, self.port)
     }
 }
@@ -215,6 +252,9 @@ impl fmt::Debug for Endpoint {
 
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.in_memory {
+            return write!(f, "memory://{}", self.host);
+        }
         let vhost = self.vhost.replace('/', "%2f");
         let scheme = if self.tls { "amqps" } else { "amqp" };
         write!(

@@ -21,20 +21,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use amqprs::channel::{Channel, QueueDeclareArguments, QueueDeleteArguments, QueuePurgeArguments};
 use tokio::sync::watch;
 
 pub use endpoint::{redact, AuthMechanism, Endpoint, UrlOptions};
 pub use tls::TlsSettings;
 
-pub(crate) use crate::channel::{ChannelWatch, ConfirmSink, Events};
+pub(crate) use crate::channel::{ChannelWatch, ConfirmSink};
+pub(crate) use crate::wire::close_quietly;
 
 use crate::defaults;
 use crate::error::{Error, ErrorKind, Result};
 use crate::limits::check_short;
 use crate::setters::setters;
 use crate::task::Background;
-use crate::topology::{self, Topology};
+use crate::topology::{Queue, Topology};
+use crate::wire::{self, WireChannel, WireConnection, WireError};
 
 /// Settings for one named connection: [`ConnectionSettings::new`] (or
 /// `default()`) and a setter per field. New fields can come in a minor
@@ -184,7 +185,7 @@ impl fmt::Debug for ConnectionSettings {
 #[derive(Clone)]
 pub(crate) struct Link {
     pub(crate) generation: u64,
-    pub(crate) conn: Option<amqprs::connection::Connection>,
+    pub(crate) conn: Option<WireConnection>,
     /// The node the socket went to (kept after a loss: the last one).
     pub(crate) peer: Option<Peer>,
     closed: bool,
@@ -368,8 +369,8 @@ impl Connection {
     /// it is connected to announced them; `None` while disconnected.
     pub fn server(&self) -> Option<String> {
         let link = self.shared.link.borrow();
-        let props = link.conn.as_ref()?.server_properties();
-        Some(format!("{} {}", props.product(), props.version()))
+        let (product, version) = link.conn.as_ref()?.server();
+        Some(format!("{product} {version}"))
     }
 
     /// The node this connection's socket went to last.
@@ -395,7 +396,7 @@ impl Connection {
     /// Declares `topology` once without remembering it.
     pub async fn declare_once(&self, topology: &Topology) -> Result<Vec<String>> {
         let (channel, watch, _) = self.open_channel(None).await?;
-        let names = topology::declare(&channel, &watch, topology).await;
+        let names = wire::declare(&channel, &watch, topology).await;
         close_quietly(channel).await;
         names
     }
@@ -409,18 +410,20 @@ impl Connection {
         for e in &topology.exchanges {
             let what = format!("exchange '{}'", e.name);
             if let Some(d) = self
-                .probe(&what, |ch| async move {
-                    ch.exchange_declare(topology::exchange_args(e, true)).await
-                })
+                .probe(
+                    &what,
+                    |ch| async move { ch.declare_exchange(e, true).await },
+                )
                 .await?
             {
                 drifts.push(d);
                 continue;
             }
             if let Some(d) = self
-                .probe(&what, |ch| async move {
-                    ch.exchange_declare(topology::exchange_args(e, false)).await
-                })
+                .probe(
+                    &what,
+                    |ch| async move { ch.declare_exchange(e, false).await },
+                )
                 .await?
             {
                 drifts.push(d);
@@ -430,9 +433,7 @@ impl Connection {
             let what = format!("queue '{}'", q.name);
             let passive = self
                 .probe(&what, |ch| async move {
-                    ch.queue_declare(topology::queue_args(q, true))
-                        .await
-                        .map(|_| ())
+                    ch.declare_queue(q, true).await.map(drop)
                 })
                 .await?;
             if let Some(d) = passive {
@@ -443,9 +444,7 @@ impl Connection {
             // no-op when they match and a PRECONDITION_FAILED when not.
             if let Some(d) = self
                 .probe(&what, |ch| async move {
-                    ch.queue_declare(topology::queue_args(q, false))
-                        .await
-                        .map(|_| ())
+                    ch.declare_queue(q, false).await.map(drop)
                 })
                 .await?
             {
@@ -459,8 +458,8 @@ impl Connection {
     /// [`Drift`], a lost connection an error.
     async fn probe<'a, F, Fut>(&self, what: &str, op: F) -> Result<Option<Drift>>
     where
-        F: FnOnce(Channel) -> Fut,
-        Fut: std::future::Future<Output = std::result::Result<(), amqprs::error::Error>> + 'a,
+        F: FnOnce(WireChannel) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<(), WireError>> + 'a,
     {
         let (channel, watch, _) = self.open_channel(None).await?;
         match op(channel.clone()).await {
@@ -487,13 +486,10 @@ impl Connection {
     pub async fn queue_status(&self, queue: &str) -> Result<Option<QueueStatus>> {
         check_short("queue name", queue)?;
         let (channel, watch, _) = self.open_channel(None).await?;
-        let res = channel
-            .queue_declare(QueueDeclareArguments::new(queue).passive(true).finish())
-            .await;
+        let res = channel.declare_queue(&Queue::durable(queue), true).await;
         match res {
-            Ok(found) => {
+            Ok((_, messages, consumers)) => {
                 close_quietly(channel).await;
-                let (_, messages, consumers) = found.unwrap_or_default();
                 Ok(Some(QueueStatus {
                     messages,
                     consumers,
@@ -509,19 +505,17 @@ impl Connection {
     /// Removes every ready message from `queue`; returns how many.
     pub async fn purge(&self, queue: &str) -> Result<u32> {
         check_short("queue name", queue)?;
-        let n = self
-            .on_fresh_channel(format!("purge of queue '{queue}'"), |ch| async move {
-                ch.queue_purge(QueuePurgeArguments::new(queue)).await
-            })
-            .await?;
-        Ok(n.unwrap_or(0))
+        self.on_fresh_channel(format!("purge of queue '{queue}'"), |ch| async move {
+            ch.purge_queue(queue).await
+        })
+        .await
     }
 
     /// Deletes `queue` (nothing happens if it does not exist).
     pub async fn delete_queue(&self, queue: &str) -> Result<()> {
         check_short("queue name", queue)?;
         self.on_fresh_channel(format!("delete of queue '{queue}'"), |ch| async move {
-            ch.queue_delete(QueueDeleteArguments::new(queue)).await
+            ch.delete_queue(queue).await
         })
         .await
         .map(drop)
@@ -532,10 +526,7 @@ impl Connection {
         check_short("exchange name", exchange)?;
         self.on_fresh_channel(
             format!("delete of exchange '{exchange}'"),
-            |ch| async move {
-                ch.exchange_delete(amqprs::channel::ExchangeDeleteArguments::new(exchange))
-                    .await
-            },
+            |ch| async move { ch.delete_exchange(exchange).await },
         )
         .await
     }
@@ -544,8 +535,8 @@ impl Connection {
     /// broker refusal becomes an error naming `what` and the broker's reason.
     async fn on_fresh_channel<T, F, Fut>(&self, what: String, op: F) -> Result<T>
     where
-        F: FnOnce(Channel) -> Fut,
-        Fut: std::future::Future<Output = std::result::Result<T, amqprs::error::Error>>,
+        F: FnOnce(WireChannel) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, WireError>>,
     {
         let (channel, watch, _) = self.open_channel(None).await?;
         let out = op(channel.clone())
@@ -651,28 +642,18 @@ impl Connection {
     pub(crate) async fn open_channel(
         &self,
         confirms: Option<Arc<dyn ConfirmSink>>,
-    ) -> Result<(Channel, ChannelWatch, u64)> {
+    ) -> Result<(WireChannel, ChannelWatch, u64)> {
         let link = self
             .live_link(0, self.shared.settings.recovery_timeout)
             .await?;
         let conn = link.conn.as_ref().ok_or_else(|| self.closed_error())?;
-        let channel = conn.open_channel(None).await.map_err(|e| {
+        let (channel, watch) = conn.open_channel(confirms).await.map_err(|e| {
             Error::new(
                 ErrorKind::Disconnected,
                 format!("opening a channel on connection '{}'", self.name()),
             )
             .with_source(e)
         })?;
-        let watch = ChannelWatch::on(conn.server_properties().version(), conn.frame_max());
-        channel
-            .register_callback(Events {
-                watch: watch.clone(),
-                confirms,
-            })
-            .await
-            .map_err(|e| {
-                Error::new(ErrorKind::Disconnected, "registering a channel callback").with_source(e)
-            })?;
         Ok((channel, watch, link.generation))
     }
 }
@@ -699,13 +680,6 @@ pub struct QueueStatus {
     pub messages: u32,
     /// Consumers attached.
     pub consumers: u32,
-}
-
-pub(crate) async fn close_quietly(channel: Channel) {
-    if channel.is_open() {
-        // Bounded: a close the broker does not answer must not hang.
-        let _ = tokio::time::timeout(Duration::from_secs(5), channel.close()).await;
-    }
 }
 
 /// Locks a std mutex, ignoring poisoning: the data behind our mutexes stays

@@ -11,18 +11,15 @@ use amqprs::Close;
 
 use super::backoff::Backoff;
 use super::{
-    close_quietly, AuthMechanism, ChannelWatch, ConnectionSettings, Endpoint, Events, Peer, Shared,
+    close_quietly, AuthMechanism, ChannelWatch, ConnectionSettings, Endpoint, Peer, Shared,
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::task::CancellationToken;
-use crate::topology::{self, Topology};
+use crate::topology::Topology;
+use crate::wire::{self, WireChannel, WireConnection};
 
 /// How long one TCP connect plus AMQP handshake may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How often the supervisor also polls the socket's state, in case the
-/// client's failure notification was sent before anyone listened.
-const POLL: Duration = Duration::from_millis(500);
 
 /// Tries each endpoint once, in a new random order each time unless the
 /// settings keep the given order; returns the first that connects, or the
@@ -30,7 +27,7 @@ const POLL: Duration = Duration::from_millis(500);
 pub(super) async fn connect_any(
     settings: &ConnectionSettings,
     endpoints: &[Endpoint],
-) -> Result<(AmqpConnection, Peer)> {
+) -> Result<(WireConnection, Peer)> {
     let mut order: Vec<&Endpoint> = endpoints.iter().collect();
     if !settings.keep_url_order {
         shuffle(&mut order);
@@ -48,7 +45,11 @@ pub(super) async fn connect_any(
     Err(last.unwrap_or_else(|| Error::config("no broker URL given")))
 }
 
-async fn connect(settings: &ConnectionSettings, ep: &Endpoint) -> Result<AmqpConnection> {
+async fn connect(settings: &ConnectionSettings, ep: &Endpoint) -> Result<WireConnection> {
+    #[cfg(feature = "testing")]
+    if ep.in_memory {
+        return Ok(WireConnection::in_memory(&ep.host));
+    }
     let credentials = match ep.options.auth_mechanism.unwrap_or(AuthMechanism::Plain) {
         AuthMechanism::Plain => SecurityCredentials::new_plain(&ep.user, &ep.password),
         AuthMechanism::AmqPlain => SecurityCredentials::new_amqplain(&ep.user, &ep.password),
@@ -116,7 +117,7 @@ async fn connect(settings: &ConnectionSettings, ep: &Endpoint) -> Result<AmqpCon
         server = %format_args!("{} {}", server.product(), server.version()),
         "connected to node"
     );
-    Ok(conn)
+    Ok(WireConnection::Amqp(conn))
 }
 
 /// Whether `ep`'s port answers an AMQP protocol header with an AMQP frame.
@@ -242,19 +243,6 @@ impl ConnectionCallback for Logger {
     async fn secret_updated(&mut self, _c: &AmqpConnection) {}
 }
 
-/// Resolves when `conn` is no longer usable.
-async fn lost(conn: &AmqpConnection) {
-    let listen = conn.listen_network_io_failure();
-    tokio::pin!(listen);
-    let mut tick = tokio::time::interval(POLL);
-    loop {
-        tokio::select! {
-            _ = &mut listen => return,
-            _ = tick.tick() => if !conn.is_open() { return },
-        }
-    }
-}
-
 /// Shuffles `items` with the process's random hasher keys: spreading the
 /// clients of a cluster over its nodes needs no stronger randomness.
 fn shuffle<T>(items: &mut [T]) {
@@ -271,15 +259,15 @@ fn shuffle<T>(items: &mut [T]) {
 /// down, a conflicting declaration) is logged and returned, and the rest is
 /// declared all the same, so one unavailable queue does not keep every
 /// other consumer of the connection down. Fails only when the socket does.
-async fn redeclare(conn: &AmqpConnection, name: &str, topology: &Topology) -> Result<Topology> {
+async fn redeclare(conn: &WireConnection, name: &str, topology: &Topology) -> Result<Topology> {
     let mut refused = Topology::default();
-    let mut open: Option<(amqprs::channel::Channel, ChannelWatch)> = None;
+    let mut open: Option<(WireChannel, ChannelWatch)> = None;
     for entity in topology.entities() {
         let (channel, watch) = match open.take() {
             Some(c) => c,
             None => recovery_channel(conn).await?,
         };
-        match topology::declare(&channel, &watch, &entity).await {
+        match wire::declare(&channel, &watch, &entity).await {
             Ok(_) => open = Some((channel, watch)),
             Err(err) if err.kind() == ErrorKind::Disconnected => {
                 close_quietly(channel).await;
@@ -299,29 +287,16 @@ async fn redeclare(conn: &AmqpConnection, name: &str, topology: &Topology) -> Re
     Ok(refused)
 }
 
-async fn recovery_channel(
-    conn: &AmqpConnection,
-) -> Result<(amqprs::channel::Channel, ChannelWatch)> {
-    let channel = conn.open_channel(None).await.map_err(|e| {
+async fn recovery_channel(conn: &WireConnection) -> Result<(WireChannel, ChannelWatch)> {
+    conn.open_channel(None).await.map_err(|e| {
         Error::new(ErrorKind::Disconnected, "opening a channel for recovery").with_source(e)
-    })?;
-    let watch = ChannelWatch::on(conn.server_properties().version(), conn.frame_max());
-    channel
-        .register_callback(Events {
-            watch: watch.clone(),
-            confirms: None,
-        })
-        .await
-        .map_err(|e| {
-            Error::new(ErrorKind::Disconnected, "registering a callback").with_source(e)
-        })?;
-    Ok((channel, watch))
+    })
 }
 
 /// Declares what the broker refused during a recovery again, with backoff,
 /// until it is all declared or the socket goes (the next recovery then
 /// declares everything again).
-fn retry_refused(conn: AmqpConnection, name: String, mut refused: Topology, mut backoff: Backoff) {
+fn retry_refused(conn: WireConnection, name: String, mut refused: Topology, mut backoff: Backoff) {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(backoff.next_delay()).await;
@@ -352,7 +327,7 @@ pub(super) async fn run(shared: Weak<Shared>, stop: CancellationToken) {
         let Some(conn) = conn else { return };
 
         let stopping = tokio::select! {
-            _ = lost(&conn) => false,
+            _ = conn.lost() => false,
             _ = stop.cancelled() => true,
         };
         if stopping {

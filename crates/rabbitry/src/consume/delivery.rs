@@ -3,13 +3,13 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use amqprs::channel::{BasicAckArguments, BasicNackArguments, BasicRejectArguments, Channel};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
 use crate::codec::{base64_value, decode_value, Decoded, Serializer};
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::Properties;
+use crate::wire::WireChannel;
 
 /// What to do with a delivery once it has been handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,7 +30,7 @@ pub enum Outcome {
 /// broker close the channel and redeliver every other message on it).
 #[derive(Clone)]
 pub struct Acker {
-    channel: Channel,
+    channel: WireChannel,
     tag: u64,
     queue: Arc<str>,
     settled: Arc<AtomicBool>,
@@ -70,21 +70,9 @@ impl Acker {
             ));
         }
         let res = match outcome {
-            Outcome::Ack => {
-                self.channel
-                    .basic_ack(BasicAckArguments::new(self.tag, false))
-                    .await
-            }
-            Outcome::Requeue => {
-                self.channel
-                    .basic_nack(BasicNackArguments::new(self.tag, false, true))
-                    .await
-            }
-            Outcome::Reject => {
-                self.channel
-                    .basic_reject(BasicRejectArguments::new(self.tag, false))
-                    .await
-            }
+            Outcome::Ack => self.channel.ack(self.tag, false).await,
+            Outcome::Requeue => self.channel.requeue(self.tag).await,
+            Outcome::Reject => self.channel.reject(self.tag).await,
         };
         res.map_err(|e| {
             Error::new(
@@ -139,7 +127,7 @@ impl Delivery {
         redelivered: bool,
         queue: String,
         tag: u64,
-        channel: Channel,
+        channel: WireChannel,
     ) -> Self {
         let acker = Acker {
             channel,

@@ -15,19 +15,17 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use amqprs::channel::ConsumerMessage;
-use amqprs::channel::{BasicCancelArguments, BasicConsumeArguments, BasicQosArguments, Channel};
 use tokio::sync::{mpsc, oneshot};
 
 pub use delivery::{Acker, Delivery, Outcome};
 
-use crate::amqp::from_basic;
 use crate::connection::{close_quietly, Backoff, Connection};
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::Headers;
 use crate::setters::setters;
 use crate::task::{Background, CancellationToken};
-use crate::topology::{self, is_reserved, Exchange, ExchangeKind, Queue, QueueType, Topology};
+use crate::topology::{is_reserved, Exchange, ExchangeKind, Queue, QueueType, Topology};
+use crate::wire::{self, Deliveries, Incoming, WireChannel};
 
 /// The most unacknowledged deliveries a consumer of a quorum queue holds:
 /// every one is tracked by the queue's Raft log on each replica.
@@ -478,9 +476,7 @@ async fn run(
             tokio::select! {
                 m = incoming.recv() => match m {
                     Some(m) => {
-                        if let Some(d) = to_delivery(m, &channel, &queue) {
-                            if tx.send(d).await.is_err() { break true; }
-                        }
+                        if tx.send(to_delivery(m, &channel, &queue)).await.is_err() { break true; }
                     }
                     None => break false,
                 },
@@ -490,7 +486,7 @@ async fn run(
         attached.set(false);
         if stopped {
             // Bounded: stopping must not hang on a broker that does not answer.
-            let cancel = channel.basic_cancel(BasicCancelArguments::new(&tag));
+            let cancel = channel.cancel(&tag);
             if tokio::time::timeout(CLOSE_TIMEOUT, cancel).await.is_err() {
                 tracing::warn!(queue = %queue, "basic.cancel got no answer; closing anyway");
             }
@@ -519,13 +515,7 @@ async fn run(
     }
 }
 
-type Session = (
-    Channel,
-    String,
-    mpsc::UnboundedReceiver<ConsumerMessage>,
-    String,
-    u64,
-);
+type Session = (WireChannel, String, Deliveries, String, u64);
 
 async fn open_session(
     conn: &Connection,
@@ -535,10 +525,10 @@ async fn open_session(
 ) -> Result<Session> {
     let (channel, watch, generation) = conn.open_channel(None).await?;
     channel
-        .basic_qos(BasicQosArguments::new(0, prefetch, false))
+        .qos(prefetch)
         .await
         .map_err(|e| watch.refusal(ErrorKind::Channel, "basic.qos".into(), e))?;
-    let names = topology::declare(&channel, &watch, topology).await?;
+    let names = wire::declare(&channel, &watch, topology).await?;
     let queue = names
         .first()
         .cloned()
@@ -546,33 +536,24 @@ async fn open_session(
     let tag = format!("{}.{}", settings.name, uuid::Uuid::new_v4().simple());
     crate::limits::check_short("consumer tag (the consumer's name and 33 bytes)", &tag)?;
     crate::limits::check_short("queue name", &queue)?;
-    let args = BasicConsumeArguments::new(&queue, &tag)
-        .manual_ack(true)
-        .finish();
     let (tag, incoming) = channel
-        .basic_consume_rx(args)
+        .consume(&queue, &tag, false)
         .await
         .map_err(|e| watch.refusal(ErrorKind::Channel, format!("consuming queue '{queue}'"), e))?;
     Ok((channel, queue, incoming, tag, generation))
 }
 
-fn to_delivery(m: ConsumerMessage, channel: &Channel, queue: &str) -> Option<Delivery> {
-    let deliver = m.deliver?;
-    let properties = m
-        .basic_properties
-        .as_ref()
-        .map(from_basic)
-        .unwrap_or_default();
-    Some(Delivery::new(
-        bytes::Bytes::from(m.content.unwrap_or_default()),
-        properties,
-        deliver.exchange().clone(),
-        deliver.routing_key().clone(),
-        deliver.redelivered(),
+fn to_delivery(m: Incoming, channel: &WireChannel, queue: &str) -> Delivery {
+    Delivery::new(
+        m.body,
+        m.properties,
+        m.exchange,
+        m.routing_key,
+        m.redelivered,
         queue.to_owned(),
-        deliver.delivery_tag(),
+        m.delivery_tag,
         channel.clone(),
-    ))
+    )
 }
 
 /// The one home of the `${site}` rule: the first field whose value still

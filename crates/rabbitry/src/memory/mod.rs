@@ -201,11 +201,30 @@ impl MemoryBroker {
     /// messages and queues on tokio's clock).
     pub fn connect(&self) -> MemoryConnection {
         self.start_clock();
-        let id = self.with(|s, _| s.open_connection());
+        let (id, life) = self.with(|s, _| s.open_connection());
         MemoryConnection {
             broker: self.clone(),
             id,
+            life,
         }
+    }
+
+    /// Closes every connection, as a broker restart or a network cut
+    /// would (what is declared and queued stays): recovery tests cut with
+    /// it. Returns how many were open.
+    pub fn cut_connections(&self) -> usize {
+        self.with(|s, now| {
+            let open: Vec<ConnId> = s.connections.keys().copied().collect();
+            for id in &open {
+                s.close_connection(*id, now);
+            }
+            open.len()
+        })
+    }
+
+    /// How many connections are open.
+    pub fn connections(&self) -> usize {
+        self.lock().connections.len()
     }
 
     fn start_clock(&self) {
@@ -256,6 +275,7 @@ impl MemoryBroker {
 pub struct MemoryConnection {
     broker: MemoryBroker,
     id: ConnId,
+    life: Arc<state::Life>,
 }
 
 impl MemoryConnection {
@@ -267,6 +287,21 @@ impl MemoryConnection {
             conn: self.id,
             id,
         }
+    }
+
+    /// Whether the connection is open (neither closed nor cut).
+    pub fn is_open(&self) -> bool {
+        self.life.is_open()
+    }
+
+    /// Resolves once the connection is closed or cut.
+    pub async fn closed(&self) {
+        self.life.closed().await
+    }
+
+    /// The broker it is connected to.
+    pub fn broker(&self) -> &MemoryBroker {
+        &self.broker
     }
 
     /// Closes the connection, as a lost socket would: its channels'
@@ -454,6 +489,12 @@ impl MemoryChannel {
     /// `basic.get`: the next message and how many are left, if any.
     pub fn get(&self, queue: &str, no_ack: bool) -> Result<Option<(MemoryDelivery, u32)>, Refusal> {
         self.run(|s, id, now| s.get(id, queue, no_ack, now))
+    }
+
+    /// Whether the channel is open: neither closed by a refusal, by
+    /// [`close`](Self::close), nor with its connection.
+    pub fn is_open(&self) -> bool {
+        self.broker.lock().channels.contains_key(&self.id)
     }
 
     /// Closes the channel: its unacknowledged messages go back.

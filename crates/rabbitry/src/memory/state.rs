@@ -135,7 +135,41 @@ pub(super) struct State {
     pub(super) exchanges: BTreeMap<String, Exchange>,
     pub(super) queues: BTreeMap<String, Queue>,
     pub(super) channels: HashMap<ChannelId, Channel>,
+    /// The open connections, each with the signal its holders watch.
+    pub(super) connections: HashMap<ConnId, Arc<Life>>,
     pub(super) next_id: u64,
+}
+
+/// Whether a connection is open, and a way to wait for its end.
+#[derive(Debug, Default)]
+pub(crate) struct Life {
+    closed: std::sync::atomic::AtomicBool,
+    ended: tokio::sync::Notify,
+}
+
+impl Life {
+    pub(crate) fn is_open(&self) -> bool {
+        !self.closed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn end(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.ended.notify_waiters();
+    }
+
+    /// Resolves once the connection is closed.
+    pub(crate) async fn closed(&self) {
+        loop {
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if !self.is_open() {
+                return;
+            }
+            ended.await;
+        }
+    }
 }
 
 pub(super) fn not_found(what: &str, name: &str) -> Refusal {
@@ -206,8 +240,11 @@ impl State {
         self.next_id
     }
 
-    pub(super) fn open_connection(&mut self) -> ConnId {
-        self.id()
+    pub(super) fn open_connection(&mut self) -> (ConnId, Arc<Life>) {
+        let id = self.id();
+        let life = Arc::new(Life::default());
+        self.connections.insert(id, life.clone());
+        (id, life)
     }
 
     pub(super) fn open_channel(&mut self, conn: ConnId) -> ChannelId {
@@ -249,6 +286,9 @@ impl State {
 
     /// Closes a connection: its channels, then its exclusive queues.
     pub(super) fn close_connection(&mut self, conn: ConnId, now: Instant) {
+        if let Some(life) = self.connections.remove(&conn) {
+            life.end();
+        }
         let channels: Vec<ChannelId> = self
             .channels
             .iter()

@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use amqprs::channel::{BasicPublishArguments, Channel, ConfirmSelectArguments};
 use amqprs::BasicProperties;
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio::time::Instant;
@@ -27,6 +26,7 @@ use crate::connection::{close_quietly, lock, ConfirmSink, Connection};
 use crate::error::{Error, ErrorKind, Result};
 use crate::limits::Limits;
 use crate::task::{Background, CancellationToken};
+use crate::wire::{WireChannel, WireError};
 
 /// A message ready for the wire.
 #[derive(Debug)]
@@ -40,20 +40,28 @@ pub(crate) struct Outgoing {
 }
 
 impl Outgoing {
-    async fn send(&self, channel: &Channel) -> std::result::Result<(), amqprs::error::Error> {
-        let mut args = BasicPublishArguments::new(&self.exchange, &self.routing_key);
-        args.mandatory = self.mandatory;
+    async fn send(&self, channel: &WireChannel) -> std::result::Result<(), WireError> {
         channel
-            .basic_publish(self.properties.clone(), self.body.clone(), args)
+            .publish(
+                &self.exchange,
+                &self.routing_key,
+                self.mandatory,
+                self.properties.clone(),
+                self.body.clone(),
+            )
             .await
     }
 
     /// Sends without keeping a copy (no confirms: nothing to resend).
-    async fn send_owned(self, channel: &Channel) -> std::result::Result<(), amqprs::error::Error> {
-        let mut args = BasicPublishArguments::new(&self.exchange, &self.routing_key);
-        args.mandatory = self.mandatory;
+    async fn send_owned(self, channel: &WireChannel) -> std::result::Result<(), WireError> {
         channel
-            .basic_publish(self.properties, self.body, args)
+            .publish(
+                &self.exchange,
+                &self.routing_key,
+                self.mandatory,
+                self.properties,
+                self.body,
+            )
             .await
     }
 
@@ -541,7 +549,7 @@ struct Actor {
     conn: Connection,
     confirms: bool,
     tracker: Arc<Tracker>,
-    channel: Option<Channel>,
+    channel: Option<WireChannel>,
     /// The socket generation the channel is on.
     generation: u64,
     next_tag: u64,
@@ -641,7 +649,7 @@ impl Actor {
     /// Sends `entry` with the next tag; its confirm timeout counts from now,
     /// whether this is its first send or it is sent again after a nack or
     /// a timeout.
-    async fn send_tracked(&mut self, channel: &Channel, mut entry: Entry) {
+    async fn send_tracked(&mut self, channel: &WireChannel, mut entry: Entry) {
         entry.sent = Instant::now();
         let tag = self.next_tag;
         self.next_tag += 1;
@@ -794,7 +802,7 @@ impl Actor {
         *lock(&self.tracker.nacking_since) = None;
         if self.confirms {
             channel
-                .confirm_select(ConfirmSelectArguments::default())
+                .confirm_select()
                 .await
                 .map_err(|e| watch.refusal(ErrorKind::Channel, "confirm.select".into(), e))?;
         }
@@ -892,7 +900,7 @@ impl Actor {
     }
 
     /// Sends the messages that waited for a channel, in order.
-    async fn send_waiting(&mut self, channel: &Channel) {
+    async fn send_waiting(&mut self, channel: &WireChannel) {
         *lock(&self.tracker.blocked_since) = None;
         let waiting: Vec<_> = self.waiting.drain(..).collect();
         for (m, done, _) in waiting {

@@ -23,12 +23,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use amqprs::channel::{BasicConsumeArguments, BasicPublishArguments, Channel, ConsumerMessage};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 
-use crate::amqp::{from_basic, to_basic};
+use crate::amqp::to_basic;
 use crate::channel::{CloseReason, Returned};
 use crate::clock::now_millis;
 use crate::codec::{decode_value, Decoded, Serializer};
@@ -39,6 +38,7 @@ use crate::message::{HeaderValue, Message, Properties};
 use crate::task::{Background, CancellationToken};
 use crate::telemetry::{self, Parent};
 use crate::topology::{Queue, Topology};
+use crate::wire::{Deliveries, WireChannel};
 
 /// RabbitMQ's direct reply-to pseudo-queue.
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -160,7 +160,7 @@ struct Call {
 /// The channel the client currently uses, and the reply address on it.
 #[derive(Clone)]
 struct Route {
-    channel: Channel,
+    channel: WireChannel,
     reply_to: String,
     /// What a request may be on this channel.
     limits: crate::limits::Limits,
@@ -312,11 +312,16 @@ impl RpcClient {
             request.body.len(),
             &route.limits,
         )?;
-        let mut args = BasicPublishArguments::new(&exchange, &routing_key);
-        args.mandatory = self.settings.mandatory || request.mandatory;
+        let mandatory = self.settings.mandatory || request.mandatory;
         if let Err(e) = route
             .channel
-            .basic_publish(to_basic(&request.properties), request.body, args)
+            .publish(
+                &exchange,
+                &routing_key,
+                mandatory,
+                to_basic(&request.properties),
+                request.body,
+            )
             .await
         {
             self.meters.errors.increment(1);
@@ -386,13 +391,11 @@ impl Drop for WaitingEntry<'_> {
     }
 }
 
-type Incoming = mpsc::UnboundedReceiver<ConsumerMessage>;
-
 async fn open_route(
     conn: &Connection,
     settings: &RpcSettings,
     calls: &Arc<Mutex<Calls>>,
-) -> Result<(Route, Incoming)> {
+) -> Result<(Route, Deliveries)> {
     let sink: Arc<dyn ConfirmSink> = Arc::new(ReturnSink {
         calls: calls.clone(),
     });
@@ -402,14 +405,11 @@ async fn open_route(
         ReplyQueue::Named(name) => {
             let mut t = Topology::default();
             t.queue(Queue::exclusive(name));
-            let names = crate::topology::declare(&channel, &watch, &t).await?;
+            let names = crate::wire::declare(&channel, &watch, &t).await?;
             names.into_iter().next().unwrap_or_else(|| name.clone())
         }
     };
-    let args = BasicConsumeArguments::new(&queue, "")
-        .auto_ack(true)
-        .finish();
-    let (_, incoming) = channel.basic_consume_rx(args).await.map_err(|e| {
+    let (_, incoming) = channel.consume(&queue, "", true).await.map_err(|e| {
         watch.refusal(
             ErrorKind::Channel,
             format!("consuming replies from '{queue}'"),
@@ -432,7 +432,7 @@ async fn run(
     settings: RpcSettings,
     calls: Arc<Mutex<Calls>>,
     route: watch::Sender<Option<Route>>,
-    mut incoming: Incoming,
+    mut incoming: Deliveries,
     stop: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
@@ -443,11 +443,7 @@ async fn run(
                 _ = stop.cancelled() => return,
             };
             let Some(m) = m else { break };
-            let properties = m
-                .basic_properties
-                .as_ref()
-                .map(from_basic)
-                .unwrap_or_default();
+            let properties = m.properties;
             let Some(id) = properties.correlation_id.clone() else {
                 tracing::warn!("a reply without a correlation id was dropped");
                 continue;
@@ -456,7 +452,7 @@ async fn run(
             match waiter {
                 Some(w) => {
                     let _ = w.send(Ok(Response {
-                        body: m.content.unwrap_or_default(),
+                        body: m.body.into(),
                         properties,
                     }));
                 }

@@ -5,17 +5,16 @@
 //! channel of their own; listing never removes anything (the messages go
 //! back when the channel closes).
 
-use amqprs::channel::{BasicAckArguments, BasicGetArguments, Channel};
 use serde::Serialize;
 
 use super::retry;
-use crate::amqp::from_basic;
 use crate::channel::ChannelWatch;
 use crate::connection::{close_quietly, Connection};
 use crate::error::{ErrorKind, Result};
 use crate::message::{HeaderValue, Properties};
 use crate::publish::{Producer, ProducerSettings};
 use crate::telemetry::{Link, Parent};
+use crate::wire::WireChannel;
 
 /// One dead-lettered message.
 #[derive(Debug, Clone, Serialize)]
@@ -63,7 +62,7 @@ fn header_str(p: &Properties, k: &str) -> Option<String> {
 /// A dead-letter queue read one message at a time on a channel of its own;
 /// what is not acked goes back to the queue when it closes.
 struct Reader {
-    channel: Channel,
+    channel: WireChannel,
     watch: ChannelWatch,
     dead: String,
 }
@@ -82,26 +81,19 @@ impl Reader {
 
     /// The next letter: its delivery tag, properties and body.
     async fn next(&self) -> Result<Option<(u64, Properties, Vec<u8>)>> {
-        let got = self
-            .channel
-            .basic_get(BasicGetArguments::new(&self.dead))
-            .await
-            .map_err(|e| {
-                self.watch
-                    .refusal(ErrorKind::Channel, format!("queue '{}'", self.dead), e)
-            })?;
-        Ok(got.map(|(ok, props, body)| (ok.delivery_tag(), from_basic(&props), body)))
+        let got = self.channel.get(&self.dead).await.map_err(|e| {
+            self.watch
+                .refusal(ErrorKind::Channel, format!("queue '{}'", self.dead), e)
+        })?;
+        Ok(got.map(|m| (m.delivery_tag, m.properties, m.body.into())))
     }
 
     /// Removes the letter `tag` from the queue.
     async fn ack(&self, tag: u64) -> Result<()> {
-        self.channel
-            .basic_ack(BasicAckArguments::new(tag, false))
-            .await
-            .map_err(|e| {
-                self.watch
-                    .refusal(ErrorKind::Channel, format!("ack on '{}'", self.dead), e)
-            })
+        self.channel.ack(tag, false).await.map_err(|e| {
+            self.watch
+                .refusal(ErrorKind::Channel, format!("ack on '{}'", self.dead), e)
+        })
     }
 
     async fn close(self) {
