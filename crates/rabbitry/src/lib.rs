@@ -46,6 +46,7 @@
 //! | `config` | yes | `Settings` from TOML, and the worker a config file describes | toml |
 //! | `admin` | | `admin::Admin`: Prometheus `/metrics`, `/livez`, `/readyz`, status and dead letters as an axum `Router` | axum, metrics-exporter-prometheus |
 //! | `otel` | | OpenTelemetry spans for publish, process and RPC, W3C `traceparent` in AMQP headers (`telemetry`) | the `opentelemetry` API crate |
+//! | `testing` | | `memory://NAME`: an in-memory broker for tests, and the `testing` harness (handler tests in milliseconds, under tokio's paused clock) | nothing |
 //! | `tls` | yes | `amqps://` URLs: system roots or a CA file, mutual TLS, EXTERNAL login | rustls on the `ring` provider, rustls-native-certs |
 //!
 //! A producer-only service writes
@@ -71,6 +72,9 @@
 //! - [`rpc`]: request/reply client, durable replies.
 //! - [`telemetry`]: spans across the broker and the W3C trace context (feature `otel`).
 //! - `outbox`: the durable outbox and the idempotent inbox (features `sqlite`, `postgres`).
+//! - `memory` and `testing`: an in-memory broker with RabbitMQ's semantics
+//!   (`memory://NAME` URLs) and a harness for tests without a broker
+//!   (feature `testing`).
 
 #[cfg(feature = "admin")]
 pub mod admin;
@@ -92,6 +96,8 @@ pub mod outbox;
 pub mod publish;
 pub mod rpc;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod topology;
 pub mod transaction;
 #[cfg(feature = "http")]

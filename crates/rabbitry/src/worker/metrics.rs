@@ -90,15 +90,22 @@ pub(crate) struct ConsumerMeter {
     unroutable: (metrics::Counter, AtomicU64),
     name: String,
     failures: Arc<FailureLog>,
+    /// Woken on every count, for [`WorkerMetrics::until`].
+    counted: Arc<tokio::sync::Notify>,
 }
 
 impl ConsumerMeter {
-    fn new(consumer: &str, failures: Arc<FailureLog>) -> ConsumerMeter {
+    fn new(
+        consumer: &str,
+        failures: Arc<FailureLog>,
+        counted: Arc<tokio::sync::Notify>,
+    ) -> ConsumerMeter {
         let name = consumer.to_owned();
         let consumer = consumer.to_owned();
         ConsumerMeter {
             name,
             failures,
+            counted,
             outcomes: Counted::ALL.map(|c| {
                 let counter = metrics::counter!(
                     "rabbitry_deliveries_total",
@@ -137,6 +144,7 @@ impl ConsumerMeter {
         let (counter, n) = &self.outcomes[outcome as usize];
         counter.increment(1);
         n.fetch_add(1, Ordering::Relaxed);
+        self.counted.notify_waiters();
     }
 
     /// Remembers a failure (not on the success path: a lock is fine).
@@ -182,6 +190,7 @@ impl Drop for InFlight {
 pub struct WorkerMetrics {
     consumers: BTreeMap<String, Arc<ConsumerMeter>>,
     failures: Arc<FailureLog>,
+    counted: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for WorkerMetrics {
@@ -197,8 +206,80 @@ impl WorkerMetrics {
     pub(crate) fn consumer(&mut self, name: &str) -> Arc<ConsumerMeter> {
         self.consumers
             .entry(name.to_owned())
-            .or_insert_with(|| Arc::new(ConsumerMeter::new(name, self.failures.clone())))
+            .or_insert_with(|| {
+                Arc::new(ConsumerMeter::new(
+                    name,
+                    self.failures.clone(),
+                    self.counted.clone(),
+                ))
+            })
             .clone()
+    }
+
+    /// Waits until `condition` holds, checking it again each time a
+    /// delivery's outcome is counted, for at most `timeout`: how a test
+    /// waits for a worker to have acked, retried or dead-lettered what it
+    /// published, without sleeping. The timeout's error lists the counts.
+    ///
+    /// ```no_run
+    /// # async fn demo(running: rabbitry::worker::RunningWorker) -> rabbitry::Result<()> {
+    /// use std::time::Duration;
+    /// use rabbitry::worker::Counted;
+    ///
+    /// let metrics = running.metrics();
+    /// metrics
+    ///     .until(Duration::from_secs(5), |m| m.outcomes("orders", Counted::Ack) == 1)
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn until(
+        &self,
+        timeout: Duration,
+        condition: impl Fn(&WorkerMetrics) -> bool,
+    ) -> crate::Result<()> {
+        let wait = async {
+            loop {
+                let counted = self.counted.notified();
+                tokio::pin!(counted);
+                // Registered before the check: no count is missed between.
+                counted.as_mut().enable();
+                if condition(self) {
+                    return;
+                }
+                counted.await;
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.map_err(|_| {
+            crate::Error::new(
+                crate::ErrorKind::Timeout,
+                format!(
+                    "the worker's counts did not reach the condition within {timeout:?}: {}",
+                    self.summary()
+                ),
+            )
+        })
+    }
+
+    /// Each consumer's counts by outcome, for messages.
+    fn summary(&self) -> String {
+        let consumers: Vec<String> = self
+            .consumers
+            .iter()
+            .map(|(name, m)| {
+                let counts: Vec<String> = Counted::ALL
+                    .iter()
+                    .map(|c| {
+                        format!(
+                            "{} {}",
+                            c.label(),
+                            m.outcomes[*c as usize].1.load(Ordering::Relaxed)
+                        )
+                    })
+                    .collect();
+                format!("{name}: {}", counts.join(", "))
+            })
+            .collect();
+        consumers.join("; ")
     }
 
     /// The last failures (at most 50), newest first.

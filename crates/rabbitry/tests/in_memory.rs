@@ -1,0 +1,168 @@
+//! rabbitry's parts on the in-memory broker (`memory://NAME`), through the
+//! same `Connection` as on RabbitMQ: the worker with its retry queues under
+//! tokio's paused clock, RPC with both kinds of reply queue, recovery after
+//! a cut, and the README's handler test. Every test here is named
+//! `in_memory_*` and needs no broker and no network (`unshare -n` runs
+//! them).
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rabbitry::rpc::{ReplyQueue, RpcClient, RpcSettings};
+use rabbitry::testing::TestBroker;
+use rabbitry::worker::{Counted, HandlerError, Json, Msg, Retry, State, Worker};
+use rabbitry::{
+    Consumer, ConsumerSettings, ExchangeKind, Message, Producer, ProducerSettings, Serializer,
+};
+
+/// The README's handler test, verbatim (its tests' paths hold `in_memory`).
+#[path = "readme_handler.rs"]
+mod readme_in_memory;
+
+/// A handler that fails its first two attempts.
+async fn flaky(
+    Msg(_order): Msg<serde_json::Value>,
+    State(attempts): State<Arc<AtomicU32>>,
+) -> Result<(), HandlerError> {
+    if attempts.fetch_add(1, Ordering::SeqCst) < 2 {
+        return Err(HandlerError::retry("the stock service is away"));
+    }
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_memory_a_handler_that_fails_twice_is_retried_after_five_minutes_each_then_acked() {
+    let wall = std::time::Instant::now();
+    let virtual_start = tokio::time::Instant::now();
+    let broker = TestBroker::new();
+    let conn = broker.connect().await.unwrap();
+    let attempts = Arc::new(AtomicU32::new(0));
+    let running = Worker::new(&conn, attempts.clone())
+        .consumer(ConsumerSettings::new("orders"), flaky)
+        .retry(Retry::attempts(5).delays([Duration::from_secs(300)]))
+        .start()
+        .await
+        .unwrap();
+    broker
+        .publish(
+            "",
+            Message::encode(Serializer::Json, &serde_json::json!({"id": 7}))
+                .unwrap()
+                .routing_key("orders"),
+        )
+        .unwrap();
+
+    let metrics = running.metrics();
+    metrics
+        .until(Duration::from_secs(3600), |m| {
+            m.outcomes("orders", Counted::Ack) == 1
+        })
+        .await
+        .unwrap();
+    assert_eq!(attempts.load(Ordering::SeqCst), 3);
+    assert_eq!(metrics.outcomes("orders", Counted::Retry), 2);
+    assert_eq!(metrics.outcomes("orders", Counted::DeadLetter), 0);
+    // Each retry waited its five minutes of the test's clock.
+    let waited = virtual_start.elapsed();
+    assert!(waited >= Duration::from_secs(600), "{waited:?}");
+    assert_eq!(broker.ready("orders"), Some(0));
+    running.shutdown().await;
+    println!(
+        "two 5-minute retries took {:?} of wall time ({:?} on the test's clock)",
+        wall.elapsed(),
+        waited
+    );
+}
+
+async fn echo(Msg(v): Msg<serde_json::Value>) -> Result<Json<serde_json::Value>, HandlerError> {
+    Ok(Json(serde_json::json!({ "echo": v })))
+}
+
+#[tokio::test]
+async fn in_memory_rpc_calls_get_replies_on_direct_reply_to_and_on_a_named_queue() {
+    let broker = TestBroker::new();
+    let conn = broker.connect().await.unwrap();
+    let running = Worker::new(&conn, ())
+        .consumer(ConsumerSettings::new("sums"), echo)
+        .start()
+        .await
+        .unwrap();
+    for reply_queue in [
+        ReplyQueue::DirectReplyTo,
+        ReplyQueue::Named("replies".into()),
+    ] {
+        let client = RpcClient::new(
+            &conn,
+            RpcSettings {
+                reply_queue,
+                ..RpcSettings::default()
+            },
+        )
+        .await
+        .unwrap();
+        for n in 0..3 {
+            let reply: serde_json::Value = client
+                .call_value("sums", Serializer::Json, &serde_json::json!({ "n": n }))
+                .await
+                .unwrap();
+            assert_eq!(reply, serde_json::json!({"echo": {"n": n}}));
+        }
+    }
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn in_memory_a_cut_connection_recovers_and_nothing_published_is_lost() {
+    let broker = TestBroker::new();
+    let conn = broker.connect().await.unwrap();
+    let mut consumer = Consumer::start(
+        &conn,
+        ConsumerSettings::new("audit").bind("shop", ExchangeKind::Topic, &["#"]),
+    )
+    .await
+    .unwrap();
+    let producer = Producer::new(
+        &conn,
+        ProducerSettings::new("shop", ExchangeKind::Topic).routing_key("order.created"),
+    )
+    .await
+    .unwrap();
+    producer.publish(Message::new("before")).await.unwrap();
+    let first = consumer.next().await.unwrap();
+    assert_eq!(&first.body[..], b"before");
+    first.ack().await.unwrap();
+
+    let generation = conn.generation();
+    // The consuming and the publishing connections both go.
+    assert_eq!(broker.cut_connections(), 2);
+    conn.wait_connected(generation, Duration::from_secs(30))
+        .await
+        .unwrap();
+    producer.publish(Message::new("after")).await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&second.body[..], b"after");
+    second.ack().await.unwrap();
+    consumer.cancel().await;
+    conn.close().await;
+}
+
+#[test]
+fn in_memory_the_readme_shows_the_handler_test_that_runs() {
+    let readme = include_str!("../../../README.md");
+    let test = include_str!("readme_handler.rs");
+    let start = test.find("// README:begin").unwrap();
+    let end = test.find("// README:end").unwrap();
+    let shown = test[start..end]
+        .lines()
+        .skip(1)
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        readme.contains(&format!("```rust,ignore\n{shown}\n```")),
+        "the README's handler test differs from tests/readme_handler.rs"
+    );
+}
