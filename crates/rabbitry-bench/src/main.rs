@@ -24,7 +24,7 @@ macro_rules! outln {
 }
 
 /// The benchmark's groups, for `--only`.
-const GROUPS: [&str; 9] = [
+const GROUPS: [&str; 10] = [
     "core",
     "worker",
     "observability",
@@ -34,6 +34,7 @@ const GROUPS: [&str; 9] = [
     "rpc",
     "cluster",
     "peers",
+    "memory",
 ];
 
 /// Benchmark the gateway against raw amqprs on the same scenarios.
@@ -57,8 +58,10 @@ struct Args {
     /// lateness, foreign rows, per-key ordering), rpc, and cluster, which
     /// needs the local three-node cluster of scripts/cluster (it is started
     /// and stopped again when down), and peers (end to end with rabbitry,
-    /// raw amqprs and, when Node is installed, amqplib, interleaved); the
-    /// last two are not in the default set (comma-separated).
+    /// raw amqprs and, when Node is installed, amqplib, interleaved), and
+    /// memory (the in-memory broker through rabbitry against its own
+    /// channel API; no RabbitMQ needed); the last three are not in the
+    /// default set (comma-separated).
     #[arg(
         long,
         value_delimiter = ',',
@@ -254,6 +257,11 @@ async fn run(args: Args) -> Result<ExitCode> {
         report
             .scenarios
             .extend(bench::run_peers(&opts, &progress).await?);
+    }
+    if wants("memory") {
+        report
+            .scenarios
+            .push(bench::run_memory(&opts, &progress).await?);
     }
     if wants("cluster") {
         let (scenarios, failovers) =

@@ -17,7 +17,7 @@ use rabbitry::{
 };
 
 /// The README's handler test, verbatim (its tests' paths hold `in_memory`).
-#[path = "readme_handler.rs"]
+#[path = "readme/handler.rs"]
 mod readme_in_memory;
 
 /// A handler that fails its first two attempts.
@@ -153,7 +153,7 @@ async fn in_memory_a_cut_connection_recovers_and_nothing_published_is_lost() {
 #[test]
 fn in_memory_the_readme_shows_the_handler_test_that_runs() {
     let readme = include_str!("../../../README.md");
-    let test = include_str!("readme_handler.rs");
+    let test = include_str!("readme/handler.rs");
     let start = test.find("// README:begin").unwrap();
     let end = test.find("// README:end").unwrap();
     let shown = test[start..end]
@@ -163,6 +163,6 @@ fn in_memory_the_readme_shows_the_handler_test_that_runs() {
         .join("\n");
     assert!(
         readme.contains(&format!("```rust,ignore\n{shown}\n```")),
-        "the README's handler test differs from tests/readme_handler.rs"
+        "the README's handler test differs from tests/readme/handler.rs"
     );
 }

@@ -10,6 +10,7 @@
 mod cluster;
 mod http;
 mod instructions;
+mod memory;
 mod observability;
 mod order;
 mod outbox;
@@ -21,6 +22,7 @@ mod worker;
 pub(crate) use cluster::run_cluster;
 pub(crate) use http::run_http;
 pub(crate) use instructions::{run_instructions, workload};
+pub(crate) use memory::run_memory;
 pub(crate) use observability::run_observability;
 pub(crate) use order::{run_foreign_relay, run_partitions, run_schedule_lateness};
 pub(crate) use outbox::run_outbox;

@@ -79,7 +79,12 @@ impl ChannelCallback for RawConfirms {
 
 /// Publishes `n` bodies through the gateway: with confirms, 1,000 in
 /// flight, persistent; without, one after the other, transient.
-async fn gateway_publish_all(gw: &Connection, queue: &str, n: usize, confirms: bool) -> Result<()> {
+pub(super) async fn gateway_publish_all(
+    gw: &Connection,
+    queue: &str,
+    n: usize,
+    confirms: bool,
+) -> Result<()> {
     let mut settings = ProducerSettings::default().routing_key(queue);
     settings.durable = confirms;
     settings.confirms = confirms;
@@ -179,9 +184,9 @@ pub(super) async fn publish_case(
 
 /// How long a consumer may wait for the next message before the round
 /// fails: a message published without confirms can be lost.
-const IDLE_LIMIT: Duration = Duration::from_secs(30);
+pub(super) const IDLE_LIMIT: Duration = Duration::from_secs(30);
 
-fn lost(got: usize, n: usize) -> Error {
+pub(super) fn lost(got: usize, n: usize) -> Error {
     Error::new(
         ErrorKind::Timeout,
         format!("bench: {got} of {n} messages arrived, then none for {IDLE_LIMIT:?}"),
