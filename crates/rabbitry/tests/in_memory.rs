@@ -5,9 +5,11 @@
 //! `in_memory_*` and needs no broker and no network (`unshare -n` runs
 //! them).
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use rabbitry::rpc::{ReplyQueue, RpcClient, RpcSettings};
 use rabbitry::testing::TestBroker;
@@ -165,4 +167,80 @@ fn in_memory_the_readme_shows_the_handler_test_that_runs() {
         readme.contains(&format!("```rust,ignore\n{shown}\n```")),
         "the README's handler test differs from tests/readme/handler.rs"
     );
+}
+
+/// Start and end of each handled message, by index, on the test's clock.
+#[derive(Clone, Default)]
+struct Timeline {
+    spans: Arc<Mutex<Vec<(u32, Instant, Instant)>>>,
+    active: Arc<AtomicUsize>,
+    max_active: Arc<AtomicUsize>,
+}
+
+/// Handles 20 messages, each taking 40 ms of the (paused) clock, with
+/// `concurrency` handlers at most.
+async fn run_timeline(concurrency: usize) -> Timeline {
+    let broker = TestBroker::new();
+    let conn = broker.connect().await.unwrap();
+    let timeline = Timeline::default();
+    let running = Worker::new(&conn, timeline.clone())
+        .consumer(
+            ConsumerSettings::new("serial"),
+            |Msg(i): Msg<u32>, State(t): State<Timeline>| async move {
+                let start = Instant::now();
+                let now = t.active.fetch_add(1, Ordering::SeqCst) + 1;
+                t.max_active.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(40)).await;
+                t.active.fetch_sub(1, Ordering::SeqCst);
+                t.spans.lock().unwrap().push((i, start, Instant::now()));
+            },
+        )
+        .concurrency(concurrency)
+        .start()
+        .await
+        .unwrap();
+    for i in 0..20u32 {
+        let message = Message::encode(Serializer::Json, &i)
+            .unwrap()
+            .routing_key("serial");
+        broker.publish("", message).unwrap();
+    }
+    running
+        .metrics()
+        .until(Duration::from_secs(60), |m| {
+            m.finished("serial") == Some(20)
+        })
+        .await
+        .unwrap();
+    running.shutdown().await;
+    timeline
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_memory_concurrency_one_never_overlaps_and_keeps_order() {
+    let t = run_timeline(1).await;
+    let spans = t.spans.lock().unwrap().clone();
+    let order: Vec<u32> = spans.iter().map(|s| s.0).collect();
+    assert_eq!(
+        order,
+        (0..20).collect::<Vec<_>>(),
+        "handled in publish order"
+    );
+    for w in spans.windows(2) {
+        assert!(
+            w[0].2 <= w[1].1,
+            "message {} started before {} ended",
+            w[1].0,
+            w[0].0
+        );
+    }
+    assert_eq!(t.max_active.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_memory_concurrency_four_overlaps_but_never_more_than_four() {
+    let t = run_timeline(4).await;
+    let max = t.max_active.load(Ordering::SeqCst);
+    assert!(max > 1, "handlers overlapped");
+    assert!(max <= 4, "at most 4 at once, saw {max}");
 }

@@ -26,9 +26,24 @@
 //! Time is tokio's: a test that pauses the clock (`start_paused = true`)
 //! sees a five-minute TTL expire as soon as nothing else is runnable.
 //!
+//! rabbitry reaches it through its usual [`Connection`](crate::Connection)
+//! with a `memory://NAME` URL: every connection to `NAME` in the process
+//! shares one broker ([`MemoryBroker::named`]), and
+//! [`MemoryBroker::cut_connections`] cuts them all, as a network cut
+//! would, so that recovery can be tested. [`crate::testing`] wraps it for
+//! tests.
+//!
 //! What it does not do: expire messages behind the head of a queue (nor
 //! does RabbitMQ), priorities, streams, `x-max-length-bytes`, policies,
-//! transactions (`tx.*`), flow control, cycles of dead-lettering detected.
+//! transactions (`tx.*`), flow control, cycles of dead-lettering detected,
+//! vhosts, users and permissions (every name is in vhost `/`, every
+//! operation allowed), heartbeats, and errors that close a whole
+//! connection (its refusals close the channel). Where it differs in
+//! timing: a publisher's confirm and a mandatory message's return arrive
+//! before `basic.publish` returns, and deliveries are handed out in the
+//! same step as the publish or ack that made them possible. Scheduled
+//! outbox rows and RPC deadlines are epoch times of the system clock, not
+//! tokio's, so a paused test clock does not move them.
 
 mod death;
 mod flow;
@@ -281,11 +296,12 @@ pub struct MemoryConnection {
 impl MemoryConnection {
     /// Opens a channel.
     pub fn open_channel(&self) -> MemoryChannel {
-        let id = self.broker.with(|s, _| s.open_channel(self.id));
+        let (id, open) = self.broker.with(|s, _| s.open_channel(self.id));
         MemoryChannel {
             broker: self.broker.clone(),
             conn: self.id,
             id,
+            open,
         }
     }
 
@@ -325,6 +341,7 @@ pub struct MemoryChannel {
     broker: MemoryBroker,
     conn: ConnId,
     id: ChannelId,
+    open: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl MemoryChannel {
@@ -494,7 +511,7 @@ impl MemoryChannel {
     /// Whether the channel is open: neither closed by a refusal, by
     /// [`close`](Self::close), nor with its connection.
     pub fn is_open(&self) -> bool {
-        self.broker.lock().channels.contains_key(&self.id)
+        self.open.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Closes the channel: its unacknowledged messages go back.

@@ -105,6 +105,9 @@ pub(super) struct Unacked {
 #[derive(Debug)]
 pub(super) struct Channel {
     pub(super) conn: ConnId,
+    /// Cleared when the channel closes; its handle reads it without the
+    /// broker's lock.
+    pub(super) open: Arc<std::sync::atomic::AtomicBool>,
     pub(super) prefetch: u16,
     pub(super) consumers: BTreeMap<String, Consumer>,
     pub(super) unacked: BTreeMap<u64, Unacked>,
@@ -247,12 +250,17 @@ impl State {
         (id, life)
     }
 
-    pub(super) fn open_channel(&mut self, conn: ConnId) -> ChannelId {
+    pub(super) fn open_channel(
+        &mut self,
+        conn: ConnId,
+    ) -> (ChannelId, Arc<std::sync::atomic::AtomicBool>) {
         let id = self.id();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
         self.channels.insert(
             id,
             Channel {
                 conn,
+                open: open.clone(),
                 prefetch: 0,
                 consumers: BTreeMap::new(),
                 unacked: BTreeMap::new(),
@@ -260,7 +268,7 @@ impl State {
                 reply_to: None,
             },
         );
-        id
+        (id, open)
     }
 
     pub(super) fn channel(&mut self, id: ChannelId) -> Result<&mut Channel, Refusal> {
@@ -276,6 +284,7 @@ impl State {
         let Some(ch) = self.channels.remove(&id) else {
             return;
         };
+        ch.open.store(false, std::sync::atomic::Ordering::Release);
         for (tag, consumer) in &ch.consumers {
             self.detach(&consumer.queue, id, tag, now);
         }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode, Uri};
@@ -308,83 +308,6 @@ async fn axum_router_outcomes_by_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_handler_outcomes() {
     four_cases(Kind::Native).await;
-}
-
-/// Start and end of each handled message, by index.
-#[derive(Clone, Default)]
-struct Timeline {
-    spans: Arc<Mutex<Vec<(u32, Instant, Instant)>>>,
-    active: Arc<AtomicUsize>,
-    max_active: Arc<AtomicUsize>,
-}
-
-async fn run_timeline(concurrency: usize) -> Timeline {
-    let conn = connect().await;
-    let queue = unique("serial");
-    let exchange = unique("ex");
-    let timeline = Timeline::default();
-    let running = worker(&conn, timeline.clone())
-        .consumer(
-            orders(&queue, &exchange),
-            |Msg(i): Msg<u32>, State(t): State<Timeline>| async move {
-                let start = Instant::now();
-                let now = t.active.fetch_add(1, Ordering::SeqCst) + 1;
-                t.max_active.fetch_max(now, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(40)).await;
-                t.active.fetch_sub(1, Ordering::SeqCst);
-                t.spans.lock().unwrap().push((i, start, Instant::now()));
-            },
-        )
-        .retry(retry3())
-        .concurrency(concurrency)
-        .start()
-        .await
-        .unwrap();
-    let producer = Producer::new(
-        &conn,
-        ProducerSettings::new(&exchange, ExchangeKind::Topic).routing_key("n"),
-    )
-    .await
-    .unwrap();
-    for i in 0..20u32 {
-        producer.send(&i).await.unwrap();
-    }
-    eventually(Duration::from_secs(20), "20 messages handled", || async {
-        timeline.spans.lock().unwrap().len() == 20
-    })
-    .await;
-    running.shutdown().await;
-    cleanup(&conn, &queue, &exchange).await;
-    timeline
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrency_one_never_overlaps_and_keeps_order() {
-    let t = run_timeline(1).await;
-    let spans = t.spans.lock().unwrap().clone();
-    let order: Vec<u32> = spans.iter().map(|s| s.0).collect();
-    assert_eq!(
-        order,
-        (0..20).collect::<Vec<_>>(),
-        "handled in publish order"
-    );
-    for w in spans.windows(2) {
-        assert!(
-            w[0].2 <= w[1].1,
-            "message {} started before {} ended",
-            w[1].0,
-            w[0].0
-        );
-    }
-    assert_eq!(t.max_active.load(Ordering::SeqCst), 1);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrency_four_overlaps_but_never_more_than_four() {
-    let t = run_timeline(4).await;
-    let max = t.max_active.load(Ordering::SeqCst);
-    assert!(max > 1, "handlers overlapped");
-    assert!(max <= 4, "at most 4 at once, saw {max}");
 }
 
 #[derive(Deserialize)]
