@@ -13,7 +13,9 @@ use tokio::time::Instant;
 
 use rabbitry::rpc::{ReplyQueue, RpcClient, RpcSettings};
 use rabbitry::testing::TestBroker;
-use rabbitry::worker::{Counted, HandlerError, Json, Msg, Retry, State, Worker};
+use rabbitry::worker::{
+    dead, Counted, HandlerError, Json, Msg, PartitionKey, Retry, State, Worker,
+};
 use rabbitry::{
     Consumer, ConsumerSettings, ExchangeKind, Message, Producer, ProducerSettings, Serializer,
 };
@@ -243,4 +245,112 @@ async fn in_memory_concurrency_four_overlaps_but_never_more_than_four() {
     let max = t.max_active.load(Ordering::SeqCst);
     assert!(max > 1, "handlers overlapped");
     assert!(max <= 4, "at most 4 at once, saw {max}");
+}
+
+/// What the partitions' handlers saw: (key, sequence number), in order,
+/// and a wake-up for each.
+#[derive(Clone, Default)]
+struct Seen {
+    handled: Arc<Mutex<Vec<(String, u32)>>>,
+    more: Arc<tokio::sync::Notify>,
+}
+
+#[tokio::test]
+async fn in_memory_partitions_keep_each_keys_order_across_two_workers() {
+    let broker = TestBroker::new();
+    let seen = Seen::default();
+    let mut running = Vec::new();
+    for _ in 0..2 {
+        let conn = broker.connect().await.unwrap();
+        let worker = Worker::new(&conn, seen.clone())
+            .consumer(
+                ConsumerSettings::new("orders").bind(
+                    "orders-hash",
+                    ExchangeKind::ConsistentHash,
+                    &[],
+                ),
+                |Msg(seq): Msg<u32>, p: rabbitry::Properties, State(seen): State<Seen>| async move {
+                    let key = p.headers["order_id"].as_str().unwrap().to_owned();
+                    seen.handled.lock().unwrap().push((key, seq));
+                    seen.more.notify_waiters();
+                },
+            )
+            .partitions(4, PartitionKey::Header("order_id".into()))
+            .start()
+            .await
+            .unwrap();
+        running.push(worker);
+    }
+    for seq in 0..200u32 {
+        let message = Message::encode(Serializer::Json, &seq)
+            .unwrap()
+            .header("order_id", format!("k{}", seq % 10));
+        broker.publish("orders-hash", message).unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let more = seen.more.notified();
+            tokio::pin!(more);
+            more.as_mut().enable();
+            if seen.handled.lock().unwrap().len() == 200 {
+                return;
+            }
+            more.await;
+        }
+    })
+    .await
+    .expect("200 messages handled within 30 s");
+    let handled = seen.handled.lock().unwrap().clone();
+    for k in 0..10 {
+        let key = format!("k{k}");
+        let order: Vec<u32> = handled
+            .iter()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, s)| *s)
+            .collect();
+        let expected: Vec<u32> = (0..200).filter(|s| s % 10 == k).collect();
+        assert_eq!(order, expected, "key {key} out of order");
+    }
+    for r in running {
+        r.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn in_memory_a_replayed_dead_letter_is_handled_again() {
+    let broker = TestBroker::new();
+    let conn = broker.connect().await.unwrap();
+    let attempts = Arc::new(AtomicU32::new(0));
+    let running = Worker::new(&conn, attempts.clone())
+        .consumer(
+            ConsumerSettings::new("orders"),
+            |State(attempts): State<Arc<AtomicU32>>| async move {
+                if attempts.fetch_add(1, Ordering::SeqCst) == 0 {
+                    return Err(HandlerError::invalid("not yet"));
+                }
+                Ok(())
+            },
+        )
+        .start()
+        .await
+        .unwrap();
+    broker
+        .publish("", Message::new("order").routing_key("orders"))
+        .unwrap();
+    let metrics = running.metrics();
+    metrics
+        .until(Duration::from_secs(5), |m| {
+            m.outcomes("orders", Counted::DeadLetter) == 1
+        })
+        .await
+        .unwrap();
+    assert_eq!(dead::replay(&conn, "orders", 10).await.unwrap(), 1);
+    metrics
+        .until(Duration::from_secs(5), |m| {
+            m.outcomes("orders", Counted::Ack) == 1
+        })
+        .await
+        .unwrap();
+    assert!(dead::list(&conn, "orders", 10).await.unwrap().is_empty());
+    running.shutdown().await;
 }
