@@ -133,3 +133,31 @@ fn the_peers_scenario_compares_rabbitry_with_raw_amqprs_and_amqplib() {
         assert!(s["gateway_msgs_per_s"].as_f64().unwrap() > 0.0, "{s}");
     }
 }
+
+#[test]
+fn in_memory_bench_measures_the_memory_broker_through_rabbitry_and_alone() {
+    // No RabbitMQ: the URL points nowhere, and the memory group never
+    // connects to it.
+    let out = Command::new(env!("CARGO_BIN_EXE_rabbitry-bench"))
+        .args([
+            "--json",
+            "--only",
+            "memory",
+            "--messages",
+            "2000",
+            "--rounds",
+            "2",
+        ])
+        .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")
+        .env("RABBITRY_LOG", "error")
+        .output()
+        .expect("run rabbitry-bench");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let scenarios = report["scenarios"].as_array().unwrap();
+    assert_eq!(scenarios.len(), 1, "{report}");
+    let s = &scenarios[0];
+    assert_eq!(s["name"], "in_memory_end_to_end_confirms_acks_256B");
+    assert!(s["raw_msgs_per_s"].as_f64().unwrap() > 0.0, "{s}");
+    assert!(s["gateway_msgs_per_s"].as_f64().unwrap() > 0.0, "{s}");
+}

@@ -11,9 +11,9 @@ use tokio::time::Instant;
 
 use rabbitry::connection::{Connection, ConnectionSettings};
 use rabbitry::memory::{Event, MemoryBroker, Settle};
-use rabbitry::{Consumer, ConsumerSettings, Error, ErrorKind, Properties, Queue, Result, Topology};
+use rabbitry::{Error, ErrorKind, Properties, Queue, Result, Topology};
 
-use super::publishing::{gateway_publish_all, lost, IDLE_LIMIT};
+use super::publishing::{gateway_end_to_end, lost, IDLE_LIMIT};
 use super::{BenchOptions, Progress, Rounds, ScenarioResult, BODY};
 
 pub(crate) async fn run_memory(
@@ -46,9 +46,8 @@ pub(crate) async fn run_memory(
                 round + 1
             ));
             if gateway {
-                rounds
-                    .measure(true, n, gateway_round(&gw, &gw_publisher, &queue, n))
-                    .await?;
+                let round = gateway_end_to_end(&gw, &gw_publisher, &queue, n, true);
+                rounds.measure(true, n, round).await?;
             } else {
                 rounds
                     .measure(false, n, raw_round(&broker, &queue, n))
@@ -59,37 +58,6 @@ pub(crate) async fn run_memory(
     gw_publisher.close().await;
     gw.close().await;
     Ok(rounds.result("in_memory_end_to_end_confirms_acks_256B"))
-}
-
-/// rabbitry's side: a consumer acking each delivery while a producer
-/// publishes `n`, confirmed, pipelined.
-async fn gateway_round(
-    gw: &Connection,
-    gw_publisher: &Connection,
-    queue: &str,
-    n: usize,
-) -> Result<Duration> {
-    let mut cs = ConsumerSettings::new(queue);
-    cs.auto_declare = false;
-    cs.prefetch_count = Some(500);
-    let mut consumer = Consumer::start(gw, cs).await?;
-    let (publishing, queue_owned) = (gw_publisher.clone(), queue.to_owned());
-    let start = Instant::now();
-    let publisher =
-        tokio::spawn(async move { gateway_publish_all(&publishing, &queue_owned, n, true).await });
-    for got in 0..n {
-        let d = tokio::time::timeout(IDLE_LIMIT, consumer.next())
-            .await
-            .map_err(|_| lost(got, n))?
-            .ok_or_else(|| Error::new(ErrorKind::Closed, "bench consumer stopped"))?;
-        d.ack().await?;
-    }
-    let took = start.elapsed();
-    publisher
-        .await
-        .map_err(|e| Error::new(ErrorKind::Closed, "bench task").with_source(e))??;
-    consumer.cancel().await;
-    Ok(took)
 }
 
 /// The broker's own side: the same work on two memory channels.

@@ -79,12 +79,7 @@ impl ChannelCallback for RawConfirms {
 
 /// Publishes `n` bodies through the gateway: with confirms, 1,000 in
 /// flight, persistent; without, one after the other, transient.
-pub(super) async fn gateway_publish_all(
-    gw: &Connection,
-    queue: &str,
-    n: usize,
-    confirms: bool,
-) -> Result<()> {
+async fn gateway_publish_all(gw: &Connection, queue: &str, n: usize, confirms: bool) -> Result<()> {
     let mut settings = ProducerSettings::default().routing_key(queue);
     settings.durable = confirms;
     settings.confirms = confirms;
@@ -193,6 +188,40 @@ pub(super) fn lost(got: usize, n: usize) -> Error {
     )
 }
 
+/// The gateway's end-to-end round: a consumer (prefetch 500) acking each
+/// delivery while a producer on `gw_publisher` publishes `n`.
+pub(super) async fn gateway_end_to_end(
+    gw: &Connection,
+    gw_publisher: &Connection,
+    queue: &str,
+    n: usize,
+    confirms: bool,
+) -> Result<Duration> {
+    let mut cs = ConsumerSettings::new(queue);
+    cs.auto_declare = false;
+    cs.prefetch_count = Some(500);
+    let mut consumer = Consumer::start(gw, cs).await?;
+    let (publishing, queue_owned) = (gw_publisher.clone(), queue.to_owned());
+    let start = Instant::now();
+    let publisher =
+        tokio::spawn(
+            async move { gateway_publish_all(&publishing, &queue_owned, n, confirms).await },
+        );
+    for got in 0..n {
+        let d = tokio::time::timeout(IDLE_LIMIT, consumer.next())
+            .await
+            .map_err(|_| lost(got, n))?
+            .ok_or_else(|| Error::new(ErrorKind::Closed, "bench consumer stopped"))?;
+        d.ack().await?;
+    }
+    let took = start.elapsed();
+    publisher
+        .await
+        .map_err(|e| Error::new(ErrorKind::Closed, "bench task").with_source(e))??;
+    consumer.cancel().await;
+    Ok(took)
+}
+
 /// End to end: one side publishes `n` on `*_publisher` while it consumes
 /// them on the other connection, acking each. With `confirms`, the
 /// publishes are persistent and confirmed, 1,000 in flight (the shape for
@@ -208,31 +237,10 @@ pub(super) async fn end_to_end_case(
     gateway: bool,
     confirms: bool,
 ) -> Result<Duration> {
-    let queue_owned = queue.to_owned();
     if gateway {
-        let mut cs = ConsumerSettings::new(queue);
-        cs.auto_declare = false;
-        cs.prefetch_count = Some(500);
-        let mut consumer = Consumer::start(gw, cs).await?;
-        let publishing = gw_publisher.clone();
-        let start = Instant::now();
-        let publisher = tokio::spawn(async move {
-            gateway_publish_all(&publishing, &queue_owned, n, confirms).await
-        });
-        for got in 0..n {
-            let d = tokio::time::timeout(IDLE_LIMIT, consumer.next())
-                .await
-                .map_err(|_| lost(got, n))?
-                .ok_or_else(|| Error::new(ErrorKind::Closed, "bench consumer stopped"))?;
-            d.ack().await?;
-        }
-        let took = start.elapsed();
-        publisher
-            .await
-            .map_err(|e| Error::new(ErrorKind::Closed, "bench task").with_source(e))??;
-        consumer.cancel().await;
-        return Ok(took);
+        return gateway_end_to_end(gw, gw_publisher, queue, n, confirms).await;
     }
+    let queue_owned = queue.to_owned();
     let (cch, tag, mut rx) = raw_consume(raw, queue).await?;
     let publishing = raw_publisher.clone();
     let start = Instant::now();
