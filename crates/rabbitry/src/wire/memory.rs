@@ -51,11 +51,21 @@ impl MemoryChan {
     }
 
     /// Runs one operation; a refusal (which closed the channel) goes to
-    /// the events first, as the broker's `channel.close` would.
+    /// the events first, as the broker's `channel.close` would. On a
+    /// channel already closed (by an earlier refusal, or with its
+    /// connection) the call fails without an event, as a call on a closed
+    /// AMQP channel does.
     pub(super) fn run<T>(
         &self,
         op: impl FnOnce(&MemoryChannel) -> Result<T, Refusal>,
     ) -> WireResult<T> {
+        if !self.channel.is_open() {
+            return Err(WireError::Memory(Refusal {
+                code: 504,
+                text: "CHANNEL_ERROR - the channel is closed".into(),
+                connection: false,
+            }));
+        }
         op(&self.channel).map_err(|r| {
             self.events.broker_closed(CloseReason {
                 code: r.code,
