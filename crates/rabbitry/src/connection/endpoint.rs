@@ -311,6 +311,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn memory_urls_name_an_in_memory_broker() {
+        let e = Endpoint::parse("memory://shop").unwrap();
+        assert!(e.in_memory);
+        assert_eq!(e.host, "shop");
+        assert_eq!(e.to_string(), "memory://shop");
+        assert_eq!(e.address(), "memory://shop");
+        for bad in [
+            "memory://",
+            "memory://a/b",
+            "memory://a?x=1",
+            "memory://u@a",
+        ] {
+            let err = Endpoint::parse(bad).unwrap_err().to_string();
+            assert!(err.contains("memory://NAME"), "{bad}: {err}");
+        }
+        assert!(!Endpoint::parse("amqp://localhost").unwrap().in_memory);
+    }
+
+    #[test]
     fn parses_full_and_short_urls() {
         let e = Endpoint::parse("amqp://guest:guest@127.0.0.1:5672/%2f").unwrap();
         assert_eq!(
