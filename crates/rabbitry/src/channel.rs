@@ -73,20 +73,23 @@ impl ChannelWatch {
         err: impl std::error::Error + Send + Sync + 'static,
     ) -> Error {
         match self.reason() {
-            Some(r) => {
-                // The broker's reply code says more than the caller's guess:
-                // a missing entity or a refused permission is not a passing
-                // channel problem, and retrying will not fix it.
-                let kind = match r.code {
-                    NOT_FOUND => ErrorKind::NotFound,
-                    ACCESS_REFUSED => ErrorKind::AccessRefused,
-                    _ => kind,
-                };
-                Error::new(kind, format!("{what}: broker said {} ({})", r.text, r.code))
-            }
+            Some(r) => refused(kind, &what, r.code, &r.text),
             None => Error::new(ErrorKind::Disconnected, what).with_source(err),
         }
     }
+}
+
+/// The error of a broker's refusal of `what`, with its reply code and text.
+/// The code says more than the caller's guess (`kind`): a missing entity or
+/// a refused permission is not a passing channel problem, and retrying
+/// will not fix it.
+pub(crate) fn refused(kind: ErrorKind, what: &str, code: u16, text: &str) -> Error {
+    let kind = match code {
+        NOT_FOUND => ErrorKind::NotFound,
+        ACCESS_REFUSED => ErrorKind::AccessRefused,
+        _ => kind,
+    };
+    Error::new(kind, format!("{what}: broker said {text} ({code})"))
 }
 
 /// A message the broker returned as unroutable.

@@ -86,6 +86,11 @@ impl Refusal {
             connection: false,
         }
     }
+
+    /// `504 CHANNEL_ERROR`: what an operation on a closed channel gets.
+    pub(crate) fn channel_closed() -> Refusal {
+        Refusal::channel(504, "CHANNEL_ERROR - the channel is closed".into())
+    }
 }
 
 impl std::fmt::Display for Refusal {

@@ -274,7 +274,7 @@ impl State {
     pub(super) fn channel(&mut self, id: ChannelId) -> Result<&mut Channel, Refusal> {
         self.channels
             .get_mut(&id)
-            .ok_or_else(|| Refusal::channel(504, "CHANNEL_ERROR - the channel is closed".into()))
+            .ok_or_else(Refusal::channel_closed)
     }
 
     /// Closes a channel: its consumers are cancelled (without telling them:

@@ -60,11 +60,7 @@ impl MemoryChan {
         op: impl FnOnce(&MemoryChannel) -> Result<T, Refusal>,
     ) -> WireResult<T> {
         if !self.channel.is_open() {
-            return Err(WireError::Memory(Refusal {
-                code: 504,
-                text: "CHANNEL_ERROR - the channel is closed".into(),
-                connection: false,
-            }));
+            return Err(WireError::Memory(Refusal::channel_closed()));
         }
         op(&self.channel).map_err(|r| {
             self.events.broker_closed(CloseReason {
