@@ -46,6 +46,7 @@
 //! # Ok(()) }
 //! ```
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -63,9 +64,9 @@ use crate::message::{Headers, Message};
 pub struct TestBroker {
     broker: MemoryBroker,
     url: String,
-    /// The test's own connection, for publishing.
-    conn: MemoryConnection,
-    channel: MemoryChannel,
+    /// The test's own connection and channel, for publishing; opened
+    /// again after a cut or a refusal closed them.
+    own: Mutex<(MemoryConnection, MemoryChannel)>,
 }
 
 impl Default for TestBroker {
@@ -74,13 +75,9 @@ impl Default for TestBroker {
     }
 }
 
-fn refused(r: Refusal) -> Error {
-    let kind = match r.code {
-        404 => ErrorKind::NotFound,
-        403 => ErrorKind::AccessRefused,
-        _ => ErrorKind::Channel,
-    };
-    Error::new(kind, format!("broker said {} ({})", r.text, r.code))
+/// The error of the broker's refusal of `what`.
+fn refused(what: &str) -> impl FnOnce(Refusal) -> Error + '_ {
+    move |r| crate::channel::refused(ErrorKind::Channel, what, r.code, &r.text)
 }
 
 impl TestBroker {
@@ -88,13 +85,11 @@ impl TestBroker {
     pub fn new() -> TestBroker {
         let name = format!("test-{}", uuid::Uuid::new_v4().simple());
         let broker = MemoryBroker::named(&name);
-        let conn = broker.connect();
-        let channel = conn.open_channel();
+        let own = Mutex::new(open(&broker));
         TestBroker {
             url: format!("memory://{name}"),
             broker,
-            conn,
-            channel,
+            own,
         }
     }
 
@@ -124,10 +119,15 @@ impl TestBroker {
     /// or one a queue refuses, is an error.
     pub fn publish(&self, exchange: &str, message: Message) -> Result<()> {
         let key = message.routing_key.unwrap_or_default();
-        let outcome = self
-            .channel
+        let what = format!("publish to exchange '{exchange}'");
+        let mut own = self.own.lock().unwrap_or_else(|p| p.into_inner());
+        if !own.1.is_open() {
+            *own = open(&self.broker);
+        }
+        let outcome = own
+            .1
             .publish(exchange, &key, true, message.properties, message.body)
-            .map_err(refused)?;
+            .map_err(refused(&what))?;
         match outcome {
             Published::Ack => Ok(()),
             Published::Returned => Err(Error::new(
@@ -149,7 +149,9 @@ impl TestBroker {
         captured
             .channel
             .bind_queue(&captured.queue, exchange, binding_key, &Headers::new())
-            .map_err(refused)?;
+            .map_err(refused(&format!(
+                "binding of a captured queue to exchange '{exchange}'"
+            )))?;
         Ok(captured)
     }
 
@@ -160,10 +162,10 @@ impl TestBroker {
         let channel = conn.open_channel();
         let (queue, _, _) = channel
             .declare_queue("", false, true, true, &Headers::new(), false)
-            .map_err(refused)?;
+            .map_err(refused("a captured queue"))?;
         let rx = channel
             .consume(&queue, "capture", true, true)
-            .map_err(refused)?;
+            .map_err(refused("a captured queue"))?;
         Ok(Captured {
             _conn: conn,
             channel,
@@ -178,18 +180,21 @@ impl TestBroker {
     }
 
     /// Closes every connection to the broker, as a network cut would:
-    /// the code under test recovers as it would from a real one.
+    /// the code under test recovers as it would from a real one. Returns
+    /// how many were cut besides the test's own (which
+    /// [`publish`](Self::publish) opens again).
     pub fn cut_connections(&self) -> usize {
-        let n = self.broker.cut_connections();
-        // The test's own connection went too.
-        n.saturating_sub(1)
+        let own = self.own.lock().unwrap_or_else(|p| p.into_inner());
+        let was_open = usize::from(own.0.is_open());
+        self.broker.cut_connections() - was_open
     }
 }
 
-impl Drop for TestBroker {
-    fn drop(&mut self) {
-        self.conn.close();
-    }
+/// The test's own connection and a channel on it.
+fn open(broker: &MemoryBroker) -> (MemoryConnection, MemoryChannel) {
+    let conn = broker.connect();
+    let channel = conn.open_channel();
+    (conn, channel)
 }
 
 /// Messages a queue of the test's own received, in order.

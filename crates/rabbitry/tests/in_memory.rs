@@ -150,6 +150,19 @@ async fn in_memory_a_cut_connection_recovers_and_nothing_published_is_lost() {
         .unwrap();
     assert_eq!(&second.body[..], b"after");
     second.ack().await.unwrap();
+    // The harness's own connection was cut too; it publishes all the same.
+    broker
+        .publish(
+            "shop",
+            Message::new("from outside").routing_key("order.paid"),
+        )
+        .unwrap();
+    let third = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&third.body[..], b"from outside");
+    third.ack().await.unwrap();
     consumer.cancel().await;
     conn.close().await;
 }
